@@ -1,0 +1,30 @@
+# earlyfusion: `make demo` and `make test` each create .venv and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test bench install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest tests
+
+demo: install
+	$(BIN)/python -m training.demo --out $(DEMO_DIR)
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,172 @@
+"""The ``earlyfusion`` command: subcommands generated from each stage's config dataclass.
+
+Each subcommand is (words, help, "module:ConfigClass", "module:function"). The options come from
+the dataclass fields; each field's help is the string literal written under it (its docstring),
+so ``--help`` documents every option and a misspelled option fails. Fields without a default are
+required. ``bool`` fields become ``--flag / --no-flag``; ``list[...]`` fields take several values
+(``--data A B`` or ``--data A --data B``).
+
+Errors a user can cause (``model.io.UserError``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
+    (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text)",
+     "training.shapes:ShapesConfig", "training.shapes:generate_cmd"),
+    (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "training.vq_train:VQTrainConfig", "training.vq_train:train_cmd"),
+    (("tokenizer", "eval"), "evaluate an image tokenizer: PSNR, SSIM, codebook usage, perplexity, speed",
+     "training.vq_train:VQEvalConfig", "training.vq_train:eval_cmd"),
+    (("vocab", "build"), "build the merged text+image vocabulary (tokenizer.json + layout)",
+     "tokenizer.vocab:VocabBuildConfig", "tokenizer.vocab:build_cmd"),
+    (("train",), "train the unified decoder on interleaved text/image data", "training.lm_train:TrainConfig", "training.lm_train:train_cmd"),
+    (("sample",), "sample text, images or interleaved output from a trained decoder", "sampling.cli:SampleConfig", "sampling.cli:sample_cmd"),
+    (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
+     "training.evaluate:EvalConfig", "training.evaluate:eval_cmd"),
+]
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields (``x: int = 1`` followed by ``\"\"\"help\"\"\"``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = docs.get(f.name, "")
+        kw: dict = {"dest": f.name}
+        if tp is bool:
+            kw.update(action=argparse.BooleanOptionalAction, default=default)
+            help_text += " (default: %(default)s)"
+        else:
+            origin = typing.get_origin(tp)
+            if origin is list:
+                (item,) = typing.get_args(tp)
+                kw.update(nargs="+", type=item, action="extend")
+                kw["default"] = None
+            elif origin is typing.Literal:
+                choices = typing.get_args(tp)
+                kw.update(choices=choices, type=type(choices[0]), default=default)
+            else:
+                kw.update(type=tp, default=default)
+            if has_default and default is not None and default != []:
+                help_text += " (default: %(default)s)"
+            if has_default and origin is list:
+                kw["default"] = None
+            kw["metavar"] = f.name.upper() if origin is not typing.Literal else None
+            if kw["metavar"] is None:
+                del kw["metavar"]
+            if not has_default:
+                kw["required"] = True
+        parser.add_argument(flag, help=help_text, **kw)
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        v = getattr(ns, f.name)
+        if v is None and f.default_factory is not dataclasses.MISSING:
+            continue
+        values[f.name] = v
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="earlyfusion",
+        description="Discrete-token early-fusion models: image tokenizer -> vocabulary -> unified decoder -> sampling.",
+        epilog="Pipeline: data shapes -> tokenizer train -> vocab build -> train -> sample / eval. "
+               "Run 'earlyfusion COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, help_text, cfg_ref, fn_ref in COMMANDS:
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
+        else:
+            if words[0] not in groups:
+                g = top.add_parser(words[0], help=f"{words[0]} commands: " + ", ".join(
+                    w[1] for w, *_ in COMMANDS if w[0] == words[0] and len(w) > 1))
+                groups[words[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+        cls = _load(cfg_ref)
+        add_config_args(sub, cls)
+        sub.set_defaults(_config=cfg_ref, _fn=fn_ref)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from model.io import UserError
+    from training.progress import setup_logging
+
+    setup_logging(ns.verbose)
+    cls, fn = _load(ns._config), _load(ns._fn)
+    try:
+        try:
+            cfg = config_from_args(cls, ns)
+        except (ValueError, TypeError) as e:  # __post_init__ validation
+            raise UserError(str(e)) from e
+        result = fn(cfg)
+    except UserError as e:
+        print(f"earlyfusion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("earlyfusion: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

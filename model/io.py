@@ -1,0 +1,304 @@
+"""Checkpoint files: safetensors weights + JSON, written crash-safely, verified on load.
+
+Every stage saves through these functions (one place for checkpoint IO):
+
+* ``save_weights`` / ``load_weights``: safetensors only (no pickle), strict key and shape checks.
+* ``save_json`` / ``load_json``: plain JSON with a clear error on a truncated or invalid file.
+* ``atomic_dir``: build a checkpoint directory under a temporary name, fsync every file, write a
+  ``MANIFEST.json`` of sha256 checksums, then rename into place. A kill at any moment leaves either
+  the old directory or the complete new one.
+* ``verify_dir``: check a directory against its manifest (missing file, size or checksum mismatch).
+* ``step_dirs`` / ``latest_good`` / ``prune``: the ``checkpoints/step-XXXXXXXX`` rotation used for
+  ``--resume``; ``latest_good`` skips corrupted checkpoints with a warning and falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("earlyfusion")
+
+MANIFEST = "MANIFEST.json"
+STEP_PREFIX = "step-"
+
+
+class UserError(Exception):
+    """An error caused by what the user gave us; the CLI prints it as one line, no traceback."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory or file is missing, incomplete, corrupted or does not match."""
+
+
+# ---------------------------------------------------------------- single files
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_json(path: str | Path, obj) -> None:
+    """Write JSON to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_json(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from e
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors with safetensors (contiguous CPU copies; shared storage is fine)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(plain, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupted file raises CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
+
+
+def load_weights(path: str | Path, module: torch.nn.Module) -> None:
+    """Load a safetensors file into ``module`` with strict key and shape checks."""
+    path = Path(path)
+    state = read_weights(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch for {len(wrong)} (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        raise CheckpointError(
+            f"{path}: weights do not match the model built from the config beside it: " + "; ".join(parts)
+            + ". Was config.json edited, or the file copied from another run?"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------- directories
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Checksum every file under ``directory`` (recursively) into MANIFEST.json."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    save_json(directory / MANIFEST, {"files": files})
+
+
+def verify_dir(directory: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or corrupted file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    manifest = load_json(directory / MANIFEST)
+    for rel, info in manifest.get("files", {}).items():
+        p = directory / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
+        if p.stat().st_size != info["size"]:
+            raise CheckpointError(f"{p}: size {p.stat().st_size} != {info['size']} recorded; the file is truncated or corrupted")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: checksum does not match {MANIFEST}; the file is corrupted")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success, manifest + fsync it and rename it to ``dest``.
+
+    If ``dest`` exists it is replaced only after the new directory is complete. On an exception the
+    temporary directory is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        write_manifest(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _fsync_file(p)
+        _fsync_dir(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_dir(src: str | Path, dest: str | Path) -> None:
+    """Copy a directory crash-safely (used to embed the vocabulary / image tokenizer in a run)."""
+    src = Path(src)
+    with atomic_dir(dest) as tmp:
+        for p in src.rglob("*"):
+            if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name:
+                target = tmp / p.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, target)
+
+
+# ---------------------------------------------------------------- step checkpoints for --resume
+
+
+def step_dir(checkpoints: str | Path, step: int) -> Path:
+    return Path(checkpoints) / f"{STEP_PREFIX}{step:08d}"
+
+
+def step_dirs(checkpoints: str | Path) -> list[Path]:
+    """Completed step checkpoints, newest first (temporary/partial directories are ignored)."""
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+
+def latest_good(checkpoints: str | Path) -> Path | None:
+    """The newest step checkpoint that verifies; corrupted ones are reported and skipped."""
+    for d in step_dirs(checkpoints):
+        try:
+            verify_dir(d)
+            return d
+        except CheckpointError as e:
+            log.warning("skipping corrupted checkpoint: %s", e)
+    return None
+
+
+def prune(checkpoints: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` step checkpoints, delete older ones, and clear stale temporaries."""
+    checkpoints = Path(checkpoints)
+    for d in step_dirs(checkpoints)[max(keep, 1):]:
+        shutil.rmtree(d, ignore_errors=True)
+    if checkpoints.is_dir():
+        for p in checkpoints.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- optimizer / RNG state without pickle
+
+
+def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
+    """Split a nested state (dicts/lists/tuples of tensors and scalars) into tensors + JSON skeleton.
+
+    Tensors go to a flat dict under dotted keys; the skeleton keeps everything else and marks each
+    tensor's place as {"__tensor__": key}. ``unflatten_state`` inverts it. Dict keys that are ints
+    (optimizer state indices) are kept as {"__int_keys__": ...}.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o, key):
+        if isinstance(o, torch.Tensor):
+            tensors[key] = o
+            return {"__tensor__": key}
+        if isinstance(o, dict):
+            int_keys = all(isinstance(k, int) for k in o) and len(o) > 0
+            out = {str(k): walk(v, f"{key}.{k}" if key else str(k)) for k, v in o.items()}
+            return {"__int_keys__": out} if int_keys else out
+        if isinstance(o, (list, tuple)):
+            return [walk(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(o)]
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot store {type(o).__name__} at {key!r} without pickle")
+
+    return tensors, walk(obj, prefix)
+
+
+def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
+    def walk(o):
+        if isinstance(o, dict):
+            if set(o) == {"__tensor__"}:
+                return tensors[o["__tensor__"]]
+            if set(o) == {"__int_keys__"}:
+                return {int(k): walk(v) for k, v in o["__int_keys__"].items()}
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(skeleton)
+
+
+def save_state(directory: str | Path, name: str, state) -> None:
+    """Save a nested state (optimizer, scheduler, RNG, counters) as NAME.safetensors + NAME.json."""
+    directory = Path(directory)
+    tensors, skeleton = flatten_state(state)
+    save_weights(directory / f"{name}.safetensors", tensors)
+    save_json(directory / f"{name}.json", skeleton)
+
+
+def load_state(directory: str | Path, name: str):
+    directory = Path(directory)
+    skeleton = load_json(directory / f"{name}.json")
+    tensors = read_weights(directory / f"{name}.safetensors")
+    try:
+        return unflatten_state(skeleton, tensors)
+    except KeyError as e:
+        raise CheckpointError(f"{directory / (name + '.safetensors')}: tensor {e} named in {name}.json is missing") from e
