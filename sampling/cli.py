@@ -1,0 +1,176 @@
+"""``earlyfusion sample``: text, images or interleaved output from a trained run.
+
+* text from text:    ``--prompt TEXT`` (streams to stdout)
+* text from images:  ``--image PATH [--image PATH ...] [--prompt QUESTION]`` (captioning / QA)
+* image from text:   ``--prompt TEXT --modality image --num-samples N --out DIR`` (PNGs + grid.png)
+* interleaved:       ``--prompt TEXT --modality auto --out DIR`` (text with [image k] placeholders,
+  PNGs and an index.html showing them in order)
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.io import UserError
+from sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
+
+SHEET_TILE = 128
+"""Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
+
+
+@dataclass(kw_only=True)
+class SampleConfig(SamplingConfig):
+    checkpoint: str
+    """Run directory of `earlyfusion train` (its newest good checkpoint) or one checkpoints/step-* directory."""
+    prompt: str = ""
+    """Text prompt (a question or instruction when --image is given)."""
+    image: list[str] = field(default_factory=list)
+    """Image file(s) to condition on, in order (repeatable)."""
+    prompt_first: bool = False
+    """Put --prompt before the images instead of after them."""
+    out: str = ""
+    """Output directory (required for --modality image and auto; optional for text: writes sample-*.txt)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.modality in ("image", "auto") and not self.out:
+            raise ValueError(f"--modality {self.modality} writes image files: give --out DIR")
+        if self.prompt_first and not self.image:
+            raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
+
+
+def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
+    """Each image file → its (h, w) code grid with the run's image tokenizer."""
+    from tokenizer.preprocess import preprocess
+
+    vq, vocab = run.vq, run.vocab
+    device = next(vq.parameters()).device
+    size = vq.config.image_size
+    grids = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"--image {p}: no such file")
+        pixels = preprocess(p, size)  # (3, S, S) in [-1, 1]
+        with torch.no_grad():
+            codes = vq.encode(pixels[None].to(device))[0].cpu()  # (h, w)
+        if tuple(codes.shape) != tuple(vocab.grid):
+            raise UserError(f"--image {p}: encodes to a {tuple(codes.shape)} grid but the vocabulary expects {tuple(vocab.grid)}")
+        grids.append(codes)
+    return grids
+
+
+def _prompt_segments(cfg: SampleConfig, grids: list[torch.Tensor]) -> list:
+    text = [cfg.prompt] if cfg.prompt else []
+    return text + grids if cfg.prompt_first else grids + text
+
+
+def _save_png(img, path: Path, written: list[Path]) -> None:
+    img.save(path)
+    written.append(path)
+
+
+def _write_image_outputs(samples: list[Sample], out: Path, written: list[Path]) -> None:
+    from tokenizer.preprocess import image_grid
+
+    images = []
+    for i, s in enumerate(samples):
+        for img in s.images:
+            _save_png(img, out / f"sample-{i:02d}.png", written)
+            images.append(img)
+    if images:
+        sheet = image_grid(images, ncols=math.ceil(math.sqrt(len(images))))
+        scale = max(1, SHEET_TILE // images[0].width)
+        if scale > 1:
+            from PIL import Image
+
+            sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+        _save_png(sheet, out / "grid.png", written)
+
+
+def _write_interleaved(samples: list[Sample], out: Path, prompt: str, written: list[Path]) -> None:
+    """Per sample: a text file with [image k] placeholders and the PNGs; one index.html in order."""
+    page = ["<!doctype html><meta charset='utf-8'><title>earlyfusion samples</title>",
+            "<style>body{font-family:sans-serif;max-width:48em}p{white-space:pre-wrap}"
+            "img{width:%dpx;image-rendering:pixelated;border:1px solid #ccc}</style>" % SHEET_TILE,
+            f"<h1>Samples</h1><p><b>prompt:</b> {html.escape(prompt)}</p>"]
+    for i, s in enumerate(samples):
+        k = 0
+        page.append(f"<h2>sample {i}</h2>")
+        for seg in s.segments:
+            if isinstance(seg, str):
+                page.append(f"<p>{html.escape(seg)}</p>")
+            else:
+                k += 1
+                name = f"sample-{i:02d}-image-{k}.png"
+                if k <= len(s.images):
+                    _save_png(s.images[k - 1], out / name, written)
+                page.append(f"<img src='{name}' alt='{IMAGE_PLACEHOLDER.format(k)}'>")
+        txt = out / f"sample-{i:02d}.txt"
+        txt.write_text(s.text + "\n", encoding="utf-8")
+        written.append(txt)
+    index = out / "index.html"
+    index.write_text("\n".join(page) + "\n", encoding="utf-8")
+    written.append(index)
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def sample_cmd(cfg: SampleConfig) -> int:
+    from sampling.run import load_run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for p in cfg.image:  # fail on a bad path before loading the model
+        if not Path(p).is_file():
+            raise UserError(f"--image {p}: no such file")
+    run = load_run(cfg.checkpoint, device=device)
+    segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
+    out = _out_dir(cfg.out) if cfg.out else None
+
+    live = cfg.modality != "image" and cfg.num_samples == 1
+
+    def stream(i: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    samples = generate(run.decoder, run.vocab, [segments], cfg, vq=run.vq, stream=stream if live else None)
+    written: list[Path] = []
+    if cfg.modality == "text":
+        for i, s in enumerate(samples):
+            if not live:
+                print(f"--- sample {i}")
+                print(s.text)
+            if out is not None:
+                path = out / f"sample-{i:02d}.txt"
+                path.write_text(s.text + "\n", encoding="utf-8")
+                written.append(path)
+        if live:
+            print()
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+    assert out is not None
+    if cfg.modality == "image":
+        _write_image_outputs(samples, out, written)
+    else:
+        if live:
+            print()
+        else:
+            for i, s in enumerate(samples):
+                print(f"--- sample {i}")
+                print(s.text)
+        _write_interleaved(samples, out, cfg.prompt, written)
+    for path in written:
+        print(f"wrote {path}")
+    return 0

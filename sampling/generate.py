@@ -1,0 +1,353 @@
+"""The sampling loop: text, images (with classifier-free guidance) and interleaved output.
+
+One loop serves every direction. Prompts of different lengths are left-padded (``valid=False``, positions
+from the running count of real tokens), read in one prefill into a preallocated ``KVCache``, then one
+token per step is fed back; the prompt is never recomputed and nothing is reallocated per step.
+
+Classifier-free guidance (LlamaGen style): N samples run as 2N rows in one batch, ``[cond; uncond]``,
+sharing one forward pass and one cache. The unconditional prompt is ``[bos]`` (training drops the
+caption of some drawing examples, giving ``[bos, boi, codes, eoi, eos]``). Where the next token is an
+image code the logits are mixed, ``cond + (s - 1)·(cond - uncond)`` (= ``uncond + s·(cond - uncond)``,
+exactly ``cond`` at s = 1), one token is drawn per pair and appended to both rows; elsewhere the
+conditional logits are used as they are.
+
+Public API: ``SamplingConfig``, ``generate(decoder, vocab, prompts, config, vq=..., stream=...)`` →
+``list[Sample]``; ``caption_images`` and ``draw_captions`` for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from model.io import UserError
+from sampling.processors import IdLayout, Modality, RowState, SamplerParams, apply, rules_for, sample_next
+
+Prompt = str | Sequence[str | Tensor]
+"""A prompt: plain text, or segments in order (text and (h, w) code grids)."""
+Stream = Callable[[int, str], None]
+"""Called as ``stream(sample_index, text_piece)`` while sampling; an image shows as ``[image k]``."""
+
+IMAGE_PLACEHOLDER = "[image {}]"
+DEFAULT_CFG = 3.0
+DEFAULT_TEXT_TOKENS = 128
+
+
+@dataclass
+class SamplingConfig:
+    """What to sample and how."""
+
+    modality: Literal["text", "image", "auto"] = "text"
+    """text: text only; image: one image per sample; auto: the model may open image spans itself."""
+    num_samples: int = 1
+    """Samples per prompt."""
+    cfg: float | None = None
+    """Classifier-free guidance scale for image codes (1 = none); default 3 when images are sampled. Not with --modality text."""
+    seed: int = 0
+    """Random seed: the same seed and inputs give the same output."""
+    max_new_tokens: int | None = None
+    """Most tokens to generate; default 128 for text, one image (h*w+2) for image, the rest of the context for auto."""
+    temperature: float = 0.7
+    """Text temperature; 0 = greedy."""
+    top_k: int = 20
+    """Text top-k; 0 = no limit."""
+    top_p: float = 1.0
+    """Text nucleus probability; 1 = no limit."""
+    image_temperature: float = 1.0
+    """Image-code temperature; 0 = greedy."""
+    image_top_k: int | None = None
+    """Image-code top-k; default half the codebook; 0 = no limit."""
+    image_top_p: float = 1.0
+    """Image-code nucleus probability; 1 = no limit."""
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.cfg is not None:
+            if self.modality == "text":
+                raise ValueError("--cfg guides image codes; it cannot be used with --modality text "
+                                 "(use --modality image or auto, or drop --cfg)")
+            if self.cfg < 0:
+                raise ValueError(f"--cfg must be >= 0 (1 = no guidance), got {self.cfg}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        self.text_params()  # validates temperature / top-k / top-p
+        SamplerParams(self.image_temperature, self.image_top_k or 0, self.image_top_p)
+
+    @property
+    def guidance(self) -> float:
+        if self.cfg is not None:
+            return self.cfg
+        return 1.0 if self.modality == "text" else DEFAULT_CFG
+
+    def text_params(self) -> SamplerParams:
+        try:
+            return SamplerParams(self.temperature, self.top_k, self.top_p)
+        except ValueError as e:
+            raise ValueError(f"text sampling: {e}") from None
+
+    def image_params(self, codebook_size: int) -> SamplerParams:
+        k = max(1, codebook_size // 2) if self.image_top_k is None else self.image_top_k
+        try:
+            return SamplerParams(self.image_temperature, k, self.image_top_p)
+        except ValueError as e:
+            raise ValueError(f"image sampling: {e}") from None
+
+
+@dataclass
+class Sample:
+    """One generated continuation."""
+
+    prompt: int
+    """Index of the prompt it continues."""
+    ids: list[int]
+    """Generated token ids (the prompt excluded; a final eos included)."""
+    segments: list[str | Tensor] = field(default_factory=list)
+    """The output in order: text and (h, w) code grids."""
+    images: list = field(default_factory=list)
+    """Decoded images (PIL), one per code grid, when a VQ decoder was given."""
+    stop: str = "length"
+    """Why it stopped: "eos", "image" (image mode: its image is complete) or "length"."""
+
+    @property
+    def text(self) -> str:
+        """The text, with ``[image k]`` (1-based) where each image is."""
+        parts, k = [], 0
+        for s in self.segments:
+            if isinstance(s, str):
+                parts.append(s)
+            else:
+                k += 1
+                parts.append(IMAGE_PLACEHOLDER.format(k))
+        return "".join(parts)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def encode_prompt(vocab, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: ``[bos, ...segments]`` exactly as training documents start (no eos)."""
+    segments = [prompt] if isinstance(prompt, str) else list(prompt)
+    segments = [s for s in segments if not (isinstance(s, str) and s == "")]
+    return list(vocab.encode_document(segments, bos=True, eos=False))
+
+
+def _is_image(layout: IdLayout, t: int) -> bool:
+    return layout.image_start <= t < layout.image_start + layout.codebook_size
+
+
+def split_segments(vocab, ids: Sequence[int]) -> list[str | Tensor]:
+    """Generated ids → text and (h, w) code grids in order (eos and unfinished image spans dropped)."""
+    h, w = vocab.grid
+    out: list[str | Tensor] = []
+    text: list[int] = []
+    image: list[int] | None = None
+    for t in ids:
+        if image is not None:
+            if t == vocab.eoi:
+                if len(image) == h * w:
+                    out.append(torch.tensor(vocab.ids_to_codes(image), dtype=torch.long).reshape(h, w))
+                image = None
+            elif _is_image(vocab, t):
+                image.append(t)
+        elif t == vocab.boi:
+            if text:
+                out.append(vocab.decode_text(text))
+                text = []
+            image = []
+        elif t not in (vocab.eos, vocab.bos, vocab.pad, vocab.eoi) and not _is_image(vocab, t):
+            text.append(t)
+    if text:
+        out.append(vocab.decode_text(text))
+    return out
+
+
+class _TextStreamer:
+    """Incremental detokenisation: emits only the new characters of each row's current text run."""
+
+    def __init__(self, vocab, n: int, fn: Stream):
+        self.vocab, self.fn = vocab, fn
+        self.runs: list[list[int]] = [[] for _ in range(n)]
+        self.sent = [""] * n
+        self.images = [0] * n
+
+    def push(self, i: int, t: int) -> None:
+        v = self.vocab
+        if t == v.boi:
+            self.runs[i], self.sent[i] = [], ""
+        elif t == v.eoi:
+            self.images[i] += 1
+            self.fn(i, IMAGE_PLACEHOLDER.format(self.images[i]))
+        elif t in (v.eos, v.bos, v.pad) or _is_image(v, t):
+            return
+        else:
+            self.runs[i].append(t)
+            text = v.decode_text(self.runs[i])
+            if text.endswith("\ufffd") or not text.startswith(self.sent[i]):
+                return  # an incomplete multi-byte character: wait for the next token
+            piece, self.sent[i] = text[len(self.sent[i]):], text
+            if piece:
+                self.fn(i, piece)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """tokens (R, T), valid (R, T) bool, positions (R, T) for rows aligned on the right."""
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        tokens[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
+        valid[i, T - len(r):] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return tokens, valid, positions
+
+
+def _context(decoder) -> int:
+    return int(decoder.config.max_seq_len)
+
+
+@torch.no_grad()
+def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *, modality: Modality,
+                  max_new_tokens: int, text: SamplerParams, image: SamplerParams,
+                  generator: torch.Generator | None = None, guidance: float = 1.0,
+                  uncond: Sequence[Sequence[int]] | None = None,
+                  on_token: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], list[str]]:
+    """Sample continuations of token-id prompts; returns (generated ids per prompt, stop reason per prompt).
+
+    ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
+    the batch is ``prompts + uncond`` and each pair shares every sampled token. ``on_token(row, id)`` is
+    called for every token appended to a conditional row.
+    """
+    N = len(prompts)
+    if N == 0:
+        return [], []
+    if uncond is not None and len(uncond) != N:
+        raise ValueError("uncond needs one prompt per conditional prompt")
+    context = _context(decoder)
+    for p in prompts:
+        if len(p) == 0:
+            raise ValueError("empty prompt (it must start with bos)")
+        if len(p) >= context:
+            raise UserError(f"the prompt is {len(p)} tokens but the model's context is {context}; "
+                            "shorten --prompt or use fewer --image")
+    device = next(decoder.parameters()).device
+    rows = list(prompts) + (list(uncond) if uncond is not None else [])
+    R = len(rows)
+    steps = min(max_new_tokens, context - min(len(p) for p in prompts))
+    tokens, valid, positions = _left_pad(rows, layout.pad, device)
+    cache = decoder.new_cache(R, max_len=tokens.shape[1] + steps)
+    lengths = valid.sum(dim=1)  # (R,) real tokens per row
+    state = RowState.from_prompts(prompts, layout, max_new_tokens, context, device=device)
+    rules = rules_for(modality, layout)
+    stop_ids = torch.tensor([layout.eos] + ([layout.eoi] if modality == "image" else []), device=device)
+
+    logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
+    out: list[list[int]] = [[] for _ in range(N)]
+    reasons = ["length"] * N
+    for step in range(steps):
+        cond = logits[:N]
+        drawing = state.image_position(layout)  # (N,) next token is an image code
+        if uncond is not None:
+            mixed = cond + (guidance - 1.0) * (cond - logits[N:])
+            cond = torch.where(drawing[:, None], mixed, cond)
+        tok = sample_next(apply(rules, cond, state), drawing, text, image, generator)  # (N,)
+        live = ~state.finished
+        tok = torch.where(live, tok, torch.full_like(tok, layout.pad))
+        state.update(tok, layout)
+        stopped = live & torch.isin(tok, stop_ids)
+        exhausted = live & ~stopped & (state.remaining() <= 0)
+        for i in live.nonzero()[:, 0].tolist():
+            t = int(tok[i])
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            if stopped[i]:
+                reasons[i] = "eos" if t == layout.eos else "image"
+        state.finished = state.finished | stopped | exhausted
+        if bool(state.finished.all()) or step == steps - 1:
+            break
+        feed = tok if uncond is None else torch.cat([tok, tok])  # (R,) the same token for both rows of a pair
+        feed_valid = live if uncond is None else torch.cat([live, live])
+        pos = lengths.clamp(max=context - 1)  # finished rows feed padding (valid=False) at a legal position
+        lengths = lengths + feed_valid.long()
+        logits = decoder(feed[:, None], positions=pos[:, None], valid=feed_valid[:, None], cache=cache)[:, -1].float()
+    return out, reasons
+
+
+def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, *, vq=None,
+             stream: Stream | None = None) -> list[Sample]:
+    """Sample ``config.num_samples`` continuations of each prompt (prompt-major order).
+
+    Images are decoded to PIL with ``vq`` when it is given. ``stream(sample_index, piece)`` receives
+    text as it is produced (and ``[image k]`` when an image span closes).
+    """
+    ids = [encode_prompt(vocab, p) for p in prompts]
+    rows = [p for p in ids for _ in range(config.num_samples)]
+    context = _context(decoder)
+    span = vocab.tokens_per_image + 2
+    max_new = config.max_new_tokens
+    if max_new is None:
+        max_new = {"text": DEFAULT_TEXT_TOKENS, "image": span, "auto": context}[config.modality]
+    if config.modality == "image":
+        if max_new < span:
+            raise UserError(f"--max-new-tokens {max_new} cannot hold one image ({span} tokens: "
+                            f"begin-image, {vocab.tokens_per_image} codes, end-image); raise it or leave it unset")
+        longest = max(len(p) for p in ids)
+        if longest + span > context:
+            raise UserError(f"the prompt is {longest} tokens; with an image ({span} tokens) that exceeds the "
+                            f"model's context of {context}; shorten --prompt")
+    guidance = config.guidance
+    uncond = [encode_prompt(vocab, []) for _ in rows] if guidance != 1.0 and config.modality != "text" else None
+    device = next(decoder.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    streamer = _TextStreamer(vocab, len(rows), stream) if stream is not None else None
+    out, reasons = sample_tokens(
+        decoder, vocab, rows, modality=config.modality, max_new_tokens=max_new,
+        text=config.text_params(), image=config.image_params(vocab.codebook_size),
+        generator=generator, guidance=guidance, uncond=uncond,
+        on_token=streamer.push if streamer is not None else None,
+    )
+    samples = [Sample(prompt=i // config.num_samples, ids=o, segments=split_segments(vocab, o), stop=r)
+               for i, (o, r) in enumerate(zip(out, reasons))]
+    if vq is not None:
+        decode_images(vq, samples)
+    return samples
+
+
+@torch.no_grad()
+def decode_images(vq, samples: Sequence[Sample]) -> None:
+    """Fill ``sample.images`` with PIL images decoded from each sample's code grids (one VQ batch)."""
+    from tokenizer.preprocess import to_pil
+
+    grids = [s for sample in samples for s in sample.segments if isinstance(s, Tensor)]
+    if not grids:
+        return
+    device = next(vq.parameters()).device
+    pixels = vq.decode(torch.stack(grids).to(device))  # (n, 3, H, W) in [-1, 1]
+    pil = iter([to_pil(p.float().cpu()) for p in pixels])
+    for sample in samples:
+        sample.images = [next(pil) for s in sample.segments if isinstance(s, Tensor)]
+
+
+# ---------------------------------------------------------------- helpers used by evaluation
+
+
+def caption_images(decoder, vocab, codes: Sequence[Tensor], *, max_new_tokens: int = 64, device=None) -> list[str]:
+    """Greedy text after each image (reading): prompt ``[bos, boi, codes, eoi]``."""
+    cfg = SamplingConfig(modality="text", temperature=0.0, max_new_tokens=max_new_tokens)
+    samples = generate(decoder, vocab, [[c.cpu()] for c in codes], cfg)
+    return [s.text.strip() for s in samples]
+
+
+def draw_captions(decoder, vocab, vq, captions: Sequence[str], *, cfg: float = DEFAULT_CFG, seed: int = 0,
+                  device=None) -> list:
+    """One image (PIL) per caption, sampled with classifier-free guidance (drawing)."""
+    config = SamplingConfig(modality="image", cfg=cfg, seed=seed)
+    return [s.images[0] for s in generate(decoder, vocab, list(captions), config, vq=vq)]

@@ -1,0 +1,232 @@
+"""Decoding rules, the sampling loop, CFG and KV-cache parity (sampling/)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from sampling.generate import sample_tokens
+from sampling.processors import (ImageFits, ImageOnly, ImageSpan, RowState, SamplerParams, TextOnly, apply,
+                                 rules_for, sample_next)
+
+# A small id layout: 5 specials, 15 text ids, 8 image codes, 2x2 images.
+L = SimpleNamespace(bos=0, eos=1, pad=2, boi=3, eoi=4, image_start=20, codebook_size=8, tokens_per_image=4, grid=(2, 2))
+V = 28
+IMAGE = range(L.image_start, L.image_start + L.codebook_size)
+GREEDY = SamplerParams(temperature=0.0)
+FREE = SamplerParams(temperature=1.0)
+
+
+def _state(in_image, codes, length, step=0, max_new=100, context=64):
+    return RowState(in_image=torch.tensor(in_image), codes=torch.tensor(codes), length=torch.tensor(length),
+                    finished=torch.zeros(len(in_image), dtype=torch.bool), step=step, max_new_tokens=max_new,
+                    context=context)
+
+
+def _allowed(logits):
+    return [set(torch.isfinite(row).nonzero()[:, 0].tolist()) for row in logits]
+
+
+# ---------------------------------------------------------------- processors
+
+
+def test_image_span_allows_only_codes_then_forces_end_image():
+    st = _state([True, True, False], [2, 4, 0], [10, 10, 10])
+    allowed = _allowed(ImageSpan(L)(torch.randn(3, V), st))
+    assert allowed[0] == set(IMAGE)
+    assert allowed[1] == {L.eoi}
+    assert not allowed[2] & (set(IMAGE) | {L.eoi}) and L.boi in allowed[2]
+
+
+def test_image_fits_bans_begin_image_without_room():
+    need = L.tokens_per_image + 2
+    # remaining = min(context - length, max_new - step)
+    st = _state([False, False, False], [0, 0, 0], [64 - need, 64 - need + 1, 10], step=0, max_new=100)
+    allowed = _allowed(ImageFits(L)(torch.zeros(3, V), st))
+    assert L.boi in allowed[0] and L.boi not in allowed[1] and L.boi in allowed[2]
+    st = _state([False], [0], [10], step=100 - need + 1, max_new=100)
+    assert L.boi not in _allowed(ImageFits(L)(torch.zeros(1, V), st))[0]
+
+
+def test_text_only_and_image_only():
+    st = _state([False], [0], [3])
+    assert not _allowed(TextOnly(L)(torch.zeros(1, V), st))[0] & (set(IMAGE) | {L.boi, L.eoi})
+    assert _allowed(ImageOnly(L)(torch.zeros(1, V), st))[0] == {L.boi}
+    st.step = 1
+    assert len(_allowed(ImageOnly(L)(torch.zeros(1, V), st))[0]) == V
+
+
+def test_forced_token_survives_minus_inf_logit():
+    st = _state([True], [4], [10])
+    logits = torch.zeros(1, V)
+    logits[0, L.eoi] = float("-inf")
+    out = ImageSpan(L)(logits, st)
+    assert sample_next(out, torch.tensor([False]), FREE, FREE, torch.Generator().manual_seed(0)).item() == L.eoi
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_greedy_topk_topp():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, V, generator=g)
+    best = logits.argmax(-1)
+    no = torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(sample_next(logits, no, GREEDY, FREE, g), best)
+    assert torch.equal(sample_next(logits, no, SamplerParams(1.0, top_k=1), FREE, g), best)
+    assert torch.equal(sample_next(logits, no, SamplerParams(1.0, top_p=1e-6), FREE, g), best)
+    # top-k 3: every draw is among the 3 best
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(50):
+        t = sample_next(logits, no, SamplerParams(5.0, top_k=3), FREE, g)
+        assert (top3 == t[:, None]).any(-1).all()
+
+
+def test_sampler_uses_image_settings_on_image_rows():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, V, generator=g)
+    rows = torch.tensor([False, True])
+    draws = torch.stack([sample_next(logits, rows, GREEDY, SamplerParams(10.0), g) for _ in range(40)])
+    assert (draws[:, 0] == logits[0].argmax()).all()  # text row: greedy
+    assert len(set(draws[:, 1].tolist())) > 1  # image row: hot sampling
+
+
+def test_sampler_never_draws_masked_ids():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, V, generator=g) * 5
+    logits[:, :10] = float("-inf")
+    for _ in range(30):
+        assert (sample_next(logits, torch.zeros(8, dtype=torch.bool), SamplerParams(3.0, 0, 1.0), FREE, g) >= 10).all()
+
+
+def test_sampler_rejects_bad_settings():
+    for kw in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            SamplerParams(**kw)
+
+
+# ---------------------------------------------------------------- the loop, on a fake decoder
+
+
+class FakeDecoder(nn.Module):
+    """Deterministic logits from (previous token, position); follows the Decoder/KVCache contract and records calls."""
+
+    def __init__(self, context=64, seed=0, image_bias=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.tok = nn.Parameter(torch.randn(V, V, generator=g) * 2)
+        self.pos = nn.Parameter(torch.randn(context, V, generator=g))
+        self.tok.data[:, L.image_start:L.image_start + L.codebook_size] += image_bias
+        self.tok.data[:, L.boi] += image_bias
+        self.config = SimpleNamespace(max_seq_len=context)
+        self.calls: list[tuple[int, int]] = []
+        self.fed: list[torch.Tensor] = []
+
+    def new_cache(self, batch_size, max_len=None):
+        return SimpleNamespace(length=0, max_len=max_len, batch=batch_size)
+
+    def forward(self, tokens, *, positions=None, doc_ids=None, valid=None, cache=None):
+        B, T = tokens.shape
+        self.calls.append((B, T))
+        self.fed.append(tokens.clone())
+        assert cache is not None and cache.batch == B and cache.length + T <= cache.max_len
+        assert positions is not None and int(positions.max()) < self.config.max_seq_len
+        cache.length += T
+        return self.tok[tokens] + self.pos[positions]  # (B, T, V)
+
+
+def _spans_ok(ids, allow_unfinished=False):
+    """Every begin-image is followed by exactly tokens_per_image codes and an end-image; no stray codes."""
+    i = 0
+    while i < len(ids):
+        t = ids[i]
+        if t == L.boi:
+            body = ids[i + 1:i + 1 + L.tokens_per_image]
+            assert all(b in IMAGE for b in body), ids
+            if len(body) < L.tokens_per_image or i + 1 + L.tokens_per_image >= len(ids):
+                assert allow_unfinished, ids
+                return
+            assert ids[i + 1 + L.tokens_per_image] == L.eoi, ids
+            i += L.tokens_per_image + 2
+        else:
+            assert t not in IMAGE and t != L.eoi, ids
+            i += 1
+
+
+def _run(dec, prompts, modality="auto", max_new=40, seed=0, text=FREE, image=FREE, **kw):
+    return sample_tokens(dec, L, prompts, modality=modality, max_new_tokens=max_new, text=text, image=image,
+                         generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auto_mode_images_are_complete_and_never_cut_off(seed):
+    dec = FakeDecoder(context=40, seed=seed, image_bias=3.0)  # opens images eagerly
+    prompts = [[L.bos, 5, 6], [L.bos, 7], [L.bos] + [8] * 20]
+    out, reasons = _run(dec, prompts, max_new=30, seed=seed)
+    for p, ids, r in zip(prompts, out, reasons):
+        _spans_ok(ids)
+        assert len(p) + len(ids) <= 40 and len(ids) <= 30
+        assert r in ("eos", "length") and (r != "eos" or ids[-1] == L.eos)
+        assert L.pad not in ids and L.bos not in ids
+    assert any(L.boi in ids for ids in out)
+
+
+def test_text_mode_never_emits_image_ids():
+    dec = FakeDecoder(seed=3, image_bias=5.0)
+    out, _ = _run(dec, [[L.bos, 5]] * 4, modality="text", max_new=30)
+    assert all(t not in IMAGE and t not in (L.boi, L.eoi) for ids in out for t in ids)
+
+
+def test_image_mode_exactly_one_complete_image():
+    dec = FakeDecoder(seed=4)
+    out, reasons = _run(dec, [[L.bos, 5, 6], [L.bos]], modality="image", max_new=50)
+    for ids in out:
+        assert ids[0] == L.boi and ids[-1] == L.eoi and len(ids) == L.tokens_per_image + 2
+        _spans_ok(ids)
+    assert reasons == ["image", "image"]
+
+
+def test_one_prefill_then_one_token_per_step():
+    dec = FakeDecoder(seed=5)
+    out, _ = _run(dec, [[L.bos, 5, 6], [L.bos]], modality="text", max_new=10)
+    assert dec.calls[0] == (2, 3)
+    assert all(c == (2, 1) for c in dec.calls[1:])
+    assert len(dec.calls) == max(len(o) for o in out)  # the last token is never fed
+
+
+def test_seed_reproducibility():
+    dec = FakeDecoder(seed=6, image_bias=2.0)
+    a = _run(dec, [[L.bos, 5]] * 3, seed=11)
+    b = _run(dec, [[L.bos, 5]] * 3, seed=11)
+    c = _run(dec, [[L.bos, 5]] * 3, seed=12)
+    assert a == b and a != c
+
+
+def test_cfg_uses_2n_rows_and_shares_tokens():
+    dec = FakeDecoder(seed=7)
+    prompts = [[L.bos, 5, 6, 7]] * 3
+    out, _ = _run(dec, prompts, modality="image", guidance=4.0, uncond=[[L.bos]] * 3)
+    assert all(b == 6 for b, _ in dec.calls)  # 2N rows in every forward
+    for fed in dec.fed[1:]:
+        assert torch.equal(fed[:3], fed[3:])  # each pair got the same token
+    for ids in out:
+        _spans_ok(ids)
+
+
+def test_cfg_scale_one_equals_unguided():
+    dec = FakeDecoder(seed=8)
+    prompts = [[L.bos, 5, 6, 7], [L.bos, 9]]
+    guided = _run(dec, prompts, modality="auto", guidance=1.0, uncond=[[L.bos]] * 2, seed=3)
+    plain = _run(dec, prompts, modality="auto", seed=3)
+    assert guided == plain
+
+
+def test_cfg_changes_images():
+    dec = FakeDecoder(seed=9)
+    prompts = [[L.bos, 5, 6, 7]] * 4
+    plain, _ = _run(dec, prompts, modality="image", seed=3)
+    guided, _ = _run(dec, prompts, modality="image", guidance=5.0, uncond=[[L.bos]] * 4, seed=3)
+    assert plain != guided
