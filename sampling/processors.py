@@ -119,7 +119,7 @@ def _force(logits: Tensor, rows: Tensor, token: int) -> Tensor:
     if not bool(rows.any()):
         return logits
     forced = torch.full_like(logits, NEG_INF)
-    forced[:, token] = logits[:, token].clamp(min=torch.finfo(logits.dtype).min)  # keep it finite
+    forced[:, token] = 0.0  # the only finite logit: drawn whatever the temperature / top-k / top-p
     return torch.where(rows[:, None], forced, logits)
 
 

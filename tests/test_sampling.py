@@ -64,7 +64,9 @@ def test_forced_token_survives_minus_inf_logit():
     logits = torch.zeros(1, V)
     logits[0, L.eoi] = float("-inf")
     out = ImageSpan(L)(logits, st)
-    assert sample_next(out, torch.tensor([False]), FREE, FREE, torch.Generator().manual_seed(0)).item() == L.eoi
+    for t in (0.3, 1.0, 0.0):
+        p = SamplerParams(temperature=t, top_k=3, top_p=0.5)
+        assert sample_next(out, torch.tensor([False]), p, p, torch.Generator().manual_seed(0)).item() == L.eoi
 
 
 # ---------------------------------------------------------------- sampler
@@ -230,3 +232,122 @@ def test_cfg_changes_images():
     plain, _ = _run(dec, prompts, modality="image", seed=3)
     guided, _ = _run(dec, prompts, modality="image", guidance=5.0, uncond=[[L.bos]] * 4, seed=3)
     assert plain != guided
+
+
+# ---------------------------------------------------------------- generate(), on a fake vocabulary
+
+
+class FakeVocab(SimpleNamespace):
+    """Characters map onto the 15 text ids; enough of the Vocabulary contract for generate()."""
+
+    def __init__(self):
+        super().__init__(**vars(L), vocab_size=V)
+
+    def encode_document(self, segments, bos=True, eos=True):
+        ids = [self.bos] if bos else []
+        for s in segments:
+            if isinstance(s, str):
+                ids += [5 + ord(c) % 15 for c in s]
+            else:
+                ids += [self.boi] + [self.image_start + int(c) for c in s.flatten()] + [self.eoi]
+        return ids + ([self.eos] if eos else [])
+
+    def decode_text(self, ids):
+        return "".join(chr(ord("a") + i - 5) for i in ids)
+
+    def ids_to_codes(self, ids):
+        return [i - self.image_start for i in ids]
+
+
+def test_generate_cfg_rows_and_results():
+    from sampling.generate import SamplingConfig, generate
+
+    dec = FakeDecoder(seed=10)
+    cfg = SamplingConfig(modality="image", num_samples=3, cfg=4.0, seed=1)
+    samples = generate(dec, FakeVocab(), ["abc", "de"], cfg)
+    assert [s.prompt for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert all(b == 12 for b, _ in dec.calls)  # 2 prompts x 3 samples x [cond; uncond]
+    for s in samples:
+        (grid,) = s.segments
+        assert grid.shape == L.grid and s.stop == "image" and s.text == "[image 1]"
+    dec.calls.clear()
+    generate(dec, FakeVocab(), ["abc"], SamplingConfig(modality="image", num_samples=2, cfg=1.0))
+    assert all(b == 2 for b, _ in dec.calls)  # scale 1: no unconditional rows at all
+
+
+def test_generate_streams_the_text_it_returns():
+    from sampling.generate import SamplingConfig, generate
+
+    dec = FakeDecoder(seed=11, image_bias=1.5)
+    pieces = []
+    (s,) = generate(dec, FakeVocab(), ["ab"], SamplingConfig(modality="auto", max_new_tokens=40, seed=2),
+                    stream=lambda i, p: pieces.append(p))
+    assert "".join(pieces) == s.text and s.text
+
+
+def test_generate_errors():
+    from model.io import UserError
+    from sampling.generate import SamplingConfig, generate
+
+    dec = FakeDecoder(context=16)
+    with pytest.raises(UserError, match="context"):
+        generate(dec, FakeVocab(), ["x" * 20], SamplingConfig())
+    with pytest.raises(UserError, match="context"):
+        generate(dec, FakeVocab(), ["x" * 10], SamplingConfig(modality="image"))  # 11 + 6 > 16
+    with pytest.raises(UserError, match="max-new-tokens"):
+        generate(dec, FakeVocab(), ["x"], SamplingConfig(modality="image", max_new_tokens=5))
+    for bad in ({"cfg": 2.0}, {"num_samples": 0}, {"modality": "image", "cfg": -1.0}, {"max_new_tokens": 0},
+                {"temperature": -0.5}, {"image_top_p": 0.0}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+# ---------------------------------------------------------------- the real decoder: KV cache and padding parity
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    dmod = pytest.importorskip("model.decoder")
+    torch.manual_seed(0)
+    cfg = dmod.DecoderConfig.from_preset("tiny", V, max_seq_len=48)
+    return dmod.Decoder(cfg).double().eval()
+
+
+@torch.no_grad()
+def _naive_greedy(dec, prompt, modality, max_new):
+    """Recompute the whole sequence every step (no cache), same rules, argmax."""
+    ids = list(prompt)
+    state = RowState.from_prompts([prompt], L, max_new, dec.config.max_seq_len)
+    rules = rules_for(modality, L)
+    out = []
+    for _ in range(max_new):
+        logits = dec(torch.tensor([ids]))[:, -1].float()
+        t = int(apply(rules, logits, state).argmax(-1))
+        out.append(t)
+        state.update(torch.tensor([t]), L)
+        ids.append(t)
+        if t == L.eos or (modality == "image" and t == L.eoi) or int(state.remaining()[0]) <= 0:
+            break
+    return out
+
+
+@pytest.mark.parametrize("modality", ["text", "auto", "image"])
+def test_kv_cache_equals_full_recompute(decoder, modality):
+    prompt = [L.bos, 5, 9, 12, 6]
+    (cached,), _ = _run(decoder, [prompt], modality=modality, max_new=20, text=GREEDY, image=GREEDY)
+    assert cached == _naive_greedy(decoder, prompt, modality, 20)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(decoder):
+    prompts = [[L.bos, 5, 9, 12, 6, 7, 8, 9], [L.bos], [L.bos, 10, 11]]
+    batched, _ = _run(decoder, prompts, modality="auto", max_new=16, text=GREEDY, image=GREEDY)
+    for p, b in zip(prompts, batched):
+        (alone,), _ = _run(decoder, [p], modality="auto", max_new=16, text=GREEDY, image=GREEDY)
+        assert b == alone
+
+
+def test_cfg_scale_one_equals_unguided_real_decoder(decoder):
+    prompts = [[L.bos, 5, 9, 12], [L.bos, 6]]
+    plain = _run(decoder, prompts, modality="image", seed=5)
+    guided = _run(decoder, prompts, modality="image", seed=5, guidance=1.0, uncond=[[L.bos]] * 2)
+    assert plain == guided
