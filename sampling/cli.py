@@ -128,12 +128,12 @@ def _out_dir(path: str) -> Path:
 
 
 def sample_cmd(cfg: SampleConfig) -> int:
-    from sampling.run import load_run
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for p in cfg.image:  # fail on a bad path before loading the model
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
+    from sampling.run import load_run
+
     run = load_run(cfg.checkpoint, device=device)
     segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
     out = _out_dir(cfg.out) if cfg.out else None

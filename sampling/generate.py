@@ -75,8 +75,15 @@ class SamplingConfig:
                 raise ValueError(f"--cfg must be >= 0 (1 = no guidance), got {self.cfg}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        self.text_params()  # validates temperature / top-k / top-p
-        SamplerParams(self.image_temperature, self.image_top_k or 0, self.image_top_p)
+        for prefix in ("", "image_"):
+            option = "--" + prefix.replace("_", "-")
+            temperature, top_k, top_p = (getattr(self, prefix + n) for n in ("temperature", "top_k", "top_p"))
+            if temperature < 0:
+                raise ValueError(f"{option}temperature must be >= 0 (0 = greedy), got {temperature}")
+            if top_k is not None and top_k < 0:
+                raise ValueError(f"{option}top-k must be >= 0 (0 = no limit), got {top_k}")
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"{option}top-p must be in (0, 1] (1 = no limit), got {top_p}")
 
     @property
     def guidance(self) -> float:
@@ -85,17 +92,11 @@ class SamplingConfig:
         return 1.0 if self.modality == "text" else DEFAULT_CFG
 
     def text_params(self) -> SamplerParams:
-        try:
-            return SamplerParams(self.temperature, self.top_k, self.top_p)
-        except ValueError as e:
-            raise ValueError(f"text sampling: {e}") from None
+        return SamplerParams(self.temperature, self.top_k, self.top_p)
 
     def image_params(self, codebook_size: int) -> SamplerParams:
         k = max(1, codebook_size // 2) if self.image_top_k is None else self.image_top_k
-        try:
-            return SamplerParams(self.image_temperature, k, self.image_top_p)
-        except ValueError as e:
-            raise ValueError(f"image sampling: {e}") from None
+        return SamplerParams(self.image_temperature, k, self.image_top_p)
 
 
 @dataclass
