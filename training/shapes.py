@@ -1,0 +1,444 @@
+"""The built-in data set: one or two coloured shapes on a plain background, with templated captions.
+
+Designed so that a tiny model can learn it on a CPU in minutes and an analytic judge can read it:
+
+* a fixed vocabulary of attributes (``SHAPES``, ``COLOURS``, ``SIZES``, ``POSITIONS``), exposed here so
+  evaluation can parse captions back into attributes (``parse_caption``);
+* deterministic rendering: each shape is drawn at the centre of its cell of a 3x3 grid, with a fixed
+  pixel size per size class and hard edges (no anti-aliasing, no jitter), so every attribute tuple is
+  exactly one pixel pattern; two shapes never share a cell or a colour and never overlap;
+* ``caption`` lists shapes in position order, so the caption is a function of the image;
+* ``recognise`` reads the attributes back from pixels without any model (palette classification,
+  connected components, template matching), so it can judge generated images.
+
+``generate_cmd`` (``earlyfusion data shapes``) writes the image-caption pairs (imagefolder layout),
+OBELICS-style interleaved documents and text-only lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.io import UserError
+
+# ---------------------------------------------------------------- attribute vocabulary
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (25, 165, 45),
+    "blue": (25, 55, 230),
+    "yellow": (245, 210, 10),
+    "purple": (160, 35, 175),
+    "cyan": (15, 195, 215),
+}
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("top left", "top", "top right", "left", "centre", "right",
+                              "bottom left", "bottom", "bottom right")
+# How each position is said in a caption ("... at the top left", "... in the centre").
+POSITION_PHRASES: dict[str, str] = {p: f"at the {p}" for p in POSITIONS} | {
+    "left": "on the left", "right": "on the right", "centre": "in the centre"}
+BACKGROUND: tuple[int, int, int] = (240, 240, 240)
+
+MAX_SHAPES = 2  # shapes per image: 1 or 2, about half each
+
+
+@dataclass(frozen=True, order=True)
+class ShapeSpec:
+    """One shape in a scene: all four attributes are names from the vocabulary above."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.shape, SHAPES, "shape"), (self.colour, COLOURS, "colour"),
+                                     (self.size, SIZES, "size"), (self.position, POSITIONS, "position")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {POSITION_PHRASES[self.position]}"
+
+
+def _position_key(s: ShapeSpec) -> tuple:
+    return (POSITIONS.index(s.position), s.shape, s.colour, s.size)
+
+
+def caption(specs) -> str:
+    """'a small red circle at the top left and a large blue square at the bottom' (position order)."""
+    specs = sorted(specs, key=_position_key)
+    if not specs:
+        raise ValueError("a scene needs at least one shape")
+    return " and ".join(s.phrase() for s in specs)
+
+
+_PHRASE_RE = re.compile(
+    r"a (?P<size>{}) (?P<colour>{}) (?P<shape>{}) (?P<where>{})".format(
+        "|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES),
+        "|".join(re.escape(p) for p in sorted(POSITION_PHRASES.values(), key=len, reverse=True))))
+_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
+
+
+def parse_caption(text: str) -> frozenset[ShapeSpec] | None:
+    """Invert ``caption``: the set of shapes a caption names, or None if it is not one of ours.
+
+    Tolerates case, surrounding/repeated whitespace and a trailing full stop (model output).
+    """
+    if not isinstance(text, str):
+        return None
+    norm = " ".join(text.lower().split()).rstrip(".").strip()
+    if not norm:
+        return None
+    specs = []
+    for part in norm.split(" and "):
+        m = _PHRASE_RE.fullmatch(part)
+        if m is None:
+            return None
+        specs.append(ShapeSpec(m["shape"], m["colour"], m["size"], _PHRASE_TO_POSITION[m["where"]]))
+    if len({s.position for s in specs}) != len(specs):
+        return None  # two shapes in one cell: no image can show that
+    return frozenset(specs)
+
+
+# ---------------------------------------------------------------- geometry and rendering
+
+
+def shape_sizes(image_size: int) -> dict[str, int]:
+    """Side of the square a shape occupies, per size class (scaled with the image; always fits a cell)."""
+    return {"small": max(3, image_size * 7 // 32), "large": max(5, image_size * 5 // 16)}
+
+
+def _cell_centre(index: int, image_size: int) -> float:
+    return (index + 0.5) * image_size / 3
+
+
+@lru_cache(maxsize=64)
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """Boolean (side, side) mask of a shape: hard edges, decided at pixel centres."""
+    c = np.arange(side) + 0.5 - side / 2  # pixel-centre offsets from the middle
+    if shape == "square":
+        m = np.ones((side, side), bool)
+    elif shape == "circle":
+        m = (c[:, None] ** 2 + c[None, :] ** 2) <= (side / 2) ** 2
+        if m.all():  # tiny circles: drop the corners so a circle never equals a square
+            m[[0, 0, -1, -1], [0, -1, 0, -1]] = False
+    elif shape == "triangle":  # apex up, base along the bottom row, half-width grows 1/2 px per row
+        rows = np.arange(side)[:, None]
+        m = np.abs(c[None, :]) <= (rows + 1) / 2
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    m.setflags(write=False)
+    return m
+
+
+@lru_cache(maxsize=64)
+def _placements(image_size: int) -> dict[tuple[str, str], tuple[int, int]]:
+    """(size, position) -> top-left pixel of the shape's box, centred in its grid cell."""
+    out = {}
+    for size, side in shape_sizes(image_size).items():
+        for p, pos in enumerate(POSITIONS):
+            row, col = divmod(p, 3)
+            top = math.floor(_cell_centre(row, image_size) - side / 2 + 0.5)
+            left = math.floor(_cell_centre(col, image_size) - side / 2 + 0.5)
+            out[size, pos] = (top, left)
+    return out
+
+
+def render_array(specs, image_size: int = 32) -> np.ndarray:
+    """uint8 (image_size, image_size, 3) rendering of a scene."""
+    a = np.empty((image_size, image_size, 3), np.uint8)
+    a[:] = BACKGROUND
+    sides = shape_sizes(image_size)
+    places = _placements(image_size)
+    for s in specs:
+        side = sides[s.size]
+        top, left = places[s.size, s.position]
+        box = a[top:top + side, left:left + side]  # (side, side, 3) view
+        box[shape_mask(s.shape, side)] = COLOURS[s.colour]
+    return a
+
+
+def render(specs, image_size: int = 32) -> Image.Image:
+    """The image of a scene (RGB, image_size x image_size)."""
+    return Image.fromarray(render_array(specs, image_size), "RGB")
+
+
+def random_scene(rng: np.random.Generator) -> frozenset[ShapeSpec]:
+    """One or two shapes (about half each) in distinct cells with distinct colours."""
+    n = 1 + int(rng.integers(MAX_SHAPES))
+    positions = rng.choice(len(POSITIONS), size=n, replace=False)
+    colours = rng.choice(len(COLOURS), size=n, replace=False)
+    names = list(COLOURS)
+    return frozenset(
+        ShapeSpec(SHAPES[int(rng.integers(len(SHAPES)))], names[int(c)], SIZES[int(rng.integers(len(SIZES)))],
+                  POSITIONS[int(p)])
+        for p, c in zip(positions, colours))
+
+
+# ---------------------------------------------------------------- the analytic judge
+
+_PALETTE_NAMES = list(COLOURS)
+_BG = np.array(BACKGROUND, np.float32)
+_DIRS = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float32) - _BG  # (C, 3) colour - background
+_DIR_NORM2 = (_DIRS ** 2).sum(-1)  # (C,)
+# A pixel farther than this from every colour/background blend line (noise, a foreign colour) is background.
+_MAX_COLOUR_DIST = 70.0
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a boolean (H, W) mask, each as an (N, 2) array of (row, col)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0] = True
+        queue, pix = deque([(r0, c0)]), []
+        while queue:
+            r, c = queue.popleft()
+            pix.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        queue.append((rr, cc))
+        out.append(np.array(pix, np.int64))
+    return out
+
+
+@lru_cache(maxsize=16)
+def _templates(image_size: int) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(shape, size, pixel offsets (N, 2) relative to the centroid rounded, centroid) per template."""
+    out = []
+    for size, side in shape_sizes(image_size).items():
+        for shape in SHAPES:
+            pix = np.argwhere(shape_mask(shape, side))  # (N, 2)
+            out.append((shape, size, pix, pix.mean(0)))
+    return out
+
+
+def _best_template(pix: np.ndarray, image_size: int) -> tuple[str, str, float]:
+    """Template (shape, size) with the highest IoU against a component, aligned at the centroid ±1 px."""
+    n = image_size
+    comp = np.zeros((n + 2, n + 2), bool)  # one pixel of margin so shifted templates index safely
+    comp[pix[:, 0] + 1, pix[:, 1] + 1] = True
+    centroid = pix.mean(0)
+    best = ("square", "small", -1.0)
+    for shape, size, tpix, tcent in _templates(image_size):
+        base = np.floor(centroid - tcent + 0.5).astype(np.int64) + 1
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                placed = tpix + base + (dr, dc)  # (N, 2)
+                inside = ((placed >= 0) & (placed < n + 2)).all(1)
+                inter = int(comp[placed[inside, 0], placed[inside, 1]].sum())
+                iou = inter / (len(pix) + len(placed) - inter)
+                if iou > best[2]:
+                    best = (shape, size, iou)
+    return best
+
+
+def recognise(img: Image.Image) -> frozenset[ShapeSpec]:
+    """Read the shapes in an image analytically (no model): the judge for generated images.
+
+    Each pixel is read as a blend of the background and one palette colour (the colour whose blend
+    line it is nearest); it belongs to that colour if it is at least half of it, else to the
+    background (so blurred edges split at the 50 % contour and areas survive blur); each 8-connected component of one colour that is not a speck is one shape: its
+    centroid gives the grid cell, the best-matching template (IoU) gives shape and size.
+    """
+    img = img.convert("RGB")
+    if img.width != img.height:
+        side = max(img.size)
+        img = img.resize((side, side), Image.Resampling.NEAREST)
+    n = img.width
+    a = np.asarray(img, np.float32) - _BG  # (n, n, 3) offsets from the background
+    # Each pixel as a blend bg + alpha * (colour - bg): alpha and the distance off that line per colour.
+    alpha = np.einsum("hwk,ck->hwc", a, _DIRS) / _DIR_NORM2  # (n, n, C)
+    resid = np.linalg.norm(a[:, :, None, :] - alpha[..., None] * _DIRS, axis=-1)  # (n, n, C)
+    resid[(alpha < 0.5) | (alpha > 1.6)] = np.inf  # under half the colour: background (keeps blurred areas)
+    label = resid.argmin(-1)
+    label[resid.min(-1) > _MAX_COLOUR_DIST] = len(_PALETTE_NAMES)  # unknown -> background
+    min_area = 0.4 * min(len(t[2]) for t in _templates(n))
+    found = []
+    for ci, colour in enumerate(_PALETTE_NAMES):
+        mask = label == ci
+        if not mask.any():
+            continue
+        for pix in _components(mask):
+            if len(pix) < min_area:
+                continue  # a speck of noise
+            shape, size, _ = _best_template(pix, n)
+            cy, cx = pix.mean(0) + 0.5
+            row = min(2, max(0, int(cy * 3 // n)))
+            col = min(2, max(0, int(cx * 3 // n)))
+            found.append(ShapeSpec(shape, colour, size, POSITIONS[3 * row + col]))
+    return frozenset(found)
+
+
+# ---------------------------------------------------------------- text for the other data kinds
+
+_T2I_BEFORE = ("here is a picture of {}.", "a picture of {}:", "look at this image of {}.")
+_T2I_NEXT = ("and here is one of {}.", "next, {}:", "now a picture of {}.")
+_I2T_AFTER = ("this picture shows {}.", "above: {}.", "in this image there is {}.")
+
+
+def _describe_attribute(rng: np.random.Generator) -> str:
+    """A sentence using the attribute vocabulary (for the text-only lines)."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colour = _PALETTE_NAMES[int(rng.integers(len(_PALETTE_NAMES)))]
+    pos = POSITIONS[int(rng.integers(len(POSITIONS)))]
+    kind = int(rng.integers(6))
+    if kind == 0:
+        return f"there is {caption(random_scene(rng))}."
+    if kind == 1:
+        return f"a {colour} {shape} can be small or large."
+    if kind == 2:
+        return f"a large {shape} is bigger than a small {shape}."
+    if kind == 3:
+        return f"a picture can show a {shape} {POSITION_PHRASES[pos]}."
+    if kind == 4:
+        others = [c for c in _PALETTE_NAMES if c != colour]
+        return f"the {shape} is {colour}, not {others[int(rng.integers(len(others)))]}."
+    return "the shapes are " + ", ".join(SHAPES[:-1]) + f" and {SHAPES[-1]}; the colours are " + \
+        ", ".join(_PALETTE_NAMES[:-1]) + f" and {_PALETTE_NAMES[-1]}."
+
+
+# ---------------------------------------------------------------- the CLI command
+
+
+@dataclass
+class ShapesConfig:
+    out: str
+    """Output directory (created; a previous shapes data set there is replaced)."""
+    num_images: int = 10000
+    """Image-caption pairs in total (train + test)."""
+    image_size: int = 32
+    """Image side in pixels (multiple of 8, at least 16; shape geometry scales with it)."""
+    seed: int = 0
+    """Random seed: the same seed writes byte-identical files."""
+    test_fraction: float = 0.1
+    """Fraction of the pairs written to DIR/test (held out)."""
+    num_interleaved: int = 1000
+    """Interleaved documents (OBELICS-style texts/images lists) in DIR/interleaved.jsonl."""
+    num_text: int = 1000
+    """Text-only lines in DIR/text.jsonl."""
+
+    def __post_init__(self):
+        if self.num_images < 2:
+            raise ValueError(f"--num-images must be at least 2 (one train and one test image), got {self.num_images}")
+        if self.image_size < 16 or self.image_size % 8:
+            raise ValueError(f"--image-size must be a multiple of 8 and at least 16, got {self.image_size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
+        if self.num_interleaved < 0 or self.num_text < 0:
+            raise ValueError("--num-interleaved and --num-text must be >= 0")
+
+
+MARKER = "shapes.json"  # written into DIR; identifies the built-in data set (and lets us replace it)
+
+
+def _png(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a, "RGB").save(b, "PNG", optimize=False, compress_level=6)
+    return b.getvalue()
+
+
+def _write_split(root: Path, scenes: list[frozenset[ShapeSpec]], image_size: int) -> list[tuple[str, str]]:
+    root.mkdir(parents=True)
+    width = max(6, len(str(len(scenes) - 1)))
+    rows = []
+    for i, scene in enumerate(scenes):
+        name = f"{i:0{width}d}.png"
+        (root / name).write_bytes(_png(render_array(scene, image_size)))
+        rows.append((name, caption(scene)))
+    with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for name, text in rows:
+            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+    return rows
+
+
+def _interleaved_docs(rng: np.random.Generator, train: list[tuple[str, str]], n: int) -> list[dict]:
+    docs = []
+    for _ in range(n):
+        k = 1 + int(rng.integers(3))
+        texts: list[str | None] = []
+        images: list[str | None] = []
+        for j in range(k):
+            name, text = train[int(rng.integers(len(train)))]
+            path = f"train/{name}"  # relative to interleaved.jsonl
+            if rng.random() < 0.5:  # text then image (drawing direction)
+                tpl = (_T2I_BEFORE if j == 0 else _T2I_NEXT)[int(rng.integers(3))]
+                texts += [tpl.format(text), None]
+                images += [None, path]
+            else:  # image then text (reading direction)
+                texts += [None, _I2T_AFTER[int(rng.integers(3))].format(text)]
+                images += [path, None]
+        docs.append({"texts": texts, "images": images})
+    return docs
+
+
+def generate(cfg: ShapesConfig, dest: Path) -> dict:
+    """Write the data set into ``dest`` (must not exist); returns the counts written."""
+    rng = np.random.default_rng(cfg.seed)
+    scenes = [random_scene(rng) for _ in range(cfg.num_images)]
+    n_test = min(cfg.num_images - 1, max(1, round(cfg.num_images * cfg.test_fraction)))
+    n_train = cfg.num_images - n_test
+    dest.mkdir(parents=True)
+    train = _write_split(dest / "train", scenes[:n_train], cfg.image_size)
+    _write_split(dest / "test", scenes[n_train:], cfg.image_size)
+    doc_rng = np.random.default_rng([cfg.seed, 1])
+    with open(dest / "interleaved.jsonl", "w", encoding="utf-8") as f:
+        for doc in _interleaved_docs(doc_rng, train, cfg.num_interleaved):
+            f.write(json.dumps(doc) + "\n")
+    text_rng = np.random.default_rng([cfg.seed, 2])
+    with open(dest / "text.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(cfg.num_text):
+            f.write(json.dumps({"text": _describe_attribute(text_rng)}) + "\n")
+    counts = {"train": n_train, "test": n_test, "interleaved": cfg.num_interleaved, "text": cfg.num_text}
+    info = {"generator": "earlyfusion data shapes", "version": 1, "image_size": cfg.image_size, "seed": cfg.seed,
+            "counts": counts, "shapes": list(SHAPES), "colours": COLOURS, "sizes": list(SIZES),
+            "positions": list(POSITIONS), "background": list(BACKGROUND)}
+    (dest / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return counts
+
+
+def generate_cmd(cfg: ShapesConfig) -> int:
+    """``earlyfusion data shapes``: write the built-in data set to ``cfg.out``."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"--out {out} exists and is not a shapes data set (no {MARKER}); "
+                        "choose another directory or empty it")
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        counts = generate(cfg, tmp / "data")
+        if out.exists():  # replace a previous shapes data set (never mix old and new files)
+            old = tmp / "old"
+            os.replace(out, old)
+        os.replace(tmp / "data", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {counts['train']} train + {counts['test']} test images ({cfg.image_size}x{cfg.image_size}), "
+          f"{counts['interleaved']} interleaved documents and {counts['text']} text lines to {out} "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
