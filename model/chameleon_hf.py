@@ -1,0 +1,200 @@
+"""Weight mapping between our Decoder and transformers' ``ChameleonForConditionalGeneration``.
+
+The export/import path, and the reference for ``tests/test_parity.py`` (same shape + same weights
+=> same text logits). transformers is imported lazily: it is a test/benchmark/export dependency only.
+
+Name mapping (ours -> transformers), per layer ``i``:
+
+    tok_emb.weight                 model.embed_tokens.weight
+    layers.i.attn.qkv.weight       model.layers.i.self_attn.{q,k,v}_proj.weight   (split along dim 0)
+    layers.i.attn.proj.weight      model.layers.i.self_attn.o_proj.weight
+    layers.i.attn.{q,k}_norm.*     model.layers.i.self_attn.{q,k}_norm.*          ((heads, head_dim) in both)
+    layers.i.attn_norm.weight      model.layers.i.input_layernorm.weight
+    layers.i.mlp_norm.weight       model.layers.i.post_attention_layernorm.weight
+    layers.i.mlp.gate_up.weight    model.layers.i.mlp.{gate,up}_proj.weight       (split along dim 0)
+    layers.i.mlp.down.weight       model.layers.i.mlp.down_proj.weight
+    norm.weight                    model.norm.weight
+    output.weight                  lm_head.weight  (tok_emb.weight when embeddings are tied)
+
+transformers' model also holds Chameleon's VQGAN encoder (``model.vqmodel.*``); our image tokenizer
+is a different network, so the exported config carries a tiny placeholder ``vq_config`` and the
+mapping leaves those weights alone. ``vocabulary_map`` is empty, so transformers' masking of
+"IMGIMG" image-token logits is a no-op and every logit is the model's own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.decoder import Decoder, DecoderConfig
+
+HF_PREFIX = "model."
+VQ_PREFIX = "model.vqmodel."
+
+# A minimal VQGAN encoder for transformers' (unused) image path: keeps the exported model small.
+PLACEHOLDER_VQ_CONFIG: dict[str, Any] = dict(
+    embed_dim=4, num_embeddings=16, latent_channels=32, resolution=16, base_channels=32,
+    channel_multiplier=[1], num_res_blocks=1,
+)
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# per-layer one-to-one names: ours -> transformers
+_LAYER_NAMES = {
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.q_norm.bias": "self_attn.q_norm.bias",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "attn.k_norm.bias": "self_attn.k_norm.bias",
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+_HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+_GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+
+
+def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
+    """A ``transformers.ChameleonConfig`` with the same shape as ``cfg``."""
+    from transformers import ChameleonConfig
+
+    if not cfg.qk_norm:
+        raise ValueError("transformers' Chameleon always applies QK-norm: only qk_norm=True decoders can be exported")
+    return ChameleonConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        swin_norm=cfg.swin_norm,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=0.0,
+        vocabulary_map={},
+        vq_config=dict(vq_config or PLACEHOLDER_VQ_CONFIG),
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def from_hf_config(hf_config) -> DecoderConfig:
+    """Our DecoderConfig for a transformers ChameleonConfig (dropout 0: transformers' Chameleon has none)."""
+    rope = hf_config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"only the default RoPE is supported, not {rope.get('rope_type')!r}")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ValueError("Chameleon configs with biases are not supported (our decoder has none)")
+    return DecoderConfig(
+        vocab_size=hf_config.vocab_size,
+        dim=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        hidden_dim=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        norm_eps=hf_config.rms_norm_eps,
+        qk_norm=True,
+        swin_norm=bool(hf_config.swin_norm),
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def to_hf_state_dict(state: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
+    """Our decoder state dict -> transformers' names (decoder weights only; no ``model.vqmodel.*``)."""
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        if name == "tok_emb.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name == "norm.weight":
+            out["model.norm.weight"] = t
+        elif name == "output.weight":
+            out["lm_head.weight"] = t
+        elif m := _LAYER_RE.match(name):
+            i, rest = m.groups()
+            pre = f"{HF_PREFIX}layers.{i}."
+            if rest == "attn.qkv.weight":
+                for hf_name, part in zip(_QKV, t.split([H * hd, KV * hd, KV * hd], dim=0)):
+                    out[pre + hf_name] = part
+            elif rest == "mlp.gate_up.weight":
+                for hf_name, part in zip(_GATE_UP, t.chunk(2, dim=0)):
+                    out[pre + hf_name] = part
+            elif rest in _LAYER_NAMES:
+                out[pre + _LAYER_NAMES[rest]] = t
+            else:
+                raise KeyError(f"no transformers name for decoder weight {name!r}")
+        else:
+            raise KeyError(f"no transformers name for decoder weight {name!r}")
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf_state: dict[str, Tensor], *, tie_embeddings: bool = False) -> dict[str, Tensor]:
+    """transformers' ChameleonForConditionalGeneration state dict -> ours (``model.vqmodel.*`` ignored)."""
+    out: dict[str, Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for name, t in hf_state.items():
+        if name.startswith(VQ_PREFIX):
+            continue
+        if name == "model.embed_tokens.weight":
+            out["tok_emb.weight"] = t
+        elif name == "model.norm.weight":
+            out["norm.weight"] = t
+        elif name == "lm_head.weight":
+            if not tie_embeddings:
+                out["output.weight"] = t
+        elif m := _HF_LAYER_RE.match(name):
+            i, rest = m.groups()
+            if rest in _QKV:
+                fused.setdefault((i, "attn.qkv.weight"), {})[rest] = t
+            elif rest in _GATE_UP:
+                fused.setdefault((i, "mlp.gate_up.weight"), {})[rest] = t
+            elif rest in _HF_LAYER_NAMES:
+                out[f"layers.{i}.{_HF_LAYER_NAMES[rest]}"] = t
+            else:
+                raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
+        else:
+            raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
+    for (i, ours), parts in fused.items():
+        order = _QKV if ours == "attn.qkv.weight" else _GATE_UP
+        missing = [p for p in order if p not in parts]
+        if missing:
+            raise KeyError(f"layer {i}: missing {', '.join(missing)}")
+        out[f"layers.{i}.{ours}"] = torch.cat([parts[p] for p in order], dim=0)
+    return out
+
+
+def to_hf_model(decoder: Decoder, vq_config: dict[str, Any] | None = None):
+    """A transformers ChameleonForConditionalGeneration with ``decoder``'s shape and weights (eval mode)."""
+    from transformers import ChameleonForConditionalGeneration
+
+    hf = ChameleonForConditionalGeneration(to_hf_config(decoder.config, vq_config))
+    weight = decoder.tok_emb.weight
+    hf.to(device=weight.device, dtype=weight.dtype)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(decoder.state_dict(), decoder.config), strict=False)
+    missing = [k for k in missing if not k.startswith(VQ_PREFIX)]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+def from_hf_model(hf_model) -> Decoder:
+    """Our Decoder with the shape and weights of a transformers ChameleonForConditionalGeneration."""
+    cfg = from_hf_config(hf_model.config)
+    decoder = Decoder(cfg)
+    weight = hf_model.lm_head.weight
+    decoder.to(device=weight.device, dtype=weight.dtype)
+    decoder.load_state_dict(from_hf_state_dict(hf_model.state_dict(), tie_embeddings=cfg.tie_embeddings), strict=True)
+    return decoder.eval()

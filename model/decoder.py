@@ -1,0 +1,436 @@
+"""The unified early-fusion decoder: a Llama-style transformer with Chameleon's QK-norm.
+
+One decoder-only transformer over the merged (text + image code) vocabulary:
+RMSNorm, SwiGLU, rotary position embeddings (rotate-half convention), no biases, causal
+scaled-dot-product attention with grouped-query heads. Chameleon's additions for mixed-modality
+stability are config options: QK-norm (a LayerNorm over head_dim with a weight and bias per head,
+applied to q and k after the projection and before RoPE), dropout after attention and MLP, and the
+reordered "swin" norm (``h = x + norm(attn(x)); out = h + norm(ffn(h))``).
+
+The layout matches transformers' ``ChameleonForConditionalGeneration`` exactly (see
+``model/chameleon_hf.py`` for the weight mapping and ``tests/test_parity.py``), so checkpoints are
+exportable.
+
+``Decoder.forward`` serves three callers:
+
+* training on packed rows: ``doc_ids`` restricts attention to the token's own document and
+  ``positions`` restart at 0 per document;
+* sampling: a preallocated ``KVCache`` (no per-step allocation or concatenation), ``valid`` marks
+  left padding so padded rows never attend to pad keys;
+* evaluation: plain causal forward.
+
+Architecture only: losses live in ``training/``, decoding rules in ``sampling/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.io import UserError
+
+# Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
+QK_NORM_EPS = 1e-5
+INIT_STD = 0.02
+
+
+def llama_hidden_dim(dim: int, multiple_of: int = 64) -> int:
+    """SwiGLU width with the parameter count of a 4·dim GELU MLP: 8·dim/3, rounded up to ``multiple_of``."""
+    hidden = int(8 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    """Merged vocabulary size (special + text + image ids); taken from the Vocabulary, never set by hand."""
+    dim: int
+    """Model width."""
+    n_layers: int
+    """Transformer blocks."""
+    n_heads: int
+    """Query heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); None = n_heads."""
+    hidden_dim: int | None = None
+    """SwiGLU hidden width; None = 8·dim/3 rounded up to a multiple of 64."""
+    max_seq_len: int = 256
+    """Longest sequence (RoPE tables are precomputed up to it)."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    qk_norm: bool = True
+    """Chameleon's QK-norm: LayerNorm over head_dim (per-head weight and bias) on q and k."""
+    swin_norm: bool = False
+    """Chameleon-34B's reordered norm: h = x + norm(attn(x)); out = h + norm(ffn(h))."""
+    dropout: float = 0.0
+    """Dropout after attention and after the MLP (training only)."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output projection."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = llama_hidden_dim(self.dim)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"decoder {name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"decoder dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"decoder n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"decoder head_dim {self.head_dim} (dim / n_heads) must be even for RoPE")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"decoder dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError("decoder rope_theta and norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int | None = None, **overrides: Any) -> DecoderConfig:
+        """A named size preset (``DECODER_PRESETS``) for a vocabulary, with optional field overrides."""
+        if name not in DECODER_PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}; choose one of {', '.join(DECODER_PRESETS)}")
+        kwargs = dict(DECODER_PRESETS[name])
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        if "vocab_size" not in kwargs:
+            raise ValueError(f"decoder preset {name!r} needs a vocab_size (from the Vocabulary)")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown decoder config field(s): {', '.join(sorted(unknown))}")
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (the "decoder" entry of a checkpoint's config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        """Inverse of ``to_dict``; an unknown/missing key or bad value raises UserError naming it."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"decoder config has unknown field(s) {', '.join(sorted(unknown))}; "
+                            "it was written by a different version of earlyfusion or edited by hand")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"invalid decoder config: {e}") from e
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count, computed analytically (no allocation); ``embeddings=False`` leaves out
+        the token embedding and output projection."""
+        d, hd = self.dim, self.head_dim
+        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
+        if self.qk_norm:
+            attn += 2 * (self.n_heads + self.n_kv_heads) * hd
+        mlp = 3 * d * self.hidden_dim
+        per_layer = attn + mlp + 2 * d
+        total = self.n_layers * per_layer + d  # + final norm
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return total
+
+
+# ---------------------------------------------------------------- presets
+
+DECODER_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: fast, every code path
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, max_seq_len=128),
+    # the CPU demo: trains on ~100-token shapes sequences in minutes on 2 cores
+    "small": dict(dim=256, n_layers=6, n_heads=4, max_seq_len=256),
+    # ~100M parameters with a ~9k vocabulary
+    "base": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    # the published Chameleon-7B shape (~7.0B parameters)
+    "chameleon-7b": dict(vocab_size=65536, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
+}
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32, then scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class HeadNorm(nn.Module):
+    """Chameleon's QK-norm: LayerNorm statistics over head_dim, then a weight and bias per head."""
+
+    def __init__(self, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, n_heads, head_dim)
+        return torch.addcmul(self.bias, F.layer_norm(x, (x.shape[-1],), eps=QK_NORM_EPS), self.weight)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and signed sin tables (max_len, head_dim) for the rotate-half RoPE convention.
+
+    The sin table holds ``cat(-sin, sin)`` so that ``rotate_half(x) * sin == roll(x, head_dim/2) * table``.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    return cos.float(), sin.float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, heads, head_dim); cos/sin broadcastable, e.g. (B, T, 1, head_dim)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+class KVCache:
+    """Keys and values for incremental decoding, allocated once.
+
+    ``k``/``v``: (n_layers, B, n_kv_heads, max_len, head_dim). A forward pass with the cache writes its
+    T new keys/values in place at ``[length:length+T]`` and attends to ``[:length+T]``; ``length``
+    then grows by T. ``valid`` (B, max_len) bool marks the positions that may be attended to
+    (False for left padding and for finished rows that keep feeding padding).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.layers: list[tuple[Tensor, Tensor]] = [(self.k[i], self.v[i]) for i in range(n_layers)]  # views
+        self.length = 0
+        self.all_valid = True  # no False written to ``valid`` yet: lets forward skip the explicit mask
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        """Empty the cache for reuse (no reallocation)."""
+        self.length = 0
+        self.valid.fill_(True)
+        self.all_valid = True
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused q/k/v projection, optional QK-norm, RoPE, causal SDPA."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = HeadNorm(cfg.n_heads, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
+                kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).split([H, KV, KV], dim=2)  # (B, T, heads, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if kv is not None:
+            cache_k, cache_v = kv  # (B, KV, max_len, hd)
+            end = start + T
+            cache_k[:, :, start:end] = k
+            cache_v[:, :, start:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, dim)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm block (Llama), or Chameleon's swin-norm block (norm after attention/MLP, inside the residual)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.swin_norm = cfg.swin_norm
+        self.dropout = cfg.dropout
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
+                kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+        if self.swin_norm:
+            h = x + self._drop(self.attn_norm(self.attn(x, cos, sin, mask, is_causal, kv, start)))
+            return h + self._drop(self.mlp_norm(self.mlp(h)))
+        h = x + self._drop(self.attn(self.attn_norm(x), cos, sin, mask, is_causal, kv, start))
+        return h + self._drop(self.mlp(self.mlp_norm(h)))
+
+
+# ---------------------------------------------------------------- model
+
+
+class Decoder(nn.Module):
+    """Token ids -> next-token logits (fp32) over the merged vocabulary."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) weights; residual output projections scaled by 1/sqrt(2·n_layers); norms 1/0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, INIT_STD)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, HeadNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        out_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for block in self.layers:
+            nn.init.normal_(block.attn.proj.weight, 0.0, out_std)
+            nn.init.normal_(block.mlp.down.weight, 0.0, out_std)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows and up to ``max_len`` tokens (default max_seq_len);
+        dtype and device follow the model's weights unless given."""
+        c, w = self.config, self.tok_emb.weight
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def _mask(self, B: int, T: int, start: int, doc_ids: Tensor | None, valid: Tensor | None,
+              cache: KVCache | None, device: torch.device) -> tuple[Tensor | None, bool]:
+        """(attention mask (B, 1, T, start+T) bool or None, is_causal). Every query may see itself, so
+        padding queries never have an all-masked row (which would give NaN)."""
+        if cache is None:
+            if valid is not None and bool(valid.all()):
+                valid = None
+            if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+                doc_ids = None  # one document per row: plain causal
+            if doc_ids is None and valid is None:
+                return None, True
+            keys = valid[:, None, :] if valid is not None else None  # (B, 1, T)
+            key_docs = doc_ids
+        else:
+            end = start + T
+            if valid is not None:
+                cache.valid[:, start:end] = valid
+                if cache.all_valid and not bool(valid.all()):
+                    cache.all_valid = False
+            elif not cache.all_valid:
+                cache.valid[:, start:end] = True
+            if cache.all_valid:
+                if T == 1:
+                    return None, False  # one query attends to every cached key
+                if start == 0:
+                    return None, True
+            keys = None if cache.all_valid else cache.valid[:, None, :end]  # (B, 1, start+T)
+            key_docs = None
+        S = start + T
+        q_pos = torch.arange(start, S, device=device)
+        k_pos = torch.arange(S, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+        allowed = allowed.expand(B, T, S)
+        if key_docs is not None:
+            allowed = allowed & (doc_ids[:, :, None] == key_docs[:, None, :])
+        if keys is not None:
+            allowed = allowed & keys
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])
+        return allowed[:, None], False  # (B, 1, T, S)
+
+    def forward(self, tokens: Tensor, *, positions: Tensor | None = None, doc_ids: Tensor | None = None,
+                valid: Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens (B, T) long -> logits (B, T, vocab_size) fp32.
+
+        positions (B, T): RoPE positions (default: arange, offset by the cache length).
+        doc_ids (B, T): packed training rows; a token attends only to earlier tokens of its document.
+        valid (B, T) bool: False tokens are never attended to as keys (left padding); with a cache
+        this is remembered for later steps.
+        cache: KVCache from ``new_cache``; the new keys/values are written in place.
+        return_hidden: also return the last block's output (B, T, dim), before the final norm
+        (its norm is Chameleon's divergence predictor).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache")
+            if cache.batch != B:
+                raise ValueError(f"cache has {cache.batch} rows but tokens has {B}")
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {cache.max_len}")
+        if positions is None:
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            cos = self.rope_cos[start:start + T, None, :]  # (T, 1, head_dim), broadcasts over (B, T, heads, hd)
+            sin = self.rope_sin[start:start + T, None, :]
+        else:
+            cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, head_dim)
+            sin = self.rope_sin[positions].unsqueeze(2)
+        mask, is_causal = self._mask(B, T, start, doc_ids, valid, cache, tokens.device)
+
+        x = self.tok_emb(tokens)  # (B, T, dim)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, is_causal, None if cache is None else cache.layers[i], start)
+        if cache is not None:
+            cache.length = start + T
+        hidden = x
+        h = self.norm(x)
+        weight = self.tok_emb.weight if self.output is None else self.output.weight
+        logits = F.linear(h, weight).float()  # (B, T, vocab_size)
+        return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,269 @@
+"""The decoder (model/decoder.py): shapes, causality, packed documents, KV cache, variants, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
+from model.io import UserError
+
+V = 97
+
+
+def make(seed: int = 0, **overrides) -> Decoder:
+    torch.manual_seed(seed)
+    model = Decoder(DecoderConfig.from_preset("tiny", V, **overrides)).eval()
+    with torch.no_grad():  # move norms off 1/0 so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> Decoder:
+    return make(n_kv_heads=2)  # grouped-query attention on
+
+
+def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- forward
+
+
+@torch.no_grad()
+def test_shapes_and_fp32_logits(model):
+    x = tokens(3, 11)
+    logits, hidden = model(x, return_hidden=True)
+    assert logits.shape == (3, 11, V) and logits.dtype == torch.float32
+    assert hidden.shape == (3, 11, model.config.dim)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError):
+        model(x[0])  # 1-D tokens
+    with pytest.raises(ValueError):
+        model(tokens(1, model.config.max_seq_len + 1))
+
+
+@torch.no_grad()
+def test_causal(model):
+    x = tokens(2, 16)
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % V
+    a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_packed_documents_are_isolated(model):
+    d1, d2, d3 = tokens(1, 5, seed=2), tokens(1, 7, seed=3), tokens(1, 4, seed=4)
+    packed = torch.cat([d1, d2, d3], dim=1)  # (1, 16)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4])
+    positions = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)])[None]
+    out = model(packed, positions=positions, doc_ids=doc_ids)
+    torch.testing.assert_close(out[:, 5:12], model(d2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, 12:], model(d3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, :5], model(d1), rtol=0, atol=1e-5)
+    # without doc_ids the second document sees the first: the mask is what isolates them
+    assert (model(packed, positions=positions)[:, 5:12] - model(d2)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_explicit_positions_equal_default(model):
+    x = tokens(2, 9)
+    torch.testing.assert_close(model(x, positions=torch.arange(9).expand(2, 9)), model(x), rtol=0, atol=1e-6)
+
+
+def test_backward_through_packed_mask(model):
+    m = make(seed=3)
+    m.train()
+    x = tokens(2, 12)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 6, [0] * 12])
+    positions = torch.tensor([list(range(6)) * 2, list(range(12))])
+    m(x, positions=positions, doc_ids=doc_ids).logsumexp(-1).mean().backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@torch.no_grad()
+def test_cache_step_by_step_equals_full(model):
+    x = tokens(2, 20)
+    full = model(x)
+    cache = model.new_cache(2, max_len=24)
+    k_ptr, v_ptr, valid_ptr = cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr()
+    steps = torch.cat([model(x[:, t:t + 1], cache=cache) for t in range(20)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+    assert cache.length == 20
+    # preallocated once, written in place
+    assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr()) == (k_ptr, v_ptr, valid_ptr)
+    assert cache.k.shape == (model.config.n_layers, 2, model.config.n_kv_heads, 24, model.config.head_dim)
+
+
+@torch.no_grad()
+def test_cache_chunked_prefill_and_reset(model):
+    x = tokens(2, 20)
+    full = model(x)
+    cache = model.new_cache(2)
+    assert cache.max_len == model.config.max_seq_len
+    parts = [model(x[:, a:b], cache=cache) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+    torch.testing.assert_close(model(x, cache=cache), full, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_row_alone(model):
+    rows = [tokens(1, 9, seed=5)[0], tokens(1, 3, seed=6)[0], tokens(1, 1, seed=7)[0]]
+    new = tokens(3, 6, seed=8)  # continuation fed step by step
+    T = max(len(r) for r in rows)
+    batch = torch.zeros(3, T, dtype=torch.long)
+    valid = torch.zeros(3, T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        batch[i, T - len(r):] = r
+        valid[i, T - len(r):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    cache = model.new_cache(3, max_len=T + 6)
+    first = model(batch, positions=positions, valid=valid, cache=cache)[:, -1]  # (3, V)
+    lengths = valid.sum(1)
+    later = []
+    for t in range(6):
+        later.append(model(new[:, t:t + 1], positions=(lengths + t)[:, None], cache=cache)[:, 0])
+    assert torch.isfinite(first).all()
+    for i, r in enumerate(rows):
+        alone = model(torch.cat([r, new[i]])[None])[0]  # (len + 6, V)
+        torch.testing.assert_close(first[i], alone[len(r) - 1], rtol=0, atol=1e-5)
+        for t in range(6):
+            torch.testing.assert_close(later[t][i], alone[len(r) + t], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_invalid_steps_are_never_attended(model):
+    """A row that feeds padding (valid=False) mid-sequence continues as if the padding was not there."""
+    x = tokens(1, 10, seed=9)
+    cache = model.new_cache(1, max_len=12)
+    model(x[:, :5], cache=cache)
+    junk = model(torch.tensor([[3]]), positions=torch.tensor([[5]]), valid=torch.tensor([[False]]), cache=cache)
+    assert torch.isfinite(junk).all()
+    out = [model(x[:, t:t + 1], positions=torch.tensor([[t]]), cache=cache) for t in range(5, 10)]
+    torch.testing.assert_close(torch.cat(out, 1), model(x)[:, 5:], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_valid_mask_without_cache(model):
+    x = tokens(1, 8, seed=10)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    valid = torch.tensor([[False] * 3 + [True] * 8])
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    out = model(padded, positions=positions, valid=valid)
+    torch.testing.assert_close(out[:, 3:], model(x), rtol=0, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_cache_misuse_raises(model):
+    cache = model.new_cache(2, max_len=4)
+    assert isinstance(cache, KVCache) and cache.batch == 2
+    with pytest.raises(ValueError):
+        model(tokens(1, 2), cache=cache)  # wrong batch
+    with pytest.raises(ValueError):
+        model(tokens(2, 5), cache=cache)  # overflow
+    with pytest.raises(ValueError):
+        model(tokens(2, 2), doc_ids=torch.zeros(2, 2, dtype=torch.long), cache=cache)
+
+
+# ---------------------------------------------------------------- variants
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("overrides", [dict(swin_norm=True), dict(tie_embeddings=True), dict(qk_norm=False)])
+def test_variants_run_and_cache(overrides):
+    m = make(**overrides)
+    x = tokens(2, 10)
+    full = m(x)
+    assert full.shape == (2, 10, V) and torch.isfinite(full).all()
+    cache = m.new_cache(2, 10)
+    steps = torch.cat([m(x[:, t:t + 1], cache=cache) for t in range(10)], 1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+    names = set(m.state_dict())
+    assert ("output.weight" in names) != m.config.tie_embeddings
+    assert any("q_norm" in n for n in names) == m.config.qk_norm
+    assert sum(p.numel() for p in m.parameters()) == m.config.num_params()
+
+
+def test_dropout_only_in_training():
+    m = make(dropout=0.5)
+    x = tokens(2, 8)
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+        m.train()
+        assert not torch.equal(m(x), m(x))
+        m.eval()
+        assert torch.equal(m(x), m(x))
+
+
+def test_init_scales():
+    m = make()  # norms perturbed by make(); check the linear layers
+    cfg = m.config
+    proj_std = m.layers[0].attn.proj.weight.std().item()
+    qkv_std = m.layers[0].attn.qkv.weight.std().item()
+    assert abs(qkv_std - 0.02) < 0.003
+    assert abs(proj_std - 0.02 / (2 * cfg.n_layers) ** 0.5) < 0.003
+    fresh = Decoder(cfg)
+    assert torch.equal(fresh.layers[0].attn.q_norm.weight, torch.ones(cfg.n_heads, cfg.head_dim))
+    assert torch.equal(fresh.layers[0].attn.k_norm.bias, torch.zeros(cfg.n_kv_heads, cfg.head_dim))
+
+
+# ---------------------------------------------------------------- config and presets
+
+
+def test_presets():
+    assert set(DECODER_PRESETS) >= {"tiny", "small", "base", "chameleon-7b"}
+    base = DecoderConfig.from_preset("base", 9000)
+    assert 90e6 < base.num_params() < 110e6
+    tiny = DecoderConfig.from_preset("tiny", V, max_seq_len=48)
+    assert tiny.max_seq_len == 48 and tiny.vocab_size == V
+    with pytest.raises(ValueError):
+        DecoderConfig.from_preset("huge", V)
+    with pytest.raises(ValueError):
+        DecoderConfig.from_preset("tiny", V, n_head=3)  # misspelled field
+    with pytest.raises(ValueError):
+        DecoderConfig.from_preset("tiny")  # no vocabulary size
+
+
+def test_chameleon_7b_parameter_count():
+    """Published size: 7B. Analytic count: 7,013,666,816 (untied 65536x4096 embedding + head,
+    32 x (attention 4·4096² + QK-norm 4·4096 + SwiGLU 3·4096·11008 + 2 norms) + final norm);
+    checked on the meta device (nothing allocated) and within 1 % of 7.0e9."""
+    cfg = DecoderConfig.from_preset("chameleon-7b")
+    assert cfg.vocab_size == 65536 and cfg.hidden_dim == 11008 and cfg.max_seq_len == 4096
+    assert cfg.num_params() == 7_013_666_816
+    with torch.device("meta"):
+        meta = Decoder(cfg)
+    assert sum(p.numel() for p in meta.parameters()) == 7_013_666_816
+    assert abs(cfg.num_params() - 7.0e9) / 7.0e9 < 0.01
+
+
+@pytest.mark.parametrize("bad", [dict(dim=66), dict(n_kv_heads=3), dict(dim=36, n_heads=4), dict(n_layers=0),
+                                 dict(vocab_size=-1), dict(dropout=1.0), dict(max_seq_len=0)])
+def test_config_validation(bad):
+    kwargs = {**DECODER_PRESETS["tiny"], "vocab_size": V, **bad}
+    with pytest.raises(ValueError):
+        DecoderConfig(**kwargs)
+
+
+def test_config_json_round_trip():
+    cfg = DecoderConfig.from_preset("small", 1234, swin_norm=True, dropout=0.1)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert DecoderConfig.from_dict(d) == cfg and d == cfg.to_dict()
+    assert d["n_kv_heads"] == cfg.n_heads and d["hidden_dim"] == cfg.hidden_dim
+    with pytest.raises(UserError):
+        DecoderConfig.from_dict({**d, "n_head": 4})
+    with pytest.raises(UserError):
+        DecoderConfig.from_dict({**d, "dim": 255})
