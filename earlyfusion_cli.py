@@ -120,7 +120,16 @@ def config_from_args(cls, ns: argparse.Namespace):
     return cls(**values)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected(argv: list[str]) -> tuple[str, ...]:
+    words = tuple(a for a in argv if not a.startswith("-"))
+    for cmd, *_ in COMMANDS:
+        if words[:len(cmd)] == cmd:
+            return cmd
+    return ()
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the selected subcommand's config module is imported (all of them when argv is None)."""
     parser = argparse.ArgumentParser(
         prog="earlyfusion",
         description="Discrete-token early-fusion models: image tokenizer -> vocabulary -> unified decoder -> sampling.",
@@ -139,14 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                     w[1] for w, *_ in COMMANDS if w[0] == words[0] and len(w) > 1))
                 groups[words[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
-        cls = _load(cfg_ref)
-        add_config_args(sub, cls)
+        if argv is None or _selected(argv) == words:
+            add_config_args(sub, _load(cfg_ref))
         sub.set_defaults(_config=cfg_ref, _fn=fn_ref)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     ns = parser.parse_args(argv)
     from model.io import UserError
     from training.progress import setup_logging
