@@ -197,6 +197,8 @@ def test_datasets_imagefolder_loads_it(tmp_path):
     ds = datasets.load_dataset("imagefolder", data_dir=str(out / "train"), split="train", cache_dir=str(tmp_path / "c"))
     assert len(ds) == 18 and set(ds.column_names) == {"image", "text"}
     assert recognise(ds[0]["image"]) == parse_caption(ds[0]["text"])
+    both = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "c2"))
+    assert (len(both["train"]), len(both["test"])) == (18, 2)  # the root works too: train/test splits
 
 
 def test_cli_options(tmp_path):
