@@ -1,0 +1,617 @@
+"""The merged vocabulary: special tokens, byte-level BPE text tokens and one token per image code.
+
+Layout of the ids (every range is read from ``layout.json``; none is written in code)::
+
+    [ special tokens | text BPE tokens | image codes ]
+      bos eos pad boi eoi   (text_vocab_size)   id = image_start + code, codebook_size of them
+
+A vocabulary directory holds
+
+* ``tokenizer.json``: ONE ``tokenizers`` tokenizer with everything in it (byte-level BPE model, the
+  special tokens and the image tokens ``<img_00042>`` as added special tokens). ``tokenizers.Tokenizer.
+  from_file`` and transformers' ``PreTrainedTokenizerFast(tokenizer_file=...)`` load it as is;
+* ``layout.json``: the ``VocabLayout`` (named special ids, text and image ranges, code grid, the image
+  tokenizer's fingerprint); ``Vocabulary.load`` checks that the two files agree;
+* ``tokenizer_config.json``: the special-token roles for ``transformers.AutoTokenizer``.
+
+Special-token injection: ``tokenizers`` matches added tokens anywhere in the input, so user text that
+spells ``<boi>`` would become the begin-image id. ``encode_text`` therefore uses a text-only tokenizer
+derived from the same JSON with the added tokens removed: text is always encoded byte by byte through
+the BPE model, and the BPE model cannot produce a special or image token (the byte-level pre-tokenizer
+splits ``<``, letters, digits and ``>`` apart, so no merge can ever join them; checked at build and load).
+
+Documents: ``encode_document([text | codes (h, w), ...])`` gives
+``<s> text… <boi> id×(h·w) <eoi> text… </s>``; ``decode_document`` inverts it (adjacent text segments
+come back joined, empty ones vanish; see its docstring for malformed spans).
+
+Ids are Python ints, int64 tensors or int64 numpy arrays; never a 16-bit type (vocabularies pass 65 535).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.io import MANIFEST, CheckpointError, UserError, atomic_dir, load_json, verify_dir
+
+TOKENIZER_FILE = "tokenizer.json"
+LAYOUT_FILE = "layout.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+FORMAT = "earlyfusion.vocab"
+VERSION = 1
+
+# role -> token text; the order here is the order of their ids at the start of the vocabulary
+SPECIAL_TOKENS: dict[str, str] = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "boi": "<boi>", "eoi": "<eoi>"}
+IMAGE_TOKEN_PREFIX = "<img_"
+MIN_IMAGE_TOKEN_DIGITS = 5
+BYTE_ALPHABET = 256  # byte-level BPE always holds every byte as a token
+
+
+def image_token(code: int, digits: int) -> str:
+    """The token text of image code ``code``: ``<img_00042>``."""
+    return f"{IMAGE_TOKEN_PREFIX}{code:0{digits}d}>"
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """Where everything lives in the merged id space (saved as ``layout.json``)."""
+
+    special_tokens: dict[str, str]
+    """Role ("bos", "eos", "pad", "boi", "eoi") -> token text."""
+    special_ids: dict[str, int]
+    """Role -> id."""
+    text_start: int
+    """First id of the text BPE range."""
+    text_vocab_size: int
+    """Number of text BPE ids (the 256 byte tokens included)."""
+    image_start: int
+    """Id of image code 0; image code c has id image_start + c."""
+    codebook_size: int
+    """Number of image codes (the image tokenizer's codebook)."""
+    grid: tuple[int, int]
+    """Code grid (h, w) of one image; an image span holds h*w codes."""
+    image_tokenizer_fingerprint: str
+    """``vq_fingerprint`` of the image tokenizer the image range was built for."""
+    image_token_digits: int = MIN_IMAGE_TOKEN_DIGITS
+    """Digits in the image token names (``<img_00042>``)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(int(x) for x in self.grid))
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid vocabulary layout: " + "; ".join(problems))
+
+    # derived ranges
+    @property
+    def text_end(self) -> int:
+        return self.text_start + self.text_vocab_size
+
+    @property
+    def image_end(self) -> int:
+        return self.image_start + self.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_end
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def problems(self) -> list[str]:
+        """Every way the layout is inconsistent (empty list if it is fine)."""
+        out = []
+        if set(self.special_tokens) != set(SPECIAL_TOKENS) or set(self.special_ids) != set(SPECIAL_TOKENS):
+            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}")
+            return out
+        ids = sorted(self.special_ids.values())
+        if ids != list(range(len(ids))):
+            out.append(f"special ids must be 0..{len(ids) - 1} (got {self.special_ids})")
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
+            out.append("special token texts must be distinct")
+        if self.text_start != len(ids):
+            out.append(f"text range must start right after the special ids at {len(ids)} (got {self.text_start})")
+        if self.text_vocab_size < 1:
+            out.append(f"text_vocab_size must be positive (got {self.text_vocab_size})")
+        if self.image_start != self.text_end:
+            out.append(f"image range must start right after the text range at {self.text_end} (got {self.image_start})")
+        if self.codebook_size < 1:
+            out.append(f"codebook_size must be positive (got {self.codebook_size})")
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            out.append(f"grid must be two positive sizes (got {self.grid})")
+        if self.image_token_digits < len(str(max(self.codebook_size - 1, 0))):
+            out.append(f"image_token_digits {self.image_token_digits} too few for codebook_size {self.codebook_size}")
+        return out
+
+    def image_token(self, code: int) -> str:
+        return image_token(code, self.image_token_digits)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return {"format": FORMAT, "version": VERSION, **d, "vocab_size": self.vocab_size,
+                "tokens_per_image": self.tokens_per_image}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = LAYOUT_FILE) -> VocabLayout:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: not a vocabulary layout (format must be {FORMAT!r}); "
+                                  "is this a directory written by `earlyfusion vocab build`?")
+        if d.get("version") != VERSION:
+            raise CheckpointError(f"{where}: layout version {d.get('version')} is not {VERSION}; rebuild the vocabulary")
+        names = {f for f in cls.__dataclass_fields__}
+        try:
+            layout = cls(**{k: v for k, v in d.items() if k in names})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        for derived in ("vocab_size", "tokens_per_image"):
+            if derived in d and d[derived] != getattr(layout, derived):
+                raise CheckpointError(f"{where}: {derived} {d[derived]} disagrees with the ranges ({getattr(layout, derived)})")
+        return layout
+
+
+# ---------------------------------------------------------------- the vocabulary
+
+
+def _is_int_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and x.dtype != torch.bool and not x.is_complex()
+
+
+class Vocabulary:
+    """Owns the merged vocabulary: text and image conversions, whole documents, save/load."""
+
+    def __init__(self, tokenizer, layout: VocabLayout, where: str = "vocabulary"):
+        """``tokenizer``: the full ``tokenizers.Tokenizer`` (as in tokenizer.json); checked against ``layout``."""
+        self.tokenizer = tokenizer
+        self.layout = layout
+        _check_agreement(tokenizer, layout, where)
+        self._text_tokenizer = _text_only(tokenizer)
+        L = layout
+        self.bos, self.eos, self.pad, self.boi, self.eoi = (L.special_ids[k] for k in ("bos", "eos", "pad", "boi", "eoi"))
+
+    # ------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def image_start(self) -> int:
+        return self.layout.image_start
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layout.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.layout.grid
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.layout.tokens_per_image
+
+    @property
+    def text_start(self) -> int:
+        return self.layout.text_start
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.layout.text_vocab_size
+
+    @property
+    def text_range(self) -> range:
+        return range(self.layout.text_start, self.layout.text_end)
+
+    @property
+    def image_range(self) -> range:
+        return range(self.layout.image_start, self.layout.image_end)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self.layout.special_ids)
+
+    def __repr__(self) -> str:
+        L = self.layout
+        return (f"Vocabulary({len(L.special_ids)} special + {L.text_vocab_size} text + {L.codebook_size} image "
+                f"= {L.vocab_size} ids, grid {L.grid[0]}x{L.grid[1]})")
+
+    # ------------------------------------------------------------ text
+    def encode_text(self, text: str) -> list[int]:
+        """Text -> text ids. Never emits a special or image id, even for text that spells one."""
+        return self.encode_texts([text])[0]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Batched ``encode_text`` (parallel inside ``tokenizers``)."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"encode_text expects str, got {type(t).__name__}")
+        try:
+            encs = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            bad = next((t for t in texts if _has_surrogates(t)), None)
+            if bad is not None:
+                raise ValueError(f"text contains unpaired surrogate characters (not valid Unicode): {bad[:60]!r}") from None
+            raise
+        out = [e.ids for e in encs]
+        lo, hi = self.layout.text_start, self.layout.text_end
+        for ids in out:
+            if ids and (min(ids) < lo or max(ids) >= hi):  # impossible by construction; never let it pass silently
+                raise RuntimeError(f"text tokenizer produced an id outside the text range [{lo}, {hi})")
+        return out
+
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """Text ids -> text (exact inverse of ``encode_text``). ValueError for any non-text id."""
+        ids = [int(i) for i in _as_list(ids)]
+        lo, hi = self.layout.text_start, self.layout.text_end
+        bad = [i for i in ids if not lo <= i < hi]
+        if bad:
+            raise ValueError(f"decode_text got non-text id(s) {bad[:5]} (text ids are [{lo}, {hi})); "
+                             "use decode_document for sequences with special or image ids")
+        return self._text_tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    # ------------------------------------------------------------ image codes
+    def codes_to_ids(self, codes):
+        """Image codes (int, list, int tensor or numpy array of any shape) -> token ids of the same shape.
+
+        Tensors come back int64, numpy arrays int64, lists/ints as Python ints."""
+        n = self.layout.codebook_size
+        if isinstance(codes, torch.Tensor):
+            if not _is_int_tensor(codes):
+                raise ValueError(f"image codes must be integers, got {codes.dtype}")
+            c = codes.long()
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n):
+                raise ValueError(f"image codes must be in [0, {n}), got [{int(c.min())}, {int(c.max())}]")
+            return c + self.layout.image_start
+        if isinstance(codes, np.ndarray):
+            if codes.dtype.kind not in "iu":
+                raise ValueError(f"image codes must be integers, got {codes.dtype}")
+            c = codes.astype(np.int64)
+            if c.size and (int(c.min()) < 0 or int(c.max()) >= n):
+                raise ValueError(f"image codes must be in [0, {n}), got [{int(c.min())}, {int(c.max())}]")
+            return c + self.layout.image_start
+        if isinstance(codes, (int, np.integer)) and not isinstance(codes, bool):
+            if not 0 <= int(codes) < n:
+                raise ValueError(f"image code {int(codes)} not in [0, {n})")
+            return int(codes) + self.layout.image_start
+        return [self.codes_to_ids(c) for c in codes]
+
+    def is_image_id(self, ids):
+        """Bool (tensor/array/list/bool) of whether each id is an image code id."""
+        lo, hi = self.layout.image_start, self.layout.image_end
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            return (ids >= lo) & (ids < hi)
+        if isinstance(ids, (int, np.integer)):
+            return bool(lo <= int(ids) < hi)
+        return [self.is_image_id(i) for i in ids]
+
+    def ids_to_codes(self, ids):
+        """Inverse of ``codes_to_ids``; ValueError if any id is not an image id."""
+        lo, hi = self.layout.image_start, self.layout.image_end
+        if isinstance(ids, torch.Tensor):
+            t = ids.long()
+            if t.numel() and (int(t.min()) < lo or int(t.max()) >= hi):
+                raise ValueError(f"not image ids: values outside [{lo}, {hi})")
+            return t - lo
+        if isinstance(ids, np.ndarray):
+            a = ids.astype(np.int64)
+            if a.size and (int(a.min()) < lo or int(a.max()) >= hi):
+                raise ValueError(f"not image ids: values outside [{lo}, {hi})")
+            return a - lo
+        if isinstance(ids, (int, np.integer)):
+            if not lo <= int(ids) < hi:
+                raise ValueError(f"id {int(ids)} is not an image id ([{lo}, {hi}))")
+            return int(ids) - lo
+        return [self.ids_to_codes(i) for i in ids]
+
+    def image_span(self, codes) -> list[int]:
+        """``[boi, ids of the h*w codes in raster order, eoi]`` for one code grid (h, w)."""
+        h, w = self.layout.grid
+        shape = tuple(codes.shape) if isinstance(codes, (torch.Tensor, np.ndarray)) else tuple(np.shape(codes))
+        if shape != (h, w):
+            raise ValueError(f"an image must be a code grid of shape ({h}, {w}) for this vocabulary, got {shape}")
+        if not isinstance(codes, (torch.Tensor, np.ndarray)):
+            codes = np.asarray(codes)
+            if codes.dtype.kind not in "iu":
+                raise ValueError(f"image codes must be integers, got {codes.dtype}")
+        ids = self.codes_to_ids(codes.reshape(-1))
+        return [self.boi, *(int(i) for i in ids.tolist()), self.eoi]
+
+    # ------------------------------------------------------------ documents
+    def encode_document(self, segments: Sequence, bos: bool = True, eos: bool = True) -> list[int]:
+        """Interleaved document -> ids: ``[<s>] text… <boi> codes <eoi> text… [</s>]``.
+
+        ``segments``: str (text, may be empty) or a code grid (h, w) (int tensor, numpy array or nested lists).
+        """
+        ids: list[int] = [self.bos] if bos else []
+        for seg in segments:
+            if isinstance(seg, str):
+                ids += self.encode_text(seg)
+            else:
+                ids += self.image_span(seg)
+        if eos:
+            ids.append(self.eos)
+        return ids
+
+    def decode_document(self, ids: Iterable[int], strict: bool = True) -> list:
+        """Ids -> segments: str (adjacent text joined) and LongTensor (h, w) per image.
+
+        Rules: ``<s>`` and ``<pad>`` are dropped wherever they are; decoding stops at the first ``</s>``.
+        A well-formed image span is ``<boi>``, exactly h*w image ids, ``<eoi>``. Anything else is
+        malformed: a span cut short (by ``</s>``, a non-image id or the end of the ids), a span with more
+        than h*w codes, an ``<eoi>`` without ``<boi>``, image ids outside a span. ``strict=True`` raises
+        ValueError naming the position; ``strict=False`` drops the malformed span (or stray ids) and
+        goes on, reading the id that broke the span as if no span were open.
+        """
+        seq = [int(i) for i in _as_list(ids)]
+        L = self.layout
+        n_img = L.tokens_per_image
+        out: list = []
+        text: list[int] = []
+
+        def flush_text():
+            if text:
+                s = self.decode_text(text)
+                if out and isinstance(out[-1], str):
+                    out[-1] += s
+                else:
+                    out.append(s)
+                text.clear()
+
+        def bad(msg: str, pos: int):
+            if strict:
+                raise ValueError(f"malformed document at position {pos}: {msg} "
+                                 "(decode_document(ids, strict=False) drops malformed image spans)")
+
+        i, n = 0, len(seq)
+        while i < n:
+            t = seq[i]
+            if t in (self.bos, self.pad):
+                i += 1
+            elif t == self.eos:
+                break
+            elif t == self.boi:
+                j = i + 1
+                while j < n and L.image_start <= seq[j] < L.image_end and j - i - 1 < n_img:
+                    j += 1
+                got = j - i - 1
+                if got == n_img and j < n and seq[j] == self.eoi:
+                    flush_text()
+                    grid = torch.tensor(seq[i + 1:j], dtype=torch.long) - L.image_start
+                    out.append(grid.reshape(L.grid))
+                    i = j + 1
+                else:
+                    if j >= n:
+                        why = "the ids end"
+                    elif got == n_img:
+                        why = f"id {seq[j]} where <eoi> must follow {n_img} codes"
+                    else:
+                        why = f"id {seq[j]}"
+                    bad(f"image span opened at {i} has {got} of {n_img} codes, then {why}", i)
+                    i = j  # drop the span; read the breaking id normally
+            elif t == self.eoi:
+                bad("<eoi> without an open image span", i)
+                i += 1
+            elif L.image_start <= t < L.image_end:
+                bad(f"image id {t} outside an image span", i)
+                i += 1
+            elif L.text_start <= t < L.text_end:
+                text.append(t)
+                i += 1
+            else:
+                raise ValueError(f"id {t} at position {i} is not in the vocabulary (size {L.vocab_size})")
+        flush_text()
+        return out
+
+    # ------------------------------------------------------------ files
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json + layout.json + tokenizer_config.json crash-safely (replaces ``directory``)."""
+        with atomic_dir(directory) as tmp:
+            self.tokenizer.save(str(tmp / TOKENIZER_FILE))
+            (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            hf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+                  **{f"{role}_token": self.layout.special_tokens[role] for role in ("bos", "eos", "pad")},
+                  "additional_special_tokens": [self.layout.special_tokens["boi"], self.layout.special_tokens["eoi"]]}
+            (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Vocabulary:
+        """Load and cross-check ``tokenizer.json`` and ``layout.json`` (CheckpointError naming both on mismatch)."""
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        tok_path, layout_path = directory / TOKENIZER_FILE, directory / LAYOUT_FILE
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: vocabulary directory not found; create it with `earlyfusion vocab build`")
+        for p in (tok_path, layout_path):
+            if not p.is_file():
+                raise CheckpointError(f"{p}: file not found; a vocabulary directory holds {TOKENIZER_FILE} and {LAYOUT_FILE} "
+                                      "(from `earlyfusion vocab build`)")
+        if (directory / MANIFEST).is_file():
+            verify_dir(directory)
+        layout = VocabLayout.from_dict(load_json(layout_path), str(layout_path))
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+            raise CheckpointError(f"{tok_path}: cannot be loaded by tokenizers ({e}); the file is corrupted") from e
+        return cls(tok, layout, where=f"{tok_path} and {layout_path}")
+
+    @classmethod
+    def build(cls, texts: Iterable[str], *, codebook_size: int, grid: tuple[int, int], image_tokenizer_fingerprint: str,
+              text_vocab_size: int = 1024, min_frequency: int = 2) -> Vocabulary:
+        """Train a byte-level BPE on ``texts`` and merge it with the special and image tokens.
+
+        ``text_vocab_size`` is an upper bound on the text ids (the 256 byte tokens included); a small
+        corpus stops with fewer merges, and the layout records the actual number.
+        """
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if text_vocab_size < BYTE_ALPHABET:
+            raise ValueError(f"text_vocab_size must be at least {BYTE_ALPHABET} (the byte alphabet), got {text_vocab_size}")
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be positive, got {codebook_size}")
+        specials = list(SPECIAL_TOKENS.values())
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=len(specials) + text_vocab_size, min_frequency=min_frequency, show_progress=False,
+            special_tokens=[AddedToken(s, special=True, normalized=False) for s in specials],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(_valid_texts(texts), trainer=trainer)
+        special_ids = {role: tok.token_to_id(text) for role, text in SPECIAL_TOKENS.items()}
+        n_model = tok.get_vocab_size(with_added_tokens=False)  # specials + text
+        digits = max(MIN_IMAGE_TOKEN_DIGITS, len(str(codebook_size - 1)))
+        tok.add_special_tokens([AddedToken(image_token(c, digits), special=True, normalized=False) for c in range(codebook_size)])
+        layout = VocabLayout(
+            special_tokens=dict(SPECIAL_TOKENS), special_ids=special_ids, text_start=len(specials),
+            text_vocab_size=n_model - len(specials), image_start=n_model, codebook_size=codebook_size,
+            grid=tuple(grid), image_tokenizer_fingerprint=image_tokenizer_fingerprint, image_token_digits=digits,
+        )
+        return cls(tok, layout, where="the newly built vocabulary")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _as_list(ids) -> list:
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return ids.reshape(-1).tolist()
+    return list(ids)
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _valid_texts(texts: Iterable[str]):
+    for t in texts:
+        if isinstance(t, str) and t and not _has_surrogates(t):
+            yield t
+
+
+_IMAGE_TOKEN_RE = re.compile(re.escape(IMAGE_TOKEN_PREFIX) + r"\d+>")
+
+
+def _text_only(tokenizer):
+    """The same tokenizer without added tokens: input text is never matched against special/image tokens."""
+    from tokenizers import Tokenizer
+
+    d = json.loads(tokenizer.to_str())
+    d["added_tokens"] = []
+    d["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(d))
+
+
+def _check_agreement(tok, layout: VocabLayout, where: str) -> None:
+    """tokenizer.json must hold exactly the ids layout.json describes."""
+
+    def fail(msg: str):
+        raise CheckpointError(f"{where} disagree: {msg}; they must come from the same `earlyfusion vocab build` "
+                              "(copy both files together, or rebuild the vocabulary)")
+
+    total = tok.get_vocab_size(with_added_tokens=True)
+    if total != layout.vocab_size:
+        fail(f"the tokenizer has {total} ids, the layout {layout.vocab_size}")
+    n_model = tok.get_vocab_size(with_added_tokens=False)
+    if n_model != layout.image_start:
+        fail(f"the BPE model has {n_model} ids but the layout puts the image range at {layout.image_start}")
+    for role, text in layout.special_tokens.items():
+        got = tok.token_to_id(text)
+        if got != layout.special_ids[role]:
+            fail(f"special token {role} {text!r} has id {got} in the tokenizer, {layout.special_ids[role]} in the layout")
+    for code in sorted({0, layout.codebook_size // 2, layout.codebook_size - 1}):
+        name = layout.image_token(code)
+        got = tok.token_to_id(name)
+        if got != layout.image_start + code:
+            fail(f"image token {name!r} has id {got} in the tokenizer, {layout.image_start + code} in the layout")
+    if tok.id_to_token(layout.image_end) is not None:
+        fail(f"the tokenizer has an id {layout.image_end} past the layout's end")
+    # no BPE token may spell a special or image token (the text-only tokenizer could then emit it)
+    vocab = tok.get_vocab(with_added_tokens=False)
+    specials = set(layout.special_tokens.values())
+    id_of = {t: layout.special_ids[r] for r, t in layout.special_tokens.items()}
+    for text, i in vocab.items():
+        if id_of.get(text, i) != i or _IMAGE_TOKEN_RE.fullmatch(text):
+            fail(f"BPE token {i} spells the reserved token {text!r}")
+
+
+# ---------------------------------------------------------------- the CLI command
+
+
+@dataclass
+class VocabBuildConfig:
+    image_tokenizer: str
+    """Image tokenizer run directory (from `earlyfusion tokenizer train`); its config.json gives codebook_size and the code grid."""
+    data: list[str]
+    """Data to train the text BPE on: built-in data directories, imagefolders (captions), interleaved .jsonl, text .jsonl/.txt, hub names."""
+    out: str
+    """Vocabulary directory to write (tokenizer.json + layout.json)."""
+    text_vocab_size: int = 1024
+    """Upper bound on the text BPE ids, 256 byte tokens included (a small corpus stops earlier)."""
+    min_frequency: int = 2
+    """A pair must occur this often to become a BPE merge."""
+    max_texts: int = 1_000_000
+    """Train the BPE on at most this many texts (0 = all)."""
+    strict: bool = False
+    """Fail on the first bad data record instead of skipping and counting it."""
+
+    def __post_init__(self):
+        if self.text_vocab_size < BYTE_ALPHABET:
+            raise ValueError(f"--text-vocab-size must be at least {BYTE_ALPHABET} (the byte alphabet), got {self.text_vocab_size}")
+        if self.min_frequency < 1 or self.max_texts < 0:
+            raise ValueError("--min-frequency must be >= 1 and --max-texts >= 0")
+        if not self.data:
+            raise ValueError("--data needs at least one source")
+
+
+def build_cmd(cfg: VocabBuildConfig) -> int:
+    """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
+    from tokenizer.vqvae import read_vq_config, vq_fingerprint
+    from training.data import iter_texts  # the command reads data; the Vocabulary class itself does not
+    from training.sources import SkipReport
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / LAYOUT_FILE).is_file())):
+        raise UserError(f"--out {out} exists and is not a vocabulary directory; choose a new directory "
+                        "(an existing vocabulary there would be replaced)")
+    vq_cfg = read_vq_config(cfg.image_tokenizer)
+    fingerprint = vq_fingerprint(cfg.image_tokenizer)
+    report = SkipReport(strict=cfg.strict)
+    texts: list[str] = []
+    for t in iter_texts(cfg.data, report=report):
+        texts.append(t)
+        if cfg.max_texts and len(texts) >= cfg.max_texts:
+            break
+    if not texts:
+        raise UserError(f"--data {' '.join(cfg.data)}: no text found to train the BPE on (captions, interleaved texts, "
+                        f"text lines); {report.summary()}")
+    vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
+                             image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
+                             min_frequency=cfg.min_frequency)
+    vocab.save(out)
+    L = vocab.layout
+    n_chars = sum(len(t) for t in texts)
+    n_tokens = sum(len(ids) for ids in vocab.encode_texts(texts[:10000]))
+    n_chars_sample = sum(len(t) for t in texts[:10000])
+    print(f"vocabulary: {len(L.special_ids)} special [0, {L.text_start}) + {L.text_vocab_size} text BPE "
+          f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end}) "
+          f"= {L.vocab_size} ids")
+    print(f"image: {L.grid[0]}x{L.grid[1]} codes per image ({L.tokens_per_image} tokens + <boi>/<eoi>), "
+          f"image tokenizer {fingerprint[:12]}")
+    print(f"text: BPE trained on {len(texts)} texts ({n_chars} characters), "
+          f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
+    print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
