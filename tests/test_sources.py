@@ -67,7 +67,7 @@ def make_bad_corpus(root):
     lines.append(b'{"file_name": "good1.png", "text": "caf\xe9 \xff"}')     # invalid UTF-8
     lines.append(b'{"text": "no file name"}')                               # no file_name
     lines.append(b"")                                                         # blank line: not a record
-    (root / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # BOM, CRLF: fine
     bad = {"truncated": 1, "empty_file": 1, "not_an_image": 1, "too_large": 1, "missing": 1,
            "bad_json": 1, "bad_utf8": 1, "bad_record": 1}
     return good, bad

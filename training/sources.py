@@ -121,7 +121,7 @@ def _metadata_rows(meta: Path, text_column: str, report: SkipReport) -> Iterator
         if not line.strip():
             continue
         try:
-            s = line.decode("utf-8")
+            s = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError as e:
             report.add("bad_utf8", where, str(e))
             continue
