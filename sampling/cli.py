@@ -51,7 +51,7 @@ def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
 
     vq, vocab = run.vq, run.vocab
     device = next(vq.parameters()).device
-    size = vq.config.image_size
+    size = vq.cfg.image_size
     grids = []
     for p in paths:
         if not Path(p).is_file():

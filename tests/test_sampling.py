@@ -307,10 +307,10 @@ def test_generate_errors():
 
 @pytest.fixture(scope="module")
 def decoder():
-    dmod = pytest.importorskip("model.decoder")
+    from model.decoder import Decoder, DecoderConfig
+
     torch.manual_seed(0)
-    cfg = dmod.DecoderConfig.from_preset("tiny", V, max_seq_len=48)
-    return dmod.Decoder(cfg).double().eval()
+    return Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=48)).double().eval()
 
 
 @torch.no_grad()
