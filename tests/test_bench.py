@@ -1,0 +1,86 @@
+"""Smoke test of bench/run.py: every measurement function runs on the tiny presets and returns positive
+numbers, and the report carries the interface keys. Benchmarks are not tests: no time or ratio is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: the smoke test only checks that the code runs, and 2-thread OpenMP regions crawl when
+    the shared cores are oversubscribed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_ceilings_positive(bench):
+    assert positive(bench.matmul_gflops(128, repeats=2))
+    assert positive(bench.copy_gbps(4, repeats=2))
+
+
+def test_train_and_decode_tiny(bench):
+    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=1, iters=2)
+    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "speedup"):
+        assert positive(r[k]), (k, r[k])
+    assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer really is the same model
+    d = bench.bench_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=4, warmup=0, iters=1)
+    for B in (1, 2):
+        for k in ("ours", "ours_raw", "peer"):
+            assert positive(d[f"b{B}_{k}_tokens_per_s"])
+        assert positive(d[f"b{B}_ours_gbps"])
+
+
+def test_images_tiny(bench):
+    g = bench.bench_image_generation("tiny", "tiny", prompt_len=3, num_samples=2, warmup=0, iters=1)
+    for k in ("s_per_image_cfg", "s_per_image_nocfg", "cfg_cost_ratio", "images_per_s_cfg_2"):
+        assert positive(g[k]), k
+    t = bench.bench_image_tokenizer("tiny", batch=2, warmup=0, iters=1)
+    assert positive(t["encode_images_per_s"]) and positive(t["decode_images_per_s"])
+
+
+def test_report_has_interface_keys(bench, tmp_path):
+    results = {"argv": "", "machine": bench.machine_info(2), "load_before": "0", "load_after": "0",
+               "busy_before": [], "busy_after": [], "settings": {"decode_batches": [1], "image_prompt_len": 3},
+               "ceilings": {"matmul_gflops": 10.0, "matmul_n": 64, "copy_gbps": 5.0, "copy_mb": 1, "repeats": 1},
+               "train": {}, "decode": {},
+               "image_generation": {"preset": "tiny", "vq_preset": "tiny", "codes_per_image": 16, "cfg_scale": 3.0,
+                                    "num_samples": 2, "iters": 1, "s_per_image_cfg": 0.2, "s_per_image_nocfg": 0.1,
+                                    "cfg_cost_ratio": 2.0, "images_per_s_cfg_2": 4.0}}
+    results["interface"] = bench.interface(results)
+    assert set(results["interface"]) == set(bench.INTERFACE_KEYS)
+    assert results["interface"]["train_speedup_small"] is None  # not run, not invented
+    assert results["interface"]["cfg_cost_ratio"] == 2.0
+    text = bench.render(results)
+    for k in bench.INTERFACE_KEYS:
+        assert k in text
+    assert "| 2 | ≤ 1.3 | **no** |" in text  # a missed target is reported as missed
+    json.dumps(results["interface"])  # plain numbers / null
