@@ -1,0 +1,376 @@
+"""Data pipeline: documents, packing invariants, orders and condition dropout, mixture, exact resume,
+sharding, the image-code cache, bad corpora (every good record used, every bad one counted), truncation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.io import UserError
+from tokenizer.vocab import Vocabulary
+from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+from training import data as D
+from training.shapes import ShapesConfig, generate
+
+
+def make_vq(directory: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    m = VQVAE(VQ_PRESETS["tiny"])
+    m.train()
+    m(torch.rand(16, 3, 16, 16) * 2 - 1)  # k-means init of the codebook: codes vary between images
+    save_vqvae(m.eval(), directory)
+    return directory
+
+
+def make_vocab(sources, vq: Path) -> Vocabulary:
+    from tokenizer.vqvae import read_vq_config
+
+    cfg = read_vq_config(vq)
+    return Vocabulary.build(list(D.iter_texts(sources)), codebook_size=cfg.codebook_size, grid=cfg.grid_size,
+                            image_tokenizer_fingerprint=vq_fingerprint(vq), text_vocab_size=300)
+
+
+class World:
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "data"
+        generate(ShapesConfig(out=str(self.data), num_images=48, image_size=16, seed=3, num_interleaved=12,
+                              num_text=12, test_fraction=0.25), self.data)
+        self.vq = make_vq(root / "vq")
+        self.vocab = make_vocab([str(self.data)], self.vq)
+
+    def cfg(self, sources=None, **kw) -> D.DataConfig:
+        kw.setdefault("cache_dir", str(self.root / "cache"))
+        kw.setdefault("context_len", 64)
+        kw.setdefault("batch_size", 4)
+        return D.DataConfig(sources=sources or [str(self.data)], **kw)
+
+    def batches(self, sources=None, **kw) -> D.PackedBatches:
+        return D.PackedBatches.from_config(self.cfg(sources, **kw), self.vocab, self.vq)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return World(tmp_path_factory.mktemp("data"))
+
+
+def documents(batch: dict) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """(tokens, targets, positions, modality) of every document in a batch."""
+    out = []
+    for r in range(batch["tokens"].shape[0]):
+        ids = batch["doc_ids"][r]
+        for k in sorted(set(ids.tolist()) - {-1}):
+            sel = ids == k
+            out.append(tuple(batch[n][r][sel].tolist() for n in ("tokens", "targets", "positions", "modality")))
+    return out
+
+
+def kind_of(vocab, tokens: list[int]) -> str:
+    assert tokens[0] == vocab.bos
+    if tokens[1] != vocab.boi:
+        return "draw"
+    after = tokens[tokens.index(vocab.eoi) + 1:]
+    return "uncond" if after == [vocab.eos] else "read"
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batch_layout_and_packing_invariants(world):
+    v = world.vocab
+    b = world.batches(context_len=64, batch_size=8)
+    for _ in range(4):
+        batch = next(b)
+        assert {k: (t.shape, t.dtype) for k, t in batch.items()} == {
+            "tokens": ((8, 64), torch.long), "targets": ((8, 64), torch.long), "positions": ((8, 64), torch.long),
+            "doc_ids": ((8, 64), torch.long), "modality": ((8, 64), torch.int8)}
+        for r in range(8):
+            ids = batch["doc_ids"][r].tolist()
+            n_real = sum(i >= 0 for i in ids)
+            assert ids[:n_real] == sorted(ids[:n_real]) and all(i == -1 for i in ids[n_real:])  # docs contiguous, padding last
+            assert (batch["tokens"][r, n_real:] == v.pad).all() and (batch["targets"][r, n_real:] == -100).all()
+            assert (batch["modality"][r, n_real:] == -1).all()
+        for tokens, targets, positions, modality in documents(batch):
+            assert positions == list(range(len(tokens)))  # positions restart per document
+            assert targets[:-1] == tokens[1:] and targets[-1] == -100  # no target across documents
+            for t, m in zip(targets, modality):
+                want = -1 if t == -100 else (1 if (v.is_image_id(t) or t == v.eoi) else 0)
+                assert m == want
+            segs = v.decode_document(tokens)  # strict: every image span is whole
+            assert tokens.count(v.boi) == tokens.count(v.eoi) == sum(isinstance(s, torch.Tensor) for s in segs)
+
+
+def test_pairs_both_orders_and_condition_dropout(world):
+    v = world.vocab
+    train = str(world.data / "train")
+    b = world.batches([train], context_len=48, batch_size=32, reading_ratio=0.3, cond_dropout=0.25, seed=1)
+    kinds = Counter(kind_of(v, d[0]) for _ in range(25) for d in documents(next(b)))
+    n = sum(kinds.values())
+    assert n > 700
+    assert abs(kinds["read"] / n - 0.3) < 0.06
+    assert abs(kinds["uncond"] / n - 0.7 * 0.25) < 0.05
+    assert abs(kinds["draw"] / n - 0.7 * 0.75) < 0.06
+    only_read = world.batches([train], reading_ratio=1.0, cond_dropout=0.0)
+    assert {kind_of(v, d[0]) for d in documents(next(only_read))} == {"read"}
+    only_draw = world.batches([train], reading_ratio=0.0, cond_dropout=0.0)
+    assert {kind_of(v, d[0]) for d in documents(next(only_draw))} == {"draw"}
+
+
+def test_every_good_pair_is_used_each_epoch(world):
+    v = world.vocab
+    train = world.data / "train"
+    captions = [json.loads(line)["text"] for line in (train / "metadata.jsonl").read_text().splitlines()]
+    b = world.batches([str(train)], context_len=128, batch_size=4, reading_ratio=1.0)
+    seen = Counter()
+    while sum(seen.values()) < 2 * len(captions):
+        for tokens, *_ in documents(next(b)):
+            seen[v.decode_document(tokens)[1]] += 1
+    assert set(seen) == set(captions)
+
+
+def test_mixture_weights(world):
+    train, text = world.data / "train", world.data / "text.jsonl"
+    b = world.batches([f"{train}:3", f"{text}:1"], context_len=64, batch_size=32, seed=2)
+    kinds = Counter("text" if d[0][1] not in (world.vocab.boi,) and world.vocab.boi not in d[0] else "pair"
+                    for _ in range(10) for d in documents(next(b)))
+    frac = kinds["text"] / sum(kinds.values())
+    assert abs(frac - 0.25) < 0.06, kinds
+    # a data directory expands to its three parts with the default weights
+    parts = D.resolve_sources([str(world.data)])
+    assert [p.kind for p in parts] == ["pairs", "interleaved", "text"]
+    assert [round(p.weight, 6) for p in parts] == [0.8, 0.1, 0.1]
+    assert [round(p.weight, 6) for p in D.resolve_sources([f"{world.data}:2"])] == [1.6, 0.2, 0.2]
+
+
+def test_exact_resume_and_sharding(world):
+    a = world.batches(seed=5)
+    for _ in range(3):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))  # JSON-able
+    expected = [next(a) for _ in range(2)]
+    fresh = world.batches(seed=5)
+    fresh.load_state_dict(state)
+    for want in expected:
+        got = next(fresh)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    other = world.batches(seed=6)
+    assert not torch.equal(next(other)["tokens"], next(world.batches(seed=5))["tokens"])
+    with pytest.raises(UserError, match="resume"):
+        world.batches(seed=5, batch_size=2).load_state_dict(state)
+    # two processes' rows are the global batch
+    g = next(world.batches(seed=7, batch_size=4))
+    s0, s1 = world.batches(seed=7, batch_size=4).sharded(0, 2), world.batches(seed=7, batch_size=4).sharded(1, 2)
+    r0, r1 = next(s0), next(s1)
+    assert all(torch.equal(torch.cat([r0[k], r1[k]]), g[k]) for k in g)
+    with pytest.raises(ValueError):
+        world.batches(batch_size=3).sharded(0, 2)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_codes_are_cached_and_invalidated(world, tmp_path):
+    cfg = world.cfg(cache_dir=str(tmp_path / "cache"))
+    first = D.prepare(cfg, world.vocab, world.vq)
+    n_images = len(list((world.data / "train").glob("*.png")))
+    assert first.images_encoded == n_images and first.images_cached == 0
+    second = D.prepare(cfg, world.vocab, world.vq)
+    assert second.images_encoded == 0 and second.images_cached == n_images
+    assert second.seconds < first.seconds
+    assert np.array_equal(first.parts[0].codes, second.parts[0].codes)
+    # the codes are those of the image tokenizer
+    from tokenizer.preprocess import preprocess
+    from tokenizer.vqvae import load_vqvae
+
+    row = json.loads((world.data / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    px = preprocess(world.data / "train" / row["file_name"], 16)[None]
+    assert load_vqvae(world.vq).encode(px).reshape(-1).tolist() in first.parts[0].codes.tolist()
+    # another image tokenizer (and its vocabulary): everything is encoded again
+    vq2 = make_vq(tmp_path / "vq2", seed=1)
+    vocab2 = make_vocab([str(world.data)], vq2)
+    third = D.prepare(cfg, vocab2, vq2)
+    assert third.images_encoded == n_images and third.images_cached == 0
+    # the old vocabulary does not fit the new tokenizer
+    with pytest.raises(UserError, match="rebuild"):
+        D.prepare(cfg, world.vocab, vq2)
+    # a changed image file invalidates the source's cache entry
+    data2 = tmp_path / "data2"
+    shutil.copytree(world.data, data2, ignore=shutil.ignore_patterns(".earlyfusion-cache"))
+    cfg2 = world.cfg([str(data2)], cache_dir=str(tmp_path / "cache"))
+    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == n_images
+    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == 0
+    img = next((data2 / "train").glob("*.png"))
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(img)
+    os.utime(img, ns=(1, 1))
+    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == n_images
+
+
+# ---------------------------------------------------------------- bad corpora
+
+
+def write_bad_jsonl(root: Path, good_image: str) -> dict:
+    """interleaved.jsonl and text.jsonl with good records and one of every bad kind; returns expected counts."""
+    inter = [
+        json.dumps({"texts": ["a picture:", None], "images": [None, good_image]}).encode(),
+        json.dumps({"texts": [None, "after"], "images": [good_image, None]}).encode(),
+        b'{"texts": ["broken json", null], "images": [null, ',                                  # bad_json
+        '{"texts": ["caf\u00e9"], "images": [null]}'.encode("latin-1"),                            # bad_utf8
+        json.dumps({"texts": ["a", None], "images": [None]}).encode(),                             # bad_record
+        json.dumps({"texts": [None, None], "images": [None, None]}).encode(),                      # empty
+        json.dumps({"texts": ["x", None], "images": [None, "nowhere.png"]}).encode(),              # missing
+        json.dumps({"texts": ["y", None], "images": [None, "zero.png"]}).encode(),                 # empty_file
+        b"",
+    ]
+    (root / "interleaved.jsonl").write_bytes(b"\n".join(inter) + b"\n")
+    (root / "zero.png").write_bytes(b"")
+    text = [
+        json.dumps({"text": "a good line"}).encode(),
+        json.dumps({"text": "another good line"}).encode(),
+        json.dumps({"text": ""}).encode(),                                                         # empty
+        json.dumps({"text": 5}).encode(),                                                          # bad_record
+        b"not json at all",                                                                       # bad_json
+        b'{"text": "\xff\xfe"}',                                                                   # bad_utf8
+    ]
+    (root / "text.jsonl").write_bytes(b"\n".join(text) + b"\n")
+    return {"good_inter": 2, "good_text": 2,
+            "counts": {"bad_json": 2, "bad_utf8": 2, "bad_record": 2, "empty": 2, "missing": 1, "empty_file": 1}}
+
+
+def test_bad_corpus_every_good_record_used_every_bad_one_counted(world, tmp_path):
+    from test_sources import make_bad_corpus
+
+    root = tmp_path / "bad"
+    good_pairs, bad_pairs = make_bad_corpus(root / "train")
+    jl = write_bad_jsonl(root, "train/good0.png")
+    vocab = make_vocab([str(root)], world.vq)
+    data = D.prepare(D.DataConfig([str(root)], context_len=64, cache_dir=str(tmp_path / "cache")), vocab, world.vq)
+    kinds = {p.kind: p for p in data.parts}
+    assert len(kinds["pairs"]) == len(good_pairs)
+    assert len(kinds["interleaved"]) == jl["good_inter"] and len(kinds["text"]) == jl["good_text"]
+    want = Counter(bad_pairs) + Counter(jl["counts"])
+    assert dict(data.report.counts) == dict(want)
+    assert data.report.good == len(good_pairs) + jl["good_inter"] + jl["good_text"]
+    assert "skipped" in data.summary() and "bad_json" in data.summary()
+    got_captions = sorted(vocab.decode_text(c.tolist()) for c in kinds["pairs"].captions)
+    assert got_captions == sorted(good_pairs)
+    # batches come out of it
+    b = D.PackedBatches(data, vocab, context_len=64, batch_size=4)
+    assert (next(b)["targets"] != -100).any()
+
+
+@pytest.mark.parametrize("name, line", [("interleaved.jsonl", 3), ("text.jsonl", 3)])
+def test_strict_fails_at_first_bad_line(world, tmp_path, name, line):
+    jl_root = tmp_path / "jl"
+    jl_root.mkdir()
+    shutil.copy(world.data / "train" / "000000.png", jl_root / "img.png")
+    write_bad_jsonl(jl_root, "img.png")
+    cfg = D.DataConfig([str(jl_root / name)], context_len=64, strict=True, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=rf"{name}:{line}\b"):
+        D.prepare(cfg, world.vocab, world.vq)
+
+
+def test_strict_fails_on_bad_image(world, tmp_path):
+    root = tmp_path / "imgs"
+    shutil.copytree(world.data / "train", root)
+    (root / "000001.png").write_bytes(b"")
+    cfg = D.DataConfig([str(root)], context_len=64, strict=True, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"metadata\.jsonl:2 \(000001\.png\).*empty file"):
+        D.prepare(cfg, world.vocab, world.vq)
+
+
+def test_txt_source_and_bad_utf8(world, tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"first line\n\n  \nsecond \xff line\nthird line\n")
+    data = D.prepare(D.DataConfig([str(p)], context_len=32), world.vocab, world.vq)
+    (part,) = data.parts
+    assert [world.vocab.decode_document(d.tolist()) for d in part.docs] == [["first line"], ["third line"]]
+    assert dict(data.report.counts) == {"bad_utf8": 1}
+
+
+# ---------------------------------------------------------------- too long for the context
+
+
+def test_truncation_rules(world, tmp_path):
+    v, hw = world.vocab, world.vocab.tokens_per_image
+    root = tmp_path / "long"
+    root.mkdir()
+    shutil.copy(world.data / "train" / "000000.png", root / "img.png")
+    long_text = "word " * 200
+    (root / "text.jsonl").write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    docs = [{"texts": [long_text, None, "tail"], "images": [None, "img.png", None]},          # text cut, image kept
+            {"texts": [None] * 4, "images": ["img.png"] * 4}]                                  # 4 images never fit
+    (root / "interleaved.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (root / "train").mkdir()
+    shutil.copy(world.data / "train" / "000000.png", root / "train" / "a.png")
+    (root / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": long_text}) + "\n")
+    T = 3 * (hw + 2)  # room for two images, not four
+    data = D.prepare(D.DataConfig([str(root)], context_len=T, cache_dir=str(tmp_path / "c")), v, world.vq)
+    parts = {p.kind: p for p in data.parts}
+    long_doc, short_doc = parts["text"].docs
+    assert len(long_doc) == T and long_doc[-1] != v.eos and v.eos == short_doc[-1]
+    assert v.decode_document(long_doc.tolist())[0] == v.decode_text(v.encode_text(long_text)[:T - 1])
+    (inter,) = parts["interleaved"].docs  # the 4-image document was skipped
+    assert len(inter) == T and list(inter).count(v.boi) == 1 and list(inter[-hw - 2:]) == [v.boi, *inter[-hw - 1:-1], v.eoi]
+    assert data.report.counts == {"too_long": 1}
+    assert len(parts["pairs"].captions[0]) == T - hw - 4
+    assert data.truncated == {"text": 1, "interleaved": 1, "pairs": 1}
+    b = D.PackedBatches(data, v, context_len=T, batch_size=4, reading_ratio=0.5)
+    for _ in range(3):
+        for tokens, *_ in documents(next(b)):
+            assert len(tokens) <= T
+            v.decode_document(tokens)  # spans whole
+    with pytest.raises(UserError, match="context"):
+        D.prepare(D.DataConfig([str(root)], context_len=T, strict=True, cache_dir=str(tmp_path / "c")), v, world.vq)
+    with pytest.raises(UserError, match="cannot hold one image"):
+        D.prepare(D.DataConfig([str(root)], context_len=hw + 3, cache_dir=str(tmp_path / "c")), v, world.vq)
+
+
+# ---------------------------------------------------------------- held-out pairs, texts, errors
+
+
+def test_heldout_pairs(world):
+    from tokenizer.vqvae import load_vqvae
+
+    rows = [json.loads(line) for line in (world.data / "test" / "metadata.jsonl").read_text().splitlines()]
+    pairs = D.heldout_pairs([str(world.data)], vocab=world.vocab, image_tokenizer=world.vq,
+                            cache_dir=str(world.root / "cache"))
+    assert [p.caption for p in pairs] == [r["text"] for r in rows]
+    vq = load_vqvae(world.vq)
+    px = torch.stack([p.pixels for p in pairs])
+    assert px.shape == (len(rows), 3, 16, 16) and px.min() >= -1 and px.max() <= 1
+    assert torch.equal(vq.encode(px), torch.stack([p.codes for p in pairs]))
+    assert pairs[0].image.size == (16, 16) and pairs[0].path.endswith(rows[0]["file_name"])
+    assert len(D.heldout_pairs([str(world.data)], vocab=world.vocab, image_tokenizer=world.vq, limit=3,
+                               cache_dir=str(world.root / "cache"))) == 3
+    assert D.heldout_pairs([str(world.data / "text.jsonl")], vocab=world.vocab, image_tokenizer=world.vq) == []
+
+
+def test_iter_texts_reads_every_part(world):
+    texts = list(D.iter_texts([str(world.data)]))
+    n_train = len((world.data / "train" / "metadata.jsonl").read_text().splitlines())
+    inter = [json.loads(line) for line in (world.data / "interleaved.jsonl").read_text().splitlines()]
+    n_inter = sum(t is not None for d in inter for t in d["texts"])
+    assert len(texts) == n_train + n_inter + 12
+
+
+def test_source_errors(world, tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        D.resolve_sources([str(tmp_path / "missing_dir")])
+    with pytest.raises(UserError, match="weight"):
+        D.parse_source("some/name:-1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no training data"):
+        D.resolve_sources([str(tmp_path / "empty")])
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="unsupported"):
+        D.resolve_sources([str(tmp_path / "x.csv")])
+    assert D.parse_source("user/dataset:0.5") == ("user/dataset", 0.5)
+    assert D.resolve_sources(["user/dataset"])[0].hub
