@@ -190,9 +190,19 @@ class _TextStreamer:
             text = v.decode_text(self.runs[i])
             if text.endswith("\ufffd") or not text.startswith(self.sent[i]):
                 return  # an incomplete multi-byte character: wait for the next token
-            piece, self.sent[i] = text[len(self.sent[i]):], text
-            if piece:
-                self.fn(i, piece)
+            self._emit(i, text)
+
+    def _emit(self, i: int, text: str) -> None:
+        piece, self.sent[i] = text[len(self.sent[i]):], text
+        if piece:
+            self.fn(i, piece)
+
+    def flush(self) -> None:
+        """Emit what is still held back (bytes that never completed a character)."""
+        for i, run in enumerate(self.runs):
+            text = self.vocab.decode_text(run) if run else ""
+            if text.startswith(self.sent[i]):
+                self._emit(i, text)
 
 
 # ---------------------------------------------------------------- the loop
@@ -315,6 +325,8 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
         generator=generator, guidance=guidance, uncond=uncond,
         on_token=streamer.push if streamer is not None else None,
     )
+    if streamer is not None:
+        streamer.flush()
     samples = [Sample(prompt=i // config.num_samples, ids=o, segments=split_segments(vocab, o), stop=r)
                for i, (o, r) in enumerate(zip(out, reasons))]
     if vq is not None:
@@ -343,7 +355,7 @@ def decode_images(vq, samples: Sequence[Sample]) -> None:
 def caption_images(decoder, vocab, codes: Sequence[Tensor], *, max_new_tokens: int = 64, device=None) -> list[str]:
     """Greedy text after each image (reading): prompt ``[bos, boi, codes, eoi]``."""
     cfg = SamplingConfig(modality="text", temperature=0.0, max_new_tokens=max_new_tokens)
-    samples = generate(decoder, vocab, [[c.cpu()] for c in codes], cfg)
+    samples = generate(decoder, vocab, [[c] for c in codes], cfg)
     return [s.text.strip() for s in samples]
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -54,14 +54,36 @@ def test_missing_image_fails_before_loading(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_pipeline):
-    return tiny_pipeline
+def run(tmp_path_factory) -> SimpleNamespace:
+    """A complete LMRUN with random weights (tiny image tokenizer, vocabulary, tiny decoder) + one test image."""
+    import torch
 
+    from model.decoder import Decoder, DecoderConfig
+    from model.io import atomic_dir, step_dir
+    from sampling.run import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, write_decoder
+    from tokenizer.vocab import Vocabulary
+    from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
 
-@pytest.fixture(scope="module")
-def test_image(run) -> tuple[Path, str]:
-    meta = json.loads((run.data / "test" / "metadata.jsonl").read_text().splitlines()[0])
-    return run.data / "test" / meta["file_name"], meta["text"]
+    root = tmp_path_factory.mktemp("sample_run")
+    lm = root / "lm"
+    torch.manual_seed(0)
+    vq = VQVAE(VQ_PRESETS["tiny"])
+    size = vq.cfg.image_size
+    vq(torch.rand(8, 3, size, size) * 2 - 1)  # k-means initialises the codebook (else every code decodes alike)
+    vq.eval()
+    save_vqvae(vq, lm / IMAGE_TOKENIZER_DIR)
+    texts = ["a red circle at the top left", "two blue squares", "a small green triangle in the centre"] * 20
+    vocab = Vocabulary.build(texts, codebook_size=vq.codebook_size, grid=vq.grid_size, text_vocab_size=300,
+                             image_tokenizer_fingerprint=vq_fingerprint(lm / IMAGE_TOKENIZER_DIR))
+    vocab.save(lm / VOCAB_DIR)
+    decoder = Decoder(DecoderConfig.from_preset("tiny", vocab.vocab_size))
+    with atomic_dir(step_dir(lm / CHECKPOINTS_DIR, 1)) as tmp:
+        write_decoder(tmp, decoder, {"decoder": decoder.config.to_dict(), "step": 1})
+    image = root / "shape.png"
+    img = Image.new("RGB", (size, size), "white")
+    img.paste((200, 30, 30), (2, 2, size // 2, size // 2))
+    img.save(image)
+    return SimpleNamespace(lm=lm, image=image, context=decoder.config.max_seq_len)
 
 
 def test_missing_and_incomplete_checkpoint(capsys, run, tmp_path):
@@ -87,18 +109,19 @@ def test_unreadable_image_and_long_prompt(capsys, run, tmp_path):
     _one_error_line(rc, err, "context")
 
 
-def test_text_from_text_streams_and_is_reproducible(capsys, run):
+def test_text_from_text_streams_and_is_reproducible(capsys, run, tmp_path):
     argv = ["--checkpoint", run.lm, "--prompt", "a red", "--max-new-tokens", 12, "--seed", 3]
-    rc, out1, _ = _sample(capsys, *argv)
-    assert rc == 0 and out1.endswith("\n")
+    rc, out1, err = _sample(capsys, *argv, "--out", tmp_path)
+    assert rc == 0 and out1.endswith("\n") and "sample-00.txt" in err
+    assert out1 == (tmp_path / "sample-00.txt").read_text(encoding="utf-8")  # streamed == returned text
     rc, out2, _ = _sample(capsys, *argv)
     assert out1 == out2
     rc, out3, _ = _sample(capsys, *argv[:-1], 4, "--temperature", 2.0)
     assert rc == 0
 
 
-def test_text_from_image_and_several_samples(capsys, run, test_image, tmp_path):
-    img, _ = test_image
+def test_text_from_image_and_several_samples(capsys, run, tmp_path):
+    img = run.image
     rc, out, _ = _sample(capsys, "--checkpoint", run.lm, "--image", img, "--temperature", 0, "--max-new-tokens", 10)
     assert rc == 0
     rc, out, err = _sample(capsys, "--checkpoint", run.lm, "--image", img, img, "--prompt", "what?",
@@ -107,8 +130,8 @@ def test_text_from_image_and_several_samples(capsys, run, test_image, tmp_path):
     assert (tmp_path / "sample-00.txt").is_file() and (tmp_path / "sample-01.txt").is_file()
 
 
-def test_image_from_text_writes_pngs_and_grid(capsys, run, test_image, tmp_path):
-    _, caption = test_image
+def test_image_from_text_writes_pngs_and_grid(capsys, run, tmp_path):
+    caption = "a red circle at the top left"
     out_dir = tmp_path / "imgs"
     rc, out, _ = _sample(capsys, "--checkpoint", run.lm, "--prompt", caption, "--modality", "image",
                          "--num-samples", 3, "--cfg", 2.0, "--out", out_dir, "--seed", 1)
@@ -120,6 +143,7 @@ def test_image_from_text_writes_pngs_and_grid(capsys, run, test_image, tmp_path)
     size = Image.open(out_dir / "sample-00.png").size
     assert size[0] == size[1] and size[0] > 0
     first = (out_dir / "sample-00.png").read_bytes()
+    assert (out_dir / "sample-01.png").read_bytes() != first  # samples differ
     rc, _, _ = _sample(capsys, "--checkpoint", run.lm, "--prompt", caption, "--modality", "image",
                        "--num-samples", 3, "--cfg", 2.0, "--out", out_dir, "--seed", 1)
     assert (out_dir / "sample-00.png").read_bytes() == first  # same seed, same image
