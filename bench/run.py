@@ -165,6 +165,24 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores busy over ``seconds`` (from /proc/stat) while this process sleeps: the load
+    other processes put on the machine."""
+
+    def sample() -> tuple[int, int]:
+        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
 def busy_processes(limit: int = 5) -> list[str]:
     """Other processes using CPU right now (``ps``), to say whether figures were taken under load."""
     try:
@@ -177,7 +195,7 @@ def busy_processes(limit: int = 5) -> list[str]:
     for line in out:
         parts = line.split(None, 2)
         if len(parts) == 3 and int(parts[0]) != me and float(parts[1]) >= 10.0:
-            rows.append(f"{parts[2]} ({parts[1]} %)")
+            rows.append(parts[2])
     return rows[:limit]
 
 
@@ -528,10 +546,16 @@ def render(results: dict) -> str:
          f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']} at {m['threads']} threads; "
          f"transformers {m['transformers']}; Python {m['python']}; fp32 throughout.",
          f"- Load average before / after: {results['load_before']} / {results['load_after']}."]
-    busy = results.get("busy_before", []) + results.get("busy_after", [])
-    if busy:
-        L.append(f"- **Measured under load**: other processes were busy ({'; '.join(sorted(set(busy)))}); "
-                 "ratios (ours and the peer alternate) are more trustworthy than absolute figures.")
+    busy = sorted(set(results.get("busy_before", []) + results.get("busy_after", [])))
+    others = [x for x in (results.get("others_cpu_before"), results.get("others_cpu_after")) if x is not None]
+    if others:
+        L.append(f"- CPU used by other processes just before / after the run: "
+                 f"{' / '.join(f'{x:.0%}' for x in others)} of all cores.")
+    if busy or any(x > 0.1 for x in others):
+        L.append(f"- **Measured under load**: other processes shared the cores"
+                 f"{' (' + ', '.join(f'`{b}`' for b in busy) + ')' if busy else ''}; a 2-thread OpenMP region "
+                 "stalls whenever one of its threads is descheduled, so absolute figures are low and noisy. "
+                 "Ours and the peer alternate, so the ratios are more trustworthy than the absolute figures.")
     L += [f"- Ceilings measured in this run: fp32 matmul **{_fmt(ceil['matmul_gflops'])} GFLOP/s** "
           f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
           f"({ceil['copy_mb']} MB `copy_`, read + write, best of {ceil['repeats']}).", ""]
@@ -620,7 +644,8 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
     quick = args.quick
     presets = [p for p in args.presets.split(",") if p]
     results: dict = {"argv": argv_text, "machine": machine_info(args.threads),
-                     "load_before": _fmt_load(load_average()), "busy_before": busy_processes()}
+                     "load_before": _fmt_load(load_average()), "busy_before": busy_processes(),
+                     "others_cpu_before": cpu_busy_fraction()}
     batches = (1, 8)
     results["settings"] = {"decode_batches": list(batches), "image_prompt_len": 12}
 
@@ -664,6 +689,7 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
         results["image_tokenizer"] = bench_image_tokenizer("default", batch=64, warmup=1, iters=2 if quick else 3)
     results["load_after"] = _fmt_load(load_average())
     results["busy_after"] = busy_processes()
+    results["others_cpu_after"] = cpu_busy_fraction()
     results["interface"] = interface(results)
     if not torch.cuda.is_available():
         results["gpu_note"] = ("No GPU on the machine of this run: the bf16 / GPU figures the issue asks for "
@@ -703,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                "train": results["train"], "decode": results["decode"],
                "image_generation": results.get("image_generation"), "image_tokenizer": results.get("image_tokenizer"),
                "load_before": results["load_before"], "load_after": results["load_after"],
+               "others_cpu_before": results.get("others_cpu_before"), "others_cpu_after": results.get("others_cpu_after"),
                "busy_processes": sorted(set(results["busy_before"] + results["busy_after"]))}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     log(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
