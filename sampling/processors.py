@@ -265,11 +265,10 @@ def sample_next(logits: Tensor, image_rows: Tensor, text: SamplerParams, image: 
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
     rank = torch.arange(V, device=logits.device)[None, :]
     drop = rank >= k[:, None]  # top-k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass of the strictly better ids
-    drop |= (before >= p[:, None]) & (rank > 0)  # top-p (the best id always stays)
-    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the sorted order
+    probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)  # (B, V)
+    if bool((p < 1.0).any()):
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the strictly better ids
+        probs = probs.masked_fill((before >= p[:, None]) & (rank > 0), 0.0)  # top-p (the best id always stays)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the sorted order; needs no normalising
     sampled = order.gather(-1, choice)[:, 0]
     return torch.where(greedy, logits.argmax(dim=-1), sampled)

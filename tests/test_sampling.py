@@ -87,6 +87,19 @@ def test_sampler_greedy_topk_topp():
         assert (top3 == t[:, None]).any(-1).all()
 
 
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.full((64, V), float("-inf"))
+    logits[:, 6:10] = probs.log()
+    g = torch.Generator().manual_seed(3)
+    no = torch.zeros(64, dtype=torch.bool)
+    for top_p, kept in ((0.5, {6}), (0.79, {6, 7}), (0.81, {6, 7, 8}), (1.0, {6, 7, 8, 9})):
+        seen = set()
+        for _ in range(10):
+            seen |= set(sample_next(logits, no, SamplerParams(1.0, top_p=top_p), FREE, g).tolist())
+        assert seen == kept, top_p
+
+
 def test_sampler_uses_image_settings_on_image_rows():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, V, generator=g)
