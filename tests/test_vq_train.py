@@ -1,0 +1,254 @@
+"""Image tokenizer training/evaluation: loss goes down, RUN layout, exact resume after SIGKILL,
+non-finite guard, bad images skipped and counted, metrics (PSNR/SSIM) and eval --json."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.io import UserError, latest_good, read_weights, step_dirs, verify_dir
+from tokenizer.vqvae import load_vqvae
+from training import vq_train
+from training.vq_train import VQEvalConfig, VQTrainConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small built-in data set at 16 px (the tiny preset's size)."""
+    from training.shapes import ShapesConfig, generate_cmd
+
+    d = tmp_path_factory.mktemp("vqdata") / "shapes"
+    generate_cmd(ShapesConfig(out=str(d), num_images=72, image_size=16, seed=3, num_interleaved=0, num_text=0))
+    return d
+
+
+def _cfg(data: Path, out: Path, steps: int = 12, **kw) -> VQTrainConfig:
+    base = dict(data=str(data), out=str(out), preset="tiny", steps=steps, batch_size=16, lr=3e-3, warmup_steps=2,
+                checkpoint_every=4, sheet_every=0, log_every=100)
+    base.update(kw)
+    return VQTrainConfig(**base)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_loss_and_writes_run(data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=40, checkpoint_every=10, keep_checkpoints=2, sheet_every=20))
+    m = _metrics(run)
+    assert [r["step"] for r in m] == list(range(1, 41))
+    first = sum(r["loss"] for r in m[:5]) / 5
+    last = sum(r["loss"] for r in m[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert all(0 < r["usage"] <= 1 and r["perplexity"] >= 1 for r in m)
+    # RUN/config.json + RUN/model.safetensors are the latest weights; old checkpoints pruned
+    assert [p.name for p in step_dirs(run / "checkpoints")] == ["step-00000040", "step-00000030"]
+    for d in step_dirs(run / "checkpoints"):
+        verify_dir(d)
+    top, last_ckpt = read_weights(run / "model.safetensors"), read_weights(run / "checkpoints/step-00000040/model.safetensors")
+    assert top.keys() == last_ckpt.keys() and all(torch.equal(top[k], last_ckpt[k]) for k in top)
+    assert json.loads((run / "config.json").read_text())["codebook_size"] == 32
+    model = load_vqvae(run)
+    assert model.cfg.image_size == 16
+    from PIL import Image
+
+    sheet = Image.open(run / "reconstructions.png")
+    assert sheet.width > sheet.height  # a row of originals over a row of reconstructions
+    assert (run / "sheets" / "step-00000020.png").is_file()
+
+
+def test_refuses_existing_run_without_resume(data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=4))
+    with pytest.raises(UserError, match="--resume"):
+        train(_cfg(data, run, steps=8))
+
+
+_KILLER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    import torch
+    torch.set_num_threads(1)
+    from training import vq_train
+    real_lr_at = vq_train.lr_at
+    def lr_at(step, cfg):
+        if step == {stop_at}:  # steps 1..{stop_at} done, checkpoint at {ckpt} written: wait to be killed
+            print("ready", flush=True)
+            time.sleep(600)
+        return real_lr_at(step, cfg)
+    vq_train.lr_at = lr_at
+    vq_train.train_cmd(vq_train.VQTrainConfig(**{cfg!r}))
+""")
+
+
+def test_exact_resume_after_sigkill(data, tmp_path):
+    torch.set_num_threads(1)
+    steps = 12
+    ref = tmp_path / "ref"
+    train(_cfg(data, ref, steps=steps))
+    expected = _metrics(ref)
+
+    run = tmp_path / "killed"
+    cfg = _cfg(data, run, steps=steps)
+    script = _KILLER.format(repo=str(REPO), stop_at=10, ckpt=8, cfg=vars(cfg))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "ready", p.stderr.read()
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert latest_good(run / "checkpoints").name == "step-00000008"
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 11))  # two steps past the checkpoint were lost
+
+    train(_cfg(data, run, steps=steps, resume=True))
+    got = _metrics(run)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for a, b in zip(expected, got):
+        for key in ("loss", "recon", "commit", "usage", "perplexity", "grad_norm", "lr"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    wa, wb = read_weights(ref / "model.safetensors"), read_weights(run / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA codebook buffers included
+
+
+def test_resume_falls_back_past_corrupted_checkpoint(data, tmp_path):
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=12, keep_checkpoints=3))
+    expected = _metrics(run)
+    for step in (8, 12):  # truncated / corrupted: --resume must fall back to step 4
+        w = run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:100] if step == 8 else w.read_bytes()[:-1] + b"x")
+    train(_cfg(data, run, steps=12, keep_checkpoints=3, resume=True))
+    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in expected]
+    assert latest_good(run / "checkpoints").name == "step-00000012"
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward (a finite loss with a poisoned gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def _inject(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None):
+    real = vq_train.compute_loss
+    calls = {"n": 0}
+
+    def compute_loss(model, x, cfg):
+        calls["n"] += 1
+        loss, parts = real(model, x, cfg)
+        if (bad_calls and calls["n"] in bad_calls) or (from_call and calls["n"] >= from_call):
+            loss = _NaNGrad.apply(loss)
+        return loss, parts
+
+    monkeypatch.setattr(vq_train, "compute_loss", compute_loss)
+
+
+def test_nonfinite_gradient_steps_are_skipped(data, tmp_path, monkeypatch):
+    _inject(monkeypatch, bad_calls={3, 4})
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=8, max_nonfinite=2))
+    m = _metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 5, 6, 7, 8]  # steps 3 and 4 skipped, the run went on
+    assert m[-1]["skipped_nonfinite"] == 2
+    w = read_weights(run / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in w.values())  # incl. the EMA codebook
+
+
+def test_too_many_nonfinite_in_a_row_stops_keeping_last_good(data, tmp_path, monkeypatch):
+    _inject(monkeypatch, from_call=6)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="non-finite"):
+        train(_cfg(data, run, steps=12, max_nonfinite=2))
+    good = latest_good(run / "checkpoints")
+    assert good is not None and good.name == "step-00000004"
+    w = read_weights(good / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in w.values())
+    load_vqvae(run)  # the top-level weights are those of the last good checkpoint
+
+
+def test_bad_images_skipped_and_counted(data, tmp_path):
+    import shutil
+
+    d = tmp_path / "bad"
+    shutil.copytree(data / "train", d / "train")
+    meta = d / "train" / "metadata.jsonl"
+    good = len(meta.read_text().splitlines())
+    png = sorted((d / "train").glob("*.png"))[0].read_bytes()
+    (d / "train" / "trunc.png").write_bytes(png[: len(png) // 2])
+    (d / "train" / "empty.png").write_bytes(b"")
+    (d / "train" / "text.png").write_text("not an image")
+    with open(meta, "a") as f:
+        for name in ("trunc.png", "empty.png", "text.png", "missing.png"):
+            f.write(json.dumps({"file_name": name, "text": "x"}) + "\n")
+        f.write("{not json\n")
+    images, report = load_images(str(d), 16)
+    assert len(images) == good and images.dtype == torch.uint8
+    assert report.total == 5
+    assert report.counts["empty_file"] == 1 and report.counts["missing"] == 1 and report.counts["bad_json"] == 1
+    with pytest.raises(UserError):
+        load_images(str(d), 16, strict=True)
+    train(_cfg(d, tmp_path / "run", steps=2))  # trains to the end despite the bad records
+
+
+def test_psnr_ssim_definitions():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 16, 16, generator=g)
+    assert torch.allclose(ssim(a, a), torch.ones(3))
+    b = (a + 0.1).clamp(0, 1)
+    noisy = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    assert (ssim(a, noisy) < ssim(a, b)).all() and (ssim(a, b) < 1).all()
+    torch.testing.assert_close(ssim(a, noisy), ssim(noisy, a))
+    c = torch.full((1, 3, 8, 8), 0.5)
+    torch.testing.assert_close(psnr(c, c + 0.1), torch.tensor([20.0]))  # MSE 0.01 -> 20 dB
+    assert ssim(torch.rand(1, 3, 6, 6), torch.rand(1, 3, 6, 6)).shape == (1,)  # window shrinks for small images
+
+
+def test_evaluate_tokenizer_and_eval_json(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=6))
+    model = load_vqvae(run)
+    images, _ = load_images(str(data), 16, split="test")
+    fig = evaluate_tokenizer(model, images, batch_size=5)
+    fig_float = evaluate_tokenizer(model, images.float() / 127.5 - 1, batch_size=64)
+    assert fig["psnr"] == pytest.approx(fig_float["psnr"], abs=1e-4)
+    assert 0 < fig["codebook_usage"] <= 1 and 1 <= fig["perplexity"] <= 32 and fig["images_per_s"] > 0
+    assert math.isfinite(fig["psnr"]) and -1 <= fig["ssim"] <= 1
+
+    capsys.readouterr()
+    assert eval_cmd(VQEvalConfig(checkpoint=str(run), data=str(data), json=True)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "PSNR" in "\n".join(lines[:-1])
+    out = json.loads(lines[-1])
+    assert {"psnr", "ssim", "codebook_usage", "perplexity", "images_per_s"} <= set(out)
+    assert out["psnr"] == pytest.approx(fig["psnr"], abs=1e-4)
+
+
+def test_cli_eval_json_last_line(data, tmp_path):
+    """Through the real `earlyfusion` command in a subprocess: the last stdout line is the JSON object."""
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=4))
+    p = subprocess.run([sys.executable, str(REPO / "earlyfusion_cli.py"), "tokenizer", "eval", "--checkpoint", str(run),
+                        "--data", str(data), "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert set(json.loads(p.stdout.strip().splitlines()[-1])) >= {"psnr", "ssim", "codebook_usage", "perplexity", "images_per_s"}
+    p = subprocess.run([sys.executable, str(REPO / "earlyfusion_cli.py"), "tokenizer", "eval", "--checkpoint", str(tmp_path / "nope"),
+                        "--data", str(data)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
