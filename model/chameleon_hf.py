@@ -3,12 +3,13 @@
 The export/import path, and the reference for ``tests/test_parity.py`` (same shape + same weights
 => same text logits). transformers is imported lazily: it is a test/benchmark/export dependency only.
 
-Name mapping (ours -> transformers), per layer ``i``:
+Name mapping (ours -> transformers), per layer ``i``. Our projection weights are stored
+(in_features, out_features) (see ``model.decoder.Linear``): they are transposed on the way.
 
     tok_emb.weight                 model.embed_tokens.weight
     layers.i.attn.qkv.weight       model.layers.i.self_attn.{q,k,v}_proj.weight   (split along dim 0)
     layers.i.attn.proj.weight      model.layers.i.self_attn.o_proj.weight
-    layers.i.attn.{q,k}_norm.*     model.layers.i.self_attn.{q,k}_norm.*          ((heads, head_dim) in both)
+    layers.i.attn.qk_norm.*        model.layers.i.self_attn.{q,k}_norm.*          (rows [:n_heads] are q's)
     layers.i.attn_norm.weight      model.layers.i.input_layernorm.weight
     layers.i.mlp_norm.weight       model.layers.i.post_attention_layernorm.weight
     layers.i.mlp.gate_up.weight    model.layers.i.mlp.{gate,up}_proj.weight       (split along dim 0)
@@ -47,10 +48,6 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # per-layer one-to-one names: ours -> transformers
 _LAYER_NAMES = {
     "attn.proj.weight": "self_attn.o_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight",
-    "attn.q_norm.bias": "self_attn.q_norm.bias",
-    "attn.k_norm.weight": "self_attn.k_norm.weight",
-    "attn.k_norm.bias": "self_attn.k_norm.bias",
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "mlp.down.weight": "mlp.down_proj.weight",
@@ -58,6 +55,16 @@ _LAYER_NAMES = {
 _HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
 _QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+# our fused tensors: name -> transformers parts, concatenated along dim 0 in this order
+_FUSED = {
+    "attn.qkv.weight": _QKV,
+    "mlp.gate_up.weight": _GATE_UP,
+    "attn.qk_norm.weight": ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+    "attn.qk_norm.bias": ("self_attn.q_norm.bias", "self_attn.k_norm.bias"),
+}
+_PART_OF = {part: ours for ours, parts in _FUSED.items() for part in parts}
+# our (in, out) projection weights, transposed relative to transformers' nn.Linear (out, in)
+_TRANSPOSED = {"attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight"}
 
 
 def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
@@ -120,15 +127,15 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, 
         elif name == "norm.weight":
             out["model.norm.weight"] = t
         elif name == "output.weight":
-            out["lm_head.weight"] = t
+            out["lm_head.weight"] = t.t()
         elif m := _LAYER_RE.match(name):
             i, rest = m.groups()
             pre = f"{HF_PREFIX}layers.{i}."
-            if rest == "attn.qkv.weight":
-                for hf_name, part in zip(_QKV, t.split([H * hd, KV * hd, KV * hd], dim=0)):
-                    out[pre + hf_name] = part
-            elif rest == "mlp.gate_up.weight":
-                for hf_name, part in zip(_GATE_UP, t.chunk(2, dim=0)):
+            if rest in _TRANSPOSED:
+                t = t.t()
+            if rest in _FUSED:
+                sizes = {"attn.qkv.weight": [H * hd, KV * hd, KV * hd], "mlp.gate_up.weight": [cfg.hidden_dim] * 2}
+                for hf_name, part in zip(_FUSED[rest], t.split(sizes.get(rest, [H, KV]), dim=0)):
                     out[pre + hf_name] = part
             elif rest in _LAYER_NAMES:
                 out[pre + _LAYER_NAMES[rest]] = t
@@ -154,25 +161,25 @@ def from_hf_state_dict(hf_state: dict[str, Tensor], *, tie_embeddings: bool = Fa
             out["norm.weight"] = t
         elif name == "lm_head.weight":
             if not tie_embeddings:
-                out["output.weight"] = t
+                out["output.weight"] = t.t().contiguous()
         elif m := _HF_LAYER_RE.match(name):
             i, rest = m.groups()
-            if rest in _QKV:
-                fused.setdefault((i, "attn.qkv.weight"), {})[rest] = t
-            elif rest in _GATE_UP:
-                fused.setdefault((i, "mlp.gate_up.weight"), {})[rest] = t
+            if rest in _PART_OF:
+                fused.setdefault((i, _PART_OF[rest]), {})[rest] = t
             elif rest in _HF_LAYER_NAMES:
-                out[f"layers.{i}.{_HF_LAYER_NAMES[rest]}"] = t
+                ours = _HF_LAYER_NAMES[rest]
+                out[f"layers.{i}.{ours}"] = t.t().contiguous() if ours in _TRANSPOSED else t
             else:
                 raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
         else:
             raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
     for (i, ours), parts in fused.items():
-        order = _QKV if ours == "attn.qkv.weight" else _GATE_UP
+        order = _FUSED[ours]
         missing = [p for p in order if p not in parts]
         if missing:
             raise KeyError(f"layer {i}: missing {', '.join(missing)}")
-        out[f"layers.{i}.{ours}"] = torch.cat([parts[p] for p in order], dim=0)
+        t = torch.cat([parts[p] for p in order], dim=0)
+        out[f"layers.{i}.{ours}"] = t.t().contiguous() if ours in _TRANSPOSED else t
     return out
 
 

@@ -193,7 +193,7 @@ def test_variants_run_and_cache(overrides):
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
     names = set(m.state_dict())
     assert ("output.weight" in names) != m.config.tie_embeddings
-    assert any("q_norm" in n for n in names) == m.config.qk_norm
+    assert any("qk_norm" in n for n in names) == m.config.qk_norm
     assert sum(p.numel() for p in m.parameters()) == m.config.num_params()
 
 
@@ -216,8 +216,8 @@ def test_init_scales():
     assert abs(qkv_std - 0.02) < 0.003
     assert abs(proj_std - 0.02 / (2 * cfg.n_layers) ** 0.5) < 0.003
     fresh = Decoder(cfg)
-    assert torch.equal(fresh.layers[0].attn.q_norm.weight, torch.ones(cfg.n_heads, cfg.head_dim))
-    assert torch.equal(fresh.layers[0].attn.k_norm.bias, torch.zeros(cfg.n_kv_heads, cfg.head_dim))
+    assert torch.equal(fresh.layers[0].attn.qk_norm.weight, torch.ones(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim))
+    assert torch.equal(fresh.layers[0].attn.qk_norm.bias, torch.zeros(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim))
 
 
 # ---------------------------------------------------------------- config and presets
