@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from model.io import UserError
 from sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
+from training.progress import log
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
@@ -144,7 +146,15 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    t0 = time.perf_counter()
     samples = generate(run.decoder, run.vocab, [segments], cfg, vq=run.vq, stream=stream if live else None)
+    dt = time.perf_counter() - t0
+    n_tokens = sum(len(s.ids) for s in samples)
+    n_images = sum(len(s.images) for s in samples)
+    if live:
+        print()
+    log.info(f"{len(samples)} sample(s), {n_tokens} tokens, {n_images} image(s) in {dt:.1f} s "
+             f"({n_tokens / max(dt, 1e-9):.0f} tokens/s) on {device}")
     written: list[Path] = []
     if cfg.modality == "text":
         for i, s in enumerate(samples):
@@ -155,8 +165,6 @@ def sample_cmd(cfg: SampleConfig) -> int:
                 path = out / f"sample-{i:02d}.txt"
                 path.write_text(s.text + "\n", encoding="utf-8")
                 written.append(path)
-        if live:
-            print()
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
         return 0
@@ -164,9 +172,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
     if cfg.modality == "image":
         _write_image_outputs(samples, out, written)
     else:
-        if live:
-            print()
-        else:
+        if not live:
             for i, s in enumerate(samples):
                 print(f"--- sample {i}")
                 print(s.text)
