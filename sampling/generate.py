@@ -274,12 +274,13 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
         state.update(tok, layout)
         stopped = live & torch.isin(tok, stop_ids)
         exhausted = live & ~stopped & (state.remaining() <= 0)
-        for i in live.nonzero()[:, 0].tolist():
-            t = int(tok[i])
+        for i, (t, is_live, is_stop) in enumerate(zip(tok.tolist(), live.tolist(), stopped.tolist())):
+            if not is_live:
+                continue
             out[i].append(t)
             if on_token is not None:
                 on_token(i, t)
-            if stopped[i]:
+            if is_stop:
                 reasons[i] = "eos" if t == layout.eos else "image"
         state.finished = state.finished | stopped | exhausted
         if bool(state.finished.all()) or step == steps - 1:
