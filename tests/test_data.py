@@ -374,3 +374,28 @@ def test_source_errors(world, tmp_path):
         D.resolve_sources([str(tmp_path / "x.csv")])
     assert D.parse_source("user/dataset:0.5") == ("user/dataset", 0.5)
     assert D.resolve_sources(["user/dataset"])[0].hub
+
+
+def test_hub_source_code_path(world, tmp_path, monkeypatch):
+    """A hub data set (stood in for by a local datasets.Dataset): image+text -> pairs, text only -> documents."""
+    import datasets
+
+    pngs = sorted((world.data / "train").glob("*.png"))[:5]
+    rows = {"image": [{"bytes": p.read_bytes(), "path": None} for p in pngs] + [{"bytes": b"", "path": None}],
+            "caption": [f"hub caption {i}" for i in range(6)]}
+    images = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    texts = datasets.Dataset.from_dict({"caption": ["hub text one", "", "hub text two"]})
+    monkeypatch.setattr(D, "_hub_dataset", lambda name, split: images if name == "user/images" else texts)
+    cfg = D.DataConfig(["user/images", "user/texts:0.5"], context_len=64, text_column="caption",
+                       cache_dir=str(tmp_path / "c"))
+    data = D.prepare(cfg, world.vocab, world.vq)
+    pairs, docs = data.parts
+    assert (pairs.kind, len(pairs), docs.kind, len(docs)) == ("pairs", 5, "text", 2)
+    assert dict(data.report.counts) == {"empty_file": 1, "empty": 1}
+    assert [world.vocab.decode_text(c.tolist()) for c in pairs.captions] == [f"hub caption {i}" for i in range(5)]
+    assert data.images_encoded == 6 and D.prepare(cfg, world.vocab, world.vq).images_cached == 6
+    from tokenizer.preprocess import preprocess
+    from tokenizer.vqvae import load_vqvae
+
+    want = load_vqvae(world.vq).encode(torch.stack([preprocess(p.read_bytes(), 16) for p in pngs]))
+    assert np.array_equal(pairs.codes, want.reshape(5, -1).numpy())

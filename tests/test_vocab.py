@@ -343,3 +343,39 @@ def test_property_text_never_emits_reserved_ids(vocab, text):
     ids = vocab.encode_text(text)
     assert all(vocab.text_start <= i < vocab.image_start for i in ids)
     assert vocab.decode_text(ids) == text
+
+
+# ---------------------------------------------------------------- the build command
+
+
+def test_build_command_reads_every_part_of_the_data(tmp_path, capsys):
+    from earlyfusion_cli import main
+    from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+
+    vq = tmp_path / "vq"
+    save_vqvae(VQVAE(VQ_PRESETS["tiny"]), vq)
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f"{i}.png", "text": "captionword " * 3}) for i in range(30)) + "\n")
+    (data / "interleaved.jsonl").write_text(
+        "\n".join(json.dumps({"texts": ["interleavedword " * 3, None], "images": [None, "train/0.png"]}) for _ in range(30)) + "\n")
+    (data / "text.jsonl").write_text("\n".join(json.dumps({"text": "textlineword " * 3}) for _ in range(30)) + "\nnot json\n")
+    out = tmp_path / "vocab"
+    assert main(["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(out),
+                 "--text-vocab-size", "400"]) == 0
+    printed = capsys.readouterr().out
+    assert "32 image codes" in printed and "4x4" in printed and "1 bad_json" in printed
+    v = Vocabulary.load(out)
+    assert v.codebook_size == 32 and v.grid == (4, 4) and v.text_vocab_size <= 400
+    assert v.layout.image_tokenizer_fingerprint == vq_fingerprint(vq)
+    for word in ("captionword", "interleavedword", "textlineword"):  # frequent words of each part became one token
+        assert len(v.encode_text(" " + word)) == 1, word
+    # a non-vocabulary directory is never overwritten; a missing image tokenizer is a clear error
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    assert main(["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(tmp_path / "other")]) == 2
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    assert main(["vocab", "build", "--image-tokenizer", str(tmp_path / "novq"), "--data", str(data), "--out", str(out)]) == 2
+    assert main(["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(out),
+                 "--text-vocab-size", "100"]) == 2

@@ -332,15 +332,18 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
     for part in resolve_sources(sources, split):
         if part.hub:
             ds = _hub_dataset(part.location, split)
-            if text_column in ds.column_names:
-                yield from (t for t in ds[text_column] if isinstance(t, str) and t)
+            texts = [t for t in ds[text_column] if isinstance(t, str) and t] if text_column in ds.column_names else []
         elif part.kind == "pairs":
-            yield from (t for _, _, t in _pair_records(part.location, text_column, report) if t)
+            texts = [t for _, _, t in _pair_records(part.location, text_column, report) if t]
         elif part.kind == "interleaved":
-            for _, segs in _interleaved_records(Path(part.location), report):
-                yield from (x for k, x in segs if k == "t")
+            recs = list(_interleaved_records(Path(part.location), report))
+            report.ok(len(recs))
+            yield from (x for _, segs in recs for k, x in segs if k == "t")
+            continue
         else:
-            yield from (t for _, t in _text_records(Path(part.location), report))
+            texts = [t for _, t in _text_records(Path(part.location), report)]
+        report.ok(len(texts))
+        yield from texts
 
 
 # ---------------------------------------------------------------- image codes, cached
@@ -385,7 +388,7 @@ class _ImageEncoder:
         pixels, ok = [], []
         for i, (src, where) in enumerate(zip(srcs, wheres)):
             if isinstance(src, dict):  # hub image column read with decode=False
-                src = src.get("bytes") or src.get("path")
+                src = src["bytes"] if src.get("bytes") is not None else src.get("path")
             try:
                 if src is None:
                     raise ImageError("missing", where, "no image")
