@@ -399,3 +399,13 @@ def test_hub_source_code_path(world, tmp_path, monkeypatch):
 
     want = load_vqvae(world.vq).encode(torch.stack([preprocess(p.read_bytes(), 16) for p in pngs]))
     assert np.array_equal(pairs.codes, want.reshape(5, -1).numpy())
+
+
+def test_interleaved_paragraphs_and_text_only_records(world, tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text(json.dumps({"texts": ["hello", "world", None], "images": [None, None, None]}) + "\n"
+                 + json.dumps({"texts": [None], "images": ["gone.png"]}) + "\n")
+    data = D.prepare(D.DataConfig([str(p)], context_len=64, cache_dir=str(tmp_path / "c")), world.vocab, world.vq)
+    (part,) = data.parts
+    assert [world.vocab.decode_document(d.tolist()) for d in part.docs] == [["hello\n\nworld"]]
+    assert dict(data.report.counts) == {"missing": 1}

@@ -22,7 +22,8 @@ Documents
     the time) or ``<s> caption <boi> codes <eoi> </s>`` (drawing), the caption dropped for
     ``cond_dropout`` of drawing examples (``<s> <boi> codes <eoi> </s>``: the unconditional case that
     classifier-free guidance needs). A pair without caption is always the unconditional document.
-  * interleaved records keep their order; text records are ``<s> text </s>``.
+  * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
+    they are); text records are ``<s> text </s>``.
 
 Too long for the context (T = ``context_len``): a pair's caption is cut to T - (h*w + 4) tokens (both
 orders then fit). Other documents: if ``<s>`` plus their image spans alone exceed T the record is
@@ -87,6 +88,7 @@ ENCODE_BATCH = 256
 TEXT, IMAGE, NO_TARGET = 0, 1, -1
 IGNORE = -100
 READ, DRAW, UNCOND = 0, 1, 2  # the three documents a pair can become
+PARAGRAPH = "\n\n"  # joins consecutive texts of an interleaved record (OBELICS texts are paragraphs)
 
 Kind = Literal["pairs", "interleaved", "text"]
 
@@ -270,6 +272,8 @@ def _interleaved_records(path: Path, report: SkipReport) -> Iterator[tuple[str, 
             elif t is not None:
                 if not isinstance(t, str):
                     problem = f"texts[{k}] is not a string"
+                elif t and segs and segs[-1][0] == "t":  # consecutive paragraphs
+                    segs[-1] = ("t", segs[-1][1] + PARAGRAPH + t)
                 elif t:
                     segs.append(("t", t))
             elif im is not None:
@@ -481,7 +485,9 @@ def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, s
 
 
 def _table_from(ds, srcs: list[str], hit: bool, seconds: float) -> ImageTable:
-    data = ds.with_format("numpy")[:] if len(ds) else {"codes": np.zeros((0, 0)), "reason": []}
+    if not len(ds):
+        return ImageTable([], np.zeros((0, 0), np.int32), [], cache_hit=hit, seconds=seconds)
+    data = ds.with_format("numpy")[:]
     codes = np.asarray(data["codes"], dtype=np.int32).reshape(len(srcs), -1)
     reasons = [str(r) for r in data["reason"]]
     return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds)
@@ -494,6 +500,8 @@ def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokeniz
 
     t0 = time.perf_counter()
     srcs = list(dict.fromkeys(paths))
+    if not srcs:
+        return ImageTable([], np.zeros((0, 0), np.int32), [], cache_hit=True)
     first_where = {}
     for p, w in zip(paths, wheres):
         first_where.setdefault(p, w)
@@ -898,7 +906,7 @@ class PackedBatches:
     # ------------------------------------------------------------ exact resume
     def _signature(self) -> str:
         sig = [PIPELINE_VERSION, self.T, self.B, self.seed, self.reading_ratio, self.cond_dropout,
-               [(p.kind, p.name, round(p.weight, 12), len(p)) for p in self.data.parts]]
+               [(p.kind, round(p.weight, 12), len(p)) for p in self.data.parts]]  # not paths: data may move
         return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
 
     def state_dict(self) -> dict:
