@@ -36,11 +36,12 @@ def test_presets_grid():
 
 @pytest.mark.parametrize("bad", [
     dict(image_size=30),  # not divisible by downsample
-    dict(downsample=3, channels=(8, 8)),  # not a power of two
-    dict(channels=(8, 16)),  # wrong number of levels
+    dict(downsample=3, patch_size=1, channels=(8, 8)),  # not a power of two
+    dict(patch_size=8),  # larger than downsample
+    dict(channels=(8, 16, 16)),  # wrong number of levels
     dict(codebook_dim=64),  # larger than latent_dim
     dict(dead_code_threshold=0.0),  # dead-code replacement off
-    dict(channels=(8, 16, 18)),  # not divisible by norm groups
+    dict(channels=(8, 18)),  # not divisible by norm groups
 ])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
@@ -83,13 +84,17 @@ def test_bad_inputs_raise():
 
 def test_quantizer_fp32_under_autocast():
     m = _model()
-    x = _pixels(2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        recon, codes, aux = m(x)
-        z = m.encoder(x)
+    seen = {}
+    hook = m.quantizer.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0].dtype, out=out[0].dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = m.encoder(_pixels(2))
+            recon, codes, aux = m(_pixels(2))
+    finally:
+        hook.remove()
     assert z.dtype == torch.bfloat16  # the conv net does run in bf16 ...
-    assert torch.equal(codes, m.encode(x))  # ... but the code lookup is the fp32 one
-    assert aux.dtype == torch.float32
+    assert seen == {"inp": torch.float32, "out": torch.float32}  # ... the code lookup in fp32
+    assert aux.dtype == torch.float32 and codes.dtype == torch.long
 
 
 def test_training_updates_ema_codebook_buffers_in_state_dict():

@@ -1,7 +1,10 @@
 """VQ-VAE image tokenizer: pixels (B, 3, H, W) in [-1, 1] <-> code grid (B, h, w) of codebook ids.
 
-A small convolutional encoder/decoder (ResNet blocks, GroupNorm, SiLU) around the quantizer of
-vector-quantize-pytorch, configured against codebook collapse (see shared/DESIGN.md):
+A small convolutional encoder/decoder around the quantizer of vector-quantize-pytorch: a patchify
+stem (pixel unshuffle by ``patch_size``: each code's pixels enter as channels, and the decoder emits
+them the same way through a pixel shuffle; hard edges come out exact and cheap), then conv stages of
+ResNet blocks (GroupNorm, SiLU) with stride-2 down/upsampling for the rest of ``downsample``. The
+quantizer is configured against codebook collapse (see shared/DESIGN.md):
 
 * low-dimensional lookup: the encoder's ``latent_dim`` features are projected to ``codebook_dim``
   (8-32) before the nearest-code search;
@@ -47,10 +50,14 @@ class VQConfig:
     """Input images are image_size x image_size pixels."""
     downsample: int = 4
     """Spatial reduction factor (a power of two): the code grid is (image_size/downsample)^2."""
-    channels: tuple[int, ...] = (32, 64, 128)
-    """Conv channels per resolution level, one per level: log2(downsample) + 1 entries."""
+    patch_size: int = 4
+    """Patchify stem: the first patch_size x downsampling is a pixel (un)shuffle (power of two dividing downsample)."""
+    channels: tuple[int, ...] = (128,)
+    """Conv channels per resolution level after the stem: log2(downsample/patch_size) + 1 entries."""
     res_blocks: int = 1
-    """Residual blocks per resolution level (encoder and decoder)."""
+    """Encoder residual blocks per resolution level."""
+    decoder_res_blocks: int = 2
+    """Decoder residual blocks per resolution level."""
     latent_dim: int = 64
     """Channels of the encoder output / decoder input (the quantizer's input dimension)."""
     codebook_size: int = 512
@@ -74,13 +81,16 @@ class VQConfig:
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.image_size < 1 or self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} must be a positive multiple of downsample {self.downsample}")
-        levels = int(math.log2(self.downsample)) + 1
+        if self.patch_size < 1 or self.patch_size & (self.patch_size - 1) or self.downsample % self.patch_size:
+            raise ValueError(f"patch_size must be a power of two dividing downsample {self.downsample}, got {self.patch_size}")
+        levels = int(math.log2(self.downsample // self.patch_size)) + 1
         if len(self.channels) != levels:
-            raise ValueError(f"channels needs {levels} entries for downsample {self.downsample} (one per resolution), got {list(self.channels)}")
+            raise ValueError(f"channels needs {levels} entries for downsample {self.downsample} with patch_size "
+                             f"{self.patch_size} (one per resolution level), got {list(self.channels)}")
         if any(c < 1 or c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count must be a positive multiple of norm_groups {self.norm_groups}, got {list(self.channels)}")
-        if self.res_blocks < 0 or self.latent_dim < 1 or self.kmeans_iters < 1:
-            raise ValueError("res_blocks must be >= 0, latent_dim and kmeans_iters >= 1")
+        if self.res_blocks < 0 or self.decoder_res_blocks < 0 or self.latent_dim < 1 or self.kmeans_iters < 1:
+            raise ValueError("res_blocks and decoder_res_blocks must be >= 0, latent_dim and kmeans_iters >= 1")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
         if not 1 <= self.codebook_dim <= self.latent_dim:
@@ -118,8 +128,8 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, VQConfig] = {
     # tests: 16 px -> 4x4 codes, a few thousand parameters
-    "tiny": VQConfig(image_size=16, downsample=4, channels=(8, 16, 16), res_blocks=1, latent_dim=16,
-                     codebook_size=32, codebook_dim=8, norm_groups=4, kmeans_iters=4),
+    "tiny": VQConfig(image_size=16, downsample=4, patch_size=2, channels=(8, 16), res_blocks=1, decoder_res_blocks=1,
+                     latent_dim=16, codebook_size=32, codebook_dim=8, norm_groups=4, kmeans_iters=4),
     # built-in 32 px shapes data -> 8x8 = 64 codes per image
     "default": VQConfig(),
 }
@@ -167,45 +177,49 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Patchify (pixel unshuffle) -> conv stages with stride-2 downsampling -> latent_dim channels."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        ch, g = cfg.channels, cfg.norm_groups
-        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        ch, g, p = cfg.channels, cfg.norm_groups, cfg.patch_size
+        self.patch_size = p
+        self.conv_in = nn.Conv2d(3 * p * p, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i, c in enumerate(ch):
             layers += [ResBlock(c, g) for _ in range(cfg.res_blocks)]
             if i + 1 < len(ch):
                 layers.append(Downsample(c, ch[i + 1]))
         self.body = nn.Sequential(*layers)
-        self.mid = ResBlock(ch[-1], g)
         self.norm_out = nn.GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.latent_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(self.conv_in(x))  # (B, ch[-1], h, w)
-        h = self.mid(h)
+        h = F.pixel_unshuffle(x, self.patch_size)  # (B, 3*p*p, H/p, W/p)
+        h = self.body(self.conv_in(h))  # (B, ch[-1], h, w)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_dim, h, w)
 
 
 class Decoder(nn.Module):
+    """latent_dim channels -> conv stages with x2 upsampling -> 3*p*p channels -> pixel shuffle."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        ch, g = cfg.channels, cfg.norm_groups
+        ch, g, p = cfg.channels, cfg.norm_groups, cfg.patch_size
+        self.patch_size = p
         self.conv_in = nn.Conv2d(cfg.latent_dim, ch[-1], 3, padding=1)
-        self.mid = ResBlock(ch[-1], g)
         layers: list[nn.Module] = []
         for i in reversed(range(len(ch))):
-            layers += [ResBlock(ch[i], g) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock(ch[i], g) for _ in range(cfg.decoder_res_blocks)]
             if i > 0:
                 layers.append(Upsample(ch[i], ch[i - 1]))
         self.body = nn.Sequential(*layers)
         self.norm_out = nn.GroupNorm(g, ch[0])
-        self.conv_out = nn.Conv2d(ch[0], 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], 3 * p * p, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
-        h = self.body(h)  # (B, ch[0], H, W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        h = self.body(self.conv_in(z))  # (B, ch[0], H/p, W/p)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, 3*p*p, H/p, W/p)
+        return F.pixel_shuffle(h, self.patch_size)  # (B, 3, H, W)
 
 
 # ---------------------------------------------------------------- the model
