@@ -218,22 +218,48 @@ def machine_info(threads: int) -> dict:
     }
 
 
+class MatmulCeiling:
+    """An n×n @ n×n fp32 ``torch.mm`` (2n³ flops); ``rate(seconds)`` -> GFLOP/s."""
+
+    def __init__(self, n: int = 2048) -> None:
+        self.n = n
+        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        self()  # warm-up
+
+    def __call__(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+    def rate(self, seconds: float) -> float:
+        return 2 * self.n ** 3 / seconds / 1e9
+
+
+class CopyCeiling:
+    """``dst.copy_(src)`` over a large fp32 tensor, ``times`` over; ``rate(seconds)`` -> GB/s (read + write)."""
+
+    def __init__(self, megabytes: int = 256, times: int = 1) -> None:
+        n = megabytes * 2 ** 20 // 4
+        self.bytes, self.times = 2 * n * 4, times
+        self.src, self.dst = torch.randn(n), torch.empty(n)
+        self()  # warm-up, pages touched
+
+    def __call__(self) -> None:
+        for _ in range(self.times):
+            self.dst.copy_(self.src)
+
+    def rate(self, seconds: float) -> float:
+        return self.bytes * self.times / seconds / 1e9
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n×n @ n×n ``torch.mm`` (2n³ flops)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)  # warm-up
-    best = min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+    """Best fp32 GFLOP/s of an n×n @ n×n ``torch.mm``."""
+    mm = MatmulCeiling(n)
+    return mm.rate(min(timed(mm) for _ in range(repeats)))
 
 
 def copy_gbps(megabytes: int = 256, repeats: int = 5) -> float:
     """Best memory bandwidth of ``dst.copy_(src)`` over a large fp32 tensor, read + write bytes counted."""
-    n = megabytes * 2 ** 20 // 4
-    src, dst = torch.randn(n), torch.empty(n)
-    dst.copy_(src)  # warm-up, pages touched
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * n * 4 / best / 1e9
+    cp = CopyCeiling(megabytes)
+    return cp.rate(min(timed(cp) for _ in range(repeats)))
 
 
 # ---------------------------------------------------------------- models
@@ -278,8 +304,11 @@ def check_parity(ours: Decoder, peer: torch.nn.Module, vocab_size: int) -> float
 
 
 def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: int, vocab_size: int | None = None,
-                peer: bool = True) -> dict:
-    """tokens/s of forward + backward + AdamW step, ours vs the peer (same weights, batch, loss)."""
+                peer: bool = True, ceiling: MatmulCeiling | None = None) -> dict:
+    """tokens/s of forward + backward + AdamW step, ours vs the peer (same weights, batch, loss).
+
+    ``ceiling``: a matmul timed in the same alternating rounds, so that the fraction of the ceiling
+    compares figures taken under the same load from other processes."""
     vocab_size = vocab_size or layout_for(preset).vocab_size
     if peer:
         ours, hf = build_pair(preset, vocab_size, max_seq_len=max(seq_len, 16))
@@ -309,7 +338,10 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
     fns = {"ours": step_fn(ours, lambda: ours(x))}
     if hf is not None:
         fns["peer"] = step_fn(hf, lambda: hf(input_ids=x).logits)
+    if ceiling is not None:
+        fns["ceiling"] = ceiling
     times = alternate(fns, warmup, iters)
+    ceiling_times = times.pop("ceiling", None)
     n_tokens = batch * seq_len
     fpt = flops_per_token(cfg, seq_len)
     out = {"preset": preset, "batch": batch, "seq_len": seq_len, "vocab_size": vocab_size, "iters": iters,
@@ -322,6 +354,9 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
         out[f"{k}_step_s"] = median(ts)
     if hf is not None:
         out["speedup"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
+    if ceiling_times is not None:
+        out["matmul_gflops_alongside"] = ceiling.rate(median(ceiling_times))
+        out["ours_ceiling_fraction_alongside"] = out["ours_gflops"] / out["matmul_gflops_alongside"]
     return out
 
 
@@ -378,8 +413,11 @@ def peer_generate_fn(peer: torch.nn.Module, layout: BenchLayout, prompts: torch.
 
 
 def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_tokens: int, warmup: int,
-                 iters: int) -> dict:
-    """Decode tokens/s (all rows counted) at each batch size: our sampler, our bare loop, the peer."""
+                 iters: int, ceiling: CopyCeiling | None = None) -> dict:
+    """Decode tokens/s (all rows counted) at each batch size: our sampler, our bare loop, the peer.
+
+    ``ceiling``: a memory copy timed in the same alternating rounds (the bandwidth available under the
+    same load from other processes)."""
     layout = layout_for(preset)
     ours, hf = build_pair(preset, layout.vocab_size, max_seq_len=max(prompt_len + new_tokens, 16))
     ours.eval()
@@ -392,13 +430,20 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
         fns = {"ours": ours_sampler_fn(ours, layout, prompts, new_tokens),
                "ours_raw": ours_raw_fn(ours, prompts, new_tokens),
                "peer": peer_generate_fn(hf, layout, prompts, new_tokens)}
+        if ceiling is not None:
+            fns["ceiling"] = ceiling
         log(f"  decode {preset} batch {B}: {new_tokens} new tokens after a {prompt_len}-token prompt")
         times = alternate(fns, warmup, iters)
+        ceiling_times = times.pop("ceiling", None)
+        if ceiling_times is not None:
+            out[f"b{B}_copy_gbps_alongside"] = ceiling.rate(median(ceiling_times))
         for k, ts in times.items():
             steps_per_s = new_tokens / median(ts)
             out[f"b{B}_{k}_tokens_per_s"] = B * steps_per_s
             out[f"b{B}_{k}_gbps"] = out["weight_bytes"] * steps_per_s / 1e9
         out[f"b{B}_speedup"] = out[f"b{B}_ours_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
+        if ceiling_times is not None:
+            out[f"b{B}_bandwidth_fraction_alongside"] = out[f"b{B}_ours_gbps"] / out[f"b{B}_copy_gbps_alongside"]
     return out
 
 
@@ -524,15 +569,20 @@ def _met(key: str, value) -> str:
 
 
 def interface(results: dict) -> dict:
-    """The five interface numbers (None where the preset was not run)."""
+    """The five interface numbers (None where the preset was not run).
+
+    The ceiling fractions divide by the ceiling timed in the same alternating rounds as the figure
+    (the same share of a shared CPU), falling back to the ceiling measured at the start of the run."""
     tr, dec, img, ceil = results.get("train", {}), results.get("decode", {}), results.get("image_generation"), results["ceilings"]
     base_tr, small_tr = tr.get("base"), tr.get("small")
     small_dec, base_dec = dec.get("small"), dec.get("base")
     return {
         "train_speedup_small": small_tr.get("speedup") if small_tr else None,
-        "train_ceiling_fraction_base": base_tr["ours_gflops"] / ceil["matmul_gflops"] if base_tr else None,
+        "train_ceiling_fraction_base": (base_tr.get("ours_ceiling_fraction_alongside",
+                                                    base_tr["ours_gflops"] / ceil["matmul_gflops"]) if base_tr else None),
         "decode_speedup_b1_small": small_dec.get("b1_speedup") if small_dec and "b1_speedup" in small_dec else None,
-        "decode_bandwidth_fraction_base": (base_dec["b1_ours_gbps"] / ceil["copy_gbps"]
+        "decode_bandwidth_fraction_base": (base_dec.get("b1_bandwidth_fraction_alongside",
+                                                        base_dec["b1_ours_gbps"] / ceil["copy_gbps"])
                                            if base_dec and "b1_ours_gbps" in base_dec else None),
         "cfg_cost_ratio": img["cfg_cost_ratio"] if img else None,
     }
@@ -577,25 +627,29 @@ def render(results: dict) -> str:
     if results.get("train"):
         L += ["## Training (forward + backward + AdamW step)", "",
               "| Preset | Params | Batch × seq | Vocab | Ours tok/s | Peer tok/s | Ours ÷ peer | Ours GFLOP/s | "
-              "Peer GFLOP/s | Ours ÷ matmul ceiling | Logit parity |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Peer GFLOP/s | Matmul GFLOP/s alongside | Ours ÷ ceiling alongside | Ours ÷ best ceiling | Logit parity |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["train"].items():
             L.append(f"| `{name}` | {r['params'] / 1e6:.1f} M | {r['batch']} × {r['seq_len']} | {r['vocab_size']} | "
                      f"{_fmt(r['ours_tokens_per_s'])} | {_fmt(r.get('peer_tokens_per_s'))} | {_fmt(r.get('speedup'))} | "
-                     f"{_fmt(r['ours_gflops'])} | {_fmt(r.get('peer_gflops'))} | "
+                     f"{_fmt(r['ours_gflops'])} | {_fmt(r.get('peer_gflops'))} | {_fmt(r.get('matmul_gflops_alongside'))} | "
+                     f"{_fmt(r.get('ours_ceiling_fraction_alongside'))} | "
                      f"{_fmt(r['ours_gflops'] / ceil['matmul_gflops'])} | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
         it = next(iter(results["train"].values()))
         L += ["", f"Model flops per token = 6N + 12·L·H·Q·T (N: parameters without the input embedding). Median of "
               f"{it['iters']} timed steps after warm-up, ours and the peer alternating; the same weights, batch, "
               "AdamW and cross-entropy on both sides; the peer is transformers' ChameleonForConditionalGeneration "
-              "(train mode, default attention) built by `model/chameleon_hf.py`. Logit parity: max |difference| "
+              "(train mode, default attention) built by `model/chameleon_hf.py`. Ceiling alongside: the "
+              f"{ceil['matmul_n']}² matmul timed in the same alternating rounds (the same share of a shared CPU); "
+              "best ceiling: the best matmul at the start of the run. Logit parity: max |difference| "
               "of the two models' logits on one batch (its image-logit masking is a no-op with an empty "
               "vocabulary_map).", ""]
 
     if results.get("decode"):
         L += ["## Decoding (KV cache, greedy)", "",
               "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours bare loop tok/s | Peer generate() tok/s | "
-              "Ours ÷ peer | Ours eff. GB/s | ÷ copy bandwidth |", "|---|---|---|---|---|---|---|---|---|"]
+              "Ours ÷ peer | Ours eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["decode"].items():
             for B in results["settings"]["decode_batches"]:
                 if f"b{B}_speedup" not in r:
@@ -603,13 +657,15 @@ def render(results: dict) -> str:
                 L.append(f"| `{name}` | {B} | {r['prompt_len']} + {r['new_tokens']} | {_fmt(r[f'b{B}_ours_tokens_per_s'])} | "
                          f"{_fmt(r[f'b{B}_ours_raw_tokens_per_s'])} | {_fmt(r[f'b{B}_peer_tokens_per_s'])} | "
                          f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_ours_gbps'])} | "
+                         f"{_fmt(r.get(f'b{B}_copy_gbps_alongside'))} | {_fmt(r.get(f'b{B}_bandwidth_fraction_alongside'))} | "
                          f"{_fmt(r[f'b{B}_ours_gbps'] / ceil['copy_gbps'])} |")
         it = next(iter(results["decode"].values()))
         L += ["", "tok/s counts every row (batch × new tokens ÷ seconds, prefill included). Ours sampler = "
               "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks); "
               "bare loop = `Decoder` + `KVCache` with argmax only. Peer = `generate(do_sample=False, "
               "min_new_tokens=max_new_tokens, use_cache=True)`. Effective GB/s = bytes of every weight but the "
-              f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s. Median of "
+              f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
+              "alongside is timed in the same alternating rounds. Median of "
               f"{it['iters']} runs after warm-up, alternating.", ""]
 
     img = results.get("image_generation")
@@ -654,6 +710,7 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
     results["ceilings"] = {"matmul_gflops": matmul_gflops(n, rep), "matmul_n": n,
                            "copy_gbps": copy_gbps(mb, rep), "copy_mb": mb, "repeats": rep}
     log(f"  matmul {results['ceilings']['matmul_gflops']:.1f} GFLOP/s, copy {results['ceilings']['copy_gbps']:.1f} GB/s")
+    matmul_alongside, copy_alongside = MatmulCeiling(n), CopyCeiling(mb, times=4)
 
     train_settings = {  # preset: (batch, seq_len, warmup, iters)
         "tiny": (4, 64, 1, 3), "small": (8, 256, 2, 5), "base": (4, 256, 1, 3)}
@@ -665,16 +722,17 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
         if quick:
             w, it = 1, 2
         log(f"training {p}: batch {b} × seq {t}, {w} warm-up + {it} timed steps each side ...")
-        r = bench_train(p, batch=b, seq_len=t, warmup=w, iters=it)
+        r = bench_train(p, batch=b, seq_len=t, warmup=w, iters=it, ceiling=matmul_alongside)
         results["train"][p] = r
         log(f"  ours {r['ours_tokens_per_s']:.0f} tok/s, peer {r['peer_tokens_per_s']:.0f} tok/s "
-            f"({r['speedup']:.2f}×), ours {r['ours_gflops']:.1f} GFLOP/s")
+            f"({r['speedup']:.2f}×), ours {r['ours_gflops']:.1f} GFLOP/s, matmul alongside "
+            f"{r['matmul_gflops_alongside']:.1f} GFLOP/s")
     for p in presets:
         pl, nt, w, it = decode_settings.get(p, (16, 48, 1, 3))
         if quick:
             nt, it = max(16, nt // 4), 2
         log(f"decoding {p} ...")
-        r = bench_decode(p, batches=batches, prompt_len=pl, new_tokens=nt, warmup=w, iters=it)
+        r = bench_decode(p, batches=batches, prompt_len=pl, new_tokens=nt, warmup=w, iters=it, ceiling=copy_alongside)
         results["decode"][p] = r
         for B in batches:
             log(f"  b{B}: ours {r[f'b{B}_ours_tokens_per_s']:.0f} tok/s (bare {r[f'b{B}_ours_raw_tokens_per_s']:.0f}), "

@@ -48,15 +48,16 @@ def test_ceilings_positive(bench):
 
 
 def test_train_and_decode_tiny(bench):
-    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=1, iters=2)
-    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "speedup"):
+    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=1, iters=2, ceiling=bench.MatmulCeiling(64))
+    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "speedup", "ours_ceiling_fraction_alongside"):
         assert positive(r[k]), (k, r[k])
     assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer really is the same model
-    d = bench.bench_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=4, warmup=0, iters=1)
+    d = bench.bench_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=4, warmup=0, iters=1,
+                           ceiling=bench.CopyCeiling(1))
     for B in (1, 2):
         for k in ("ours", "ours_raw", "peer"):
             assert positive(d[f"b{B}_{k}_tokens_per_s"])
-        assert positive(d[f"b{B}_ours_gbps"])
+        assert positive(d[f"b{B}_ours_gbps"]) and positive(d[f"b{B}_bandwidth_fraction_alongside"])
 
 
 def test_images_tiny(bench):
