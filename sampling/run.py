@@ -1,0 +1,96 @@
+"""The trained-decoder run directory (LMRUN): its layout, and loading it for sampling and evaluation.
+
+    LMRUN/
+      vocab/                     copy of the merged vocabulary (tokenizer.json + layout.json)
+      image_tokenizer/           copy of the VQ-VAE run it was trained with (config.json + model.safetensors)
+      checkpoints/step-XXXXXXXX/ model.safetensors + config.json (+ state.* for --resume), MANIFEST.json
+      metrics.jsonl, samples/, loss_curves.png
+
+A run is self-contained: ``load_run(LMRUN)`` needs nothing outside it. ``load_run`` also accepts one
+``checkpoints/step-…`` directory to load that exact step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.decoder import Decoder, DecoderConfig
+from model.io import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights, verify_dir
+from tokenizer.vocab import Vocabulary
+from tokenizer.vqvae import VQVAE, load_vqvae, vq_fingerprint
+
+VOCAB_DIR = "vocab"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class Run:
+    decoder: Decoder
+    vocab: Vocabulary
+    vq: VQVAE
+    config: dict
+    """Everything in the checkpoint's config.json (decoder shape, training options, step)."""
+    path: Path
+    """The checkpoint directory that was loaded."""
+
+
+def write_decoder(directory: Path, decoder: Decoder, config: dict) -> None:
+    """Write decoder weights + config (config must hold the decoder shape under "decoder")."""
+    save_weights(directory / WEIGHTS, decoder.state_dict())
+    save_json(directory / CONFIG, config)
+
+
+def check_vocab_matches(vocab: Vocabulary, vq_dir: Path, where: str) -> None:
+    """The vocabulary's image range must come from this very image tokenizer."""
+    fp = vq_fingerprint(vq_dir)
+    if vocab.layout.image_tokenizer_fingerprint != fp:
+        raise CheckpointError(
+            f"{where}: the vocabulary was built for image tokenizer {vocab.layout.image_tokenizer_fingerprint[:12]} "
+            f"but {vq_dir} is {fp[:12]}; rebuild the vocabulary with `earlyfusion vocab build --image-tokenizer {vq_dir}`"
+        )
+    if vocab.codebook_size != load_json(vq_dir / CONFIG)["codebook_size"]:
+        raise CheckpointError(f"{where}: vocabulary codebook size {vocab.codebook_size} != image tokenizer's in {vq_dir}")
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run root, checkpoint dir) for an LMRUN directory or one of its step directories."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory; pass the --out directory of `earlyfusion train`")
+    if (path / WEIGHTS).is_file() and (path / MANIFEST).is_file() and path.parent.name == CHECKPOINTS_DIR:
+        verify_dir(path)
+        return path.parent.parent, path
+    ckpt = latest_good(path / CHECKPOINTS_DIR)
+    if ckpt is None:
+        raise CheckpointError(
+            f"{path}: no complete checkpoint under {path / CHECKPOINTS_DIR}; "
+            "is training still at its first steps, or is this not a run directory of `earlyfusion train`?"
+        )
+    return path, ckpt
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    root, ckpt = resolve_checkpoint(path)
+    for sub in (VOCAB_DIR, IMAGE_TOKENIZER_DIR):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"{root / sub}: missing; the run directory is incomplete (copy the whole run directory)")
+    vocab = Vocabulary.load(root / VOCAB_DIR)
+    vq = load_vqvae(root / IMAGE_TOKENIZER_DIR).to(device).eval()
+    check_vocab_matches(vocab, root / IMAGE_TOKENIZER_DIR, str(root))
+    config = load_json(ckpt / CONFIG)
+    dcfg = DecoderConfig.from_dict(config["decoder"])
+    if dcfg.vocab_size != vocab.vocab_size:
+        raise CheckpointError(
+            f"{ckpt / CONFIG}: decoder vocab_size {dcfg.vocab_size} != {vocab.vocab_size} in {root / VOCAB_DIR}; "
+            "the run's vocabulary was replaced"
+        )
+    decoder = Decoder(dcfg)
+    load_weights(ckpt / WEIGHTS, decoder)
+    decoder.to(device).eval()
+    return Run(decoder=decoder, vocab=vocab, vq=vq, config=config, path=ckpt)

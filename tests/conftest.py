@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny end-to-end pipeline built once per test session through the real CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@dataclass
+class TinyPipeline:
+    data: Path
+    vq: Path
+    vocab: Path
+    lm: Path | None = None
+
+
+def run_cli(*argv) -> None:
+    from earlyfusion_cli import main
+
+    rc = main([str(a) for a in argv])
+    assert rc == 0, f"earlyfusion {' '.join(map(str, argv))} exited {rc}"
+
+
+def tiny_train_argv(p: TinyPipeline, out: Path, steps: int = 12, *extra) -> list:
+    return ["train", "--data", p.data, "--image-tokenizer", p.vq, "--vocab", p.vocab, "--out", out,
+            "--preset", "tiny", "--steps", steps, "--batch-size", 4, "--warmup-steps", 2, "--eval-every", 0,
+            "--checkpoint-every", 4, "--lr", 3e-3, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+    """Built-in data (16 px) -> tiny image tokenizer -> vocabulary -> tiny decoder run."""
+    root = tmp_path_factory.mktemp("pipeline")
+    p = TinyPipeline(data=root / "data", vq=root / "vq", vocab=root / "vocab")
+    run_cli("data", "shapes", "--out", p.data, "--num-images", 160, "--image-size", 16, "--seed", 1,
+            "--num-interleaved", 20, "--num-text", 20)
+    run_cli("tokenizer", "train", "--data", p.data, "--out", p.vq, "--preset", "tiny", "--steps", 30)
+    run_cli("vocab", "build", "--image-tokenizer", p.vq, "--data", p.data, "--out", p.vocab, "--text-vocab-size", 300)
+    p.lm = root / "lm"
+    run_cli(*tiny_train_argv(p, p.lm, 12))
+    return p

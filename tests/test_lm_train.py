@@ -1,0 +1,133 @@
+"""Decoder training: loss falls, exact resume after SIGKILL, non-finite guard, mismatch errors, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TinyPipeline, run_cli, tiny_train_argv
+from model.io import UserError, latest_good, step_dirs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def test_training_lowers_loss_and_writes_run(tiny_pipeline: TinyPipeline, tmp_path):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 40))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("loss", "loss_text", "loss_image", "z_loss", "grad_norm", "out_norm", "tokens_per_s", "lr"):
+        assert key in rows[0]
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert "val_loss_text" in rows[-1] and "val_loss_image" in rows[-1]
+    ckpt = latest_good(out / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step-00000040"
+    assert (out / "vocab" / "tokenizer.json").is_file() and (out / "image_tokenizer" / "config.json").is_file()
+    assert (out / "loss_curves.png").is_file()
+    assert list((out / "samples").glob("*.png"))
+
+
+def test_exact_resume_after_sigkill(tiny_pipeline: TinyPipeline, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_cli(*tiny_train_argv(tiny_pipeline, full, 16))
+
+    argv = [sys.executable, "-m", "earlyfusion_cli", *map(str, tiny_train_argv(tiny_pipeline, killed, 16))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(d.name == "step-00000008" for d in step_dirs(killed / "checkpoints")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_good(killed / "checkpoints") is not None
+
+    run_cli(*tiny_train_argv(tiny_pipeline, killed, 16), "--resume")
+    assert _losses(killed) == _losses(full)
+
+
+def test_resume_falls_back_past_corrupted_checkpoint(tiny_pipeline: TinyPipeline, tmp_path):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 8))
+    newest = step_dirs(out / "checkpoints")[0]
+    (newest / "model.safetensors").write_bytes(b"\0" * 10)
+    assert latest_good(out / "checkpoints").name == "step-00000004"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 8), "--resume")
+    assert latest_good(out / "checkpoints").name == "step-00000008"
+
+
+def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    import torch
+
+    from training import lm_train
+
+    real = lm_train.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, *a, **k):
+        calls["n"] += 1
+        loss, stats = real(logits, *a, **k)
+        if calls["n"] in (3,) or calls["n"] >= 7:  # one isolated NaN, then NaN forever
+            loss = loss * torch.tensor(float("nan"))
+            stats = {**stats, "sum_all": float("nan")}
+        return loss, stats
+
+    monkeypatch.setattr(lm_train, "lm_loss", poisoned)
+    out = tmp_path / "lm"
+    cfg = lm_train.TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+                               out=str(out), preset="tiny", steps=20, batch_size=4, warmup_steps=2, eval_every=0,
+                               checkpoint_every=4, max_nonfinite=3)
+    with pytest.raises(UserError, match="non-finite"):
+        lm_train.train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4, 5, 6]  # step 3 skipped, then the run stopped
+    assert rows[-1]["skipped_nonfinite"] == 1
+    assert latest_good(out / "checkpoints").name == "step-00000004"
+
+
+def test_vocab_for_other_tokenizer_is_refused(tiny_pipeline: TinyPipeline, tmp_path):
+    other = tmp_path / "vq2"
+    shutil.copytree(tiny_pipeline.vq, other)
+    cfg_path = other / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["codebook_size"] = cfg["codebook_size"] * 2
+    cfg_path.write_text(json.dumps(cfg))
+    from training.lm_train import TrainConfig, train
+
+    with pytest.raises(UserError) as e:
+        train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(other), vocab=str(tiny_pipeline.vocab),
+                          out=str(tmp_path / "lm"), preset="tiny", steps=2))
+    assert str(other) in str(e.value)
+
+
+def test_two_process_gloo_matches_one_process(tiny_pipeline: TinyPipeline, tmp_path):
+    pytest.importorskip("accelerate")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(*tiny_train_argv(tiny_pipeline, one, 6))
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "earlyfusion_cli",
+            *map(str, tiny_train_argv(tiny_pipeline, two, 6))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _losses(one), _losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)

@@ -1,0 +1,75 @@
+"""``make demo``: the whole pipeline on the built-in data, through the real CLI, timed.
+
+data shapes -> tokenizer train -> tokenizer eval -> vocab build -> train (small) -> sample (a caption
+for a test image, an image for a test caption) -> eval. The last stdout line is eval's JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from earlyfusion_cli import main as cli
+
+
+def _stage(name: str, argv: list[str], timings: dict) -> None:
+    print(f"\n=== {name}: earlyfusion {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = cli(argv)
+    timings[name] = time.perf_counter() - t0
+    if rc:
+        raise SystemExit(f"demo: stage '{name}' failed (exit {rc})")
+    print(f"--- {name} took {timings[name]:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the whole earlyfusion pipeline on the built-in data.")
+    p.add_argument("--out", default="runs/demo", help="working directory (replaced)")
+    p.add_argument("--num-images", type=int, default=10000, help="built-in data set size")
+    p.add_argument("--tokenizer-steps", type=int, default=0, help="image tokenizer steps (0 = its default)")
+    p.add_argument("--steps", type=int, default=0, help="decoder steps (0 = the train default)")
+    p.add_argument("--preset", default="small", help="decoder preset")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    data, vq, vocab, lm = out / "data", out / "image_tokenizer", out / "vocab", out / "lm"
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)], timings)
+    _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)]
+           + (["--steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []), timings)
+    _stage("vocab", ["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(vocab)], timings)
+    _stage("train", ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab), "--out", str(lm),
+                     "--preset", args.preset] + (["--steps", str(args.steps)] if args.steps else []), timings)
+
+    test_meta = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()[:1]]
+    image, caption = data / "test" / test_meta[0]["file_name"], test_meta[0]["text"]
+    _stage("sample caption", ["sample", "--checkpoint", str(lm), "--image", str(image), "--max-new-tokens", "40",
+                              "--temperature", "0"], timings)
+    _stage("sample image", ["sample", "--checkpoint", str(lm), "--prompt", caption, "--modality", "image",
+                            "--num-samples", "4", "--out", str(out / "samples")], timings)
+    eval_argv = ["eval", "--checkpoint", str(lm), "--data", str(data), "--json"]
+    if args.eval_limit:
+        eval_argv += ["--limit", str(args.eval_limit)]
+    _stage("eval", eval_argv, timings)
+
+    total = time.perf_counter() - t0
+    print("\n=== demo summary")
+    for k, v in timings.items():
+        print(f"  {k:<16} {v:6.0f} s")
+    print(f"  {'total':<16} {total:6.0f} s")
+    print(f"  sample sheets: {lm / 'samples'}, {lm / 'eval' / 'sheet.png'}, {out / 'samples'}")
+    print(f"  reconstructions: {vq}; loss curves: {lm / 'loss_curves.png'}")
+    print(json.dumps(json.loads((lm / "eval" / "figures.json").read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Training the unified decoder: ``earlyfusion train``.
+
+One accelerate loop for one CPU and for ``accelerate launch`` on many processes. Every optimizer
+step consumes one *global* batch from ``training.data.PackedBatches`` (deterministic for the seed);
+each process takes its rows, and the loss is normalised by the global number of target tokens, so
+N processes compute the same update as one process with the same global batch.
+
+Exact resume: a checkpoint holds the weights, the optimizer state, the step, the data iterator's
+state and the torch RNG state (dropout); the LR is a pure function of the step. On CPU a resumed
+run reproduces the uninterrupted run's losses bit for bit (tested).
+
+Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update) and
+counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
+from model.io import UserError, atomic_dir, copy_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir
+from sampling.run import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
+from tokenizer.vocab import Vocabulary
+from training.progress import log, progress
+
+TEXT, IMAGE = 0, 1
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    """Training data, one or more: a built-in data directory (`earlyfusion data shapes`), an imagefolder directory, an interleaved .jsonl (OBELICS texts/images), a text .jsonl/.txt, or a hub data set name. Append :WEIGHT for the mixture weight (e.g. docs.jsonl:0.2)."""
+    image_tokenizer: str
+    """Image tokenizer run directory (from `earlyfusion tokenizer train`)."""
+    vocab: str
+    """Vocabulary directory (from `earlyfusion vocab build`), built for this image tokenizer."""
+    out: str
+    """Run directory (LMRUN): checkpoints, metrics.jsonl, sample sheets; self-contained for sampling."""
+    preset: str = "small"
+    """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b."""
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Global batch: packed sequences per optimizer step (over all processes)."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass per process; 0 = the whole per-process share (no accumulation)."""
+    context_len: int = 0
+    """Packed sequence length; 0 = the preset's max_seq_len."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW, betas 0.9/0.95 as in Chameleon)."""
+    min_lr_ratio: float = 0.05
+    """Final LR of the cosine schedule as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; not norms)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    z_loss: float = 1e-5
+    """z-loss weight on logsumexp(logits)^2 (Chameleon)."""
+    dropout: float = -1.0
+    """Dropout after attention and MLP; negative = the preset's value."""
+    reading_ratio: float = 0.5
+    """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing)."""
+    cond_dropout: float = 0.1
+    """Fraction of drawing examples whose caption is dropped (unconditional case for classifier-free guidance)."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    checkpoint_every: int = 500
+    """Checkpoint every K steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    eval_every: int = 250
+    """Validation loss per modality (and a sample sheet) every K steps; 0 = only at the end."""
+    resume: bool = False
+    """Continue from the newest good checkpoint in --out (exactly: same losses as an uninterrupted run)."""
+    max_nonfinite: int = 5
+    """Stop after this many non-finite steps in a row (each one is skipped)."""
+    strict: bool = False
+    """Fail on the first bad data record instead of skipping and counting it."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto = bf16 autocast on a GPU that supports it, fp32 elsewhere (bf16 is far slower on most CPUs)."""
+    cache_dir: str = ""
+    """Where tokenized data is cached; empty = <first data dir>/.earlyfusion-cache."""
+    log_every: int = 10
+    """Print a log line every K steps (the progress bar updates every step)."""
+
+    def __post_init__(self):
+        if self.preset not in DECODER_PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(DECODER_PRESETS)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.reading_ratio <= 1 or not 0 <= self.cond_dropout < 1:
+            raise ValueError("--reading-ratio must be in [0, 1] and --cond-dropout in [0, 1)")
+        if self.micro_batch_size < 0 or self.context_len < 0 or self.eval_every < 0:
+            raise ValueError("--micro-batch-size, --context-len and --eval-every must not be negative")
+
+
+# ---------------------------------------------------------------- loss
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor, z_weight: float, denom: float | None = None):
+    """Next-token loss over both modalities + z-loss.
+
+    logits (B,T,V) fp32, targets (B,T) with -100 = no loss, modality (B,T) of the target token.
+    Returns (loss to backprop, stats of summed per-modality losses and counts). ``denom`` overrides the
+    number of target tokens the mean is taken over (the global count under data parallelism).
+    """
+    B, T, V = logits.shape
+    flat = logits.reshape(-1, V).float()
+    tgt = targets.reshape(-1)
+    mask = tgt != -100
+    ce = F.cross_entropy(flat, tgt.clamp(min=0), reduction="none") * mask  # (B*T,)
+    lse = torch.logsumexp(flat, dim=-1)
+    z = (lse.square() * mask).sum()
+    n = mask.sum().clamp(min=1) if denom is None else denom
+    loss = (ce.sum() + z_weight * z) / n
+    mod = modality.reshape(-1)
+    with torch.no_grad():
+        stats = {
+            "sum_text": (ce * (mod == TEXT)).sum().item(), "n_text": int(((mod == TEXT) & mask).sum()),
+            "sum_image": (ce * (mod == IMAGE)).sum().item(), "n_image": int(((mod == IMAGE) & mask).sum()),
+            "sum_all": ce.sum().item(), "sum_z": z.item(), "n_all": int(mask.sum()),
+        }
+    return loss, stats
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine decay to min_lr_ratio·lr; a pure function of the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress_frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> Path:
+    """Copy the vocabulary and image tokenizer into LMRUN (or check they match on --resume)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for src, name in ((vocab_dir, VOCAB_DIR), (vq_dir, IMAGE_TOKENIZER_DIR)):
+        dest = out / name
+        if dest.is_dir():
+            for fname in ("layout.json", "config.json"):
+                if (src / fname).is_file() and load_json(src / fname) != load_json(dest / fname):
+                    raise UserError(
+                        f"{dest / fname} differs from {src / fname}: {out} was trained with another "
+                        f"{'vocabulary' if name == VOCAB_DIR else 'image tokenizer'}; use a new --out"
+                    )
+        else:
+            copy_dir(src, dest)
+    return out
+
+
+def _metrics_file(out: Path, resume_step: int) -> Path:
+    """metrics.jsonl, cut back to the resumed step so it reads like one uninterrupted run."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= resume_step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+        path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from training import data as data_mod
+    from training.evaluate import loss_curves_png, sample_sheet, validation_losses
+
+    vocab_dir, vq_dir = Path(cfg.vocab), Path(cfg.image_tokenizer)
+    vocab = Vocabulary.load(vocab_dir)
+    check_vocab_matches(vocab, vq_dir, f"--vocab {vocab_dir} vs --image-tokenizer {vq_dir}")
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mp)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = _prepare_run_dir(cfg, vocab_dir, vq_dir) if main else Path(cfg.out)
+    accelerator.wait_for_everyone()
+
+    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
+    dcfg = DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
+    context_len = cfg.context_len or dcfg.max_seq_len
+    if context_len > dcfg.max_seq_len:
+        raise UserError(f"--context-len {context_len} exceeds the preset's max_seq_len {dcfg.max_seq_len}")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_proc = cfg.batch_size // world
+    micro = cfg.micro_batch_size or per_proc
+    if per_proc % micro:
+        raise UserError(f"per-process batch {per_proc} must be divisible by --micro-batch-size {micro}")
+
+    set_seed(cfg.seed)
+    model = Decoder(dcfg)
+    optimizer = make_optimizer(model, cfg)
+
+    batches = data_mod.training_batches(
+        cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len, batch_size=cfg.batch_size,
+        reading_ratio=cfg.reading_ratio, cond_dropout=cfg.cond_dropout, seed=cfg.seed, strict=cfg.strict,
+        cache_dir=cfg.cache_dir or None,
+    )
+    heldout = data_mod.heldout_pairs(cfg.data, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.cache_dir or None)
+
+    start_step, skipped_total = 0, 0
+    if cfg.resume:
+        ckpt = latest_good(out / CHECKPOINTS_DIR)
+        if ckpt is None:
+            log.info("--resume: no checkpoint in %s yet; starting from scratch", out)
+        else:
+            saved = load_json(ckpt / "config.json")
+            if saved["decoder"] != dcfg.to_dict():
+                raise UserError(f"{ckpt / 'config.json'}: decoder shape differs from --preset {cfg.preset}; resume with the same options")
+            load_weights(ckpt / "model.safetensors", model)
+            state = load_state(ckpt, "state")
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["data"])
+            torch.set_rng_state(state["rng"])
+            if rank != 0:
+                torch.manual_seed(cfg.seed + 1000003 * rank + state["step"])
+            start_step, skipped_total = state["step"], state["skipped_nonfinite"]
+            log.info("resumed from %s (step %d)", ckpt, start_step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    metrics_path = _metrics_file(out, start_step) if main else None
+    writer = _tensorboard(out) if main else None
+
+    def save_checkpoint(step: int) -> None:
+        state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
+                 "step": step, "skipped_nonfinite": skipped_total}
+        if main:
+            config = {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len}
+            with atomic_dir(step_dir(out / CHECKPOINTS_DIR, step)) as tmp:
+                write_decoder(tmp, raw_model, config)
+                save_state(tmp, "state", state)
+            prune(out / CHECKPOINTS_DIR, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
+             cfg.preset, n_params / 1e6, context_len, vocab.vocab_size, world, mp)
+
+    bar = progress(range(start_step, cfg.steps), total=cfg.steps, initial=start_step, desc="train")
+    bad_in_row, step = 0, start_step
+    t_last = time.perf_counter()
+    for step in bar:
+        model.train()
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = next(batches)  # the global batch, identical on every process
+        n_global = max(int((batch["targets"] != -100).sum()), 1)
+        rows = slice(rank * per_proc, (rank + 1) * per_proc)
+        local = {k: v[rows] for k, v in batch.items()}
+        totals = dict.fromkeys(("sum_text", "n_text", "sum_image", "n_image", "sum_all", "sum_z", "n_all"), 0.0)
+        out_norm = 0.0
+        for i in range(0, per_proc, micro):
+            mb = {k: v[i:i + micro].to(accelerator.device) for k, v in local.items()}
+            last = i + micro >= per_proc
+            with (accelerator.no_sync(model) if not last and world > 1 else _null()):
+                with accelerator.autocast():
+                    logits, hidden = model(mb["tokens"], positions=mb["positions"], doc_ids=mb["doc_ids"], return_hidden=True)
+                # grads are averaged over processes, so scale the global-token mean by world size
+                loss, stats = lm_loss(logits, mb["targets"], mb["modality"], cfg.z_loss, denom=n_global / world)
+                accelerator.backward(loss)
+            out_norm = max(out_norm, hidden.detach().float().norm(dim=-1).mean().item())
+            for k in totals:
+                totals[k] += stats[k]
+        if world > 1:
+            t = torch.tensor([totals[k] for k in totals], dtype=torch.float64, device=accelerator.device)
+            t = accelerator.reduce(t, reduction="sum")
+            totals = dict(zip(totals, t.tolist()))
+        gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm)
+        loss_val = (totals["sum_all"] + cfg.z_loss * totals["sum_z"]) / max(totals["n_all"], 1)
+        if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_total += 1
+            bad_in_row += 1
+            log.warning("step %d: non-finite loss/gradient (loss %s, grad norm %s); step skipped (%d in a row)",
+                        step + 1, loss_val, gnorm, bad_in_row)
+            if bad_in_row > cfg.max_nonfinite:
+                last_good = latest_good(out / CHECKPOINTS_DIR)
+                raise UserError(
+                    f"stopped: {bad_in_row} non-finite steps in a row (limit --max-nonfinite {cfg.max_nonfinite}); "
+                    f"the last good checkpoint is {last_good}. Lower --lr or check the data."
+                )
+            continue
+        bad_in_row = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        now = time.perf_counter()
+        record = {
+            "step": step + 1, "loss": loss_val,
+            "loss_text": totals["sum_text"] / totals["n_text"] if totals["n_text"] else None,
+            "loss_image": totals["sum_image"] / totals["n_image"] if totals["n_image"] else None,
+            "z_loss": totals["sum_z"] / max(totals["n_all"], 1), "grad_norm": gnorm, "out_norm": out_norm,
+            "lr": lr, "tokens_per_s": float(batch["tokens"].numel()) / max(now - t_last, 1e-9),
+            "skipped_nonfinite": skipped_total,
+        }
+        t_last = now
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
+            raw_model.eval()
+            if main:
+                val = validation_losses(raw_model, vocab, heldout, device=accelerator.device)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                sample_sheet(raw_model, vocab, load_vq(vq_dir), heldout, out / "samples" / f"step-{done:08d}.png", seed=cfg.seed)
+            accelerator.wait_for_everyone()
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, done)
+            bar.set_postfix(loss=f"{loss_val:.3f}", txt=_fmt(record["loss_text"]), img=_fmt(record["loss_image"]),
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if done % cfg.log_every == 0 or done == cfg.steps or "val_loss_text" in record:
+                msg = (f"step {done}/{cfg.steps} loss {loss_val:.4f} text {_fmt(record['loss_text'])} "
+                       f"image {_fmt(record['loss_image'])} gnorm {gnorm:.2f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")
+                if "val_loss_text" in record:
+                    msg += f" | val text {_fmt(record['val_loss_text'])} image {_fmt(record['val_loss_image'])}"
+                (bar.write if not bar.disable else log.info)(msg)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    bar.close()
+    if main:
+        loss_curves_png(metrics_path, out / "loss_curves.png")
+        if skipped_total:
+            log.info("skipped %d non-finite step(s)", skipped_total)
+        log.info("finished: %s (checkpoint %s)", out, latest_good(out / CHECKPOINTS_DIR))
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return out
+
+
+_VQ_CACHE: dict[str, object] = {}
+
+
+def load_vq(vq_dir: Path):
+    from tokenizer.vqvae import load_vqvae
+
+    key = str(vq_dir)
+    if key not in _VQ_CACHE:
+        _VQ_CACHE[key] = load_vqvae(vq_dir).eval()
+    return _VQ_CACHE[key]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: CSV/JSONL logging only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train_cmd(cfg: TrainConfig) -> int:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train(cfg)
+    return 0
