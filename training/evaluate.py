@@ -44,7 +44,7 @@ class EvalConfig:
     cfg: float = 3.0
     """Classifier-free guidance scale for the drawing evaluation."""
     batch_size: int = 64
-    """Pairs per generation batch."""
+    """Pairs per batch (validation loss, reading and drawing)."""
     seed: int = 0
     """Seed for the drawing samples."""
     out: str = ""
@@ -258,24 +258,25 @@ def evaluate(cfg: EvalConfig) -> dict:
     from training import shapes
     from training.vq_train import evaluate_tokenizer
 
+    if not Path(cfg.data).expanduser().is_dir():
+        what = "is a file, not a directory" if Path(cfg.data).expanduser().exists() else "no such directory"
+        raise UserError(f"{cfg.data}: {what}; pass a local data directory (the built-in data or an imagefolder with captions)")
     run = load_run(cfg.checkpoint)
     root = run.path.parent.parent
     out = Path(cfg.out) if cfg.out else root / "eval"
-    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer")
-    if cfg.limit:
-        pairs = pairs[:cfg.limit]
+    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer", limit=cfg.limit)
     if not pairs:
         raise UserError(f"{cfg.data}: no held-out image-caption pairs found; pass the built-in data directory or an imagefolder with captions")
     t0 = time.perf_counter()
     figures: dict = {"pairs": len(pairs), "step": run.config.get("step")}
-    figures.update(validation_losses(run.decoder, run.vocab, pairs))
+    figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
 
     images = torch.stack([p.pixels for p in pairs]) if pairs[0].pixels is not None else None
     if images is not None:
         tok = evaluate_tokenizer(run.vq, images)
         figures.update({"psnr": tok["psnr"], "ssim": tok["ssim"], "codebook_usage": tok["codebook_usage"]})
 
-    reads = read_captions(run.decoder, run.vocab, pairs)
+    reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
     captions = [p.caption for p in pairs]
     drawn = draw_images(run.decoder, run.vocab, run.vq, captions, cfg=cfg.cfg, seed=cfg.seed, batch_size=cfg.batch_size)
     truths = [shapes.parse_caption(c) for c in captions]
