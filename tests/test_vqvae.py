@@ -36,9 +36,10 @@ def test_presets_grid():
 
 @pytest.mark.parametrize("bad", [
     dict(image_size=30),  # not divisible by downsample
-    dict(downsample=3, patch_size=1, channels=(8, 8)),  # not a power of two
+    dict(downsample=3, patch_size=1, channels=(8, 8), encoder_reach=None),  # not a power of two
     dict(patch_size=8),  # larger than downsample
-    dict(channels=(8, 16, 16)),  # wrong number of levels
+    dict(patch_size=2, channels=(8, 16)),  # local encoder needs one patch per code
+    dict(patch_size=2, channels=(8, 16, 16), encoder_reach=None),  # wrong number of levels
     dict(codebook_dim=64),  # larger than latent_dim
     dict(dead_code_threshold=0.0),  # dead-code replacement off
     dict(channels=(8, 18)),  # not divisible by norm groups
@@ -171,3 +172,19 @@ def test_missing_directory_and_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         load_vqvae(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("reach", [0, 1])
+def test_codes_depend_only_on_patches_within_reach(reach):
+    """encoder_reach r: a code is a function of the patches within r of it, nothing else in the image."""
+    cfg = replace(VQ_PRESETS["default"], encoder_reach=reach, channels=(32,), latent_dim=16, codebook_dim=8, codebook_size=16)
+    torch.manual_seed(0)
+    enc = VQVAE(cfg).encoder.eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = x.clone()
+    y[:, :, 28:, 28:] = -x[:, :, 28:, 28:]  # change only the bottom-right patch (grid cell 7, 7)
+    d = (enc(x) - enc(y)).abs().amax(dim=1)[0]  # (8, 8) change per code position
+    changed = d > 1e-6
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[7 - reach:, 7 - reach:] = True
+    assert torch.equal(changed, expect), changed

@@ -54,13 +54,18 @@ class VQConfig:
     """Patchify stem: the first patch_size x downsampling is a pixel (un)shuffle (power of two dividing downsample)."""
     channels: tuple[int, ...] = (128,)
     """Conv channels per resolution level after the stem: log2(downsample/patch_size) + 1 entries."""
+    encoder_reach: int | None = 1
+    """How far each code sees, in patches: 0 = its own patch, 1 = its 3x3 neighbourhood (one kxk conv, then per-position
+    1x1 layers; needs patch_size == downsample); None = the whole image (3x3 convs + GroupNorm). Codes that depend only
+    on nearby pixels compose from an image's parts, which the decoder LM learns far faster; the pixel decoder
+    still sees every code."""
     res_blocks: int = 1
     """Encoder residual blocks per resolution level."""
     decoder_res_blocks: int = 2
     """Decoder residual blocks per resolution level."""
     latent_dim: int = 64
     """Channels of the encoder output / decoder input (the quantizer's input dimension)."""
-    codebook_size: int = 512
+    codebook_size: int = 256
     """Number of codebook entries (image vocabulary size)."""
     codebook_dim: int = 16
     """Dimension of the low-dimensional cosine lookup space (8-32 against collapse)."""
@@ -83,6 +88,12 @@ class VQConfig:
             raise ValueError(f"image_size {self.image_size} must be a positive multiple of downsample {self.downsample}")
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1) or self.downsample % self.patch_size:
             raise ValueError(f"patch_size must be a power of two dividing downsample {self.downsample}, got {self.patch_size}")
+        if self.encoder_reach is not None:
+            if self.encoder_reach < 0:
+                raise ValueError(f"encoder_reach must be >= 0 (or None for the whole image), got {self.encoder_reach}")
+            if self.patch_size != self.downsample:
+                raise ValueError(f"encoder_reach needs patch_size == downsample (each code is one patch), got patch_size "
+                                 f"{self.patch_size} and downsample {self.downsample}; or set encoder_reach to None")
         levels = int(math.log2(self.downsample // self.patch_size)) + 1
         if len(self.channels) != levels:
             raise ValueError(f"channels needs {levels} entries for downsample {self.downsample} with patch_size "
@@ -128,7 +139,7 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, VQConfig] = {
     # tests: 16 px -> 4x4 codes, a few thousand parameters
-    "tiny": VQConfig(image_size=16, downsample=4, patch_size=2, channels=(8, 16), res_blocks=1, decoder_res_blocks=1,
+    "tiny": VQConfig(image_size=16, downsample=4, patch_size=4, channels=(16,), res_blocks=1, decoder_res_blocks=1,
                      latent_dim=16, codebook_size=32, codebook_dim=8, norm_groups=4, kmeans_iters=4),
     # built-in 32 px shapes data -> 8x8 = 64 codes per image
     "default": VQConfig(),
@@ -154,6 +165,27 @@ class ResBlock(nn.Module):
         return x + h
 
 
+class LocalResBlock(nn.Module):
+    """Per-position LayerNorm -> SiLU -> 1x1 conv, twice, plus the identity: nothing crosses positions."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1)
+        self.norm2 = nn.LayerNorm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(channel_norm(self.norm1, x)))
+        h = self.conv2(F.silu(channel_norm(self.norm2, h)))
+        return x + h
+
+
+def channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of each position: (B, C, H, W) -> (B, C, H, W)."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class Downsample(nn.Module):
     """Stride-2 conv: (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
 
@@ -177,26 +209,31 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Patchify (pixel unshuffle) -> conv stages with stride-2 downsampling -> latent_dim channels."""
+    """Patchify (pixel unshuffle) -> conv stages with stride-2 downsampling -> latent_dim channels.
+
+    With ``encoder_reach`` r the first conv is (2r+1)x(2r+1) over patches and every later layer is per-position
+    (1x1 convs, LayerNorm over channels): a code is a function of the patches within r of it only."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
         ch, g, p = cfg.channels, cfg.norm_groups, cfg.patch_size
-        self.patch_size = p
-        self.conv_in = nn.Conv2d(3 * p * p, ch[0], 3, padding=1)
+        self.patch_size, self.local = p, cfg.encoder_reach is not None
+        k = 2 * cfg.encoder_reach + 1 if self.local else 3
+        self.conv_in = nn.Conv2d(3 * p * p, ch[0], k, padding=k // 2)
         layers: list[nn.Module] = []
         for i, c in enumerate(ch):
-            layers += [ResBlock(c, g) for _ in range(cfg.res_blocks)]
+            layers += [LocalResBlock(c) if self.local else ResBlock(c, g) for _ in range(cfg.res_blocks)]
             if i + 1 < len(ch):
                 layers.append(Downsample(c, ch[i + 1]))
         self.body = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(g, ch[-1])
+        self.norm_out = nn.LayerNorm(ch[-1]) if self.local else nn.GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.latent_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.pixel_unshuffle(x, self.patch_size)  # (B, 3*p*p, H/p, W/p)
         h = self.body(self.conv_in(h))  # (B, ch[-1], h, w)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_dim, h, w)
+        h = channel_norm(self.norm_out, h) if self.local else self.norm_out(h)
+        return self.conv_out(F.silu(h))  # (B, latent_dim, h, w)
 
 
 class Decoder(nn.Module):
