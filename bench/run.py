@@ -61,7 +61,7 @@ INTERFACE_KEYS = tuple(TARGETS)
 
 # Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
 N_SPECIAL = 5
-VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (707, 512), "base": (1024, 8192)}  # (text ids, codebook)
+VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 256), "base": (1024, 8192)}  # (text ids, codebook)
 
 
 def log(msg: str) -> None:

@@ -155,7 +155,7 @@ DECODER_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: fast, every code path
     "tiny": dict(dim=64, n_layers=2, n_heads=4, max_seq_len=128),
     # the CPU demo: trains on ~100-token shapes sequences in minutes on 2 cores
-    "small": dict(dim=256, n_layers=6, n_heads=4, max_seq_len=256),
+    "small": dict(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
     # ~100M parameters with a ~9k vocabulary
     "base": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     # the published Chameleon-7B shape (~7.0B parameters)

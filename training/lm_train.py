@@ -47,9 +47,9 @@ class TrainConfig:
     """Run directory (LMRUN): checkpoints, metrics.jsonl, sample sheets; self-contained for sampling."""
     preset: str = "small"
     """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b."""
-    steps: int = 1500
+    steps: int = 720
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Global batch: packed sequences per optimizer step (over all processes)."""
     micro_batch_size: int = 0
     """Sequences per forward pass per process; 0 = the whole per-process share (no accumulation)."""
@@ -59,7 +59,7 @@ class TrainConfig:
     """Peak learning rate (AdamW, betas 0.9/0.95 as in Chameleon)."""
     min_lr_ratio: float = 0.05
     """Final LR of the cosine schedule as a fraction of the peak."""
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     """Linear warmup steps."""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only; not norms)."""
@@ -69,17 +69,17 @@ class TrainConfig:
     """z-loss weight on logsumexp(logits)^2 (Chameleon)."""
     dropout: float = -1.0
     """Dropout after attention and MLP; negative = the preset's value."""
-    reading_ratio: float = 0.5
-    """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing)."""
+    reading_ratio: float = 0.3
+    """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing, the slower to learn)."""
     cond_dropout: float = 0.1
     """Fraction of drawing examples whose caption is dropped (unconditional case for classifier-free guidance)."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = 240
     """Checkpoint every K steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep."""
-    eval_every: int = 250
+    eval_every: int = 240
     """Validation loss per modality (and a sample sheet) every K steps; 0 = only at the end."""
     resume: bool = False
     """Continue from the newest good checkpoint in --out (exactly: same losses as an uninterrupted run)."""
