@@ -108,7 +108,7 @@ def test_eval_scores_what_is_read_and_drawn(monkeypatch, tiny_pipeline, tmp_path
         seen[:] = [p.caption for p in pairs]
         return ["an unparseable caption"] + [p.caption.upper() + "." for p in pairs[1:]]  # parse_caption tolerates case/stop
 
-    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu"):
+    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0):
         scenes = [shapes.parse_caption(c) for c in captions]
         scenes[-1] = scenes[0]  # the last drawing shows the first caption's scene
         return [shapes.render(s, vq.cfg.image_size) for s in scenes]

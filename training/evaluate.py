@@ -41,8 +41,10 @@ class EvalConfig:
     """Print every figure as one JSON object on the last line."""
     limit: int = 0
     """Evaluate at most this many held-out pairs (0 = all)."""
-    cfg: float = 3.0
-    """Classifier-free guidance scale for the drawing evaluation."""
+    cfg: float = 1.5
+    """Classifier-free guidance scale for the drawing evaluation (the sampler's default)."""
+    image_temperature: float = 0.0
+    """Image-code temperature for the drawing evaluation; 0 = greedy (as the reading evaluation is greedy)."""
     batch_size: int = 64
     """Pairs per batch (validation loss, reading and drawing)."""
     seed: int = 0
@@ -51,8 +53,8 @@ class EvalConfig:
     """Where to write the caption/generation sheets; empty = <checkpoint>/eval."""
 
     def __post_init__(self):
-        if self.limit < 0 or self.batch_size < 1 or self.cfg < 0:
-            raise ValueError("--limit must be >= 0, --batch-size >= 1 and --cfg >= 0")
+        if self.limit < 0 or self.batch_size < 1 or self.cfg < 0 or self.image_temperature < 0:
+            raise ValueError("--limit must be >= 0, --batch-size >= 1, --cfg and --image-temperature >= 0")
 
 
 # ---------------------------------------------------------------- losses
@@ -143,13 +145,15 @@ def read_captions(decoder, vocab, pairs, batch_size: int = 64, device="cpu") -> 
     return out
 
 
-def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size: int = 64, device="cpu"):
-    """One image per caption (PIL), sampled with classifier-free guidance."""
+def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size: int = 64, device="cpu",
+                image_temperature: float = 0.0):
+    """One image per caption (PIL), sampled with classifier-free guidance (greedy codes by default)."""
     from sampling.generate import draw_captions
 
     out = []
     for i in progress(range(0, len(captions), batch_size), desc="drawing"):
-        out.extend(draw_captions(decoder, vocab, vq, captions[i:i + batch_size], cfg=cfg, seed=seed + i, device=device))
+        out.extend(draw_captions(decoder, vocab, vq, captions[i:i + batch_size], cfg=cfg, seed=seed + i, device=device,
+                                 image_temperature=image_temperature))
     return out
 
 
@@ -177,7 +181,7 @@ def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, sc
     sheet.save(path)
 
 
-def sample_sheet(decoder, vocab, vq, pairs, path: Path, n: int = 6, seed: int = 0, cfg: float = 3.0) -> None:
+def sample_sheet(decoder, vocab, vq, pairs, path: Path, n: int = 6, seed: int = 0, cfg: float = 1.5) -> None:
     """A few held-out pairs: the model's caption of each image and its drawing of each caption."""
     chunk = pairs[:n]
     if not chunk:
@@ -278,7 +282,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
     captions = [p.caption for p in pairs]
-    drawn = draw_images(run.decoder, run.vocab, run.vq, captions, cfg=cfg.cfg, seed=cfg.seed, batch_size=cfg.batch_size)
+    drawn = draw_images(run.decoder, run.vocab, run.vq, captions, cfg=cfg.cfg, seed=cfg.seed, batch_size=cfg.batch_size,
+                        image_temperature=cfg.image_temperature)
     truths = [shapes.parse_caption(c) for c in captions]
     if all(t is not None for t in truths):
         read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
