@@ -30,6 +30,7 @@ from model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
 from model.io import UserError, atomic_dir, copy_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir
 from sampling.run import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
 from tokenizer.vocab import Vocabulary
+from training.loop import metrics_file, warmup_cosine_lr
 from training.progress import log, progress
 
 TEXT, IMAGE = 0, 1
@@ -136,12 +137,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor,
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine decay to min_lr_ratio·lr; a pure function of the step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress_frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+    """The LR of a step: linear warmup, then cosine decay to min_lr_ratio·lr."""
+    return warmup_cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -171,21 +168,6 @@ def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> Path:
         else:
             copy_dir(src, dest)
     return out
-
-
-def _metrics_file(out: Path, resume_step: int) -> Path:
-    """metrics.jsonl, cut back to the resumed step so it reads like one uninterrupted run."""
-    path = out / "metrics.jsonl"
-    if path.exists():
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= resume_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-        path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- the loop
@@ -255,7 +237,7 @@ def train(cfg: TrainConfig) -> Path:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    metrics_path = _metrics_file(out, start_step) if main else None
+    metrics_path = metrics_file(out, start_step) if main else None
     writer = _tensorboard(out) if main else None
 
     def save_checkpoint(step: int) -> None:

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from model.io import UserError, atomic_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir, step_dirs
 from tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
+from training.loop import metrics_file, warmup_cosine_lr
 from training.progress import log, progress
 
 CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 SHEET = "reconstructions.png"
 SHEETS_DIR = "sheets"
 SHEET_IMAGES = 8
@@ -313,12 +313,8 @@ def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor, path: Path, scal
 
 
 def lr_at(step: int, cfg: VQTrainConfig) -> float:
-    """Linear warmup then cosine decay to min_lr_ratio·lr; a pure function of the step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+    """The LR of a step: linear warmup, then cosine decay to min_lr_ratio·lr."""
+    return warmup_cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def compute_loss(model, x: torch.Tensor, cfg: VQTrainConfig) -> tuple[torch.Tensor, dict]:
@@ -333,23 +329,6 @@ def compute_loss(model, x: torch.Tensor, cfg: VQTrainConfig) -> tuple[torch.Tens
         rec = (recon - x).abs().mean() + F.mse_loss(recon, x)
     loss = rec + commit
     return loss, {"recon": rec.detach(), "commit": commit.detach(), "codes": codes.detach()}
-
-
-def _metrics_file(out: Path, resume_step: int) -> Path:
-    """metrics.jsonl cut back to the resumed step, so it reads like one uninterrupted run."""
-    path = out / METRICS
-    if path.exists():
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= resume_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-        path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    elif resume_step:
-        path.touch()
-    return path
 
 
 def _usage_window_steps(cfg: VQConfig, batch_size: int) -> int:
@@ -416,7 +395,7 @@ def train(cfg: VQTrainConfig) -> Path:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: VQVAE = accelerator.unwrap_model(model)
-    metrics_path = _metrics_file(out, start_step) if main else None
+    metrics_path = metrics_file(out, start_step) if main else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
