@@ -59,8 +59,9 @@ class SamplingConfig:
     """Text top-k; 0 = no limit."""
     top_p: float = 1.0
     """Text nucleus probability; 1 = no limit."""
-    image_temperature: float = 1.0
-    """Image-code temperature; 0 = greedy."""
+    image_temperature: float = 0.5
+    """Image-code temperature; 0 = greedy. Demo model, 200 test captions, CFG 1.5: 0.5 drew 60 % of scenes exactly,
+    1.0 50 %, greedy 64 % (but every sample of a prompt the same)."""
     image_top_k: int | None = None
     """Image-code top-k; default half the codebook; 0 = no limit."""
     image_top_p: float = 1.0
@@ -363,7 +364,9 @@ def caption_images(decoder, vocab, codes: Sequence[Tensor], *, max_new_tokens: i
 
 
 def draw_captions(decoder, vocab, vq, captions: Sequence[str], *, cfg: float = DEFAULT_CFG, seed: int = 0,
-                  image_temperature: float = 1.0, device=None) -> list:
-    """One image (PIL) per caption, sampled with classifier-free guidance (drawing)."""
-    config = SamplingConfig(modality="image", cfg=cfg, seed=seed, image_temperature=image_temperature)
+                  image_temperature: float | None = None, device=None) -> list:
+    """One image (PIL) per caption, sampled with classifier-free guidance (drawing); temperature None = the default."""
+    config = SamplingConfig(modality="image", cfg=cfg, seed=seed)
+    if image_temperature is not None:
+        config.image_temperature = image_temperature
     return [s.images[0] for s in generate(decoder, vocab, list(captions), config, vq=vq)]
