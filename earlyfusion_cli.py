@@ -80,7 +80,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse expands %-formats in help
         kw: dict = {"dest": f.name}
         if tp is bool:
             kw.update(action=argparse.BooleanOptionalAction, default=default)
