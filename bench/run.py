@@ -451,9 +451,12 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
 
 
 def bench_image_generation(preset: str = "small", vq_preset: str = "default", *, prompt_len: int = 12,
-                           cfg_scale: float = 3.0, num_samples: int = 8, warmup: int = 1, iters: int = 3) -> dict:
-    """Seconds per image (sampling + VQ decode) with and without batched CFG; images/s at ``num_samples``."""
-    from sampling.generate import sample_tokens
+                           cfg_scale: float | None = None, num_samples: int = 8, warmup: int = 1, iters: int = 3) -> dict:
+    """Seconds per image (sampling + VQ decode) with and without batched CFG (default: the sampler's scale);
+    images/s at ``num_samples``."""
+    from sampling.generate import DEFAULT_CFG, sample_tokens
+
+    cfg_scale = DEFAULT_CFG if cfg_scale is None else cfg_scale
     from sampling.processors import SamplerParams
     from tokenizer.vqvae import VQ_PRESETS, VQVAE
 

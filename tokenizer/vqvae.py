@@ -2,9 +2,11 @@
 
 A small convolutional encoder/decoder around the quantizer of vector-quantize-pytorch: a patchify
 stem (pixel unshuffle by ``patch_size``: each code's pixels enter as channels, and the decoder emits
-them the same way through a pixel shuffle; hard edges come out exact and cheap), then conv stages of
-ResNet blocks (GroupNorm, SiLU) with stride-2 down/upsampling for the rest of ``downsample``. The
-quantizer is configured against codebook collapse (see shared/DESIGN.md):
+them the same way through a pixel shuffle; hard edges come out exact and cheap). The decoder is conv
+stages of ResNet blocks (GroupNorm, SiLU) with x2 upsampling for the rest of ``downsample``; the
+encoder by default sees only a small neighbourhood per code (``encoder_reach``: one kxk conv, then
+per-position layers), so codes compose from an image's parts. The quantizer is configured against
+codebook collapse (see shared/DESIGN.md):
 
 * low-dimensional lookup: the encoder's ``latent_dim`` features are projected to ``codebook_dim``
   (8-32) before the nearest-code search;
