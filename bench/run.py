@@ -363,8 +363,10 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
 # ---------------------------------------------------------------- decoding
 
 
-def ours_sampler_fn(model: Decoder, layout: BenchLayout, prompts: torch.Tensor, new_tokens: int) -> Callable[[], int]:
-    """Our real sampling loop, greedy text, as users run it (processors, stop checks and all)."""
+def ours_sampler_fn(model: Decoder, layout: BenchLayout, prompts: torch.Tensor, new_tokens: int,
+                    compile: bool = False) -> Callable[[], int]:
+    """Our real sampling loop, greedy text, as users run it (decoding rules, stop checks and all);
+    ``compile``: as ``earlyfusion sample --compile`` (torch.compile'd per-token step)."""
     from sampling.generate import sample_tokens
     from sampling.processors import SamplerParams
 
@@ -374,7 +376,7 @@ def ours_sampler_fn(model: Decoder, layout: BenchLayout, prompts: torch.Tensor, 
 
     def run() -> int:
         out, _ = sample_tokens(model, no_stop, rows, modality="text", max_new_tokens=new_tokens,
-                               text=greedy, image=greedy)
+                               text=greedy, image=greedy, compile=compile)
         assert all(len(o) == new_tokens for o in out), [len(o) for o in out]
         return new_tokens
 
@@ -413,8 +415,9 @@ def peer_generate_fn(peer: torch.nn.Module, layout: BenchLayout, prompts: torch.
 
 
 def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_tokens: int, warmup: int,
-                 iters: int, ceiling: CopyCeiling | None = None) -> dict:
-    """Decode tokens/s (all rows counted) at each batch size: our sampler, our bare loop, the peer.
+                 iters: int, ceiling: CopyCeiling | None = None, compile: bool = True) -> dict:
+    """Decode tokens/s (all rows counted) at each batch size: our sampler (eager and, with ``compile``, as
+    ``--compile`` runs it), our bare loop, the peer. "best" is the faster of our two sampler modes.
 
     ``ceiling``: a memory copy timed in the same alternating rounds (the bandwidth available under the
     same load from other processes)."""
@@ -430,6 +433,11 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
         fns = {"ours": ours_sampler_fn(ours, layout, prompts, new_tokens),
                "ours_raw": ours_raw_fn(ours, prompts, new_tokens),
                "peer": peer_generate_fn(hf, layout, prompts, new_tokens)}
+        if compile:
+            fns["ours_compiled"] = ours_sampler_fn(ours, layout, prompts, new_tokens, compile=True)
+            if "compile_s" not in out:
+                log(f"  decode {preset}: compiling the decode step (torch.compile, once)")
+                out["compile_s"] = timed(fns["ours_compiled"])
         if ceiling is not None:
             fns["ceiling"] = ceiling
         log(f"  decode {preset} batch {B}: {new_tokens} new tokens after a {prompt_len}-token prompt")
@@ -442,8 +450,13 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
             out[f"b{B}_{k}_tokens_per_s"] = B * steps_per_s
             out[f"b{B}_{k}_gbps"] = out["weight_bytes"] * steps_per_s / 1e9
         out[f"b{B}_speedup"] = out[f"b{B}_ours_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
+        best = max((k for k in ("ours", "ours_compiled") if f"b{B}_{k}_tokens_per_s" in out),
+                   key=lambda k: out[f"b{B}_{k}_tokens_per_s"])
+        out[f"b{B}_best_mode"] = "compiled" if best == "ours_compiled" else "eager"
+        out[f"b{B}_best_speedup"] = out[f"b{B}_{best}_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
+        out[f"b{B}_best_gbps"] = out[f"b{B}_{best}_gbps"]
         if ceiling_times is not None:
-            out[f"b{B}_bandwidth_fraction_alongside"] = out[f"b{B}_ours_gbps"] / out[f"b{B}_copy_gbps_alongside"]
+            out[f"b{B}_bandwidth_fraction_alongside"] = out[f"b{B}_best_gbps"] / out[f"b{B}_copy_gbps_alongside"]
     return out
 
 
@@ -583,10 +596,10 @@ def interface(results: dict) -> dict:
         "train_speedup_small": small_tr.get("speedup") if small_tr else None,
         "train_ceiling_fraction_base": (base_tr.get("ours_ceiling_fraction_alongside",
                                                     base_tr["ours_gflops"] / ceil["matmul_gflops"]) if base_tr else None),
-        "decode_speedup_b1_small": small_dec.get("b1_speedup") if small_dec and "b1_speedup" in small_dec else None,
+        "decode_speedup_b1_small": small_dec.get("b1_best_speedup") if small_dec else None,
         "decode_bandwidth_fraction_base": (base_dec.get("b1_bandwidth_fraction_alongside",
-                                                        base_dec["b1_ours_gbps"] / ceil["copy_gbps"])
-                                           if base_dec and "b1_ours_gbps" in base_dec else None),
+                                                        base_dec["b1_best_gbps"] / ceil["copy_gbps"])
+                                           if base_dec and "b1_best_gbps" in base_dec else None),
         "cfg_cost_ratio": img["cfg_cost_ratio"] if img else None,
     }
 
@@ -650,22 +663,28 @@ def render(results: dict) -> str:
 
     if results.get("decode"):
         L += ["## Decoding (KV cache, greedy)", "",
-              "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours bare loop tok/s | Peer generate() tok/s | "
-              "Ours ÷ peer | Ours eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours sampler `--compile` tok/s | Ours bare loop tok/s | "
+              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Best eff. GB/s | Copy GB/s alongside | "
+              "÷ copy alongside | ÷ best copy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["decode"].items():
             for B in results["settings"]["decode_batches"]:
                 if f"b{B}_speedup" not in r:
                     continue
                 L.append(f"| `{name}` | {B} | {r['prompt_len']} + {r['new_tokens']} | {_fmt(r[f'b{B}_ours_tokens_per_s'])} | "
+                         f"{_fmt(r.get(f'b{B}_ours_compiled_tokens_per_s'))} | "
                          f"{_fmt(r[f'b{B}_ours_raw_tokens_per_s'])} | {_fmt(r[f'b{B}_peer_tokens_per_s'])} | "
-                         f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_ours_gbps'])} | "
+                         f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_best_speedup'])} ({r[f'b{B}_best_mode']}) | "
+                         f"{_fmt(r[f'b{B}_best_gbps'])} | "
                          f"{_fmt(r.get(f'b{B}_copy_gbps_alongside'))} | {_fmt(r.get(f'b{B}_bandwidth_fraction_alongside'))} | "
-                         f"{_fmt(r[f'b{B}_ours_gbps'] / ceil['copy_gbps'])} |")
+                         f"{_fmt(r[f'b{B}_best_gbps'] / ceil['copy_gbps'])} |")
         it = next(iter(results["decode"].values()))
         L += ["", "tok/s counts every row (batch × new tokens ÷ seconds, prefill included). Ours sampler = "
               "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks); "
-              "bare loop = `Decoder` + `KVCache` with argmax only. Peer = `generate(do_sample=False, "
+              "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
+              "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
+                                             if "compile_s" in r) + ", not counted); best = the faster of the two, "
+              "which the targets use; bare loop = `Decoder` + `KVCache` with argmax only. Peer = `generate(do_sample=False, "
               "min_new_tokens=max_new_tokens, use_cache=True)`. Effective GB/s = bytes of every weight but the "
               f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
               "alongside is timed in the same alternating rounds. Median of "
@@ -735,11 +754,15 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
         if quick:
             nt, it = max(16, nt // 4), 2
         log(f"decoding {p} ...")
-        r = bench_decode(p, batches=batches, prompt_len=pl, new_tokens=nt, warmup=w, iters=it, ceiling=copy_alongside)
+        r = bench_decode(p, batches=batches, prompt_len=pl, new_tokens=nt, warmup=w, iters=it, ceiling=copy_alongside,
+                         compile=not args.no_compile)
         results["decode"][p] = r
         for B in batches:
-            log(f"  b{B}: ours {r[f'b{B}_ours_tokens_per_s']:.0f} tok/s (bare {r[f'b{B}_ours_raw_tokens_per_s']:.0f}), "
-                f"peer {r[f'b{B}_peer_tokens_per_s']:.0f} tok/s ({r[f'b{B}_speedup']:.2f}×)")
+            compiled = r.get(f"b{B}_ours_compiled_tokens_per_s")
+            log(f"  b{B}: ours {r[f'b{B}_ours_tokens_per_s']:.0f} tok/s"
+                + (f", --compile {compiled:.0f}" if compiled else "")
+                + f" (bare {r[f'b{B}_ours_raw_tokens_per_s']:.0f}), peer {r[f'b{B}_peer_tokens_per_s']:.0f} tok/s "
+                f"(best {r[f'b{B}_best_speedup']:.2f}×)")
     if not args.skip_images:
         log("image generation (small decoder, default image tokenizer) ...")
         results["image_generation"] = bench_image_generation(
@@ -768,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shorter decodes (a rough figure in ~2 min)")
     p.add_argument("--skip-images", action="store_true", help="skip image generation and the image tokenizer")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not measure the sampler with --compile (torch.compile; needs a C++ compiler, ~20 s per preset)")
     p.add_argument("--out", default=str(ROOT / "bench"), help="directory for RESULTS.md and results.json")
     p.add_argument("--profile", action="store_true",
                    help="instead of the benchmark, print a torch.profiler breakdown of our decode and training step")

@@ -1,8 +1,13 @@
-"""Decoding rules as small composable logits processors, and the text/image sampler.
+"""Decoding rules as small composable processors, and the text/image sampler.
 
-A processor is a callable ``(logits (B, V) float, state: RowState) -> logits (B, V)`` that masks
-forbidden ids with ``-inf``. Processors run on the raw (or CFG-mixed) logits, *before* temperature,
-top-k and top-p, so a forbidden id can never be drawn whatever the sampling settings.
+A rule is a callable ``(allowed (V,) bool, row: Situation) -> allowed`` that narrows the ids one row may
+produce next. Rules see a row only through its ``Situation``, a small hashable summary (inside an image
+span? how many codes so far? first generated token? how much room is left?), so a batch has only a
+handful of distinct situations at any step. ``Rules`` composes the rules of a modality and caches, per
+situation, the additive mask they produce (0 allowed, -inf forbidden): applying every rule to a batch
+costs one lookup and one add per step, whatever the number of rules. Masks are added to the raw (or
+CFG-mixed) logits *before* temperature, top-k and top-p, so a forbidden id can never be drawn whatever
+the sampling settings, and a forced id is drawn even if the model gave it -inf.
 
 The rules (issue 5):
 
@@ -14,9 +19,10 @@ The rules (issue 5):
 * ``TextOnly``: no begin-image at all (so no image ids either, with ``ImageSpan``).
 * ``ImageOnly``: the first generated token is begin-image (then ``ImageSpan`` drives the span).
 
-``RowState`` tracks, per row, whether it is inside an image span and how many codes it has emitted.
-The ids come from a vocabulary-like object (``tokenizer.vocab.Vocabulary``): bos, eos, pad, boi,
-eoi, image_start, codebook_size, tokens_per_image; no id is a literal here.
+``RowState`` tracks, per row and in plain Python (the loop reads every sampled token anyway), whether it
+is inside an image span and how many codes it has emitted. The ids come from a vocabulary-like object
+(``tokenizer.vocab.Vocabulary``): bos, eos, pad, boi, eoi, image_start, codebook_size,
+tokens_per_image; no id is a literal here.
 """
 
 from __future__ import annotations
@@ -48,18 +54,36 @@ class IdLayout(Protocol):
 # ---------------------------------------------------------------- per-row state
 
 
+@dataclass(frozen=True)
+class Situation:
+    """All a rule may know about a row (hashable: masks are cached per situation)."""
+
+    in_image: bool
+    """An image span is open."""
+    codes: int
+    """Image codes emitted in the open span, capped at tokens_per_image (more never happen)."""
+    first: bool
+    """The next token is the first one generated."""
+    room: int
+    """Tokens the row may still append, capped at tokens_per_image + 2 (what ``ImageFits`` compares)."""
+
+    def drawing(self, layout: IdLayout) -> bool:
+        """The next token is an image code (sampled with the image settings)."""
+        return self.in_image and self.codes < layout.tokens_per_image
+
+
 @dataclass
 class RowState:
-    """Where each row of a sampling batch stands. All tensors are (B,)."""
+    """Where each row of a sampling batch stands; every field is a list with one entry per row."""
 
-    in_image: Tensor
-    """bool: an image span is open (begin-image emitted, end-image not yet)."""
-    codes: Tensor
-    """long: image codes emitted in the currently open span."""
-    length: Tensor
-    """long: tokens in the row so far (prompt + generated, padding excluded)."""
-    finished: Tensor
-    """bool: the row stopped (end of sequence, end of its image in image mode, or out of budget)."""
+    in_image: list[bool]
+    """An image span is open (begin-image emitted, end-image not yet)."""
+    codes: list[int]
+    """Image codes emitted in the currently open span."""
+    length: list[int]
+    """Tokens in the row so far (prompt + generated, padding excluded)."""
+    finished: list[bool]
+    """The row stopped (end of sequence, end of its image in image mode, or out of budget)."""
     step: int
     """Tokens generated so far (the same for every row)."""
     max_new_tokens: int
@@ -67,8 +91,8 @@ class RowState:
     """The model's maximum sequence length."""
 
     @classmethod
-    def from_prompts(cls, prompts: Sequence[Sequence[int]], layout: IdLayout, max_new_tokens: int, context: int,
-                     device: torch.device | str = "cpu") -> "RowState":
+    def from_prompts(cls, prompts: Sequence[Sequence[int]], layout: IdLayout, max_new_tokens: int,
+                     context: int) -> RowState:
         """State after reading each prompt; a prompt may end inside an open image span (continuation)."""
         in_image, codes = [], []
         for ids in prompts:
@@ -82,48 +106,44 @@ class RowState:
                     n += 1
             in_image.append(opened)
             codes.append(n)
-        return cls(
-            in_image=torch.tensor(in_image, dtype=torch.bool, device=device),
-            codes=torch.tensor(codes, dtype=torch.long, device=device),
-            length=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
-            finished=torch.zeros(len(prompts), dtype=torch.bool, device=device),
-            step=0, max_new_tokens=max_new_tokens, context=context,
-        )
+        return cls(in_image=in_image, codes=codes, length=[len(p) for p in prompts],
+                   finished=[False] * len(prompts), step=0, max_new_tokens=max_new_tokens, context=context)
 
-    def remaining(self) -> Tensor:
-        """(B,) long: how many more tokens each row may still append."""
-        return torch.minimum(self.context - self.length, torch.full_like(self.length, self.max_new_tokens - self.step))
+    def remaining(self, i: int) -> int:
+        """How many more tokens row ``i`` may still append."""
+        return min(self.context - self.length[i], self.max_new_tokens - self.step)
 
-    def image_position(self, layout: IdLayout) -> Tensor:
-        """(B,) bool: the next token of the row is an image code (sampled with the image settings)."""
-        return self.in_image & (self.codes < layout.tokens_per_image)
+    def situation(self, i: int, layout: IdLayout) -> Situation:
+        return Situation(self.in_image[i], min(self.codes[i], layout.tokens_per_image), self.step == 0,
+                         max(0, min(self.remaining(i), layout.tokens_per_image + 2)))
 
-    def update(self, tokens: Tensor, layout: IdLayout) -> None:
-        """Record the token (B,) just appended to each unfinished row."""
-        live = ~self.finished
-        is_code = live & self.in_image & (tokens >= layout.image_start) & (tokens < layout.image_start + layout.codebook_size)
-        self.codes = torch.where(is_code, self.codes + 1, self.codes)
-        opened = live & (tokens == layout.boi)
-        closed = live & (tokens == layout.eoi)
-        self.in_image = (self.in_image | opened) & ~closed
-        self.codes = torch.where(opened | closed, torch.zeros_like(self.codes), self.codes)
-        self.length = self.length + live.long()
+    def situations(self, layout: IdLayout) -> list[Situation]:
+        return [self.situation(i, layout) for i in range(len(self.length))]
+
+    def update(self, tokens: Sequence[int], layout: IdLayout) -> None:
+        """Record the token just appended to each unfinished row (finished rows are left as they are)."""
+        code_end = layout.image_start + layout.codebook_size
+        for i, t in enumerate(tokens):
+            if self.finished[i]:
+                continue
+            if t == layout.boi or t == layout.eoi:
+                self.in_image[i], self.codes[i] = t == layout.boi, 0
+            elif self.in_image[i] and layout.image_start <= t < code_end:
+                self.codes[i] += 1
+            self.length[i] += 1
         self.step += 1
 
 
-Processor = Callable[[Tensor, RowState], Tensor]
-
-
-def _force(logits: Tensor, rows: Tensor, token: int) -> Tensor:
-    """Rows (B,) bool may only produce ``token``."""
-    if not bool(rows.any()):
-        return logits
-    forced = torch.full_like(logits, NEG_INF)
-    forced[:, token] = 0.0  # the only finite logit: drawn whatever the temperature / top-k / top-p
-    return torch.where(rows[:, None], forced, logits)
-
-
 # ---------------------------------------------------------------- the rules
+
+Rule = Callable[[Tensor, Situation], Tensor]
+
+
+def _only(allowed: Tensor, token: int) -> Tensor:
+    """Force ``token``: the only id left, even if an earlier rule banned it."""
+    forced = torch.zeros_like(allowed)
+    forced[token] = True
+    return forced
 
 
 class BanIds:
@@ -132,10 +152,9 @@ class BanIds:
     def __init__(self, ids: Sequence[int]):
         self.ids = sorted(set(int(i) for i in ids))
 
-    def __call__(self, logits: Tensor, state: RowState) -> Tensor:
-        logits = logits.clone()
-        logits[:, self.ids] = NEG_INF
-        return logits
+    def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
+        allowed[self.ids] = False
+        return allowed
 
 
 class ImageSpan:
@@ -144,17 +163,18 @@ class ImageSpan:
     def __init__(self, layout: IdLayout):
         self.layout = layout
 
-    def __call__(self, logits: Tensor, state: RowState) -> Tensor:
+    def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
-        V = logits.shape[-1]
-        ids = torch.arange(V, device=logits.device)
-        image_ids = (ids >= L.image_start) & (ids < L.image_start + L.codebook_size)  # (V,)
-        drawing = state.image_position(L)  # (B,)
-        # (B, V) allowed: image ids on drawing rows; everything but image ids and end-image elsewhere
-        allowed = torch.where(drawing[:, None], image_ids[None, :], (~image_ids & (ids != L.eoi))[None, :])
-        logits = logits.masked_fill(~allowed, NEG_INF)
-        done = state.in_image & (state.codes >= L.tokens_per_image)
-        return _force(logits, done, L.eoi)
+        codes = slice(L.image_start, L.image_start + L.codebook_size)
+        if row.in_image and row.codes >= L.tokens_per_image:
+            return _only(allowed, L.eoi)
+        if row.in_image:
+            only_codes = torch.zeros_like(allowed)
+            only_codes[codes] = allowed[codes]
+            return only_codes
+        allowed[codes] = False
+        allowed[L.eoi] = False
+        return allowed
 
 
 class ImageFits:
@@ -163,12 +183,10 @@ class ImageFits:
     def __init__(self, layout: IdLayout):
         self.layout = layout
 
-    def __call__(self, logits: Tensor, state: RowState) -> Tensor:
-        no_room = ~state.in_image & (state.remaining() < self.layout.tokens_per_image + 2)
-        if bool(no_room.any()):
-            logits = logits.clone()
-            logits[no_room, self.layout.boi] = NEG_INF
-        return logits
+    def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
+        if not row.in_image and row.room < self.layout.tokens_per_image + 2:
+            allowed[self.layout.boi] = False
+        return allowed
 
 
 class TextOnly:
@@ -177,12 +195,11 @@ class TextOnly:
     def __init__(self, layout: IdLayout):
         self.layout = layout
 
-    def __call__(self, logits: Tensor, state: RowState) -> Tensor:
+    def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
-        logits = logits.clone()
-        logits[:, [L.boi, L.eoi]] = NEG_INF
-        logits[:, L.image_start:L.image_start + L.codebook_size] = NEG_INF
-        return logits
+        allowed[[L.boi, L.eoi]] = False
+        allowed[L.image_start:L.image_start + L.codebook_size] = False
+        return allowed
 
 
 class ImageOnly:
@@ -191,15 +208,15 @@ class ImageOnly:
     def __init__(self, layout: IdLayout):
         self.layout = layout
 
-    def __call__(self, logits: Tensor, state: RowState) -> Tensor:
-        if state.step != 0:
-            return logits
-        return _force(logits, ~state.in_image, self.layout.boi)
+    def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
+        if row.first and not row.in_image:
+            return _only(allowed, self.layout.boi)
+        return allowed
 
 
-def rules_for(modality: Modality, layout: IdLayout) -> list[Processor]:
-    """The processors for a modality, in the order they are applied."""
-    rules: list[Processor] = [BanIds([layout.pad, layout.bos])]
+def rules_for(modality: Modality, layout: IdLayout) -> list[Rule]:
+    """The rules for a modality, in the order they are applied."""
+    rules: list[Rule] = [BanIds([layout.pad, layout.bos])]
     if modality == "text":
         rules.append(TextOnly(layout))
     elif modality == "image":
@@ -208,10 +225,50 @@ def rules_for(modality: Modality, layout: IdLayout) -> list[Processor]:
     return rules
 
 
-def apply(processors: Sequence[Processor], logits: Tensor, state: RowState) -> Tensor:
-    for p in processors:
-        logits = p(logits, state)
-    return logits
+def allowed_ids(rules: Sequence[Rule], row: Situation, vocab_size: int) -> Tensor:
+    """(V,) bool: the ids a row in this situation may produce under every rule (applied in order)."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    for rule in rules:
+        allowed = rule(allowed, row)
+    return allowed
+
+
+class Rules:
+    """The rules of one modality, applied to a batch through a per-situation cache of masks."""
+
+    def __init__(self, rules: Sequence[Rule], vocab_size: int, device: torch.device | str = "cpu"):
+        self.rules, self.vocab_size, self.device = list(rules), vocab_size, device
+        self._index: dict[Situation, int] = {}
+        self._forced: list[bool] = []  # per cached situation: exactly one id allowed
+        self._table = torch.empty(0, vocab_size, device=device)  # (situations seen, V) of 0 / -inf
+
+    def _row(self, row: Situation) -> int:
+        k = self._index.get(row)
+        if k is None:
+            allowed = allowed_ids(self.rules, row, self.vocab_size)
+            n = int(allowed.sum())
+            if n == 0:
+                raise RuntimeError(f"the decoding rules leave no id to generate in {row}; they contradict each other")
+            mask = torch.zeros(self.vocab_size).masked_fill_(~allowed, NEG_INF).to(self.device)
+            self._table = torch.cat([self._table, mask[None]])
+            self._forced.append(n == 1)
+            k = self._index[row] = len(self._index)
+        return k
+
+    def apply(self, logits: Tensor, rows: Sequence[Situation]) -> Tensor:
+        """logits (B, V) -> a new tensor with every forbidden id at -inf. A row with one allowed id gets
+        logit 0 there, whatever the model gave it, so it is drawn under any sampling settings."""
+        ks = [self._row(r) for r in rows]
+        if all(k == ks[0] for k in ks):  # the common case: one (1, V) row broadcasts
+            mask = self._table[ks[0]:ks[0] + 1]
+            return mask.expand_as(logits).clone() if self._forced[ks[0]] else logits + mask
+        index = torch.tensor(ks, device=self.device)
+        masks = self._table[index]
+        out = logits + masks
+        forced = [self._forced[k] for k in ks]
+        if any(forced):
+            out = torch.where(torch.tensor(forced, device=self.device)[:, None], masks, out)
+        return out
 
 
 # ---------------------------------------------------------------- sampling
@@ -237,38 +294,32 @@ class SamplerParams:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
-def _row_params(image_rows: Tensor, text: SamplerParams, image: SamplerParams, V: int):
-    """Per-row temperature (B,), k (B,) and p (B,) chosen by position kind."""
-
-    def pick(a, b, dtype):
-        return torch.where(image_rows, torch.tensor(b, dtype=dtype, device=image_rows.device),
-                           torch.tensor(a, dtype=dtype, device=image_rows.device))
-
-    k_text = text.top_k if 0 < text.top_k < V else V
-    k_image = image.top_k if 0 < image.top_k < V else V
-    return (pick(text.temperature, image.temperature, torch.float32), pick(k_text, k_image, torch.long),
-            pick(text.top_p, image.top_p, torch.float32))
-
-
-def sample_next(logits: Tensor, image_rows: Tensor, text: SamplerParams, image: SamplerParams,
-                generator: torch.Generator | None) -> Tensor:
-    """Draw one id per row from masked logits (B, V); image rows use ``image`` settings, others ``text``."""
-    logits = logits.float()
-    B, V = logits.shape
-    if not bool(torch.isfinite(logits).any(dim=-1).all()):
-        raise RuntimeError("a row has every id masked; the decoding rules contradict each other")
-    temp, k, p = _row_params(image_rows, text, image, V)
-    greedy = temp == 0
-    if bool(greedy.all()):
+def _draw(logits: Tensor, p: SamplerParams, generator: torch.Generator | None) -> Tensor:
+    """One id per row of masked logits (B, V), every row with the same settings."""
+    if p.temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(V, device=logits.device)[None, :]
-    drop = rank >= k[:, None]  # top-k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)  # (B, V)
-    if bool((p < 1.0).any()):
+    V = logits.shape[-1]
+    k = p.top_k if 0 < p.top_k < V else V
+    best, order = torch.topk(logits, k, dim=-1)  # (B, k), best first
+    probs = torch.softmax(best / p.temperature, dim=-1)
+    if p.top_p < 1.0:
         before = probs.cumsum(dim=-1) - probs  # probability mass of the strictly better ids
-        probs = probs.masked_fill((before >= p[:, None]) & (rank > 0), 0.0)  # top-p (the best id always stays)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the sorted order; needs no normalising
-    sampled = order.gather(-1, choice)[:, 0]
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        drop = before >= p.top_p
+        drop[:, 0] = False  # the best id always stays
+        probs = probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the top-k; needs no normalising
+    return order.gather(-1, choice)[:, 0]
+
+
+def sample_next(logits: Tensor, image_rows: Sequence[bool], text: SamplerParams, image: SamplerParams,
+                generator: torch.Generator | None) -> Tensor:
+    """Draw one id per row from masked logits (B, V); rows flagged in ``image_rows`` use ``image``, others ``text``."""
+    logits = logits.float()
+    image_rows = [bool(r) for r in image_rows]
+    if all(image_rows) or not any(image_rows):  # one kind of position: one draw for the batch
+        return _draw(logits, image if image_rows[0] else text, generator)
+    tok = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for flag, params in ((False, text), (True, image)):
+        rows = torch.tensor([i for i, r in enumerate(image_rows) if r == flag], device=logits.device)
+        tok[rows] = _draw(logits[rows], params, generator)
+    return tok

@@ -53,10 +53,11 @@ def test_train_and_decode_tiny(bench):
         assert positive(r[k]), (k, r[k])
     assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer really is the same model
     d = bench.bench_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=4, warmup=0, iters=1,
-                           ceiling=bench.CopyCeiling(1))
+                           ceiling=bench.CopyCeiling(1), compile=False)  # --compile is covered in test_sampling
     for B in (1, 2):
         for k in ("ours", "ours_raw", "peer"):
             assert positive(d[f"b{B}_{k}_tokens_per_s"])
+        assert d[f"b{B}_best_mode"] == "eager" and d[f"b{B}_best_speedup"] == d[f"b{B}_speedup"]
         assert positive(d[f"b{B}_ours_gbps"]) and positive(d[f"b{B}_bandwidth_fraction_alongside"])
 
 

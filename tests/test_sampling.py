@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sampling.generate import sample_tokens
-from sampling.processors import (ImageFits, ImageOnly, ImageSpan, RowState, SamplerParams, TextOnly, apply,
-                                 rules_for, sample_next)
+from sampling.processors import (BanIds, ImageFits, ImageOnly, ImageSpan, Rules, RowState, SamplerParams,
+                                 Situation, TextOnly, allowed_ids, rules_for, sample_next)
 
 # A small id layout: 5 specials, 15 text ids, 8 image codes, 2x2 images.
 L = SimpleNamespace(bos=0, eos=1, pad=2, boi=3, eoi=4, image_start=20, codebook_size=8, tokens_per_image=4, grid=(2, 2))
@@ -20,53 +20,93 @@ GREEDY = SamplerParams(temperature=0.0)
 FREE = SamplerParams(temperature=1.0)
 
 
-def _state(in_image, codes, length, step=0, max_new=100, context=64):
-    return RowState(in_image=torch.tensor(in_image), codes=torch.tensor(codes), length=torch.tensor(length),
-                    finished=torch.zeros(len(in_image), dtype=torch.bool), step=step, max_new_tokens=max_new,
-                    context=context)
+def _row(in_image=False, codes=0, first=False, room=100):
+    return Situation(in_image, min(codes, L.tokens_per_image), first, min(room, L.tokens_per_image + 2))
+
+
+def _allowed_set(rules, row):
+    return set(allowed_ids(rules, row, V).nonzero()[:, 0].tolist())
 
 
 def _allowed(logits):
     return [set(torch.isfinite(row).nonzero()[:, 0].tolist()) for row in logits]
 
 
-# ---------------------------------------------------------------- processors
+# ---------------------------------------------------------------- rules
 
 
 def test_image_span_allows_only_codes_then_forces_end_image():
-    st = _state([True, True, False], [2, 4, 0], [10, 10, 10])
-    allowed = _allowed(ImageSpan(L)(torch.randn(3, V), st))
-    assert allowed[0] == set(IMAGE)
-    assert allowed[1] == {L.eoi}
-    assert not allowed[2] & (set(IMAGE) | {L.eoi}) and L.boi in allowed[2]
+    span = [ImageSpan(L)]
+    assert _allowed_set(span, _row(True, 2)) == set(IMAGE)
+    assert _allowed_set(span, _row(True, 4)) == {L.eoi}
+    outside = _allowed_set(span, _row(False))
+    assert not outside & (set(IMAGE) | {L.eoi}) and L.boi in outside
 
 
 def test_image_fits_bans_begin_image_without_room():
     need = L.tokens_per_image + 2
     # remaining = min(context - length, max_new - step)
-    st = _state([False, False, False], [0, 0, 0], [64 - need, 64 - need + 1, 10], step=0, max_new=100)
-    allowed = _allowed(ImageFits(L)(torch.zeros(3, V), st))
+    st = RowState(in_image=[False] * 3, codes=[0] * 3, length=[64 - need, 64 - need + 1, 10], finished=[False] * 3,
+                  step=0, max_new_tokens=100, context=64)
+    allowed = [_allowed_set([ImageFits(L)], st.situation(i, L)) for i in range(3)]
     assert L.boi in allowed[0] and L.boi not in allowed[1] and L.boi in allowed[2]
-    st = _state([False], [0], [10], step=100 - need + 1, max_new=100)
-    assert L.boi not in _allowed(ImageFits(L)(torch.zeros(1, V), st))[0]
+    st = RowState(in_image=[False], codes=[0], length=[10], finished=[False], step=100 - need + 1,
+                  max_new_tokens=100, context=64)
+    assert L.boi not in _allowed_set([ImageFits(L)], st.situation(0, L))
 
 
 def test_text_only_and_image_only():
-    st = _state([False], [0], [3])
-    assert not _allowed(TextOnly(L)(torch.zeros(1, V), st))[0] & (set(IMAGE) | {L.boi, L.eoi})
-    assert _allowed(ImageOnly(L)(torch.zeros(1, V), st))[0] == {L.boi}
-    st.step = 1
-    assert len(_allowed(ImageOnly(L)(torch.zeros(1, V), st))[0]) == V
+    assert not _allowed_set([TextOnly(L)], _row(first=True)) & (set(IMAGE) | {L.boi, L.eoi})
+    assert _allowed_set([ImageOnly(L)], _row(first=True)) == {L.boi}
+    assert len(_allowed_set([ImageOnly(L)], _row(first=False))) == V
+
+
+def test_row_state_tracks_spans_and_lengths():
+    st = RowState.from_prompts([[L.bos, 5], [L.bos, L.boi, 21]], L, max_new_tokens=10, context=64)
+    assert st.in_image == [False, True] and st.codes == [0, 1] and st.length == [2, 3]
+    st.update([L.boi, 22], L)
+    st.finished[0] = True
+    st.update([20, 23], L)  # row 0 finished: unchanged
+    assert st.in_image == [True, True] and st.codes == [0, 3] and st.length == [3, 5] and st.step == 2
+    st.update([L.pad, L.eoi], L)
+    assert st.in_image[1] is False and st.codes[1] == 0 and st.remaining(1) == 7
 
 
 def test_forced_token_survives_minus_inf_logit():
-    st = _state([True], [4], [10])
     logits = torch.zeros(1, V)
     logits[0, L.eoi] = float("-inf")
-    out = ImageSpan(L)(logits, st)
+    out = Rules([ImageSpan(L)], V).apply(logits, [_row(True, 4)])
     for t in (0.3, 1.0, 0.0):
         p = SamplerParams(temperature=t, top_k=3, top_p=0.5)
-        assert sample_next(out, torch.tensor([False]), p, p, torch.Generator().manual_seed(0)).item() == L.eoi
+        assert sample_next(out, [False], p, p, torch.Generator().manual_seed(0)).item() == L.eoi
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "auto"])
+def test_cached_masks_equal_the_rules_applied_row_by_row(modality):
+    """Rules.apply (one cached mask per situation) allows exactly what the rules allow, row by row,
+    in batches that mix situations, including forced rows whose model logit is -inf."""
+    rules = rules_for(modality, L)
+    cached = Rules(rules, V)
+    g = torch.Generator().manual_seed(0)
+    every = [_row(i, c, f, r) for i in (False, True) for c in (0, 2, 4) for f in (False, True) for r in (0, 5, 6, 9)
+             if i or c == 0]
+    for _ in range(30):
+        rows = [every[int(j)] for j in torch.randint(len(every), (5,), generator=g)]
+        rows = [r for r in rows if _allowed_set(rules, r)]  # contradictory situations never occur in the loop
+        if not rows:
+            continue
+        logits = torch.randn(len(rows), V, generator=g)
+        logits[:, L.eoi] = float("-inf")
+        got = _allowed(cached.apply(logits, rows))
+        for r, a in zip(rows, got):
+            want = _allowed_set(rules, r)
+            assert a == (want if len(want) == 1 else want - {L.eoi}), r
+    assert cached.apply(torch.zeros(3, V), [every[0]] * 3).shape == (3, V)  # one situation: the mask broadcasts
+
+
+def test_contradictory_rules_raise():
+    with pytest.raises(RuntimeError, match="contradict"):
+        Rules([BanIds(range(V))], V).apply(torch.zeros(1, V), [_row()])
 
 
 # ---------------------------------------------------------------- sampler
@@ -335,11 +375,12 @@ def _naive_greedy(dec, prompt, modality, max_new):
     out = []
     for _ in range(max_new):
         logits = dec(torch.tensor([ids]))[:, -1].float()
-        t = int(apply(rules, logits, state).argmax(-1))
+        allowed = allowed_ids(rules, state.situation(0, L), logits.shape[-1])
+        t = int(logits.masked_fill(~allowed, float("-inf")).argmax(-1))
         out.append(t)
-        state.update(torch.tensor([t]), L)
+        state.update([t], L)
         ids.append(t)
-        if t == L.eos or (modality == "image" and t == L.eoi) or int(state.remaining()[0]) <= 0:
+        if t == L.eos or (modality == "image" and t == L.eoi) or state.remaining(0) <= 0:
             break
     return out
 
@@ -364,3 +405,25 @@ def test_cfg_scale_one_equals_unguided_real_decoder(decoder):
     plain = _run(decoder, prompts, modality="image", seed=5)
     guided = _run(decoder, prompts, modality="image", seed=5, guidance=1.0, uncond=[[L.bos]] * 2)
     assert plain == guided
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_compiled_step_equals_eager(decoder, modality):
+    """--compile (torch.compile of the per-token step) gives the same greedy tokens, left padding included."""
+    prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
+    eager = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY)
+    compiled = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY, compile=True)
+    assert compiled == eager
+
+
+def test_compile_failure_is_a_clear_error(monkeypatch):
+    from model.decoder import Decoder, DecoderConfig
+    from model.io import UserError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    dec = Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=32)).eval()
+    with pytest.raises(UserError, match="--compile failed.*C\\+\\+ compiler"):
+        _run(dec, [[L.bos, 5]], modality="text", max_new=4, compile=True)
