@@ -61,7 +61,7 @@ INTERFACE_KEYS = tuple(TARGETS)
 
 # Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
 N_SPECIAL = 5
-VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 256), "base": (1024, 8192)}  # (text ids, codebook)
+VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 64), "base": (1024, 8192)}  # (text ids, codebook): small = the demo's
 
 
 def log(msg: str) -> None:
@@ -77,7 +77,7 @@ class BenchLayout:
 
     n_text: int
     codebook_size: int
-    grid: tuple[int, int] = (8, 8)
+    grid: tuple[int, int] = (4, 4)  # the default image tokenizer's
     bos: int = 0
     eos: int = 1
     pad: int = 2
@@ -106,7 +106,7 @@ class BenchLayout:
         return BenchLayout(self.n_text, self.codebook_size, self.grid, eos=self.pad)
 
 
-def layout_for(preset: str, grid: tuple[int, int] = (8, 8)) -> BenchLayout:
+def layout_for(preset: str, grid: tuple[int, int] = (4, 4)) -> BenchLayout:
     n_text, codebook = VOCAB_FOR_PRESET.get(preset, VOCAB_FOR_PRESET["small"])
     return BenchLayout(n_text, codebook, grid)
 

@@ -27,7 +27,7 @@ def _pixels(n: int = 4, cfg: VQConfig = TINY, seed: int = 1) -> torch.Tensor:
 
 
 def test_presets_grid():
-    assert VQ_PRESETS["default"].image_size == 32 and VQ_PRESETS["default"].grid_size == (8, 8)
+    assert VQ_PRESETS["default"].image_size == 32 and VQ_PRESETS["default"].grid_size == (4, 4)
     assert TINY.grid_size == (TINY.image_size // TINY.downsample,) * 2
     for cfg in VQ_PRESETS.values():
         assert 8 <= cfg.codebook_dim <= 32  # low-dimensional lookup against collapse
@@ -177,7 +177,8 @@ def test_missing_directory_and_files(tmp_path):
 @pytest.mark.parametrize("reach", [0, 1])
 def test_codes_depend_only_on_patches_within_reach(reach):
     """encoder_reach r: a code is a function of the patches within r of it, nothing else in the image."""
-    cfg = replace(VQ_PRESETS["default"], encoder_reach=reach, channels=(32,), latent_dim=16, codebook_dim=8, codebook_size=16)
+    cfg = replace(VQ_PRESETS["default"], downsample=4, patch_size=4, encoder_reach=reach, channels=(32,), latent_dim=16,
+                  codebook_dim=8, codebook_size=16)
     torch.manual_seed(0)
     enc = VQVAE(cfg).encoder.eval()
     x = torch.rand(1, 3, 32, 32) * 2 - 1

@@ -4,7 +4,7 @@ A small convolutional encoder/decoder around the quantizer of vector-quantize-py
 stem (pixel unshuffle by ``patch_size``: each code's pixels enter as channels, and the decoder emits
 them the same way through a pixel shuffle; hard edges come out exact and cheap). The decoder is conv
 stages of ResNet blocks (GroupNorm, SiLU) with x2 upsampling for the rest of ``downsample``; the
-encoder by default sees only a small neighbourhood per code (``encoder_reach``: one kxk conv, then
+encoder by default sees only its own patch per code (``encoder_reach``: one kxk conv, then
 per-position layers), so codes compose from an image's parts. The quantizer is configured against
 codebook collapse (see shared/DESIGN.md):
 
@@ -50,24 +50,25 @@ FORMAT = "earlyfusion.vqvae"
 class VQConfig:
     image_size: int = 32
     """Input images are image_size x image_size pixels."""
-    downsample: int = 4
+    downsample: int = 8
     """Spatial reduction factor (a power of two): the code grid is (image_size/downsample)^2."""
-    patch_size: int = 4
+    patch_size: int = 8
     """Patchify stem: the first patch_size x downsampling is a pixel (un)shuffle (power of two dividing downsample)."""
     channels: tuple[int, ...] = (128,)
     """Conv channels per resolution level after the stem: log2(downsample/patch_size) + 1 entries."""
-    encoder_reach: int | None = 1
+    encoder_reach: int | None = 0
     """How far each code sees, in patches: 0 = its own patch, 1 = its 3x3 neighbourhood (one kxk conv, then per-position
     1x1 layers; needs patch_size == downsample); None = the whole image (3x3 convs + GroupNorm). Codes that depend only
-    on nearby pixels compose from an image's parts, which the decoder LM learns far faster; the pixel decoder
-    still sees every code."""
+    on nearby pixels compose from an image's parts, which the decoder LM learns far faster (built-in data, `small`
+    decoder: test-code perplexity 7 with reach 0 at 8 px patches, 44 with reach 1 at 4 px, 406 with the whole image);
+    the pixel decoder still sees every code."""
     res_blocks: int = 1
     """Encoder residual blocks per resolution level."""
     decoder_res_blocks: int = 2
     """Decoder residual blocks per resolution level."""
     latent_dim: int = 64
     """Channels of the encoder output / decoder input (the quantizer's input dimension)."""
-    codebook_size: int = 256
+    codebook_size: int = 64
     """Number of codebook entries (image vocabulary size)."""
     codebook_dim: int = 16
     """Dimension of the low-dimensional cosine lookup space (8-32 against collapse)."""
@@ -143,7 +144,7 @@ VQ_PRESETS: dict[str, VQConfig] = {
     # tests: 16 px -> 4x4 codes, a few thousand parameters
     "tiny": VQConfig(image_size=16, downsample=4, patch_size=4, channels=(16,), res_blocks=1, decoder_res_blocks=1,
                      latent_dim=16, codebook_size=32, codebook_dim=8, norm_groups=4, kmeans_iters=4),
-    # built-in 32 px shapes data -> 8x8 = 64 codes per image
+    # built-in 32 px shapes data -> 4x4 = 16 codes per image, one per 8x8 px patch
     "default": VQConfig(),
 }
 
