@@ -766,7 +766,7 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
     if not args.skip_images:
         log("image generation (small decoder, default image tokenizer) ...")
         results["image_generation"] = bench_image_generation(
-            "small", "default", prompt_len=12, num_samples=8, warmup=1, iters=2 if quick else 3)
+            "small", "default", prompt_len=12, num_samples=8, warmup=1, iters=3 if quick else 9)
         log(f"  {results['image_generation']['s_per_image_cfg']:.2f} s/image with CFG, "
             f"{results['image_generation']['s_per_image_nocfg']:.2f} s without")
         log("image tokenizer ...")

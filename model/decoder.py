@@ -397,6 +397,10 @@ class Decoder(nn.Module):
                     return None, False  # one query attends to every cached key
                 if start == 0:
                     return None, True
+            elif T == 1:  # one query (the newest position): every valid key, and itself
+                allowed = cache.valid[:, None, None, :end].clone()  # (B, 1, 1, end)
+                allowed[..., end - 1] = True
+                return allowed, False
             keys = None if cache.all_valid else cache.valid[:, None, :end]  # (B, 1, start+T)
             key_docs = None
         S = start + T

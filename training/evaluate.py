@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model.io import UserError, save_json
+from sampling.generate import DEFAULT_CFG
 from training.progress import log, progress
 
 TEXT, IMAGE = 0, 1
@@ -41,7 +42,7 @@ class EvalConfig:
     """Print every figure as one JSON object on the last line."""
     limit: int = 0
     """Evaluate at most this many held-out pairs (0 = all)."""
-    cfg: float = 1.5
+    cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale for the drawing evaluation (the sampler's default)."""
     image_temperature: float = 0.0
     """Image-code temperature for the drawing evaluation; 0 = greedy (as the reading evaluation is greedy)."""
@@ -161,7 +162,8 @@ def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size:
 
 
 def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, scale: int = 3) -> None:
-    """One row per example: original | generated-from-caption, with the caption and the model's reading."""
+    """One row per example: the test image as tokenized (decoded from the codes the model reads) | generated
+    from its caption, with the caption and the model's reading."""
     if not rows:
         return
     w, h = rows[0][0].size
@@ -169,7 +171,7 @@ def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, sc
     text_w = 430
     sheet = Image.new("RGB", (2 * W + 3 * 4 + text_w, len(rows) * (H + 4) + 20), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 4), "original", fill="black")
+    draw.text((4, 4), "as tokenized", fill="black")
     draw.text((W + 8, 4), "drawn from caption", fill="black")
     for r, (orig, gen, truth, read) in enumerate(rows):
         y = 20 + r * (H + 4)
@@ -181,7 +183,7 @@ def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, sc
     sheet.save(path)
 
 
-def sample_sheet(decoder, vocab, vq, pairs, path: Path, n: int = 6, seed: int = 0, cfg: float = 1.5) -> None:
+def sample_sheet(decoder, vocab, vq, pairs, path: Path, n: int = 6, seed: int = 0, cfg: float = DEFAULT_CFG) -> None:
     """A few held-out pairs: the model's caption of each image and its drawing of each caption."""
     chunk = pairs[:n]
     if not chunk:
