@@ -48,7 +48,7 @@ class TrainConfig:
     """Run directory (LMRUN): checkpoints, metrics.jsonl, sample sheets; self-contained for sampling."""
     preset: str = "small"
     """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b."""
-    steps: int = 720
+    steps: int = 800
     """Optimizer steps."""
     batch_size: int = 16
     """Global batch: packed sequences per optimizer step (over all processes)."""
