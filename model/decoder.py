@@ -399,7 +399,7 @@ class Decoder(nn.Module):
                     return None, True
             elif T == 1:  # one query (the newest position): every valid key, and itself
                 allowed = cache.valid[:, None, None, :end].clone()  # (B, 1, 1, end)
-                allowed[..., end - 1] = True
+                allowed[..., -1] = True  # position end - 1 (a constant index: no recompiling per step)
                 return allowed, False
             keys = None if cache.all_valid else cache.valid[:, None, :end]  # (B, 1, start+T)
             key_docs = None

@@ -410,10 +410,15 @@ def test_cfg_scale_one_equals_unguided_real_decoder(decoder):
 @pytest.mark.parametrize("modality", ["text", "image"])
 def test_compiled_step_equals_eager(decoder, modality):
     """--compile (torch.compile of the per-token step) gives the same greedy tokens, left padding included."""
+    from torch._dynamo.utils import counters
+
     prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
     eager = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY)
+    counters.clear()
     compiled = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY, compile=True)
     assert compiled == eager
+    # one graph per kind of step (padded rows, finished rows), not one per cache length
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
