@@ -69,8 +69,8 @@ class SamplingConfig:
     image_top_p: float = 1.0
     """Image-code nucleus probability; 1 = no limit."""
     compile: bool = False
-    """Compile the per-token decoder step with torch.compile: a one-off ~20-30 s on 2 CPU cores (needs a C++ compiler),
-    then about 2x faster decoding for small models (measured in bench/RESULTS.md); worth it for long or many samples."""
+    """Compile the per-token decoder step with torch.compile: a one-off ~15-25 s on 2 CPU cores (needs a C++ compiler),
+    then 1.6-1.7x faster decoding of the small preset at batch 1 (bench/RESULTS.md); worth it for long or many samples."""
 
     def __post_init__(self):
         if self.num_samples < 1:
