@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
     sys.path.insert(0, str(ROOT))
 
 from model.decoder import Decoder, DecoderConfig  # noqa: E402
+from tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
 # The issue's targets (issue 7), shown beside each figure.
 TARGETS = {
@@ -62,6 +63,7 @@ INTERFACE_KEYS = tuple(TARGETS)
 # Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
 N_SPECIAL = 5
 VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 64), "base": (1024, 8192)}  # (text ids, codebook): small = the demo's
+DEFAULT_GRID = VQ_PRESETS["default"].grid_size  # the default image tokenizer's code grid
 
 
 def log(msg: str) -> None:
@@ -77,7 +79,7 @@ class BenchLayout:
 
     n_text: int
     codebook_size: int
-    grid: tuple[int, int] = (4, 4)  # the default image tokenizer's
+    grid: tuple[int, int] = DEFAULT_GRID
     bos: int = 0
     eos: int = 1
     pad: int = 2
@@ -106,7 +108,7 @@ class BenchLayout:
         return BenchLayout(self.n_text, self.codebook_size, self.grid, eos=self.pad)
 
 
-def layout_for(preset: str, grid: tuple[int, int] = (4, 4)) -> BenchLayout:
+def layout_for(preset: str, grid: tuple[int, int] = DEFAULT_GRID) -> BenchLayout:
     n_text, codebook = VOCAB_FOR_PRESET.get(preset, VOCAB_FOR_PRESET["small"])
     return BenchLayout(n_text, codebook, grid)
 
@@ -468,11 +470,9 @@ def bench_image_generation(preset: str = "small", vq_preset: str = "default", *,
     """Seconds per image (sampling + VQ decode) with and without batched CFG (default: the sampler's scale);
     images/s at ``num_samples``."""
     from sampling.generate import DEFAULT_CFG, sample_tokens
+    from sampling.processors import SamplerParams
 
     cfg_scale = DEFAULT_CFG if cfg_scale is None else cfg_scale
-    from sampling.processors import SamplerParams
-    from tokenizer.vqvae import VQ_PRESETS, VQVAE
-
     vq_cfg = VQ_PRESETS[vq_preset]
     layout = BenchLayout(VOCAB_FOR_PRESET.get(preset, VOCAB_FOR_PRESET["small"])[0], vq_cfg.codebook_size,
                          vq_cfg.grid_size)
@@ -509,8 +509,6 @@ def bench_image_generation(preset: str = "small", vq_preset: str = "default", *,
 
 def bench_image_tokenizer(vq_preset: str = "default", *, batch: int = 64, warmup: int = 1, iters: int = 3) -> dict:
     """Encode and decode images/s of the image tokenizer (random weights, random pixels)."""
-    from tokenizer.vqvae import VQ_PRESETS, VQVAE
-
     cfg = VQ_PRESETS[vq_preset]
     torch.manual_seed(0)
     vq = VQVAE(cfg).eval()

@@ -147,7 +147,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sys.stdout.flush()
 
     if cfg.compile:
-        log.info("--compile: compiling the decoder step on the first token (torch.compile, once; ~20-30 s on 2 CPU cores)")
+        log.info("--compile: compiling the decoder step on the first token (torch.compile, once per run)")
     t0 = time.perf_counter()
     samples = generate(run.decoder, run.vocab, [segments], cfg, vq=run.vq, stream=stream if live else None)
     dt = time.perf_counter() - t0

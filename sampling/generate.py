@@ -17,7 +17,6 @@ Public API: ``SamplingConfig``, ``generate(decoder, vocab, prompts, config, vq=.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -232,31 +231,35 @@ def _context(decoder) -> int:
     return int(decoder.config.max_seq_len)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_ATTR = "_earlyfusion_compiled_step"
 
 
 def compiled_step(decoder) -> Callable:
     """``torch.compile(decoder, dynamic=True)``, made once per decoder and reused (the cache length grows every
     step, so shapes are compiled symbolically: no recompilation per step). Fusing the ~30 small ops of each
     layer removes most of the per-token Python and dispatch overhead that dominates small models on a CPU.
-    A failure to compile (no C++ compiler, an unsupported platform) is raised as a UserError on first use."""
-    fn = _COMPILED.get(decoder)
+    A failure to compile (no C++ compiler, an unsupported platform) is raised as a UserError on first use.
+
+    Kept in the decoder's instance dict (not registered as a submodule, so never in its state_dict): it lives
+    exactly as long as the decoder."""
+    fn = decoder.__dict__.get(_COMPILED_ATTR)
     if fn is None:
         compiled = torch.compile(decoder, dynamic=True)
-        first = [True]
+        compiled_once = False
 
         def fn(*args, **kwargs):
-            if not first[0]:
+            nonlocal compiled_once
+            if compiled_once:
                 return compiled(*args, **kwargs)
             try:
                 out = compiled(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds; the user needs one message
                 raise UserError(f"--compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                 "torch.compile needs a working C++ compiler on CPU; run without --compile") from e
-            first[0] = False
+            compiled_once = True
             return out
 
-        _COMPILED[decoder] = fn
+        object.__setattr__(decoder, _COMPILED_ATTR, fn)  # bypasses nn.Module's submodule registration
     return fn
 
 
