@@ -376,9 +376,12 @@ class Decoder(nn.Module):
         """(attention mask (B, 1, T, start+T) bool or None, is_causal). Every query may see itself, so
         padding queries never have an all-masked row (which would give NaN)."""
         if cache is None:
-            if valid is not None and bool(valid.all()):
+            # shortcuts to plain causal attention; they read tensor values, which torch.compile cannot trace
+            # without a graph break, so compiled training always builds the mask (the same attention)
+            eager = not torch.compiler.is_compiling()
+            if eager and valid is not None and bool(valid.all()):
                 valid = None
-            if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+            if eager and doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
                 doc_ids = None  # one document per row: plain causal
             if doc_ids is None and valid is None:
                 return None, True

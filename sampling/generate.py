@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from model.compile import compiled
 from model.io import UserError
 from sampling.processors import IdLayout, Modality, RowState, Rules, SamplerParams, rules_for, sample_next
 
@@ -231,38 +232,6 @@ def _context(decoder) -> int:
     return int(decoder.config.max_seq_len)
 
 
-_COMPILED_ATTR = "_earlyfusion_compiled_step"
-
-
-def compiled_step(decoder) -> Callable:
-    """``torch.compile(decoder, dynamic=True)``, made once per decoder and reused (the cache length grows every
-    step, so shapes are compiled symbolically: no recompilation per step). Fusing the ~30 small ops of each
-    layer removes most of the per-token Python and dispatch overhead that dominates small models on a CPU.
-    A failure to compile (no C++ compiler, an unsupported platform) is raised as a UserError on first use.
-
-    Kept in the decoder's instance dict (not registered as a submodule, so never in its state_dict): it lives
-    exactly as long as the decoder."""
-    fn = decoder.__dict__.get(_COMPILED_ATTR)
-    if fn is None:
-        compiled = torch.compile(decoder, dynamic=True)
-        compiled_once = False
-
-        def fn(*args, **kwargs):
-            nonlocal compiled_once
-            if compiled_once:
-                return compiled(*args, **kwargs)
-            try:
-                out = compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds; the user needs one message
-                raise UserError(f"--compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                "torch.compile needs a working C++ compiler on CPU; run without --compile") from e
-            compiled_once = True
-            return out
-
-        object.__setattr__(decoder, _COMPILED_ATTR, fn)  # bypasses nn.Module's submodule registration
-    return fn
-
-
 @torch.no_grad()
 def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *, modality: Modality,
                   max_new_tokens: int, text: SamplerParams, image: SamplerParams,
@@ -275,7 +244,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
     the batch is ``prompts + uncond`` and each pair shares every sampled token. ``on_token(row, id)`` is
     called for every token appended to a conditional row. ``compile`` runs the per-token steps through
-    ``compiled_step(decoder)`` (the prefill stays eager: its shape changes with every prompt).
+    ``model.compile.compiled(decoder, dynamic=True)`` (the prefill stays eager: its shape changes with every prompt).
     """
     N = len(prompts)
     if N == 0:
@@ -301,7 +270,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
     rules = Rules(rules_for(modality, layout), logits.shape[-1], device)
-    step_fn = compiled_step(decoder) if compile else decoder
+    step_fn = compiled(decoder, dynamic=True) if compile else decoder  # the cache grows: symbolic shapes
     out: list[list[int]] = [[] for _ in range(N)]
     reasons = ["length"] * N
     for step in range(steps):

@@ -48,9 +48,12 @@ def test_ceilings_positive(bench):
 
 
 def test_train_and_decode_tiny(bench):
-    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=1, iters=2, ceiling=bench.MatmulCeiling(64))
-    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "speedup", "ours_ceiling_fraction_alongside"):
+    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=1, iters=2, ceiling=bench.MatmulCeiling(64),
+                          compile=False)  # train --compile is covered in test_lm_train
+    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "speedup", "ours_ceiling_fraction_alongside",
+              "best_ceiling_fraction_alongside"):
         assert positive(r[k]), (k, r[k])
+    assert r["best_mode"] == "eager" and r["best_speedup"] == r["speedup"]
     assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer really is the same model
     d = bench.bench_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=4, warmup=0, iters=1,
                            ceiling=bench.CopyCeiling(1), compile=False)  # --compile is covered in test_sampling

@@ -124,6 +124,32 @@ def test_pairs_both_orders_and_condition_dropout(world):
     assert {kind_of(v, d[0]) for d in documents(next(only_draw))} == {"draw"}
 
 
+def test_reading_image_loss_off_trains_reading_examples_on_their_caption_only(world):
+    """reading_image_loss=False: a reading example gets no loss on <boi> codes <eoi> (only on its caption and
+    </s>); drawing and unconditional examples and interleaved/text documents keep every target; the documents
+    themselves do not change."""
+    v = world.vocab
+    pairs = [str(world.data / "train")]
+    others = [str(world.data / "interleaved.jsonl"), str(world.data / "text.jsonl")]
+    seen = Counter()
+    for sources in (pairs, others):
+        full = world.batches(sources, context_len=64, batch_size=8, seed=2)
+        masked = world.batches(sources, context_len=64, batch_size=8, seed=2, reading_image_loss=False)
+        for _ in range(4):
+            a, b = documents(next(full)), documents(next(masked))
+            assert [d[0] for d in a] == [d[0] for d in b]  # the same documents in the same places
+            for (tokens, targets, _, _), (_, got, _, modality) in zip(a, b):
+                kind = kind_of(v, tokens) if sources is pairs else "other"
+                cut = tokens.index(v.eoi) if kind == "read" else 0  # targets boi, codes, eoi
+                assert got[:cut] == [-100] * cut and got[cut:] == targets[cut:], kind
+                if kind == "read":
+                    assert cut == v.tokens_per_image + 2 and all(m in (-1, 0) for m in modality)  # text targets only
+                seen[kind] += 1
+    assert set(seen) == {"read", "draw", "uncond", "other"} and min(seen.values()) > 0, seen
+    with pytest.raises(UserError, match="cannot be resumed"):  # the stream's signature includes the option
+        masked.load_state_dict(full.state_dict())
+
+
 def test_every_good_pair_is_used_each_epoch(world):
     v = world.vocab
     train = world.data / "train"

@@ -102,6 +102,30 @@ def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path
     assert latest_good(out / "checkpoints").name == "step-00000004"
 
 
+def test_compiled_training_matches_eager(tiny_pipeline: TinyPipeline, tmp_path):
+    """train --compile (torch.compile of the forward + backward) follows the eager run's losses."""
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    run_cli(*tiny_train_argv(tiny_pipeline, eager, 6))
+    run_cli(*tiny_train_argv(tiny_pipeline, comp, 6), "--compile")
+    for (step_a, a), (step_b, b) in zip(_losses(eager), _losses(comp), strict=True):
+        assert step_a == step_b and abs(a - b) < 1e-4 * max(1.0, abs(a)), (step_a, a, b)
+    assert (comp / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
+
+
+def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    from training.lm_train import TrainConfig, train
+
+    with pytest.raises(UserError, match="--compile failed.*run without --compile"):
+        train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+                          out=str(tmp_path / "lm"), preset="tiny", steps=2, batch_size=4, eval_every=0, compile=True))
+
+
 def test_vocab_for_other_tokenizer_is_refused(tiny_pipeline: TinyPipeline, tmp_path):
     other = tmp_path / "vq2"
     shutil.copytree(tiny_pipeline.vq, other)

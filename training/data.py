@@ -22,6 +22,9 @@ Documents
     the time) or ``<s> caption <boi> codes <eoi> </s>`` (drawing), the caption dropped for
     ``cond_dropout`` of drawing examples (``<s> <boi> codes <eoi> </s>``: the unconditional case that
     classifier-free guidance needs). A pair without caption is always the unconditional document.
+    Without ``reading_image_loss`` a reading example has no loss on its image span (``<boi> codes
+    <eoi>`` as targets): it trains only the caption, and unconditional image modelling is left to the
+    caption-dropped examples.
   * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
     they are); text records are ``<s> text </s>``.
 
@@ -108,6 +111,8 @@ class DataConfig:
     """Fraction of image-caption pairs shown image->caption; the rest caption->image."""
     cond_dropout: float = 0.1
     """Fraction of caption->image examples whose caption is dropped."""
+    reading_image_loss: bool = True
+    """Also train on the image codes of a reading (image -> caption) example, not only on its caption."""
     seed: int = 0
     """Seed of every random choice of the data stream."""
     strict: bool = False
@@ -784,13 +789,14 @@ class PackedBatches:
     """Infinite iterator of packed global batches (see the module docstring); exact resume via state_dict."""
 
     def __init__(self, data: PreparedData, vocab, *, context_len: int, batch_size: int, reading_ratio: float = 0.5,
-                 cond_dropout: float = 0.1, seed: int = 0):
+                 cond_dropout: float = 0.1, reading_image_loss: bool = True, seed: int = 0):
         self.data = data
         self.vocab = vocab
         self.T = context_len
         self.B = batch_size
         self.reading_ratio = reading_ratio
         self.cond_dropout = cond_dropout
+        self.reading_image_loss = reading_image_loss
         self.seed = seed
         w = np.asarray([p.weight for p in data.parts], np.float64)
         self._cum = list(np.cumsum(w / w.sum()))
@@ -811,7 +817,7 @@ class PackedBatches:
     def from_config(cls, cfg: DataConfig, vocab, image_tokenizer: str | Path) -> PackedBatches:
         data = prepare(cfg, vocab, image_tokenizer)
         return cls(data, vocab, context_len=cfg.context_len, batch_size=cfg.batch_size, reading_ratio=cfg.reading_ratio,
-                   cond_dropout=cfg.cond_dropout, seed=cfg.seed)
+                   cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=cfg.seed)
 
     @property
     def report(self) -> SkipReport:
@@ -861,7 +867,15 @@ class PackedBatches:
         desc = (p, item, variant)
         return desc, self._document(*desc)
 
-    def _row(self) -> list[np.ndarray]:
+    def _untrained_prefix(self, desc: tuple[int, int, int]) -> int:
+        """How many leading targets of the document get no loss: the image span of a reading example without
+        ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none."""
+        p, _, variant = desc
+        if variant == READ and not self.reading_image_loss and self.data.parts[p].kind == "pairs":
+            return self.vocab.tokens_per_image + 2
+        return 0
+
+    def _row(self) -> list[tuple[tuple[int, int, int], np.ndarray]]:
         row, room = [], self.T
         while room >= 2:
             while len(self._pending) < LOOKAHEAD:
@@ -869,8 +883,8 @@ class PackedBatches:
             i = next((i for i, (_, d) in enumerate(self._pending) if len(d) <= room), None)
             if i is None:
                 break
-            doc = self._pending.pop(i)[1]
-            row.append(doc)
+            desc, doc = self._pending.pop(i)
+            row.append((desc, doc))
             room -= len(doc)
         return row
 
@@ -886,11 +900,12 @@ class PackedBatches:
         doc_ids = torch.full((B, T), -1, dtype=torch.long)
         for r in range(B):
             o = 0
-            for k, doc in enumerate(self._row()):
+            for k, (desc, doc) in enumerate(self._row()):
                 n = len(doc)
                 t = torch.from_numpy(doc.astype(np.int64))
                 tokens[r, o:o + n] = t
                 targets[r, o:o + n - 1] = t[1:]
+                targets[r, o:o + self._untrained_prefix(desc)] = IGNORE
                 positions[r, o:o + n] = torch.arange(n)
                 doc_ids[r, o:o + n] = k
                 o += n
@@ -905,7 +920,7 @@ class PackedBatches:
 
     # ------------------------------------------------------------ exact resume
     def _signature(self) -> str:
-        sig = [PIPELINE_VERSION, self.T, self.B, self.seed, self.reading_ratio, self.cond_dropout,
+        sig = [PIPELINE_VERSION, self.T, self.B, self.seed, self.reading_ratio, self.cond_dropout, self.reading_image_loss,
                [(p.kind, round(p.weight, 12), len(p)) for p in self.data.parts]]  # not paths: data may move
         return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
 
@@ -957,11 +972,12 @@ class ShardedBatches:
 
 
 def training_batches(data: Sequence[str], *, vocab, image_tokenizer: str | Path, context_len: int, batch_size: int,
-                     reading_ratio: float = 0.5, cond_dropout: float = 0.1, seed: int = 0, strict: bool = False,
-                     cache_dir: str | None = None, image_column: str = "image", text_column: str = "text") -> PackedBatches:
+                     reading_ratio: float = 0.5, cond_dropout: float = 0.1, reading_image_loss: bool = True, seed: int = 0,
+                     strict: bool = False, cache_dir: str | None = None, image_column: str = "image",
+                     text_column: str = "text") -> PackedBatches:
     """What the trainer calls: prepare the sources and return the packed global-batch stream."""
     cfg = DataConfig(sources=list(data), context_len=context_len, batch_size=batch_size, reading_ratio=reading_ratio,
-                     cond_dropout=cond_dropout, seed=seed, strict=strict, cache_dir=cache_dir, image_column=image_column,
+                     cond_dropout=cond_dropout, reading_image_loss=reading_image_loss, seed=seed, strict=strict, cache_dir=cache_dir, image_column=image_column,
                      text_column=text_column)
     return PackedBatches.from_config(cfg, vocab, image_tokenizer)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -26,6 +27,11 @@ def _stage(name: str, argv: list[str], timings: dict) -> None:
     print(f"--- {name} took {timings[name]:.0f} s", flush=True)
 
 
+def _have_cxx() -> bool:
+    """torch.compile on a CPU writes C++ and needs a compiler (inductor uses $CXX, else g++ or clang++)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the whole earlyfusion pipeline on the built-in data.")
     p.add_argument("--out", default="runs/demo", help="working directory (replaced)")
@@ -34,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="decoder steps (0 = the train default)")
     p.add_argument("--preset", default="small", help="decoder preset")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="train the decoder eagerly (default: train --compile when a C++ compiler is found)")
     args = p.parse_args(argv)
+    compile_train = not args.no_compile and _have_cxx()
+    if not compile_train:
+        print("demo: training without --compile" + ("" if args.no_compile else " (no C++ compiler found: slower)"), flush=True)
 
     out = Path(args.out)
     if out.exists():
@@ -47,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
            + (["--steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []), timings)
     _stage("vocab", ["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(vocab)], timings)
     _stage("train", ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab), "--out", str(lm),
-                     "--preset", args.preset] + (["--steps", str(args.steps)] if args.steps else []), timings)
+                     "--preset", args.preset] + (["--steps", str(args.steps)] if args.steps else [])
+           + (["--compile"] if compile_train else []), timings)
 
     test_meta = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()[:1]]
     image, caption = data / "test" / test_meta[0]["file_name"], test_meta[0]["text"]
