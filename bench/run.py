@@ -329,6 +329,12 @@ def check_parity(ours: Decoder, peer: torch.nn.Module, vocab_size: int) -> float
 # ---------------------------------------------------------------- training
 
 
+def _faster_mode(out: dict, prefix: str = "") -> str:
+    """"ours" or "ours_compiled": whichever of our modes measured more ``{prefix}{mode}_tokens_per_s``."""
+    return max((k for k in ("ours", "ours_compiled") if f"{prefix}{k}_tokens_per_s" in out),
+               key=lambda k: out[f"{prefix}{k}_tokens_per_s"])
+
+
 def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: int, vocab_size: int | None = None,
                 peer: bool = True, ceiling: MatmulCeiling | None = None, compile: bool = True) -> dict:
     """tokens/s of forward + backward + AdamW step, ours (eager and, with ``compile``, as ``train --compile``
@@ -385,7 +391,7 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
         out[f"{k}_tokens_per_s"] = tps
         out[f"{k}_gflops"] = tps * fpt / 1e9
         out[f"{k}_step_s"] = median(ts)
-    best = max((k for k in ("ours", "ours_compiled") if f"{k}_tokens_per_s" in out), key=lambda k: out[f"{k}_tokens_per_s"])
+    best = _faster_mode(out)
     out["best_mode"] = "compiled" if best == "ours_compiled" else "eager"
     out["best_tokens_per_s"], out["best_gflops"] = out[f"{best}_tokens_per_s"], out[f"{best}_gflops"]
     if hf is not None:
@@ -488,8 +494,7 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
             out[f"b{B}_{k}_tokens_per_s"] = B * steps_per_s
             out[f"b{B}_{k}_gbps"] = out["weight_bytes"] * steps_per_s / 1e9
         out[f"b{B}_speedup"] = out[f"b{B}_ours_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
-        best = max((k for k in ("ours", "ours_compiled") if f"b{B}_{k}_tokens_per_s" in out),
-                   key=lambda k: out[f"b{B}_{k}_tokens_per_s"])
+        best = _faster_mode(out, f"b{B}_")
         out[f"b{B}_best_mode"] = "compiled" if best == "ours_compiled" else "eager"
         out[f"b{B}_best_speedup"] = out[f"b{B}_{best}_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
         out[f"b{B}_best_gbps"] = out[f"b{B}_{best}_gbps"]

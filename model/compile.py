@@ -3,7 +3,7 @@
 ``compiled(module, dynamic=...)`` returns ``torch.compile(module, dynamic=dynamic)``, made once and kept in
 the module's instance dict (not registered as a submodule, so never in its ``state_dict``; it lives exactly
 as long as the module). Compilation happens on the first call; if it fails (no C++ compiler, an
-unsupported platform) the user gets one ``UserError`` that names the flag to drop instead of an inductor
+unsupported platform) the user gets one ``UserError`` saying to drop ``--compile`` instead of an inductor
 traceback. Later calls go straight to the compiled module.
 
 Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` 1.6-1.7x faster
@@ -20,7 +20,7 @@ import torch
 from model.io import UserError
 
 
-def compiled(module: torch.nn.Module, *, dynamic: bool, flag: str = "--compile") -> Callable:
+def compiled(module: torch.nn.Module, *, dynamic: bool) -> Callable:
     """The module's compiled callable for this shape mode (created on first request, then reused)."""
     attr = f"_earlyfusion_compiled_{'dynamic' if dynamic else 'static'}"
     fn = module.__dict__.get(attr)
@@ -37,8 +37,8 @@ def compiled(module: torch.nn.Module, *, dynamic: bool, flag: str = "--compile")
             out = inner(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - torch.compile raises many kinds; the user needs one message
             first = str(e).splitlines()[0] if str(e) else ""
-            raise UserError(f"{flag} failed ({type(e).__name__}: {first}); torch.compile needs a working C++ "
-                            f"compiler on CPU; run without {flag}") from e
+            raise UserError(f"--compile failed ({type(e).__name__}: {first}); torch.compile needs a working C++ "
+                            "compiler on CPU; run without --compile") from e
         compiled_once = True
         return out
 

@@ -883,9 +883,8 @@ class PackedBatches:
             i = next((i for i, (_, d) in enumerate(self._pending) if len(d) <= room), None)
             if i is None:
                 break
-            desc, doc = self._pending.pop(i)
-            row.append((desc, doc))
-            room -= len(doc)
+            row.append(self._pending.pop(i))
+            room -= len(row[-1][1])
         return row
 
     # ------------------------------------------------------------ batches
@@ -977,8 +976,8 @@ def training_batches(data: Sequence[str], *, vocab, image_tokenizer: str | Path,
                      text_column: str = "text") -> PackedBatches:
     """What the trainer calls: prepare the sources and return the packed global-batch stream."""
     cfg = DataConfig(sources=list(data), context_len=context_len, batch_size=batch_size, reading_ratio=reading_ratio,
-                     cond_dropout=cond_dropout, reading_image_loss=reading_image_loss, seed=seed, strict=strict, cache_dir=cache_dir, image_column=image_column,
-                     text_column=text_column)
+                     cond_dropout=cond_dropout, reading_image_loss=reading_image_loss, seed=seed, strict=strict,
+                     cache_dir=cache_dir, image_column=image_column, text_column=text_column)
     return PackedBatches.from_config(cfg, vocab, image_tokenizer)
 
 

@@ -221,9 +221,8 @@ def train(cfg: TrainConfig) -> Path:
 
     batches = data_mod.training_batches(
         cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len, batch_size=cfg.batch_size,
-        reading_ratio=cfg.reading_ratio, cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=cfg.seed,
-        strict=cfg.strict,
-        cache_dir=cfg.cache_dir or None,
+        reading_ratio=cfg.reading_ratio, cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss,
+        seed=cfg.seed, strict=cfg.strict, cache_dir=cfg.cache_dir or None,
     )
     heldout = data_mod.heldout_pairs(cfg.data, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.cache_dir or None)
 
