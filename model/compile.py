@@ -6,9 +6,10 @@ as long as the module). Compilation happens on the first call; if it fails (no C
 unsupported platform) the user gets one ``UserError`` saying to drop ``--compile`` instead of an inductor
 traceback. Later calls go straight to the compiled module.
 
-Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` 1.6-1.7x faster
-(dynamic shapes: the cache grows every step), the ``small`` training step ~1.15x (static shapes: packed
-rows are always B x T). Both are opt-in because compiling costs 15-25 s once.
+Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` 1.2-1.6x faster
+(dynamic shapes: the cache grows every step), the ``small`` training step 1.08-1.15x (static shapes: packed
+rows are always B x T). Both are opt-in because compiling costs ~20 s the first time (2-6 s later, from
+inductor's on-disk cache).
 """
 
 from __future__ import annotations

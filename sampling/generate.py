@@ -34,9 +34,9 @@ Stream = Callable[[int, str], None]
 """Called as ``stream(sample_index, text_piece)`` while sampling; an image shows as ``[image k]``."""
 
 IMAGE_PLACEHOLDER = "[image {}]"
-# Measured on the demo model (300 held-out captions, 4x4-code image tokenizer): greedy codes drew 91 % of scenes
-# exactly at scale 1.5 and 92 % at scale 1; at image temperature 0.5, scale 3 drew 77 % against 88 % at 1.5:
-# large scales amplify the small model's noise into wrong shapes.
+# Measured on the demo model of c80880a (300 held-out captions, 4x4 codes of 128): greedy codes drew 96.3 % of
+# scenes exactly at scale 1.5, 95.0 % at scale 1 and 82.0 % at scale 3; at image temperature 0.5, scale 3 drew
+# 77.7 % against 95.7 % at 1.5: large scales amplify the small model's noise into wrong shapes.
 DEFAULT_CFG = 1.5
 DEFAULT_TEXT_TOKENS = 128
 
@@ -62,15 +62,16 @@ class SamplingConfig:
     top_p: float = 1.0
     """Text nucleus probability; 1 = no limit."""
     image_temperature: float = 0.5
-    """Image-code temperature; 0 = greedy. Demo model, 300 test captions, CFG 1.5: 0.5 drew 88 % of scenes exactly,
-    1.0 86 %, greedy 91 % (but every sample of a prompt the same)."""
+    """Image-code temperature; 0 = greedy. Demo model, 300 test captions, CFG 1.5: 0.5 drew 95.7 % of scenes exactly,
+    1.0 93.7 %, greedy 96.3 % (but every sample of a prompt the same)."""
     image_top_k: int | None = None
     """Image-code top-k; default half the codebook; 0 = no limit."""
     image_top_p: float = 1.0
     """Image-code nucleus probability; 1 = no limit."""
     compile: bool = False
-    """Compile the per-token decoder step with torch.compile: a one-off ~15-25 s on 2 CPU cores (needs a C++ compiler),
-    then 1.6-1.7x faster decoding of the small preset at batch 1 (bench/RESULTS.md); worth it for long or many samples."""
+    """Compile the per-token decoder step with torch.compile: ~20 s on 2 CPU cores the first time (2-6 s once
+    inductor's on-disk cache has it; needs a C++ compiler), then 1.2-1.6x faster decoding of the small preset at batch 1
+    (bench/RESULTS.md); worth it for long or many samples."""
 
     def __post_init__(self):
         if self.num_samples < 1:

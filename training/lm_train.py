@@ -96,8 +96,9 @@ class TrainConfig:
     strict: bool = False
     """Fail on the first bad data record instead of skipping and counting it."""
     compile: bool = False
-    """Compile the training step with torch.compile (needs a C++ compiler on CPU): ~15-20 s once, then ~1.15x the
-    tokens/s of the small preset on a 2-core CPU (bench/RESULTS.md); the demo turns it on."""
+    """Compile the training step with torch.compile (needs a C++ compiler on CPU): ~20 s the first time (2-6 s once
+    inductor's on-disk cache has it), then 1.08-1.15x the tokens/s of the small preset on a 2-core CPU (bench/RESULTS.md);
+    the demo turns it on."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto = bf16 autocast on a GPU that supports it, fp32 elsewhere (bf16 is far slower on most CPUs)."""
     cache_dir: str = ""
