@@ -18,6 +18,7 @@ Public API: ``SamplingConfig``, ``generate(decoder, vocab, prompts, config, vq=.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -233,6 +234,38 @@ def _context(decoder) -> int:
     return int(decoder.config.max_seq_len)
 
 
+# Up to this many row-features per step (rows x model width) a per-token step runs on one CPU thread: MKL's
+# multi-threaded products of one or two rows by such small matrices cost more in fork/join than they save.
+# Measured on the 2-core CPU (alternating rounds), 1 thread against 2:
+# - `small` (dim 256), eager: 1.19x faster at 1 and 2 rows, even at 4, slower from 8 rows (0.90x); compiled, at
+#   1 row: 1.7x faster, as it spends less time outside the matrix products;
+# - `base` (dim 768) at 1 row: even overall, but its products stream weights ~10 % faster on 2 threads, so it keeps 2;
+# - `tiny` (dim 64): even up to 8 rows.
+SERIAL_STEP_WORK = 512
+
+
+def step_threads(decoder, rows: int) -> int:
+    """Intra-op threads for the per-token steps of ``rows`` rows: 1 where a step is too small to split, else
+    the current setting. A GPU step is unaffected."""
+    now = torch.get_num_threads()
+    if next(decoder.parameters()).device.type != "cpu":
+        return now
+    return 1 if rows * decoder.config.dim <= SERIAL_STEP_WORK else now
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *, modality: Modality,
                   max_new_tokens: int, text: SamplerParams, image: SamplerParams,
@@ -274,36 +307,40 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     step_fn = compiled(decoder, dynamic=True) if compile else decoder  # the cache grows: symbolic shapes
     out: list[list[int]] = [[] for _ in range(N)]
     reasons = ["length"] * N
-    for step in range(steps):
-        situations = state.situations(layout)
-        drawing = [s.drawing(layout) for s in situations]
-        cond = logits[:N]
-        if uncond is not None and any(drawing):
-            mixed = cond + (guidance - 1.0) * (cond - logits[N:])
-            cond = mixed if all(drawing) else torch.where(torch.tensor(drawing, device=device)[:, None], mixed, cond)
-        tok = sample_next(rules.apply(cond, situations), drawing, text, image, generator).tolist()  # N ids
-        live = [not f for f in state.finished]
-        tok = [t if is_live else layout.pad for t, is_live in zip(tok, live)]
-        state.update(tok, layout)
-        for i, t in enumerate(tok):
-            if not live[i]:
-                continue
-            out[i].append(t)
-            if on_token is not None:
-                on_token(i, t)
-            if t in stop_ids:
-                reasons[i] = "eos" if t == layout.eos else "image"
-                state.finished[i] = True
-            elif state.remaining(i) <= 0:
-                state.finished[i] = True
-        if all(state.finished) or step == steps - 1:
-            break
-        feed, feed_live = (tok, live) if uncond is None else (tok + tok, live + live)  # a pair shares its token
-        pos = [min(n, context - 1) for n in lengths]  # finished rows feed padding (valid=False) at a legal position
-        lengths = [n + is_live for n, is_live in zip(lengths, feed_live)]
-        feed_valid = None if all(feed_live) else torch.tensor(feed_live, device=device)[:, None]
-        logits = step_fn(torch.tensor(feed, device=device)[:, None], positions=torch.tensor(pos, device=device)[:, None],
-                         valid=feed_valid, cache=cache)[:, -1].float()
+    with intra_op_threads(step_threads(decoder, R)):  # the per-token steps; the prefill keeps every thread
+        for step in range(steps):
+            situations = state.situations(layout)
+            drawing = [s.drawing(layout) for s in situations]
+            cond = logits[:N]
+            if uncond is not None and any(drawing):
+                mixed = cond + (guidance - 1.0) * (cond - logits[N:])
+                if not all(drawing):
+                    mixed = torch.where(torch.tensor(drawing, device=device)[:, None], mixed, cond)
+                cond = mixed
+            tok = sample_next(rules.apply(cond, situations), drawing, text, image, generator).tolist()  # N ids
+            live = [not f for f in state.finished]
+            tok = [t if is_live else layout.pad for t, is_live in zip(tok, live)]
+            state.update(tok, layout)
+            for i, t in enumerate(tok):
+                if not live[i]:
+                    continue
+                out[i].append(t)
+                if on_token is not None:
+                    on_token(i, t)
+                if t in stop_ids:
+                    reasons[i] = "eos" if t == layout.eos else "image"
+                    state.finished[i] = True
+                elif state.remaining(i) <= 0:
+                    state.finished[i] = True
+            if all(state.finished) or step == steps - 1:
+                break
+            feed, feed_live = (tok, live) if uncond is None else (tok + tok, live + live)  # a pair shares its token
+            pos = [min(n, context - 1) for n in lengths]  # finished rows feed padding (valid=False) at a legal position
+            lengths = [n + is_live for n, is_live in zip(lengths, feed_live)]
+            feed_valid = None if all(feed_live) else torch.tensor(feed_live, device=device)[:, None]
+            feed_ids = torch.tensor(feed, device=device)[:, None]
+            logits = step_fn(feed_ids, positions=torch.tensor(pos, device=device)[:, None], valid=feed_valid,
+                             cache=cache)[:, -1].float()
     return out, reasons
 
 

@@ -176,7 +176,7 @@ class FakeDecoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(context, V, generator=g))
         self.tok.data[:, L.image_start:L.image_start + L.codebook_size] += image_bias
         self.tok.data[:, L.boi] += image_bias
-        self.config = SimpleNamespace(max_seq_len=context)
+        self.config = SimpleNamespace(max_seq_len=context, dim=8)
         self.calls: list[tuple[int, int]] = []
         self.fed: list[torch.Tensor] = []
 
@@ -433,3 +433,45 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
     dec = Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=32)).eval()
     with pytest.raises(UserError, match="--compile failed.*C\\+\\+ compiler"):
         _run(dec, [[L.bos, 5]], modality="text", max_new=4, compile=True)
+
+
+def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monkeypatch):
+    """Steps of few rows run on one thread (step_threads); the caller's thread count comes back afterwards,
+    also when sampling fails; the tokens do not depend on it."""
+    from sampling import generate as gen
+
+    assert decoder.config.dim * 8 <= gen.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
+    assert gen.step_threads(decoder, 8) == 1
+    assert gen.step_threads(decoder, 9) == torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real_forward = type(decoder).forward
+
+        def spy(self, tokens, **kw):
+            if tokens.shape[1] == 1:
+                seen.append(torch.get_num_threads())
+            return real_forward(self, tokens, **kw)
+
+        prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
+        monkeypatch.setattr(type(decoder), "forward", spy)
+        one_thread = _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        monkeypatch.setattr(gen, "SERIAL_STEP_WORK", 0)
+        seen.clear()
+        assert _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == one_thread
+        assert set(seen) == {2}
+
+        def fail(self, tokens, **kw):
+            if tokens.shape[1] == 1:
+                raise RuntimeError("boom")
+            return real_forward(self, tokens, **kw)
+
+        monkeypatch.setattr(gen, "SERIAL_STEP_WORK", 10 ** 6)
+        monkeypatch.setattr(type(decoder), "forward", fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            _run(decoder, prompts, modality="text", max_new=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
