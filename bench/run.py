@@ -10,9 +10,10 @@ One run on one machine measures:
   model GFLOP/s = tokens/s × (6N + 12·L·H·Q·T) and its fraction of the matmul ceiling;
 * decoding tokens/s at batch 1 and 8 with the KV cache: ours through the real sampling loop
   (``sampling.generate.sample_tokens``, greedy) and as a bare ``Decoder`` + ``KVCache`` loop, vs the
-  peer's ``generate()`` (greedy, ``min_new_tokens = max_new_tokens``, ``use_cache=True``); effective
+  peer's ``generate()`` (greedy, ``min_new_tokens = max_new_tokens``, ``use_cache=True``), also on one
+  thread where our per-token steps run on one (``sampling.generate.step_threads``); effective
   GB/s = weight bytes × decode steps/s against the copy ceiling;
-* image generation for the demo shape (``small`` decoder, ``default`` image tokenizer: 8×8 codes):
+* image generation for the demo shape (``small`` decoder, ``default`` image tokenizer: 4×4 codes):
   seconds per image with and without batched classifier-free guidance, and images/s at 8 samples;
 * the image tokenizer: encode and decode images/s.
 
@@ -49,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
 
 from model.compile import compiled  # noqa: E402
 from model.decoder import Decoder, DecoderConfig  # noqa: E402
+from sampling.generate import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
 from tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
 # The issue's targets (issue 7), shown beside each figure.
@@ -458,6 +460,16 @@ def peer_generate_fn(peer: torch.nn.Module, layout: BenchLayout, prompts: torch.
     return run
 
 
+def on_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``torch.set_num_threads(n)`` (the previous setting restored afterwards)."""
+
+    def run() -> object:
+        with intra_op_threads(n):
+            return fn()
+
+    return run
+
+
 def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_tokens: int, warmup: int,
                  iters: int, ceiling: CopyCeiling | None = None, compile: bool = True) -> dict:
     """Decode tokens/s (all rows counted) at each batch size: our sampler (eager and, with ``compile``, as
@@ -482,6 +494,8 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
             if "compile_s" not in out:
                 log(f"  decode {preset}: compiling the decode step (torch.compile, once)")
                 out["compile_s"] = timed(fns["ours_compiled"])
+        if step_threads(ours, B) == 1:  # our steps run on one thread here: time the peer on one thread as well
+            fns["peer_1thread"] = on_threads(1, fns["peer"])
         if ceiling is not None:
             fns["ceiling"] = ceiling
         log(f"  decode {preset} batch {B}: {new_tokens} new tokens after a {prompt_len}-token prompt")
@@ -498,6 +512,9 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
         out[f"b{B}_best_mode"] = "compiled" if best == "ours_compiled" else "eager"
         out[f"b{B}_best_speedup"] = out[f"b{B}_{best}_tokens_per_s"] / out[f"b{B}_peer_tokens_per_s"]
         out[f"b{B}_best_gbps"] = out[f"b{B}_{best}_gbps"]
+        if "peer_1thread" in times:
+            out[f"b{B}_best_speedup_vs_peer_1thread"] = (out[f"b{B}_{best}_tokens_per_s"]
+                                                         / out[f"b{B}_peer_1thread_tokens_per_s"])
         if ceiling_times is not None:
             out[f"b{B}_bandwidth_fraction_alongside"] = out[f"b{B}_best_gbps"] / out[f"b{B}_copy_gbps_alongside"]
     return out
@@ -716,9 +733,9 @@ def render(results: dict) -> str:
     if results.get("decode"):
         L += ["## Decoding (KV cache, greedy)", "",
               "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours sampler `--compile` tok/s | Ours bare loop tok/s | "
-              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Best eff. GB/s | Copy GB/s alongside | "
-              "÷ copy alongside | ÷ best copy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Peer on 1 thread tok/s (best ÷ it) | "
+              "Best eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["decode"].items():
             for B in results["settings"]["decode_batches"]:
                 if f"b{B}_speedup" not in r:
@@ -727,7 +744,9 @@ def render(results: dict) -> str:
                          f"{_fmt(r.get(f'b{B}_ours_compiled_tokens_per_s'))} | "
                          f"{_fmt(r[f'b{B}_ours_raw_tokens_per_s'])} | {_fmt(r[f'b{B}_peer_tokens_per_s'])} | "
                          f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_best_speedup'])} ({r[f'b{B}_best_mode']}) | "
-                         f"{_fmt(r[f'b{B}_best_gbps'])} | "
+                         + (f"{_fmt(r[f'b{B}_peer_1thread_tokens_per_s'])} ({_fmt(r[f'b{B}_best_speedup_vs_peer_1thread'])}) | "
+                            if f"b{B}_peer_1thread_tokens_per_s" in r else "— | ")
+                         + f"{_fmt(r[f'b{B}_best_gbps'])} | "
                          f"{_fmt(r.get(f'b{B}_copy_gbps_alongside'))} | {_fmt(r.get(f'b{B}_bandwidth_fraction_alongside'))} | "
                          f"{_fmt(r[f'b{B}_best_gbps'] / ceil['copy_gbps'])} |")
         it = next(iter(results["decode"].values()))
@@ -736,8 +755,12 @@ def render(results: dict) -> str:
               "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
               "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
                                              if "compile_s" in r) + ", not counted); best = the faster of the two, "
-              "which the targets use; bare loop = `Decoder` + `KVCache` with argmax only. Peer = `generate(do_sample=False, "
-              "min_new_tokens=max_new_tokens, use_cache=True)`. Effective GB/s = bytes of every weight but the "
+              "which the targets use; our sampler runs its per-token steps on one thread where rows × model width ≤ "
+              f"{SERIAL_STEP_WORK} (`sampling.generate.step_threads`: `small` at batch 1), the prefill and everything "
+              "else on the bench's threads; bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
+              "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
+              "as a user runs it; where our steps run on one thread, the peer is also timed on one thread (it is faster "
+              "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
               f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
               "alongside is timed in the same alternating rounds. Median of "
               + ", ".join(f"{r['iters']} runs for `{n}`" for n, r in results["decode"].items())

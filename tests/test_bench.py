@@ -62,6 +62,8 @@ def test_train_and_decode_tiny(bench):
             assert positive(d[f"b{B}_{k}_tokens_per_s"])
         assert d[f"b{B}_best_mode"] == "eager" and d[f"b{B}_best_speedup"] == d[f"b{B}_speedup"]
         assert positive(d[f"b{B}_ours_gbps"]) and positive(d[f"b{B}_bandwidth_fraction_alongside"])
+        # tiny's steps run on one thread at these batches, so the peer is timed on one thread as well
+        assert positive(d[f"b{B}_peer_1thread_tokens_per_s"]) and positive(d[f"b{B}_best_speedup_vs_peer_1thread"])
 
 
 def test_images_tiny(bench):
