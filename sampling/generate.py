@@ -238,7 +238,7 @@ def _context(decoder) -> int:
 # multi-threaded products of one or two rows by such small matrices cost more in fork/join than they save.
 # Measured on the 2-core CPU (alternating rounds), 1 thread against 2:
 # - `small` (dim 256), eager: 1.19x faster at 1 and 2 rows, even at 4, slower from 8 rows (0.90x); compiled, at
-#   1 row: 1.7x faster, as it spends less time outside the matrix products;
+#   1 row: 1.3-1.7x faster, as it spends less time outside the matrix products;
 # - `base` (dim 768) at 1 row: even overall, but its products stream weights ~10 % faster on 2 threads, so it keeps 2;
 # - `tiny` (dim 64): even up to 8 rows.
 SERIAL_STEP_WORK = 512
