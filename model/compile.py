@@ -6,10 +6,14 @@ as long as the module). Compilation happens on the first call; if it fails (no C
 unsupported platform) the user gets one ``UserError`` saying to drop ``--compile`` instead of an inductor
 traceback. Later calls go straight to the compiled module.
 
-Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` 1.2-1.6x faster
-(dynamic shapes: the cache grows every step), the ``small`` training step 1.08-1.15x (static shapes: packed
-rows are always B x T). Both are opt-in because compiling costs ~20 s the first time (2-6 s later, from
-inductor's on-disk cache).
+``decode_step(decoder)`` is the sampler's compiled per-token step: on a CPU it first gives the decoder's
+projections their (out, in) weight copies (``Decoder.refresh_rows_weights``), so that the products of a few
+rows compile to vectorised reductions instead of MKL calls (see ``model.decoder.ROWWISE_MAX_ROWS``).
+
+Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` at batch 1 about 2x
+faster than eager (dynamic shapes: the cache grows every step), the ``small`` training step 1.08-1.15x (static
+shapes: packed rows are always B x T). Both are opt-in because compiling costs ~20 s the first time (2-6 s
+later, from inductor's on-disk cache), and the compiled CPU sampler holds the projection weights twice.
 """
 
 from __future__ import annotations
@@ -45,3 +49,12 @@ def compiled(module: torch.nn.Module, *, dynamic: bool) -> Callable:
 
     object.__setattr__(module, attr, fn)  # bypasses nn.Module's submodule registration
     return fn
+
+
+def decode_step(decoder: torch.nn.Module) -> Callable:
+    """The decoder's compiled per-token step for sampling (dynamic shapes: the KV cache grows every step).
+    On a CPU the projections' (out, in) weight copies are made current first (a no-op when the weights did
+    not change since the last call); elsewhere the step is compiled as it is."""
+    if next(decoder.parameters()).device.type == "cpu":
+        decoder.refresh_rows_weights()
+    return compiled(decoder, dynamic=True)

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from model.compile import compiled
+from model.compile import decode_step
 from model.io import UserError
 from sampling.processors import IdLayout, Modality, RowState, Rules, SamplerParams, rules_for, sample_next
 
@@ -234,21 +234,23 @@ def _context(decoder) -> int:
     return int(decoder.config.max_seq_len)
 
 
-# Up to this many row-features per step (rows x model width) a per-token step runs on one CPU thread: MKL's
-# multi-threaded products of one or two rows by such small matrices cost more in fork/join than they save.
+# Up to this many row-features per step (rows x model width) an eager per-token step runs on one CPU thread:
+# MKL's multi-threaded products of one or two rows by such small matrices cost more in fork/join than they save.
 # Measured on the 2-core CPU (alternating rounds), 1 thread against 2:
-# - `small` (dim 256), eager: 1.19x faster at 1 and 2 rows, even at 4, slower from 8 rows (0.90x); compiled, at
-#   1 row: 1.3-1.7x faster, as it spends less time outside the matrix products;
+# - `small` (dim 256): 1.19x faster at 1 and 2 rows, even at 4, slower from 8 rows (0.90x);
 # - `base` (dim 768) at 1 row: even overall, but its products stream weights ~10 % faster on 2 threads, so it keeps 2;
 # - `tiny` (dim 64): even up to 8 rows.
+# Compiled steps keep every thread: their products of a few rows are inductor reductions
+# (``model.decoder.ROWWISE_MAX_ROWS``), which split well (`small` at 1 row: 1.1-1.4x faster on 2 threads than
+# on 1; `base`: 1.3x).
 SERIAL_STEP_WORK = 512
 
 
-def step_threads(decoder, rows: int) -> int:
-    """Intra-op threads for the per-token steps of ``rows`` rows: 1 where a step is too small to split, else
-    the current setting. A GPU step is unaffected."""
+def step_threads(decoder, rows: int, *, compiled: bool = False) -> int:
+    """Intra-op threads for the per-token steps of ``rows`` rows: 1 where an eager step is too small to split,
+    else the current setting. A compiled or GPU step is unaffected."""
     now = torch.get_num_threads()
-    if next(decoder.parameters()).device.type != "cpu":
+    if compiled or next(decoder.parameters()).device.type != "cpu":
         return now
     return 1 if rows * decoder.config.dim <= SERIAL_STEP_WORK else now
 
@@ -278,7 +280,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
     the batch is ``prompts + uncond`` and each pair shares every sampled token. ``on_token(row, id)`` is
     called for every token appended to a conditional row. ``compile`` runs the per-token steps through
-    ``model.compile.compiled(decoder, dynamic=True)`` (the prefill stays eager: its shape changes with every prompt).
+    ``model.compile.decode_step(decoder)`` (the prefill stays eager: its shape changes with every prompt).
     """
     N = len(prompts)
     if N == 0:
@@ -304,10 +306,10 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
     rules = Rules(rules_for(modality, layout), logits.shape[-1], device)
-    step_fn = compiled(decoder, dynamic=True) if compile else decoder  # the cache grows: symbolic shapes
+    step_fn = decode_step(decoder) if compile else decoder
     out: list[list[int]] = [[] for _ in range(N)]
     reasons = ["length"] * N
-    with intra_op_threads(step_threads(decoder, R)):  # the per-token steps; the prefill keeps every thread
+    with intra_op_threads(step_threads(decoder, R, compiled=compile)):  # the per-token steps; the prefill keeps every thread
         for step in range(steps):
             situations = state.situations(layout)
             drawing = [s.drawing(layout) for s in situations]

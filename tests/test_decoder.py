@@ -178,6 +178,86 @@ def test_cache_misuse_raises(model):
         model(tokens(2, 2), doc_ids=torch.zeros(2, 2, dtype=torch.long), cache=cache)
 
 
+# ---------------------------------------------------------------- compiled decode steps (rows weights)
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The call targets of the FX graph torch.compile traces for ``fn(*args)`` (no inductor involved)."""
+    seen: set[str] = set()
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record, dynamic=False)(*args)
+    return seen
+
+
+def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
+    from model.decoder import ROWWISE_MAX_ROWS, Linear
+
+    lin = Linear(16, 24)
+    torch.nn.init.normal_(lin.weight)
+    assert lin.rows_weight is None
+    lin.refresh_rows_weight()
+    assert torch.equal(lin.rows_weight, lin.weight.t()) and lin.rows_weight.is_contiguous()
+    assert set(lin.state_dict()) == {"weight"}  # never saved
+    few, many = torch.randn(1, ROWWISE_MAX_ROWS, 16), torch.randn(1, ROWWISE_MAX_ROWS + 1, 16)
+    with torch.no_grad():
+        assert "sum" in _graph_ops(lin, few) and not {"<built-in function matmul>"} & _graph_ops(lin, few)
+        assert "<built-in function matmul>" in _graph_ops(lin, many)
+        torch.testing.assert_close(torch.compile(lin, backend="eager")(few), few @ lin.weight)
+    # with gradients (training) the parameter itself is used, so it gets its gradient
+    assert "<built-in function matmul>" in _graph_ops(lin, few)
+    x = few.clone().requires_grad_()
+    torch._dynamo.reset()
+    torch.compile(lin, backend="eager")(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_rows_weight_follows_in_place_changes_and_moves():
+    from model.decoder import Linear
+
+    lin = Linear(8, 4)
+    torch.nn.init.normal_(lin.weight)
+    lin.refresh_rows_weight()
+    copy = lin.rows_weight
+    with torch.no_grad():
+        lin.weight.mul_(3.0)  # an optimizer step or load_state_dict writes in place
+    lin.refresh_rows_weight()
+    assert lin.rows_weight is copy and torch.equal(copy, lin.weight.t())  # refreshed in place: same tensor
+    lin.double()
+    lin.refresh_rows_weight()
+    assert lin.rows_weight.dtype == torch.float64 and torch.equal(lin.rows_weight, lin.weight.t())
+
+
+def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
+    """model.compile.decode_step: the cached steps through inductor with the rows weights give the eager logits,
+    at 1 and 3 rows, and after the weights change (load_state_dict) the same compiled step gives the new ones."""
+    from model.compile import decode_step
+
+    torch._dynamo.reset()
+    model, other = make(3), make(4)
+    x = tokens(3, 9)
+
+    @torch.no_grad()
+    def steps(fn, rows: int) -> torch.Tensor:
+        cache = model.new_cache(rows, max_len=9)
+        model(x[:rows, :4], cache=cache)  # eager prefill, as the sampler does
+        return torch.cat([fn(x[:rows, t:t + 1], cache=cache) for t in range(4, 9)], dim=1)
+
+    for rows in (1, 3):
+        torch.testing.assert_close(steps(decode_step(model), rows), steps(model, rows), rtol=0, atol=1e-5)
+    assert all(m.rows_weight is not None for m in model.modules() if hasattr(m, "rows_weight"))
+    before = steps(model, 1)
+    model.load_state_dict(other.state_dict())
+    after = steps(model, 1)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(steps(decode_step(model), 1), after, rtol=0, atol=1e-5)
+    assert set(model.state_dict()) == set(other.state_dict())
+
+
 # ---------------------------------------------------------------- variants
 
 

@@ -420,6 +420,7 @@ def test_compiled_step_equals_eager(decoder, modality):
     # one graph per kind of step (padded rows, finished rows), not one per cache length
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert not any("compiled" in k for k in decoder.state_dict())  # the compiled step is not a submodule
+    assert all(m.rows_weight is not None for m in decoder.modules() if hasattr(m, "rows_weight"))  # rowwise products
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
@@ -443,6 +444,7 @@ def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monk
     assert decoder.config.dim * 8 <= gen.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
     assert gen.step_threads(decoder, 8) == 1
     assert gen.step_threads(decoder, 9) == torch.get_num_threads()
+    assert gen.step_threads(decoder, 1, compiled=True) == torch.get_num_threads()  # compiled steps keep every thread
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
