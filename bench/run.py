@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
     sys.path.insert(0, str(ROOT))
 
 from model.compile import compiled  # noqa: E402
-from model.decoder import Decoder, DecoderConfig  # noqa: E402
+from model.decoder import ROWWISE_MAX_ROWS, Decoder, DecoderConfig  # noqa: E402
 from sampling.generate import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
 from tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
@@ -256,8 +256,8 @@ class CopyCeiling:
 
 
 class MatvecCeiling:
-    """``torch.mv`` of a large fp32 matrix (the operation a batch-1 decode step is made of); ``rate(seconds)`` ->
-    GB/s of matrix bytes read: how fast this machine streams weights through the product decoding uses."""
+    """``torch.mv`` of a large fp32 matrix (MKL's product; what an eager batch-1 decode step is made of);
+    ``rate(seconds)`` -> GB/s of matrix bytes read: how fast MKL streams weights through it."""
 
     def __init__(self, megabytes: int = 256) -> None:
         n = int((megabytes * 2 ** 20 // 4) ** 0.5)
@@ -681,9 +681,10 @@ def render(results: dict) -> str:
     L += [f"- Ceilings measured in this run: fp32 matmul **{_fmt(ceil['matmul_gflops'])} GFLOP/s** "
           f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
           f"({ceil['copy_mb']} MB `copy_`, read + write, best of {ceil['repeats']})"
-          + (f"; for context, a {ceil['copy_mb']} MB fp32 matrix-vector product (`torch.mv`, what a batch-1 decode step "
-             f"is made of) reads at **{_fmt(ceil['matvec_gbps'])} GB/s** = {_fmt(ceil['matvec_gbps'] / ceil['copy_gbps'])} "
-             "of the copy figure, the most a decode of DRAM-resident weights can reach against it"
+          + (f"; for context, a {ceil['copy_mb']} MB fp32 matrix-vector product through MKL (`torch.mv`, what an "
+             f"eager batch-1 decode step is made of) reads at **{_fmt(ceil['matvec_gbps'])} GB/s** = "
+             f"{_fmt(ceil['matvec_gbps'] / ceil['copy_gbps'])} of the copy figure (the compiled step's own reductions "
+             "can read faster)"
              if ceil.get("matvec_gbps") else "") + ".", ""]
 
     L += ["## Against the issue's targets", "",
@@ -755,11 +756,13 @@ def render(results: dict) -> str:
               "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
               "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
                                              if "compile_s" in r) + ", not counted); best = the faster of the two, "
-              "which the targets use; our sampler runs its per-token steps on one thread where rows × model width ≤ "
-              f"{SERIAL_STEP_WORK} (`sampling.generate.step_threads`: `small` at batch 1), the prefill and everything "
-              "else on the bench's threads; bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
+              "which the targets use; the eager sampler runs its per-token steps on one thread where rows × model width ≤ "
+              f"{SERIAL_STEP_WORK} (`sampling.generate.step_threads`: `small` at batch 1), the prefill, the compiled "
+              "steps and everything else on the bench's threads; the compiled steps of up to "
+              f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
+              "(`model.decoder.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
               "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
-              "as a user runs it; where our steps run on one thread, the peer is also timed on one thread (it is faster "
+              "as a user runs it; where our eager steps run on one thread, the peer is also timed on one thread (it is faster "
               "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
               f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
               "alongside is timed in the same alternating rounds. Median of "

@@ -10,8 +10,8 @@ traceback. Later calls go straight to the compiled module.
 projections their (out, in) weight copies (``Decoder.refresh_rows_weights``), so that the products of a few
 rows compile to vectorised reductions instead of MKL calls (see ``model.decoder.ROWWISE_MAX_ROWS``).
 
-Measured on the 2-core CPU (bench/RESULTS.md): the sampler's per-token step of ``small`` at batch 1 about 2x
-faster than eager (dynamic shapes: the cache grows every step), the ``small`` training step 1.08-1.15x (static
+Measured on the 2-core CPU (bench/RESULTS.md): the sampler at batch 1 2.4-2.7x faster than eager for ``small``,
+2.2x for ``base`` (dynamic shapes: the cache grows every step), the ``small`` training step 1.08-1.15x (static
 shapes: packed rows are always B x T). Both are opt-in because compiling costs ~20 s the first time (2-6 s
 later, from inductor's on-disk cache), and the compiled CPU sampler holds the projection weights twice.
 """

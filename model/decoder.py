@@ -182,10 +182,10 @@ class RMSNorm(nn.Module):
 
 # A compiled inference product of at most this many rows (a decode step: one token per row) is written as
 # multiply-and-sum over each output's contiguous row of ``Linear.rows_weight``, which inductor turns into one
-# vectorised reduction kernel split across threads. Measured on the 2-core CPU (compiled step, against MKL's
-# x @ W in the same compiled step, separate processes): `small` at 1 row 1.7-1.9x faster (2 threads against
-# the 1 thread MKL needs there), 1.9x at 2 rows, 1.4x at 4, 1.15x at 8; `base` at 1 row 1.6x (24.8 GB/s of
-# weights against 15.1), 1.9x at 2, even at 8 (its weights come from memory once per row).
+# vectorised reduction kernel split across threads. Measured on the 2-core CPU (compiled cached steps, one process
+# per variant, against MKL's x @ W in the same compiled step on 1 or 2 threads): `small` 1.7-3.0x faster at 1
+# row, 1.9-2.2x at 2, 1.4-1.9x at 4, 1.15x at 8; `base` 1.6x at 1 row (24.8 GB/s of weights read against 15.1),
+# 1.9x at 2, even at 8 (each row reads the weights from memory again).
 ROWWISE_MAX_ROWS = 8
 
 

@@ -71,8 +71,9 @@ class SamplingConfig:
     """Image-code nucleus probability; 1 = no limit."""
     compile: bool = False
     """Compile the per-token decoder step with torch.compile: ~20 s on 2 CPU cores the first time (2-6 s once
-    inductor's on-disk cache has it; needs a C++ compiler), then 1.2-1.6x faster decoding of the small preset at batch 1
-    (bench/RESULTS.md); worth it for long or many samples."""
+    inductor's on-disk cache has it; needs a C++ compiler), then 2.2-2.7x faster decoding at batch 1 on a CPU
+    (small and base presets, bench/RESULTS.md); the decoder's projection weights are held twice (a transposed
+    copy for the compiled step). Worth it for long or many samples."""
 
     def __post_init__(self):
         if self.num_samples < 1:
