@@ -232,6 +232,26 @@ def test_rows_weight_follows_in_place_changes_and_moves():
     assert lin.rows_weight.dtype == torch.float64 and torch.equal(lin.rows_weight, lin.weight.t())
 
 
+def test_models_with_and_without_rows_weights_get_their_own_graphs():
+    """Dynamo keys its graphs on the rows weights being there: a model without them, compiled in the same process
+    as one with them, never runs the other's graph (the forward code object is shared by every instance)."""
+    graphs: list[bool] = []
+
+    def record(gm, example_inputs):
+        graphs.append(any("matmul" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    plain, rowwise = make(5), make(6)
+    rowwise.refresh_rows_weights()
+    with torch.no_grad():
+        for m in (plain, rowwise, plain, rowwise):
+            cache = m.new_cache(1, max_len=8)
+            m(tokens(1, 3), cache=cache)
+            torch.compile(m, backend=record, dynamic=True)(tokens(1, 1), cache=cache)
+    assert graphs == [True, False]  # two graphs (matmuls, then reductions), each reused by its own model
+
+
 def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
     """model.compile.decode_step: the cached steps through inductor with the rows weights give the eager logits,
     at 1 and 3 rows, and after the weights change (load_state_dict) the same compiled step gives the new ones."""
