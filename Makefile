@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 demo: install
-	$(BIN)/python -m training.demo --out $(DEMO_DIR)
+	$(BIN)/python -m earlyfusion.demo --out $(DEMO_DIR)
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
     sys.path.insert(0, str(ROOT))
 
-from model.compile import compiled  # noqa: E402
-from model.decoder import ROWWISE_MAX_ROWS, Decoder, DecoderConfig  # noqa: E402
-from sampling.generate import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
-from tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
+from earlyfusion.model.compile import compiled  # noqa: E402
+from earlyfusion.model.decoder import ROWWISE_MAX_ROWS, Decoder, DecoderConfig  # noqa: E402
+from earlyfusion.sampling.generate import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
+from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
 # The issue's targets (issue 7), shown beside each figure.
 TARGETS = {
@@ -295,7 +295,7 @@ def copy_gbps(megabytes: int = 256, repeats: int = 5) -> float:
 
 def build_pair(preset: str, vocab_size: int, seed: int = 0, **overrides) -> tuple[Decoder, torch.nn.Module]:
     """Our decoder (random weights) and the peer with the same shape and the same weights."""
-    from model.chameleon_hf import to_hf_model
+    from earlyfusion.model.chameleon_hf import to_hf_model
 
     torch.manual_seed(seed)
     ours = Decoder(DecoderConfig.from_preset(preset, vocab_size, **overrides))
@@ -413,8 +413,8 @@ def ours_sampler_fn(model: Decoder, layout: BenchLayout, prompts: torch.Tensor, 
                     compile: bool = False) -> Callable[[], int]:
     """Our real sampling loop, greedy text, as users run it (decoding rules, stop checks and all);
     ``compile``: as ``earlyfusion sample --compile`` (torch.compile'd per-token step)."""
-    from sampling.generate import sample_tokens
-    from sampling.processors import SamplerParams
+    from earlyfusion.sampling.generate import sample_tokens
+    from earlyfusion.sampling.processors import SamplerParams
 
     greedy = SamplerParams(temperature=0.0)
     rows = prompts.tolist()
@@ -527,8 +527,8 @@ def bench_image_generation(preset: str = "small", vq_preset: str = "default", *,
                            cfg_scale: float | None = None, num_samples: int = 8, warmup: int = 1, iters: int = 3) -> dict:
     """Seconds per image (sampling + VQ decode) with and without batched CFG (default: the sampler's scale);
     images/s at ``num_samples``."""
-    from sampling.generate import DEFAULT_CFG, sample_tokens
-    from sampling.processors import SamplerParams
+    from earlyfusion.sampling.generate import DEFAULT_CFG, sample_tokens
+    from earlyfusion.sampling.processors import SamplerParams
 
     cfg_scale = DEFAULT_CFG if cfg_scale is None else cfg_scale
     vq_cfg = VQ_PRESETS[vq_preset]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.decoder import Decoder, DecoderConfig
+from earlyfusion.model.decoder import Decoder, DecoderConfig
 
 HF_PREFIX = "model."
 VQ_PREFIX = "model.vqmodel."

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.io import UserError
+from earlyfusion.errors import UserError
 
 
 def compiled(module: torch.nn.Module, *, dynamic: bool) -> Callable:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.io import UserError
+from earlyfusion.errors import UserError
 
 # Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
 QK_NORM_EPS = 1e-5

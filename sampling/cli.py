@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from model.io import UserError
-from sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
-from training.progress import log
+from earlyfusion.errors import UserError
+from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
+from earlyfusion.logs import log
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
@@ -49,7 +49,7 @@ class SampleConfig(SamplingConfig):
 
 def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
     """Each image file → its (h, w) code grid with the run's image tokenizer."""
-    from tokenizer.preprocess import preprocess
+    from earlyfusion.tokenizer.preprocess import preprocess
 
     vq, vocab = run.vq, run.vocab
     device = next(vq.parameters()).device
@@ -78,7 +78,7 @@ def _save_png(img, path: Path, written: list[Path]) -> None:
 
 
 def _write_image_outputs(samples: list[Sample], out: Path, written: list[Path]) -> None:
-    from tokenizer.preprocess import image_grid
+    from earlyfusion.tokenizer.preprocess import image_grid
 
     images = []
     for i, s in enumerate(samples):
@@ -134,7 +134,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
     for p in cfg.image:  # fail on a bad path before loading the model
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
-    from sampling.run import load_run
+    from earlyfusion.rundir import load_run
 
     run = load_run(cfg.checkpoint, device=device)
     segments = _prompt_segments(cfg, _encode_images(run, cfg.image))

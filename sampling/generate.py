@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from model.compile import decode_step
-from model.io import UserError
-from sampling.processors import IdLayout, Modality, RowState, Rules, SamplerParams, rules_for, sample_next
+from earlyfusion.model.compile import decode_step
+from earlyfusion.errors import UserError
+from earlyfusion.sampling.processors import IdLayout, Modality, RowState, Rules, SamplerParams, rules_for, sample_next
 
 Prompt = str | Sequence[str | Tensor]
 """A prompt: plain text, or segments in order (text and (h, w) code grids)."""
@@ -392,7 +392,7 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
 @torch.no_grad()
 def decode_images(vq, samples: Sequence[Sample]) -> None:
     """Fill ``sample.images`` with PIL images decoded from each sample's code grids (one VQ batch)."""
-    from tokenizer.preprocess import to_pil
+    from earlyfusion.tokenizer.preprocess import to_pil
 
     grids = [s for sample in samples for s in sample.segments if isinstance(s, Tensor)]
     if not grids:

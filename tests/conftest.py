@@ -21,7 +21,7 @@ class TinyPipeline:
 
 
 def run_cli(*argv) -> None:
-    from earlyfusion_cli import main
+    from earlyfusion.cli import main
 
     rc = main([str(a) for a in argv])
     assert rc == 0, f"earlyfusion {' '.join(map(str, argv))} exited {rc}"

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from earlyfusion_cli import COMMANDS, _load, main
+from earlyfusion.cli import COMMANDS, _load, main
 
 
 @pytest.mark.parametrize("words,cfg_ref", [(w, c) for w, _, c, _ in COMMANDS], ids=[" ".join(w) for w, *_ in COMMANDS])

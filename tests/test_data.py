@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.io import UserError
-from tokenizer.vocab import Vocabulary
-from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
-from training import data as D
-from training.shapes import ShapesConfig, generate
+from earlyfusion.errors import UserError
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+from earlyfusion.training import data as D
+from earlyfusion.training.shapes import ShapesConfig, generate
 
 
 def make_vq(directory: Path, seed: int = 0) -> Path:
@@ -31,7 +31,7 @@ def make_vq(directory: Path, seed: int = 0) -> Path:
 
 
 def make_vocab(sources, vq: Path) -> Vocabulary:
-    from tokenizer.vqvae import read_vq_config
+    from earlyfusion.tokenizer.vqvae import read_vq_config
 
     cfg = read_vq_config(vq)
     return Vocabulary.build(list(D.iter_texts(sources)), codebook_size=cfg.codebook_size, grid=cfg.grid_size,
@@ -213,8 +213,8 @@ def test_codes_are_cached_and_invalidated(world, tmp_path):
     assert second.seconds < first.seconds
     assert np.array_equal(first.parts[0].codes, second.parts[0].codes)
     # the codes are those of the image tokenizer
-    from tokenizer.preprocess import preprocess
-    from tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.preprocess import preprocess
+    from earlyfusion.tokenizer.vqvae import load_vqvae
 
     row = json.loads((world.data / "train" / "metadata.jsonl").read_text().splitlines()[0])
     px = preprocess(world.data / "train" / row["file_name"], 16)[None]
@@ -363,7 +363,7 @@ def test_truncation_rules(world, tmp_path):
 
 
 def test_heldout_pairs(world):
-    from tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.vqvae import load_vqvae
 
     rows = [json.loads(line) for line in (world.data / "test" / "metadata.jsonl").read_text().splitlines()]
     pairs = D.heldout_pairs([str(world.data)], vocab=world.vocab, image_tokenizer=world.vq,
@@ -421,8 +421,8 @@ def test_hub_source_code_path(world, tmp_path, monkeypatch):
     assert dict(data.report.counts) == {"empty_file": 1, "empty": 1}
     assert [world.vocab.decode_text(c.tolist()) for c in pairs.captions] == [f"hub caption {i}" for i in range(5)]
     assert data.images_encoded == 6 and D.prepare(cfg, world.vocab, world.vq).images_cached == 6
-    from tokenizer.preprocess import preprocess
-    from tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.preprocess import preprocess
+    from earlyfusion.tokenizer.vqvae import load_vqvae
 
     want = load_vqvae(world.vq).encode(torch.stack([preprocess(p.read_bytes(), 16) for p in pngs]))
     assert np.array_equal(pairs.codes, want.reshape(5, -1).numpy())

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
-from model.io import UserError
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
+from earlyfusion.errors import UserError
 
 V = 97
 
@@ -201,7 +201,7 @@ def _graph_ops(fn, *args) -> set[str]:
 
 
 def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
-    from model.decoder import ROWWISE_MAX_ROWS, Linear
+    from earlyfusion.model.decoder import ROWWISE_MAX_ROWS, Linear
 
     lin = Linear(16, 24)
     torch.nn.init.normal_(lin.weight)
@@ -223,7 +223,7 @@ def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
 
 
 def test_rows_weight_follows_in_place_changes_and_moves():
-    from model.decoder import Linear
+    from earlyfusion.model.decoder import Linear
 
     lin = Linear(8, 4)
     torch.nn.init.normal_(lin.weight)
@@ -258,7 +258,7 @@ def test_models_with_and_without_rows_weights_get_their_own_graphs():
 def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
     """model.compile.decode_step: the cached steps through inductor with the rows weights give the eager logits,
     at 1 and 3 rows, and after the weights change (load_state_dict) the same compiled step gives the new ones."""
-    from model.compile import decode_step
+    from earlyfusion.model.compile import decode_step
 
     torch._dynamo.reset()
     model, other = make(3), make(4)

@@ -1,4 +1,4 @@
-"""`earlyfusion eval` (training/evaluate.py): the JSON figures on the tiny pipeline, the scoring of
+"""`earlyfusion eval` (earlyfusion/evaluate.py): the JSON figures on the tiny pipeline, the scoring of
 reading/drawing, free-form imagefolder data, clear errors on bad input, and the validation losses."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import _attribute_scores, validation_losses
-from training.shapes import ShapeSpec
+from earlyfusion.evaluate import _attribute_scores
+from earlyfusion.training.monitor import validation_losses
+from earlyfusion.training.shapes import ShapeSpec
 
 ATTRIBUTES = ("count_match", "shape", "colour", "size", "position")
 
 
 def _eval(capsys, *argv) -> tuple[int, str, str]:
-    from earlyfusion_cli import main
+    from earlyfusion.cli import main
 
     capsys.readouterr()  # drop anything printed before
     rc = main(["eval", *map(str, argv)])
@@ -99,8 +100,8 @@ def test_eval_default_out_is_under_the_run(capsys, tiny_pipeline, tmp_path):
 
 def test_eval_scores_what_is_read_and_drawn(monkeypatch, tiny_pipeline, tmp_path):
     """evaluate() with an oracle reader/drawer (one mistake each): the figures follow the predictions."""
-    import training.evaluate as E
-    from training import shapes
+    import earlyfusion.evaluate as E
+    from earlyfusion.training import shapes
 
     seen: list[str] = []
 
@@ -246,8 +247,8 @@ def test_eval_error_on_missing_checkpoint(capsys, tiny_pipeline, tmp_path):
 
 def test_eval_error_on_vocab_of_another_image_tokenizer(capsys, tiny_pipeline, tmp_path):
     """The run's image tokenizer replaced by another one (same shape, other weights): its vocabulary no longer belongs."""
-    from sampling.run import IMAGE_TOKENIZER_DIR
-    from tokenizer.vqvae import VQVAE, load_vqvae, save_vqvae
+    from earlyfusion.rundir import IMAGE_TOKENIZER_DIR
+    from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae, save_vqvae
 
     run = tmp_path / "lm"
     shutil.copytree(tiny_pipeline.lm, run)
@@ -263,7 +264,7 @@ def test_eval_error_on_vocab_of_another_image_tokenizer(capsys, tiny_pipeline, t
 @pytest.mark.parametrize("keep_manifest", [True, False])
 def test_eval_error_on_edited_codebook_size(capsys, tiny_pipeline, tmp_path, keep_manifest):
     """config.json of the run's image tokenizer edited: caught by its checksum, or (no MANIFEST) by the weights' shapes."""
-    from sampling.run import IMAGE_TOKENIZER_DIR
+    from earlyfusion.rundir import IMAGE_TOKENIZER_DIR
 
     run = tmp_path / "lm"
     shutil.copytree(tiny_pipeline.lm, run)
@@ -282,8 +283,8 @@ def test_eval_error_on_edited_codebook_size(capsys, tiny_pipeline, tmp_path, kee
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline):
-    from sampling.run import load_run
-    from training.data import heldout_pairs
+    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data import heldout_pairs
 
     run = load_run(tiny_pipeline.lm)
     pairs = heldout_pairs([str(tiny_pipeline.data)], vocab=run.vocab, image_tokenizer=tiny_pipeline.lm / "image_tokenizer", limit=8)
@@ -292,7 +293,7 @@ def trained(tiny_pipeline):
 
 
 def test_validation_losses_trained_beats_fresh(trained):
-    from model.decoder import Decoder, DecoderConfig
+    from earlyfusion.model.decoder import Decoder, DecoderConfig
 
     run, pairs = trained
     got = validation_losses(run.decoder, run.vocab, pairs, batch_size=8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TinyPipeline, run_cli, tiny_train_argv
-from model.io import UserError, latest_good, step_dirs
+from earlyfusion.checkpoint import UserError, latest_good, step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_exact_resume_after_sigkill(tiny_pipeline: TinyPipeline, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_cli(*tiny_train_argv(tiny_pipeline, full, 16))
 
-    argv = [sys.executable, "-m", "earlyfusion_cli", *map(str, tiny_train_argv(tiny_pipeline, killed, 16))]
+    argv = [sys.executable, "-m", "earlyfusion.cli", *map(str, tiny_train_argv(tiny_pipeline, killed, 16))]
     env = {**os.environ, "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -76,7 +76,7 @@ def test_resume_falls_back_past_corrupted_checkpoint(tiny_pipeline: TinyPipeline
 def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
     import torch
 
-    from training import lm_train
+    from earlyfusion.training import lm_train
 
     real = lm_train.lm_loss
     calls = {"n": 0}
@@ -119,7 +119,7 @@ def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipelin
         raise RuntimeError("no working C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
-    from training.lm_train import TrainConfig, train
+    from earlyfusion.training.lm_train import TrainConfig, train
 
     with pytest.raises(UserError, match="--compile failed.*run without --compile"):
         train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
@@ -133,7 +133,7 @@ def test_vocab_for_other_tokenizer_is_refused(tiny_pipeline: TinyPipeline, tmp_p
     cfg = json.loads(cfg_path.read_text())
     cfg["codebook_size"] = cfg["codebook_size"] * 2
     cfg_path.write_text(json.dumps(cfg))
-    from training.lm_train import TrainConfig, train
+    from earlyfusion.training.lm_train import TrainConfig, train
 
     with pytest.raises(UserError) as e:
         train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(other), vocab=str(tiny_pipeline.vocab),
@@ -146,7 +146,7 @@ def test_two_process_gloo_matches_one_process(tiny_pipeline: TinyPipeline, tmp_p
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train_argv(tiny_pipeline, one, 6))
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "earlyfusion_cli",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "earlyfusion.cli",
             *map(str, tiny_train_argv(tiny_pipeline, two, 6))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

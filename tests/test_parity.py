@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from model.chameleon_hf import (  # noqa: E402
+from earlyfusion.model.chameleon_hf import (  # noqa: E402
     from_hf_config,
     from_hf_model,
     from_hf_state_dict,
@@ -20,7 +20,7 @@ from model.chameleon_hf import (  # noqa: E402
     to_hf_model,
     to_hf_state_dict,
 )
-from model.decoder import Decoder, DecoderConfig  # noqa: E402
+from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
 V = 101
 

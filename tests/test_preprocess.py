@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.io import UserError
-from tokenizer.preprocess import ImageError, image_grid, load_image, preprocess, resize_center_crop, to_pil
+from earlyfusion.errors import UserError
+from earlyfusion.tokenizer.preprocess import ImageError, image_grid, load_image, preprocess, resize_center_crop, to_pil
 
 
 def png_bytes(img: Image.Image, **kw) -> bytes:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sampling.generate import sample_tokens
-from sampling.processors import (BanIds, ImageFits, ImageOnly, ImageSpan, Rules, RowState, SamplerParams,
+from earlyfusion.sampling.generate import sample_tokens
+from earlyfusion.sampling.processors import (BanIds, ImageFits, ImageOnly, ImageSpan, Rules, RowState, SamplerParams,
                                  Situation, TextOnly, allowed_ids, rules_for, sample_next)
 
 # A small id layout: 5 specials, 15 text ids, 8 image codes, 2x2 images.
@@ -313,7 +313,7 @@ class FakeVocab(SimpleNamespace):
 
 
 def test_generate_cfg_rows_and_results():
-    from sampling.generate import SamplingConfig, generate
+    from earlyfusion.sampling.generate import SamplingConfig, generate
 
     dec = FakeDecoder(seed=10)
     cfg = SamplingConfig(modality="image", num_samples=3, cfg=4.0, seed=1)
@@ -329,7 +329,7 @@ def test_generate_cfg_rows_and_results():
 
 
 def test_generate_streams_the_text_it_returns():
-    from sampling.generate import SamplingConfig, generate
+    from earlyfusion.sampling.generate import SamplingConfig, generate
 
     dec = FakeDecoder(seed=11, image_bias=1.5)
     pieces = []
@@ -339,8 +339,8 @@ def test_generate_streams_the_text_it_returns():
 
 
 def test_generate_errors():
-    from model.io import UserError
-    from sampling.generate import SamplingConfig, generate
+    from earlyfusion.checkpoint import UserError
+    from earlyfusion.sampling.generate import SamplingConfig, generate
 
     dec = FakeDecoder(context=16)
     with pytest.raises(UserError, match="context"):
@@ -360,7 +360,7 @@ def test_generate_errors():
 
 @pytest.fixture(scope="module")
 def decoder():
-    from model.decoder import Decoder, DecoderConfig
+    from earlyfusion.model.decoder import Decoder, DecoderConfig
 
     torch.manual_seed(0)
     return Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=48)).double().eval()
@@ -424,8 +424,8 @@ def test_compiled_step_equals_eager(decoder, modality):
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
-    from model.decoder import Decoder, DecoderConfig
-    from model.io import UserError
+    from earlyfusion.model.decoder import Decoder, DecoderConfig
+    from earlyfusion.checkpoint import UserError
 
     def broken(*args, **kwargs):
         raise RuntimeError("no working C++ compiler found")
@@ -439,7 +439,7 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
 def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monkeypatch):
     """Steps of few rows run on one thread (step_threads); the caller's thread count comes back afterwards,
     also when sampling fails; the tokens do not depend on it."""
-    from sampling import generate as gen
+    from earlyfusion.sampling import generate as gen
 
     assert decoder.config.dim * 8 <= gen.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
     assert gen.step_threads(decoder, 8) == 1

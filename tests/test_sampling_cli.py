@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from earlyfusion_cli import main
+from earlyfusion.cli import main
 
 
 def _sample(capsys, *argv):
@@ -58,11 +58,11 @@ def run(tmp_path_factory) -> SimpleNamespace:
     """A complete LMRUN with random weights (tiny image tokenizer, vocabulary, tiny decoder) + one test image."""
     import torch
 
-    from model.decoder import Decoder, DecoderConfig
-    from model.io import atomic_dir, step_dir
-    from sampling.run import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, write_decoder
-    from tokenizer.vocab import Vocabulary
-    from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+    from earlyfusion.model.decoder import Decoder, DecoderConfig
+    from earlyfusion.checkpoint import atomic_dir, step_dir
+    from earlyfusion.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, write_decoder
+    from earlyfusion.tokenizer.vocab import Vocabulary
+    from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
 
     root = tmp_path_factory.mktemp("sample_run")
     lm = root / "lm"

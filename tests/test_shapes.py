@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from model.io import UserError
-from training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, ShapesConfig, _placements,
+from earlyfusion.errors import UserError
+from earlyfusion.training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, ShapesConfig, _placements,
                              caption, generate_cmd, parse_caption, random_scene, recognise, render, render_array,
                              shape_mask, shape_sizes)
 
@@ -203,7 +203,7 @@ def test_datasets_imagefolder_loads_it(tmp_path):
 
 def test_cli_options(tmp_path):
     """The CLI's generated parser for this config: every option documented, values reach the config."""
-    from earlyfusion_cli import add_config_args, config_from_args
+    from earlyfusion.cli import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, ShapesConfig)
@@ -217,7 +217,7 @@ def test_cli_options(tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-    from earlyfusion_cli import main
+    from earlyfusion.cli import main
 
     try:
         rc = main(["data", "shapes", "--out", str(tmp_path / "d"), "--num-images", "10", "--num-interleaved", "2",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.io import UserError
-from training.sources import SkipReport, iter_dataset, iter_image_text
+from earlyfusion.errors import UserError
+from earlyfusion.training.sources import SkipReport, iter_dataset, iter_image_text
 
 
 def craft_png(width: int, height: int) -> bytes:
@@ -113,7 +113,7 @@ def test_splits_and_folder_without_metadata(tmp_path):
 
 
 def test_shapes_output_reads_back(tmp_path):
-    from training.shapes import ShapesConfig, generate_cmd, parse_caption, recognise
+    from earlyfusion.training.shapes import ShapesConfig, generate_cmd, parse_caption, recognise
 
     generate_cmd(ShapesConfig(out=str(tmp_path / "s"), num_images=15, num_interleaved=1, num_text=1))
     rows = list(iter_image_text(str(tmp_path / "s"), split="test"))

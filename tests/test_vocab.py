@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.io import MANIFEST, CheckpointError
-from tokenizer.vocab import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, Vocabulary, VocabLayout
+from earlyfusion.checkpoint import MANIFEST, CheckpointError
+from earlyfusion.tokenizer.vocab import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, Vocabulary, VocabLayout
 
 CORPUS = [
     "a red circle at the top left.", "a large blue square in the centre.", "there is a small green triangle on the right.",
@@ -349,8 +349,8 @@ def test_property_text_never_emits_reserved_ids(vocab, text):
 
 
 def test_build_command_reads_every_part_of_the_data(tmp_path, capsys):
-    from earlyfusion_cli import main
-    from tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+    from earlyfusion.cli import main
+    from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
 
     vq = tmp_path / "vq"
     save_vqvae(VQVAE(VQ_PRESETS["tiny"]), vq)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.io import UserError, latest_good, read_weights, step_dirs, verify_dir
-from tokenizer.vqvae import load_vqvae
-from training import vq_train
-from training.vq_train import VQEvalConfig, VQTrainConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim, train
+from earlyfusion.checkpoint import UserError, latest_good, read_weights, step_dirs, verify_dir
+from earlyfusion.tokenizer.vqvae import load_vqvae
+from earlyfusion.training import vq_train
+from earlyfusion.training.vq_train import VQEvalConfig, VQTrainConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A small built-in data set at 16 px (the tiny preset's size)."""
-    from training.shapes import ShapesConfig, generate_cmd
+    from earlyfusion.training.shapes import ShapesConfig, generate_cmd
 
     d = tmp_path_factory.mktemp("vqdata") / "shapes"
     generate_cmd(ShapesConfig(out=str(d), num_images=72, image_size=16, seed=3, num_interleaved=0, num_text=0))
@@ -79,7 +79,7 @@ _KILLER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
-    from training import vq_train
+    from earlyfusion.training import vq_train
     real_lr_at = vq_train.lr_at
     def lr_at(step, cfg):
         if step == {stop_at}:  # steps 1..{stop_at} done, checkpoint at {ckpt} written: wait to be killed
@@ -245,10 +245,10 @@ def test_cli_eval_json_last_line(data, tmp_path):
     """Through the real `earlyfusion` command in a subprocess: the last stdout line is the JSON object."""
     run = tmp_path / "run"
     train(_cfg(data, run, steps=4))
-    p = subprocess.run([sys.executable, str(REPO / "earlyfusion_cli.py"), "tokenizer", "eval", "--checkpoint", str(run),
+    p = subprocess.run([sys.executable, "-m", "earlyfusion.cli", "tokenizer", "eval", "--checkpoint", str(run),
                         "--data", str(data), "--json"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert set(json.loads(p.stdout.strip().splitlines()[-1])) >= {"psnr", "ssim", "codebook_usage", "perplexity", "images_per_s"}
-    p = subprocess.run([sys.executable, str(REPO / "earlyfusion_cli.py"), "tokenizer", "eval", "--checkpoint", str(tmp_path / "nope"),
+    p = subprocess.run([sys.executable, "-m", "earlyfusion.cli", "tokenizer", "eval", "--checkpoint", str(tmp_path / "nope"),
                         "--data", str(data)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr

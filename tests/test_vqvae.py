@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.io import CheckpointError
-from tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
+from earlyfusion.errors import CheckpointError
+from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
 
 TINY = VQ_PRESETS["tiny"]
 

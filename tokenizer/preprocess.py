@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.io import UserError
+from earlyfusion.errors import UserError
 
 # PIL refuses images above 2 * Image.MAX_IMAGE_PIXELS (~179 M pixels) and warns above it; we accept
 # up to the same limit (a 10000x10000 photo is fine) and check it before decoding.

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.io import MANIFEST, CheckpointError, UserError, atomic_dir, load_json, verify_dir
+from earlyfusion.checkpoint import MANIFEST, CheckpointError, UserError, atomic_dir, load_json, verify_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 LAYOUT_FILE = "layout.json"
@@ -577,9 +577,9 @@ class VocabBuildConfig:
 
 def build_cmd(cfg: VocabBuildConfig) -> int:
     """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
-    from tokenizer.vqvae import read_vq_config, vq_fingerprint
-    from training.data import iter_texts  # the command reads data; the Vocabulary class itself does not
-    from training.sources import SkipReport
+    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
+    from earlyfusion.training.data import iter_texts  # the command reads data; the Vocabulary class itself does not
+    from earlyfusion.training.sources import SkipReport
 
     t0 = time.perf_counter()
     out = Path(cfg.out)

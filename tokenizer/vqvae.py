@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import VectorQuantize
 
-from model.io import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights
+from earlyfusion.checkpoint import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

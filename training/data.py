@@ -77,10 +77,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from model.io import UserError
-from tokenizer.preprocess import ImageError, is_image_file, preprocess, to_pil
-from training.progress import is_main_process, log
-from training.sources import METADATA_NAMES, SkipReport, _load_hub, _local_records, _split_root
+from earlyfusion.errors import UserError
+from earlyfusion.tokenizer.preprocess import ImageError, is_image_file, preprocess, to_pil
+from earlyfusion.logs import is_main_process, log
+from earlyfusion.training.sources import METADATA_NAMES, SkipReport, _load_hub, _local_records, _split_root
 
 PIPELINE_VERSION = 1
 DEFAULT_PART_WEIGHTS = {"pairs": 0.8, "interleaved": 0.1, "text": 0.1}
@@ -383,7 +383,7 @@ class _ImageEncoder:
     @property
     def vq(self):
         if self._vq is None:
-            from tokenizer.vqvae import load_vqvae
+            from earlyfusion.tokenizer.vqvae import load_vqvae
 
             self._vq = load_vqvae(self.image_tokenizer)
         return self._vq
@@ -565,7 +565,7 @@ def default_cache_dir(sources: Sequence[str]) -> Path:
 
 
 def _check_tokenizers(vocab, image_tokenizer: str | Path) -> str:
-    from tokenizer.vqvae import read_vq_config, vq_fingerprint
+    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
 
     fp = vq_fingerprint(image_tokenizer)
     if vocab.layout.image_tokenizer_fingerprint != fp:
@@ -1036,7 +1036,7 @@ def heldout_pairs(data: Sequence[str], *, vocab, image_tokenizer: str | Path, ca
                 report.add(table.reasons[row], where)
                 continue
             if size is None:
-                from tokenizer.vqvae import read_vq_config
+                from earlyfusion.tokenizer.vqvae import read_vq_config
 
                 size = read_vq_config(image_tokenizer).image_size
             codes = torch.from_numpy(table.codes[row].astype(np.int64)).reshape(vocab.grid)

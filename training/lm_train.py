@@ -26,13 +26,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from model.compile import compiled
-from model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
-from model.io import UserError, atomic_dir, copy_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir
-from sampling.run import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
-from tokenizer.vocab import Vocabulary
-from training.loop import metrics_file, warmup_cosine_lr
-from training.progress import log, progress
+from earlyfusion.model.compile import compiled
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
+from earlyfusion.checkpoint import UserError, atomic_dir, copy_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir
+from earlyfusion.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.training.loop import metrics_file, warmup_cosine_lr
+from earlyfusion.logs import log, progress
 
 TEXT, IMAGE = 0, 1
 
@@ -190,8 +190,8 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from training import data as data_mod
-    from training.evaluate import loss_curves_png, sample_sheet, validation_losses
+    from earlyfusion.training import data as data_mod
+    from earlyfusion.training.monitor import loss_curves_png, sample_sheet, validation_losses
 
     vocab_dir, vq_dir = Path(cfg.vocab), Path(cfg.image_tokenizer)
     vocab = Vocabulary.load(vocab_dir)
@@ -370,7 +370,7 @@ _VQ_CACHE: dict[str, object] = {}
 
 
 def load_vq(vq_dir: Path):
-    from tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.vqvae import load_vqvae
 
     key = str(vq_dir)
     if key not in _VQ_CACHE:

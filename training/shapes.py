@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.io import UserError
+from earlyfusion.errors import UserError
 
 # ---------------------------------------------------------------- attribute vocabulary
 

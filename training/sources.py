@@ -29,9 +29,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.io import UserError
-from tokenizer.preprocess import ImageError, is_image_file, load_image
-from training.progress import log
+from earlyfusion.errors import UserError
+from earlyfusion.tokenizer.preprocess import ImageError, is_image_file, load_image
+from earlyfusion.logs import log
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 SPLIT_DIRS = ("train", "test", "validation", "valid", "val", "dev", "eval")

@@ -37,10 +37,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from model.io import UserError, atomic_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir, step_dirs
-from tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
-from training.loop import metrics_file, warmup_cosine_lr
-from training.progress import log, progress
+from earlyfusion.checkpoint import UserError, atomic_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir, step_dirs
+from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
+from earlyfusion.training.loop import metrics_file, warmup_cosine_lr
+from earlyfusion.logs import log, progress
 
 CHECKPOINTS = "checkpoints"
 SHEET = "reconstructions.png"
@@ -142,8 +142,8 @@ class VQEvalConfig:
 def load_images(data: str, size: int, *, split: str = "train", image_column: str = "image", text_column: str = "text",
                 strict: bool = False, limit: int = 0):
     """All images of a split as uint8 (N, 3, size, size), plus the SkipReport of records that were skipped."""
-    from tokenizer.preprocess import ImageError, preprocess
-    from training.sources import SkipReport, iter_image_text
+    from earlyfusion.tokenizer.preprocess import ImageError, preprocess
+    from earlyfusion.training.sources import SkipReport, iter_image_text
 
     report = SkipReport(strict=strict)
     rows: list[torch.Tensor] = []
@@ -289,7 +289,7 @@ def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor, path: Path, scal
     """PNG: a row of originals over a row of their reconstructions (nearest-upscaled ``scale``×)."""
     from PIL import Image
 
-    from tokenizer.preprocess import image_grid, to_pil
+    from earlyfusion.tokenizer.preprocess import image_grid, to_pil
 
     was_training = model.training
     model.eval()

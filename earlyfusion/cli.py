@@ -6,7 +6,7 @@ so ``--help`` documents every option and a misspelled option fails. Fields witho
 required. ``bool`` fields become ``--flag / --no-flag``; ``list[...]`` fields take several values
 (``--data A B`` or ``--data A --data B``).
 
-Errors a user can cause (``model.io.UserError``) print one line and exit with status 2.
+Errors a user can cause (``earlyfusion.errors.UserError``) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from pathlib import Path
 
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text)",
-     "training.shapes:ShapesConfig", "training.shapes:generate_cmd"),
-    (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "training.vq_train:VQTrainConfig", "training.vq_train:train_cmd"),
+     "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
+    (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "earlyfusion.training.vq_train:VQTrainConfig", "earlyfusion.training.vq_train:train_cmd"),
     (("tokenizer", "eval"), "evaluate an image tokenizer: PSNR, SSIM, codebook usage, perplexity, speed",
-     "training.vq_train:VQEvalConfig", "training.vq_train:eval_cmd"),
+     "earlyfusion.training.vq_train:VQEvalConfig", "earlyfusion.training.vq_train:eval_cmd"),
     (("vocab", "build"), "build the merged text+image vocabulary (tokenizer.json + layout)",
-     "tokenizer.vocab:VocabBuildConfig", "tokenizer.vocab:build_cmd"),
-    (("train",), "train the unified decoder on interleaved text/image data", "training.lm_train:TrainConfig", "training.lm_train:train_cmd"),
-    (("sample",), "sample text, images or interleaved output from a trained decoder", "sampling.cli:SampleConfig", "sampling.cli:sample_cmd"),
+     "earlyfusion.tokenizer.vocab:VocabBuildConfig", "earlyfusion.tokenizer.vocab:build_cmd"),
+    (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_train:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
+    (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),
     (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
-     "training.evaluate:EvalConfig", "training.evaluate:eval_cmd"),
+     "earlyfusion.evaluate:EvalConfig", "earlyfusion.evaluate:eval_cmd"),
 ]
 
 
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
-    from model.io import UserError
-    from training.progress import setup_logging
+    from earlyfusion.checkpoint import UserError
+    from earlyfusion.logs import setup_logging
 
     setup_logging(ns.verbose)
     cls, fn = _load(ns._config), _load(ns._fn)

@@ -28,18 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - re-exported for callers of checkpoint IO
+
 log = logging.getLogger("earlyfusion")
 
 MANIFEST = "MANIFEST.json"
 STEP_PREFIX = "step-"
-
-
-class UserError(Exception):
-    """An error caused by what the user gave us; the CLI prints it as one line, no traceback."""
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory or file is missing, incomplete, corrupted or does not match."""
 
 
 # ---------------------------------------------------------------- single files

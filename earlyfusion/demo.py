@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from earlyfusion_cli import main as cli
+from earlyfusion.cli import main as cli
 
 
 def _stage(name: str, argv: list[str], timings: dict) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from model.decoder import Decoder, DecoderConfig
-from model.io import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights, verify_dir
-from tokenizer.vocab import Vocabulary
-from tokenizer.vqvae import VQVAE, load_vqvae, vq_fingerprint
+from earlyfusion.model.decoder import Decoder, DecoderConfig
+from earlyfusion.checkpoint import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights, verify_dir
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae, vq_fingerprint
 
 VOCAB_DIR = "vocab"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
