@@ -19,8 +19,8 @@ import torch
 
 from earlyfusion.model.decoder import Decoder, DecoderConfig
 from earlyfusion.checkpoint import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights, verify_dir
-from earlyfusion.tokenizer.vocab import Vocabulary
-from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae, vq_fingerprint
+from earlyfusion.tokenizer.vocab import Vocabulary, check_vocab_matches  # check_vocab_matches: re-exported for the trainer
+from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae
 
 VOCAB_DIR = "vocab"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
@@ -44,18 +44,6 @@ def write_decoder(directory: Path, decoder: Decoder, config: dict) -> None:
     """Write decoder weights + config (config must hold the decoder shape under "decoder")."""
     save_weights(directory / WEIGHTS, decoder.state_dict())
     save_json(directory / CONFIG, config)
-
-
-def check_vocab_matches(vocab: Vocabulary, vq_dir: Path, where: str) -> None:
-    """The vocabulary's image range must come from this very image tokenizer."""
-    fp = vq_fingerprint(vq_dir)
-    if vocab.layout.image_tokenizer_fingerprint != fp:
-        raise CheckpointError(
-            f"{where}: the vocabulary was built for image tokenizer {vocab.layout.image_tokenizer_fingerprint[:12]} "
-            f"but {vq_dir} is {fp[:12]}; rebuild the vocabulary with `earlyfusion vocab build --image-tokenizer {vq_dir}`"
-        )
-    if vocab.codebook_size != load_json(vq_dir / CONFIG)["codebook_size"]:
-        raise CheckpointError(f"{where}: vocabulary codebook size {vocab.codebook_size} != image tokenizer's in {vq_dir}")
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:

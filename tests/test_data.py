@@ -18,6 +18,7 @@ from earlyfusion.errors import UserError
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
 from earlyfusion.training import data as D
+from earlyfusion.training.data import documents as D_documents
 from earlyfusion.training.shapes import ShapesConfig, generate
 
 
@@ -49,12 +50,13 @@ class World:
 
     def cfg(self, sources=None, **kw) -> D.DataConfig:
         kw.setdefault("cache_dir", str(self.root / "cache"))
-        kw.setdefault("context_len", 64)
-        kw.setdefault("batch_size", 4)
+        kw.setdefault("reading_ratio", 0.5)
+        kw.setdefault("reading_image_loss", True)
         return D.DataConfig(sources=sources or [str(self.data)], **kw)
 
-    def batches(self, sources=None, **kw) -> D.PackedBatches:
-        return D.PackedBatches.from_config(self.cfg(sources, **kw), self.vocab, self.vq)
+    def batches(self, sources=None, context_len=64, batch_size=4, seed=0, **kw) -> D.PackedBatches:
+        return D.training_batches(self.cfg(sources, **kw), vocab=self.vocab, image_tokenizer=self.vq,
+                                  context_len=context_len, batch_size=batch_size, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +207,10 @@ def test_exact_resume_and_sharding(world):
 
 def test_codes_are_cached_and_invalidated(world, tmp_path):
     cfg = world.cfg(cache_dir=str(tmp_path / "cache"))
-    first = D.prepare(cfg, world.vocab, world.vq)
+    first = D.prepare(cfg, world.vocab, world.vq, context_len=64)
     n_images = len(list((world.data / "train").glob("*.png")))
     assert first.images_encoded == n_images and first.images_cached == 0
-    second = D.prepare(cfg, world.vocab, world.vq)
+    second = D.prepare(cfg, world.vocab, world.vq, context_len=64)
     assert second.images_encoded == 0 and second.images_cached == n_images
     assert second.seconds < first.seconds
     assert np.array_equal(first.parts[0].codes, second.parts[0].codes)
@@ -222,21 +224,21 @@ def test_codes_are_cached_and_invalidated(world, tmp_path):
     # another image tokenizer (and its vocabulary): everything is encoded again
     vq2 = make_vq(tmp_path / "vq2", seed=1)
     vocab2 = make_vocab([str(world.data)], vq2)
-    third = D.prepare(cfg, vocab2, vq2)
+    third = D.prepare(cfg, vocab2, vq2, context_len=64)
     assert third.images_encoded == n_images and third.images_cached == 0
     # the old vocabulary does not fit the new tokenizer
     with pytest.raises(UserError, match="rebuild"):
-        D.prepare(cfg, world.vocab, vq2)
+        D.prepare(cfg, world.vocab, vq2, context_len=64)
     # a changed image file invalidates the source's cache entry
     data2 = tmp_path / "data2"
     shutil.copytree(world.data, data2, ignore=shutil.ignore_patterns(".earlyfusion-cache"))
     cfg2 = world.cfg([str(data2)], cache_dir=str(tmp_path / "cache"))
-    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == n_images
-    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == 0
+    assert D.prepare(cfg2, world.vocab, world.vq, context_len=64).images_encoded == n_images
+    assert D.prepare(cfg2, world.vocab, world.vq, context_len=64).images_encoded == 0
     img = next((data2 / "train").glob("*.png"))
     Image.new("RGB", (16, 16), (1, 2, 3)).save(img)
     os.utime(img, ns=(1, 1))
-    assert D.prepare(cfg2, world.vocab, world.vq).images_encoded == n_images
+    assert D.prepare(cfg2, world.vocab, world.vq, context_len=64).images_encoded == n_images
 
 
 # ---------------------------------------------------------------- bad corpora
@@ -277,7 +279,7 @@ def test_bad_corpus_every_good_record_used_every_bad_one_counted(world, tmp_path
     good_pairs, bad_pairs = make_bad_corpus(root / "train")
     jl = write_bad_jsonl(root, "train/good0.png")
     vocab = make_vocab([str(root)], world.vq)
-    data = D.prepare(D.DataConfig([str(root)], context_len=64, cache_dir=str(tmp_path / "cache")), vocab, world.vq)
+    data = D.prepare(D.DataConfig([str(root)], cache_dir=str(tmp_path / "cache")), vocab, world.vq, context_len=64)
     kinds = {p.kind: p for p in data.parts}
     assert len(kinds["pairs"]) == len(good_pairs)
     assert len(kinds["interleaved"]) == jl["good_inter"] and len(kinds["text"]) == jl["good_text"]
@@ -288,7 +290,7 @@ def test_bad_corpus_every_good_record_used_every_bad_one_counted(world, tmp_path
     got_captions = sorted(vocab.decode_text(c.tolist()) for c in kinds["pairs"].captions)
     assert got_captions == sorted(good_pairs)
     # batches come out of it
-    b = D.PackedBatches(data, vocab, context_len=64, batch_size=4)
+    b = D.PackedBatches(data, vocab, context_len=64, batch_size=4, reading_ratio=0.5, reading_image_loss=True)
     assert (next(b)["targets"] != -100).any()
 
 
@@ -298,24 +300,24 @@ def test_strict_fails_at_first_bad_line(world, tmp_path, name, line):
     jl_root.mkdir()
     shutil.copy(world.data / "train" / "000000.png", jl_root / "img.png")
     write_bad_jsonl(jl_root, "img.png")
-    cfg = D.DataConfig([str(jl_root / name)], context_len=64, strict=True, cache_dir=str(tmp_path / "c"))
+    cfg = D.DataConfig([str(jl_root / name)], strict=True, cache_dir=str(tmp_path / "c"))
     with pytest.raises(UserError, match=rf"{name}:{line}\b"):
-        D.prepare(cfg, world.vocab, world.vq)
+        D.prepare(cfg, world.vocab, world.vq, context_len=64)
 
 
 def test_strict_fails_on_bad_image(world, tmp_path):
     root = tmp_path / "imgs"
     shutil.copytree(world.data / "train", root)
     (root / "000001.png").write_bytes(b"")
-    cfg = D.DataConfig([str(root)], context_len=64, strict=True, cache_dir=str(tmp_path / "c"))
+    cfg = D.DataConfig([str(root)], strict=True, cache_dir=str(tmp_path / "c"))
     with pytest.raises(UserError, match=r"metadata\.jsonl:2 \(000001\.png\).*empty file"):
-        D.prepare(cfg, world.vocab, world.vq)
+        D.prepare(cfg, world.vocab, world.vq, context_len=64)
 
 
 def test_txt_source_and_bad_utf8(world, tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b"first line\n\n  \nsecond \xff line\nthird line\n")
-    data = D.prepare(D.DataConfig([str(p)], context_len=32), world.vocab, world.vq)
+    data = D.prepare(D.DataConfig([str(p)]), world.vocab, world.vq, context_len=32)
     (part,) = data.parts
     assert [world.vocab.decode_document(d.tolist()) for d in part.docs] == [["first line"], ["third line"]]
     assert dict(data.report.counts) == {"bad_utf8": 1}
@@ -338,7 +340,7 @@ def test_truncation_rules(world, tmp_path):
     shutil.copy(world.data / "train" / "000000.png", root / "train" / "a.png")
     (root / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": long_text}) + "\n")
     T = 3 * (hw + 2)  # room for two images, not four
-    data = D.prepare(D.DataConfig([str(root)], context_len=T, cache_dir=str(tmp_path / "c")), v, world.vq)
+    data = D.prepare(D.DataConfig([str(root)], cache_dir=str(tmp_path / "c")), v, world.vq, context_len=T)
     parts = {p.kind: p for p in data.parts}
     long_doc, short_doc = parts["text"].docs
     assert len(long_doc) == T and long_doc[-1] != v.eos and v.eos == short_doc[-1]
@@ -348,15 +350,15 @@ def test_truncation_rules(world, tmp_path):
     assert data.report.counts == {"too_long": 1}
     assert len(parts["pairs"].captions[0]) == T - hw - 4
     assert data.truncated == {"text": 1, "interleaved": 1, "pairs": 1}
-    b = D.PackedBatches(data, v, context_len=T, batch_size=4, reading_ratio=0.5)
+    b = D.PackedBatches(data, v, context_len=T, batch_size=4, reading_ratio=0.5, reading_image_loss=True)
     for _ in range(3):
         for tokens, *_ in documents(next(b)):
             assert len(tokens) <= T
             v.decode_document(tokens)  # spans whole
     with pytest.raises(UserError, match="context"):
-        D.prepare(D.DataConfig([str(root)], context_len=T, strict=True, cache_dir=str(tmp_path / "c")), v, world.vq)
+        D.prepare(D.DataConfig([str(root)], strict=True, cache_dir=str(tmp_path / "c")), v, world.vq, context_len=T)
     with pytest.raises(UserError, match="cannot hold one image"):
-        D.prepare(D.DataConfig([str(root)], context_len=hw + 3, cache_dir=str(tmp_path / "c")), v, world.vq)
+        D.prepare(D.DataConfig([str(root)], cache_dir=str(tmp_path / "c")), v, world.vq, context_len=hw + 3)
 
 
 # ---------------------------------------------------------------- held-out pairs, texts, errors
@@ -412,15 +414,14 @@ def test_hub_source_code_path(world, tmp_path, monkeypatch):
             "caption": [f"hub caption {i}" for i in range(6)]}
     images = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     texts = datasets.Dataset.from_dict({"caption": ["hub text one", "", "hub text two"]})
-    monkeypatch.setattr(D, "_hub_dataset", lambda name, split: images if name == "user/images" else texts)
-    cfg = D.DataConfig(["user/images", "user/texts:0.5"], context_len=64, text_column="caption",
-                       cache_dir=str(tmp_path / "c"))
-    data = D.prepare(cfg, world.vocab, world.vq)
+    monkeypatch.setattr(D_documents, "load_hub", lambda name, split: images if name == "user/images" else texts)
+    cfg = D.DataConfig(["user/images", "user/texts:0.5"], text_column="caption", cache_dir=str(tmp_path / "c"))
+    data = D.prepare(cfg, world.vocab, world.vq, context_len=64)
     pairs, docs = data.parts
     assert (pairs.kind, len(pairs), docs.kind, len(docs)) == ("pairs", 5, "text", 2)
     assert dict(data.report.counts) == {"empty_file": 1, "empty": 1}
     assert [world.vocab.decode_text(c.tolist()) for c in pairs.captions] == [f"hub caption {i}" for i in range(5)]
-    assert data.images_encoded == 6 and D.prepare(cfg, world.vocab, world.vq).images_cached == 6
+    assert data.images_encoded == 6 and D.prepare(cfg, world.vocab, world.vq, context_len=64).images_cached == 6
     from earlyfusion.tokenizer.preprocess import preprocess
     from earlyfusion.tokenizer.vqvae import load_vqvae
 
@@ -432,7 +433,48 @@ def test_interleaved_paragraphs_and_text_only_records(world, tmp_path):
     p = tmp_path / "docs.jsonl"
     p.write_text(json.dumps({"texts": ["hello", "world", None], "images": [None, None, None]}) + "\n"
                  + json.dumps({"texts": [None], "images": ["gone.png"]}) + "\n")
-    data = D.prepare(D.DataConfig([str(p)], context_len=64, cache_dir=str(tmp_path / "c")), world.vocab, world.vq)
+    data = D.prepare(D.DataConfig([str(p)], cache_dir=str(tmp_path / "c")), world.vocab, world.vq, context_len=64)
     (part,) = data.parts
     assert [world.vocab.decode_document(d.tolist()) for d in part.docs] == [["hello\n\nworld"]]
     assert dict(data.report.counts) == {"missing": 1}
+
+
+def test_data_config_validation(tmp_path):
+    D.DataConfig(["x"], reading_ratio=1.0, cond_dropout=0.0)  # the ends of the ranges are fine
+    for bad in ({"sources": []}, {"sources": [""]}, {"reading_ratio": float("nan")}, {"reading_ratio": 1.5},
+                {"cond_dropout": 1.0}, {"cond_dropout": float("inf")}, {"cond_dropout": -0.1}, {"split": ""}):
+        with pytest.raises(ValueError):
+            D.DataConfig(**{"sources": ["x"], **bad})
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="cache-dir"):
+        D.DataConfig(["x"], cache_dir=str(tmp_path / "f"))
+    with pytest.raises(ValueError):
+        D.PackedBatches(D.PreparedData([], D.SkipReport(), Counter()), None, context_len=3, batch_size=1)
+
+
+def test_check_vocab_matches_returns_the_fingerprint(world, tmp_path):
+    from earlyfusion.rundir import check_vocab_matches as reexported
+    from earlyfusion.tokenizer.vocab import check_vocab_matches
+
+    assert reexported is check_vocab_matches
+    assert check_vocab_matches(world.vocab, world.vq, "here") == vq_fingerprint(world.vq)
+    with pytest.raises(UserError, match="^there: .*rebuild"):
+        check_vocab_matches(world.vocab, make_vq(tmp_path / "other", seed=1), "there")
+
+
+def test_stale_cache_temporaries_of_dead_encoders_are_removed(tmp_path):
+    """A kill during the code-cache write leaves .codes-*.tmp-PID; the next encoder removes those of dead processes."""
+    import subprocess
+    import sys
+
+    from earlyfusion.training.data.codes import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".codes-abc.tmp-{dead_pid}"
+    alive = tmp_path / f".codes-def.tmp-{os.getppid()}"
+    kept = tmp_path / "codes-0123"
+    for d in (stale, alive, kept):
+        (d / "x").mkdir(parents=True)
+    remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and alive.exists() and kept.exists()

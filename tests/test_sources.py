@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from earlyfusion.errors import UserError
-from earlyfusion.training.sources import SkipReport, iter_dataset, iter_image_text
+from earlyfusion.training.data import SkipReport, iter_dataset, iter_image_text
 
 
 def craft_png(width: int, height: int) -> bytes:
@@ -39,12 +39,12 @@ def make_bad_corpus(root):
         Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / f"good{i}.png")
         row(f"good{i}.png", f"good {i}")
         good.append(f"good {i}")
-    # good but unusual: CMYK JPEG, 16-bit PNG, a 10000x10000 photo, an image in a sub-folder
+    # good but unusual: CMYK JPEG, 16-bit PNG, a 4000x4000 photo, an image in a sub-folder
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(root / "cmyk.jpg")
     row("cmyk.jpg", "cmyk")
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "sixteen.png")
     row("sixteen.png", "sixteen")
-    Image.new("L", (10000, 10000), 90).save(root / "huge.png")
+    Image.new("L", (4000, 4000), 90).save(root / "huge.png")
     row("huge.png", "huge")
     (root / "sub").mkdir()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "sub" / "nested.png")
@@ -162,3 +162,31 @@ def test_report_update_and_summary():
     a.update(b)
     assert a.summary() == "skipped 3 of 8 records: 2 truncated, 1 bad_json"
     assert SkipReport().summary() == "skipped 0 of 0 records"
+
+
+def test_paths_outside_the_data_directory_are_skipped(tmp_path):
+    """A metadata file_name or an interleaved image path that leaves the data directory (absolute, '..') is never
+    opened: skipped and counted, unless the user allows it."""
+    from earlyfusion.training.data.records import interleaved_records, pair_records
+
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    rows = [{"file_name": "ok.png", "text": "a"}, {"file_name": str(outside), "text": "b"},
+            {"file_name": "../secret.png", "text": "c"}, {"file_name": "/etc/hostname", "text": "d"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = SkipReport()
+    got = list(pair_records(root, "text", report))
+    assert [p.name for _, p, _ in got] == ["ok.png"]
+    assert report.counts["outside_data_dir"] == 3
+    assert len(list(pair_records(root, "text", SkipReport(), allow_outside=True))) == 4
+    doc = root / "docs.jsonl"
+    doc.write_text(json.dumps({"texts": ["x", None], "images": [None, "../secret.png"]}) + "\n"
+                   + json.dumps({"texts": ["y", None], "images": [None, "ok.png"]}) + "\n")
+    report = SkipReport()
+    assert [segs[1][1] for _, segs in interleaved_records(doc, report)] == [str(root / "ok.png")]
+    assert report.counts["outside_data_dir"] == 1
+    with pytest.raises(UserError, match="outside"):
+        list(pair_records(root, "text", SkipReport(strict=True)))

@@ -22,7 +22,12 @@ splits ``<``, letters, digits and ``>`` apart, so no merge can ever join them; c
 
 Documents: ``encode_document([text | codes (h, w), ...])`` gives
 ``<s> text… <boi> id×(h·w) <eoi> text… </s>``; ``decode_document`` inverts it (adjacent text segments
-come back joined, empty ones vanish; see its docstring for malformed spans).
+come back joined, empty ones vanish; see its docstring for malformed spans). ``image_span(codes)`` is
+one image's ``<boi> ids <eoi>``: the training data builds its documents from it.
+
+``check_vocab_matches`` says whether a vocabulary belongs to an image tokenizer (its image range was
+built from that tokenizer's codebook and grid). The ``vocab build`` command lives in the data package
+(``earlyfusion.training.data.vocab_build``), which reads the texts.
 
 Ids are Python ints, int64 tensors or int64 numpy arrays; never a 16-bit type (vocabularies pass 65 535).
 """
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyfusion.checkpoint import MANIFEST, CheckpointError, UserError, atomic_dir, load_json, verify_dir
+from earlyfusion.checkpoint import MANIFEST, CheckpointError, atomic_dir, load_json, verify_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 LAYOUT_FILE = "layout.json"
@@ -546,72 +550,24 @@ def _check_agreement(tok, layout: VocabLayout, where: str) -> None:
             fail(f"BPE token {i} spells the reserved token {text!r}")
 
 
-# ---------------------------------------------------------------- the CLI command
+# ---------------------------------------------------------------- the image tokenizer it belongs to
 
 
-@dataclass
-class VocabBuildConfig:
-    image_tokenizer: str
-    """Image tokenizer run directory (from `earlyfusion tokenizer train`); its config.json gives codebook_size and the code grid."""
-    data: list[str]
-    """Data to train the text BPE on: built-in data directories, imagefolders (captions), interleaved .jsonl, text .jsonl/.txt, hub names."""
-    out: str
-    """Vocabulary directory to write (tokenizer.json + layout.json)."""
-    text_vocab_size: int = 1024
-    """Upper bound on the text BPE ids, 256 byte tokens included (a small corpus stops earlier)."""
-    min_frequency: int = 2
-    """A pair must occur this often to become a BPE merge."""
-    max_texts: int = 1_000_000
-    """Train the BPE on at most this many texts (0 = all)."""
-    strict: bool = False
-    """Fail on the first bad data record instead of skipping and counting it."""
-
-    def __post_init__(self):
-        if self.text_vocab_size < BYTE_ALPHABET:
-            raise ValueError(f"--text-vocab-size must be at least {BYTE_ALPHABET} (the byte alphabet), got {self.text_vocab_size}")
-        if self.min_frequency < 1 or self.max_texts < 0:
-            raise ValueError("--min-frequency must be >= 1 and --max-texts >= 0")
-        if not self.data:
-            raise ValueError("--data needs at least one source")
-
-
-def build_cmd(cfg: VocabBuildConfig) -> int:
-    """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
+def check_vocab_matches(vocab: Vocabulary, vq_dir: str | Path, where: str) -> str:
+    """The vocabulary's image range must come from this very image tokenizer (fingerprint, codebook size and code
+    grid); CheckpointError starting with ``where`` otherwise. Returns the image tokenizer's fingerprint."""
     from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
-    from earlyfusion.training.data import iter_texts  # the command reads data; the Vocabulary class itself does not
-    from earlyfusion.training.sources import SkipReport
 
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / LAYOUT_FILE).is_file())):
-        raise UserError(f"--out {out} exists and is not a vocabulary directory; choose a new directory "
-                        "(an existing vocabulary there would be replaced)")
-    vq_cfg = read_vq_config(cfg.image_tokenizer)
-    fingerprint = vq_fingerprint(cfg.image_tokenizer)
-    report = SkipReport(strict=cfg.strict)
-    texts: list[str] = []
-    for t in iter_texts(cfg.data, report=report):
-        texts.append(t)
-        if cfg.max_texts and len(texts) >= cfg.max_texts:
-            break
-    if not texts:
-        raise UserError(f"--data {' '.join(cfg.data)}: no text found to train the BPE on (captions, interleaved texts, "
-                        f"text lines); {report.summary()}")
-    vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
-                             image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
-                             min_frequency=cfg.min_frequency)
-    vocab.save(out)
-    L = vocab.layout
-    n_chars = sum(len(t) for t in texts)
-    n_tokens = sum(len(ids) for ids in vocab.encode_texts(texts[:10000]))
-    n_chars_sample = sum(len(t) for t in texts[:10000])
-    print(f"vocabulary: {len(L.special_ids)} special [0, {L.text_start}) + {L.text_vocab_size} text BPE "
-          f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end}) "
-          f"= {L.vocab_size} ids")
-    print(f"image: {L.grid[0]}x{L.grid[1]} codes per image ({L.tokens_per_image} tokens + <boi>/<eoi>), "
-          f"image tokenizer {fingerprint[:12]}")
-    print(f"text: BPE trained on {len(texts)} texts ({n_chars} characters), "
-          f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
-    print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
-    return 0
-
+    fp = vq_fingerprint(vq_dir)
+    built_for = vocab.layout.image_tokenizer_fingerprint
+    if built_for != fp:
+        raise CheckpointError(f"{where}: the vocabulary was built for image tokenizer {built_for[:12]} but {vq_dir} is "
+                              f"{fp[:12]}; rebuild the vocabulary with `earlyfusion vocab build --image-tokenizer {vq_dir}`")
+    cfg = read_vq_config(vq_dir)
+    if vocab.codebook_size != cfg.codebook_size:
+        raise CheckpointError(f"{where}: vocabulary codebook size {vocab.codebook_size} != {cfg.codebook_size} of the "
+                              f"image tokenizer in {vq_dir}")
+    if tuple(cfg.grid_size) != tuple(vocab.grid):
+        raise CheckpointError(f"{where}: {vq_dir} has code grid {tuple(cfg.grid_size)} but the vocabulary "
+                              f"{tuple(vocab.grid)}; rebuild the vocabulary with `earlyfusion vocab build`")
+    return fp

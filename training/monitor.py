@@ -14,8 +14,7 @@ from PIL import Image, ImageDraw
 
 from earlyfusion.logs import progress
 from earlyfusion.sampling.generate import DEFAULT_CFG
-
-TEXT, IMAGE = 0, 1
+from earlyfusion.training.data import IMAGE, TEXT
 
 
 # ---------------------------------------------------------------- losses

@@ -1,0 +1,36 @@
+"""Training data for the unified decoder: sources -> cached image codes -> documents -> packed batches.
+
+The modules, in the order the data flows through them:
+
+* ``records``: reading local files (imagefolder metadata, interleaved / text .jsonl, .txt) with bad
+  input skipped and counted by reason in a ``SkipReport`` (``strict``: the first one raises);
+* ``sources``: what ``--data`` accepts (each entry optionally ``SPEC:WEIGHT``), resolved into the parts
+  of the mixture; hub data sets; ``iter_image_text`` for the image tokenizer, ``iter_texts`` for the BPE;
+* ``codes``: image codes computed once with ``datasets.map`` and cached on disk;
+* ``documents``: records -> token ids through the Vocabulary (reading / drawing / unconditional pairs,
+  interleaved and text documents, the truncation rules), and ``prepare`` that does all of the above;
+* ``packing``: ``PackedBatches``: whole documents packed into rows of the context length, exact resume,
+  ``ShardedBatches`` for one process's rows; ``training_batches`` is what the trainer calls;
+* ``heldout``: held-out captioned images for validation and evaluation;
+* ``vocab_build``: the ``earlyfusion vocab build`` command (it reads the texts of the data);
+* ``config``: ``DataConfig`` (the options the trainer nests) and the shared constants TEXT, IMAGE,
+  NO_TARGET (modality of a target token) and IGNORE (the target of a position without loss).
+"""
+
+from .codes import ImageTable, default_cache_dir, encode_images, local_image_table
+from .config import IGNORE, IMAGE, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
+from .documents import DRAW, READ, UNCOND, Part, PreparedData, pair_document, prepare
+from .heldout import HeldoutPair, heldout_pairs
+from .packing import PackedBatches, ShardedBatches, training_batches
+from .records import METADATA_NAMES, SkipReport
+from .sources import PartSpec, iter_dataset, iter_image_text, iter_texts, parse_source, resolve_sources
+
+__all__ = [
+    "DataConfig", "TEXT", "IMAGE", "NO_TARGET", "IGNORE", "PIPELINE_VERSION",
+    "SkipReport", "METADATA_NAMES", "PartSpec", "parse_source", "resolve_sources",
+    "iter_texts", "iter_image_text", "iter_dataset",
+    "ImageTable", "encode_images", "local_image_table", "default_cache_dir",
+    "Part", "PreparedData", "prepare", "pair_document", "READ", "DRAW", "UNCOND",
+    "PackedBatches", "ShardedBatches", "training_batches",
+    "HeldoutPair", "heldout_pairs",
+]

@@ -1,0 +1,231 @@
+"""Image codes, computed once and cached.
+
+The images of a source go through ``datasets.Dataset.map`` (batched VQ-VAE ``encode`` under inference
+mode) and the result is saved with ``save_to_disk`` under ``cache_dir/codes-<key>``, the key being a
+hash of (every image path with its size and mtime, the image tokenizer fingerprint, this pipeline's
+version); a hub data set's key uses its ``datasets`` fingerprint instead of the paths. A later run with
+the same images and image tokenizer loads it; any change re-encodes. A damaged entry is rebuilt, and a
+file lock makes several processes (accelerate launch) encode a source only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlyfusion.errors import UserError
+from earlyfusion.logs import is_main_process, log
+from earlyfusion.tokenizer.preprocess import ImageError, preprocess
+
+from .config import PIPELINE_VERSION
+from .sources import parse_source
+
+ENCODE_BATCH = 256
+
+
+@dataclass
+class ImageTable:
+    """Codes of a set of images: row i <-> ``srcs[i]``; ``reasons[i]`` is "" or why the image is unusable."""
+
+    srcs: list[str]
+    codes: np.ndarray  # (N, h*w) int32
+    reasons: list[str]
+    cache_hit: bool = False
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        self.index = {s: i for i, s in enumerate(self.srcs)}
+
+
+class _ImageEncoder:
+    """The batched function given to ``datasets.map``: image sources -> codes, or the reason they failed."""
+
+    def __init__(self, image_tokenizer: str | Path, strict: bool):
+        self.image_tokenizer = image_tokenizer
+        self.strict = strict
+        self._vq = None
+
+    @property
+    def vq(self):
+        if self._vq is None:
+            from earlyfusion.tokenizer.vqvae import load_vqvae
+
+            self._vq = load_vqvae(self.image_tokenizer)
+        return self._vq
+
+    def __call__(self, batch: dict) -> dict:
+        vq = self.vq
+        size = vq.cfg.image_size
+        n_codes = vq.cfg.tokens_per_image
+        srcs, wheres = batch["src"], batch["where"]
+        reasons = [""] * len(srcs)
+        pixels, ok = [], []
+        for i, (src, where) in enumerate(zip(srcs, wheres)):
+            if isinstance(src, dict):  # hub image column read with decode=False
+                src = src["bytes"] if src.get("bytes") is not None else src.get("path")
+            try:
+                if src is None:
+                    raise ImageError("missing", where, "no image")
+                pixels.append(preprocess(src, size))  # (3, S, S) in [-1, 1]
+                ok.append(i)
+            except ImageError as e:
+                if self.strict:
+                    raise UserError(f"{where}: bad record ({e}); fix or remove it, or run without --strict") from None
+                reasons[i] = e.reason
+        codes = np.zeros((len(srcs), n_codes), np.int32)
+        if pixels:
+            with torch.inference_mode():
+                c = vq.encode(torch.stack(pixels))  # (b, h, w)
+            codes[ok] = c.reshape(len(ok), -1).to(torch.int32).numpy()
+        return {"codes": codes, "reason": reasons}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive lock so that several processes (accelerate launch) encode a source only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # pragma: no cover - no flock: processes may both encode
+            pass
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' own progress bars follow our rule: terminal and main process only."""
+    import datasets
+
+    show = is_main_process() and sys.stderr.isatty()
+    was = datasets.is_progress_bar_enabled()
+    if was and not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was and not show:
+            datasets.enable_progress_bars()
+
+
+def _stat_key(paths: Sequence[str]) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append([p, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([p, None, None])
+    return out
+
+
+def cache_key(*parts) -> str:
+    """The hex key of a cache entry: sha256 of the JSON of (pipeline version, *parts)."""
+    return hashlib.sha256(json.dumps([PIPELINE_VERSION, *parts]).encode()).hexdigest()
+
+
+def remove_stale_temporaries(cache_root: Path) -> None:
+    """Delete the half-written ``.codes-*.tmp-PID`` folders of encoders that were killed (their process is gone)."""
+    for tmp in cache_root.glob(".codes-*.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive but not ours (or no permission to ask): leave it
+            pass
+
+
+def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, strict: bool = False,
+                  desc: str = "encoding images") -> tuple[object, bool]:
+    """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, whether the cache had them)."""
+    import datasets
+
+    name = f"codes-{key[:32]}"
+    target = cache_root / name
+    if target.is_dir():
+        try:
+            return datasets.load_from_disk(str(target)), True
+        except Exception as e:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("image-code cache %s is unreadable (%s); re-encoding", target, e)
+            shutil.rmtree(target, ignore_errors=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_root / f"{name}.lock"):
+        if target.is_dir():  # another process finished it while we waited
+            return datasets.load_from_disk(str(target)), True
+        remove_stale_temporaries(cache_root)
+        encoder = _ImageEncoder(image_tokenizer, strict)
+        h, w = encoder.vq.cfg.grid_size
+        features = ds.features.copy()
+        features["codes"] = datasets.List(datasets.Value("int32"), length=h * w)
+        features["reason"] = datasets.Value("string")
+        with _quiet_datasets():
+            out = ds.map(encoder, batched=True, batch_size=ENCODE_BATCH, features=features, new_fingerprint=key[:32],
+                         desc=desc)
+        tmp = cache_root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_datasets():
+            out.save_to_disk(str(tmp))
+        os.replace(tmp, target)
+    return out, False
+
+
+def table_from(ds, srcs: list[str], hit: bool, seconds: float) -> ImageTable:
+    """The ImageTable of an encoded data set (columns codes, reason) whose rows are ``srcs``."""
+    if not len(ds):
+        return ImageTable([], np.zeros((0, 0), np.int32), [], cache_hit=hit, seconds=seconds)
+    data = ds.with_format("numpy")[:]
+    codes = np.asarray(data["codes"], dtype=np.int32).reshape(len(srcs), -1)
+    reasons = [str(r) for r in data["reason"]]
+    return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds)
+
+
+def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokenizer: str | Path, vq_fp: str,
+                      cache_root: Path, strict: bool = False) -> ImageTable:
+    """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer)."""
+    import datasets
+
+    t0 = time.perf_counter()
+    srcs = list(dict.fromkeys(paths))
+    if not srcs:
+        return ImageTable([], np.zeros((0, 0), np.int32), [], cache_hit=True)
+    first_where = {}
+    for p, w in zip(paths, wheres):
+        first_where.setdefault(p, w)
+    key = cache_key(vq_fp, _stat_key(srcs))
+    ds = datasets.Dataset.from_dict({"src": srcs, "where": [first_where[s] for s in srcs]})
+    out, hit = encode_images(ds, key, image_tokenizer, cache_root, strict)
+    if list(out["src"]) != srcs:  # a hash collision or a hand-edited cache: never use wrong codes
+        raise UserError(f"{cache_root}: image-code cache entry does not match the data; delete the cache directory")
+    return table_from(out, srcs, hit, time.perf_counter() - t0)
+
+
+def default_cache_dir(sources: Sequence[str]) -> Path:
+    """<first existing local source>/.earlyfusion-cache if writable, else $XDG_CACHE_HOME (or ~/.cache)/earlyfusion."""
+    for spec in sources:
+        p = Path(parse_source(spec)[0]).expanduser()
+        if p.exists():
+            d = (p if p.is_dir() else p.parent) / ".earlyfusion-cache"
+            if os.access(d if d.exists() else d.parent, os.W_OK):
+                return d
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "earlyfusion"
+
+
+def resolve_cache_dir(cache_dir: str | None, sources: Sequence[str]) -> Path:
+    """The cache directory given, or the default one for ``sources``."""
+    return Path(cache_dir) if cache_dir else default_cache_dir(sources)

@@ -1,0 +1,58 @@
+"""The data options (``DataConfig``, nested by the trainer) and the constants the data package shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PIPELINE_VERSION = 1  # part of every image-code cache key and of the resume signature
+TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image code or <eoi>; no target
+IGNORE = -100  # the target of a position that gets no loss
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(metadata={"flag": "data"})
+    """Training data, one or more: a built-in data directory (`earlyfusion data shapes`), an imagefolder directory, an
+    interleaved .jsonl (OBELICS texts/images), a text .jsonl/.txt, or a hub data set name. Append :WEIGHT for the
+    mixture weight (e.g. docs.jsonl:0.2)."""
+    reading_ratio: float = 0.3
+    """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing, the slower
+    to learn, hence the larger share). Raise it when captioning matters more than drawing."""
+    cond_dropout: float = 0.1
+    """Fraction of drawing examples whose caption is dropped: the unconditional case that classifier-free guidance
+    needs. 0 disables guidance at sampling time."""
+    reading_image_loss: bool = False
+    """Also train on the image codes of reading (image -> caption) examples, not only on their captions. Off: those
+    codes are unconditional image modelling, which the caption-dropped examples already teach."""
+    strict: bool = False
+    """Fail on the first bad data record (or document too long for the context) instead of skipping or truncating
+    and counting it."""
+    cache_dir: str | None = None
+    """Where image codes are cached; unset = <first local data source>/.earlyfusion-cache (or ~/.cache/earlyfusion
+    when that is not writable)."""
+    image_column: str = "image"
+    """Image column of hub data sets."""
+    text_column: str = "text"
+    """Text column of hub data sets and caption field of imagefolder metadata."""
+    split: str = "train"
+    """Split used for training: DIR/<split> of a data directory, the named split of a hub data set."""
+    allow_outside_paths: bool = False
+    """Accept image paths in metadata / interleaved files that point outside their data directory (absolute paths,
+    '..'); off, such records are skipped and counted, so a data file cannot make the pipeline read elsewhere."""
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
+        if not self.sources or any(not isinstance(s, str) or not s.strip() for s in self.sources):
+            raise ValueError("--data needs at least one source: a data directory, a .jsonl/.txt file or a hub name")
+        if not math.isfinite(self.reading_ratio) or not 0.0 <= self.reading_ratio <= 1.0:
+            raise ValueError(f"--reading-ratio must be in [0, 1] (got {self.reading_ratio})")
+        if not math.isfinite(self.cond_dropout) or not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"--cond-dropout must be in [0, 1) (got {self.cond_dropout})")
+        if self.cache_dir and Path(self.cache_dir).is_file():
+            raise ValueError(f"--cache-dir {self.cache_dir} is a file; give a directory (it is created if missing)")
+        for name in ("image_column", "text_column", "split"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name.replace('_', '-')} must not be empty")

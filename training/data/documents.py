@@ -1,0 +1,299 @@
+"""Documents: records -> token id arrays, built through the Vocabulary, and ``prepare`` that reads them all.
+
+  * a pair becomes, per draw, ``<s> <boi> codes <eoi> caption </s>`` (reading, ``reading_ratio`` of
+    the time) or ``<s> caption <boi> codes <eoi> </s>`` (drawing), the caption dropped for
+    ``cond_dropout`` of drawing examples (``<s> <boi> codes <eoi> </s>``: the unconditional case that
+    classifier-free guidance needs). A pair without caption is always the unconditional document.
+    Pairs are therefore kept as (codes, caption ids) and assembled per draw (``pair_document``).
+  * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
+    they are); text records are ``<s> text </s>``. Both are assembled once, here.
+
+Too long for the context (T = ``context_len``): a pair's caption is cut to T - (h*w + 4) tokens (both
+orders then fit). Other documents: if ``<s>`` plus their image spans alone exceed T the record is
+skipped ("too_long"); otherwise text is cut from the end of each text segment in order, keeping room
+for every image that follows, and the document ends without ``</s>``. Truncations are counted
+(``PreparedData.truncated``); under ``strict`` they are errors.
+
+Text is tokenised at load (fast; depends on the vocabulary); image codes come from the cache (``codes``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from earlyfusion.errors import UserError
+from earlyfusion.logs import log
+from earlyfusion.tokenizer.vocab import check_vocab_matches
+
+from .codes import ImageTable, cache_key, encode_images, local_image_table, resolve_cache_dir, table_from
+from .config import DataConfig
+from .records import SkipReport, interleaved_records, pair_records, text_records
+from .sources import Kind, PartSpec, load_hub, resolve_sources
+
+READ, DRAW, UNCOND = 0, 1, 2  # the three documents a pair can become
+
+
+@dataclass
+class Part:
+    """One part of the mixture, ready to sample: pairs (codes + caption ids) or whole documents."""
+
+    kind: Kind
+    name: str
+    weight: float
+    codes: np.ndarray | None = None  # pairs: (N, h*w) int32
+    captions: list[np.ndarray] = field(default_factory=list)  # pairs: caption text ids (may be empty)
+    docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text: document ids (int32)
+
+    def __len__(self) -> int:
+        return len(self.codes) if self.kind == "pairs" else len(self.docs)
+
+
+@dataclass
+class PreparedData:
+    parts: list[Part]
+    report: SkipReport
+    truncated: Counter
+    """Documents cut to the context, by part kind."""
+    images_cached: int = 0
+    images_encoded: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{len(p)} {p.kind} ({p.weight:.2f})" for p in self.parts)
+        trunc = sum(self.truncated.values())
+        return (f"data: {parts}; images {self.images_cached} cached + {self.images_encoded} encoded; "
+                f"{self.report.summary()}" + (f"; {trunc} truncated to the context" if trunc else "")
+                + f"; {self.seconds:.1f}s")
+
+
+# ---------------------------------------------------------------- ids
+
+
+def image_ids(vocab, codes: np.ndarray) -> np.ndarray:
+    """``<boi> codes <eoi>`` (int64) for the flat (h*w,) codes of one image, as the vocabulary writes it."""
+    return np.asarray(vocab.image_span(codes.reshape(vocab.grid)), np.int64)
+
+
+def pair_document(vocab, codes: np.ndarray, caption: np.ndarray, variant: int) -> np.ndarray:
+    """The ids (int64) of one draw of a pair: READ image->caption, DRAW caption->image, UNCOND image alone."""
+    v = vocab
+    img = image_ids(v, codes)
+    if variant == READ:
+        seq = [[v.bos], img, caption, [v.eos]]
+    elif variant == DRAW:
+        seq = [[v.bos], caption, img, [v.eos]]
+    else:
+        seq = [[v.bos], img, [v.eos]]
+    return np.concatenate([np.asarray(s, np.int64) for s in seq])
+
+
+class _Builder:
+    """Turns records into id arrays with the truncation rules of the module docstring."""
+
+    def __init__(self, vocab, context_len: int, strict: bool):
+        self.v = vocab
+        self.T = context_len
+        self.strict = strict
+        self.span = vocab.tokens_per_image + 2
+        self.truncated: Counter = Counter()
+
+    def note_truncated(self, kind: str, where: str, detail: str) -> None:
+        if self.strict:
+            raise UserError(f"{where}: {detail} (longer than --context-len {self.T}); shorten it, raise the context "
+                            "length, or run without --strict to truncate and count")
+        self.truncated[kind] += 1
+
+    def caption(self, ids: list[int], where: str) -> np.ndarray:
+        cap = self.T - (self.span + 2)
+        if len(ids) > cap:
+            self.note_truncated("pairs", where, f"caption of {len(ids)} tokens")
+            ids = ids[:cap]
+        return np.asarray(ids, np.int32)
+
+    def document(self, pieces: list[tuple[str, object]], where: str, kind: str, report: SkipReport) -> np.ndarray | None:
+        """pieces: ("t", text ids) | ("i", codes (h*w,)) -> document ids, or None if skipped."""
+        v = self.v
+        n_img = sum(k == "i" for k, _ in pieces)
+        n_text = sum(len(x) for k, x in pieces if k == "t")
+        budget = None
+        if 2 + n_img * self.span + n_text > self.T:
+            need = 1 + n_img * self.span
+            if need > self.T:
+                report.add("too_long", where, f"{n_img} image(s) need {need} tokens > --context-len {self.T}")
+                return None
+            budget = self.T - need
+            self.note_truncated(kind, where, f"document of {2 + n_img * self.span + n_text} tokens")
+        out: list[np.ndarray] = [np.asarray([v.bos], np.int32)]
+        for k, x in pieces:
+            if k == "t":
+                if budget is not None:
+                    x = x[:budget]
+                    budget -= len(x)
+                out.append(np.asarray(x, np.int32))
+            else:
+                out.append(image_ids(v, x).astype(np.int32))
+        if budget is None:
+            out.append(np.asarray([v.eos], np.int32))
+        return np.concatenate(out)
+
+    def texts(self, recs: list[tuple[str, str]], kind: str, report: SkipReport) -> list[np.ndarray]:
+        """``<s> text </s>`` for each (where, text); documents skipped as too long are left out."""
+        ids = self.v.encode_texts([t for _, t in recs])
+        docs = [self.document([("t", x)], where, kind, report) for (where, _), x in zip(recs, ids)]
+        return [d for d in docs if d is not None]
+
+
+# ---------------------------------------------------------------- parts
+
+
+def _pairs_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
+    rows, caps = [], []
+    good = []
+    for where, path, text in recs:
+        row = table.index[path]
+        reason = table.reasons[row]
+        if reason:
+            report.add(reason, where)
+            continue
+        good.append((where, row, text if text and text.strip() else ""))
+    ids = vocab.encode_texts([t for _, _, t in good])
+    for (where, row, _), cap in zip(good, ids):
+        rows.append(row)
+        caps.append(builder.caption(cap, where))
+    report.ok(len(rows))
+    codes = table.codes[np.asarray(rows, np.int64)] if rows else np.zeros((0, vocab.tokens_per_image), np.int32)
+    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps)
+
+
+def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
+    good = []
+    for where, segs in recs:
+        bad = next(((k, table.reasons[table.index[x]]) for k, (kind, x) in enumerate(segs)
+                    if kind == "i" and table.reasons[table.index[x]]), None)
+        if bad is not None:
+            report.add(bad[1], f"{where} (segment {bad[0]}: {segs[bad[0]][1]})")
+            continue
+        good.append((where, segs))
+    flat = [x for _, segs in good for k, x in segs if k == "t"]
+    encoded = iter(vocab.encode_texts(flat))
+    docs = []
+    for where, segs in good:
+        pieces = [("t", next(encoded)) if k == "t" else ("i", table.codes[table.index[x]]) for k, x in segs]
+        d = builder.document(pieces, where, "interleaved", report)
+        if d is not None:
+            docs.append(d)
+    report.ok(len(docs))
+    return Part("interleaved", spec.location, spec.weight, docs=docs)
+
+
+def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,
+              builder: _Builder, report: SkipReport) -> tuple[Part, int, int]:
+    """A hub data set: pairs if it has the image column, else text documents from the text column."""
+    import datasets
+
+    ds = load_hub(spec.location, cfg.split)
+    cols = ds.column_names
+    texts = [t if isinstance(t, str) else None for t in ds[cfg.text_column]] if cfg.text_column in cols else [None] * len(ds)
+    if cfg.image_column not in cols:
+        if cfg.text_column not in cols:
+            raise UserError(f"{spec.location}: neither image column {cfg.image_column!r} nor text column "
+                            f"{cfg.text_column!r} (columns: {', '.join(cols)})")
+        recs = [(f"{spec.location}[{i}]", t) for i, t in enumerate(texts)]
+        ok = [(w, t) for w, t in recs if t and t.strip()]
+        for w, t in recs:
+            if not (t and t.strip()):
+                report.add("empty", w)
+        docs = builder.texts(ok, "text", report)
+        report.ok(len(docs))
+        return Part("text", spec.location, spec.weight, docs=docs), 0, 0
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    wheres = [f"{spec.location}[{i}]" for i in range(len(ds))]
+    srcs = ds.select_columns([cfg.image_column]).rename_column(cfg.image_column, "src").add_column("where", wheres)
+    key = cache_key(vq_fp, ds._fingerprint, cfg.image_column, cfg.split)
+    t0 = time.perf_counter()
+    out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict)
+    table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0)
+    recs = [(w, w, t) for w, t in zip(wheres, texts)]
+    part = _pairs_part(spec, recs, table, vocab, builder, report)
+    return part, 0 if hit else len(ds), len(ds) if hit else 0
+
+
+def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len: int) -> PreparedData:
+    """Read every source, encode (or load cached) image codes, tokenise text: the mixture parts."""
+    t0 = time.perf_counter()
+    report = SkipReport(strict=cfg.strict)
+    specs = resolve_sources(cfg.sources, cfg.split)
+    has_images = any(s.kind in ("pairs", "interleaved") for s in specs)
+    vq_fp = check_vocab_matches(vocab, image_tokenizer, "--data images") if has_images else ""
+    if has_images and context_len < vocab.tokens_per_image + 4:
+        raise UserError(f"--context-len {context_len} cannot hold one image document "
+                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {vocab.tokens_per_image + 4} tokens)")
+    cache_root = resolve_cache_dir(cfg.cache_dir, cfg.sources)
+    builder = _Builder(vocab, context_len, cfg.strict)
+    parts: list[Part] = []
+    cached = encoded = 0
+
+    # records of every part; local images of one --data entry share one cached table
+    records: list[tuple[PartSpec, list]] = []
+    images_by_source: dict[str, tuple[list[str], list[str]]] = {}
+    for spec in specs:
+        if spec.hub:
+            records.append((spec, []))
+            continue
+        if spec.kind == "pairs":
+            recs = [(w, str(p), t) for w, p, t in pair_records(Path(spec.location), cfg.text_column, report,
+                                                                     cfg.allow_outside_paths)]
+            paths, wheres = images_by_source.setdefault(spec.source, ([], []))
+            paths += [p for _, p, _ in recs]
+            wheres += [w for w, _, _ in recs]
+        elif spec.kind == "interleaved":
+            recs = list(interleaved_records(Path(spec.location), report, cfg.allow_outside_paths))
+            paths, wheres = images_by_source.setdefault(spec.source, ([], []))
+            for where, segs in recs:
+                for k, x in segs:
+                    if k == "i":
+                        paths.append(x)
+                        wheres.append(where)
+        else:
+            recs = list(text_records(Path(spec.location), report))
+        records.append((spec, recs))
+
+    tables: dict[str, ImageTable] = {}
+    for source, (paths, wheres) in images_by_source.items():
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, cfg.strict)
+        tables[source] = table
+        cached += len(table.srcs) if table.cache_hit else 0
+        encoded += 0 if table.cache_hit else len(table.srcs)
+        log.info("%s: %d images %s in %.1fs", source, len(table.srcs),
+                 "loaded from the code cache" if table.cache_hit else "encoded", table.seconds)
+
+    for spec, recs in records:
+        if spec.hub:
+            part, n_new, n_old = _hub_part(spec, cfg, vocab, image_tokenizer, vq_fp, cache_root, builder, report)
+            encoded += n_new
+            cached += n_old
+        elif spec.kind == "pairs":
+            part = _pairs_part(spec, recs, tables[spec.source], vocab, builder, report)
+        elif spec.kind == "interleaved":
+            part = _interleaved_part(spec, recs, tables[spec.source], vocab, builder, report)
+        else:
+            part = Part("text", spec.location, spec.weight, docs=builder.texts(recs, "text", report))
+            report.ok(len(part.docs))
+        if len(part) == 0:
+            log.warning("%s: no usable records; left out of the mixture", spec.location)
+            continue
+        parts.append(part)
+    if not parts:
+        raise UserError(f"--data {' '.join(cfg.sources)}: no usable records at all ({report.summary()})")
+    data = PreparedData(parts, report, builder.truncated, cached, encoded, time.perf_counter() - t0)
+    if report.total:
+        for reason, examples in sorted(report.examples.items()):
+            log.warning("skipped %d record(s) (%s), e.g. %s", report.counts[reason], reason, examples[0])
+    log.info("%s", data.summary())
+    return data

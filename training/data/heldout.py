@@ -1,0 +1,84 @@
+"""Held-out image-caption pairs, for the validation losses and sheets of training and for ``earlyfusion eval``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlyfusion.errors import UserError
+from earlyfusion.logs import log
+from earlyfusion.tokenizer.preprocess import preprocess, to_pil
+from earlyfusion.tokenizer.vocab import check_vocab_matches
+
+from .codes import local_image_table, resolve_cache_dir
+from .records import SkipReport, has_images_or_metadata, pair_records, split_root
+from .sources import parse_source
+
+
+@dataclass
+class HeldoutPair:
+    caption: str
+    codes: torch.Tensor
+    """LongTensor (h, w)."""
+    pixels: torch.Tensor
+    """(3, S, S) float in [-1, 1], the image as the image tokenizer saw it."""
+    path: str
+    where: str
+
+    @property
+    def image(self):
+        """The preprocessed image as PIL."""
+        return to_pil(self.pixels)
+
+
+def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path, cache_dir: str | None = None,
+                  split: str = "test", text_column: str = "text", limit: int = 0, strict: bool = False) -> list[HeldoutPair]:
+    """Captioned images of the held-out split of every local data directory in ``sources``.
+
+    ``DIR/test`` when present; a plain imagefolder without split folders is used as is (then the
+    pairs are not held out from training, a warning says so). Files, hub names and directories that
+    have other splits but not ``split`` contribute nothing.
+    """
+    report = SkipReport(strict=strict)
+    out: list[HeldoutPair] = []
+    vq_fp = None
+    for spec in sources:
+        path = Path(parse_source(spec)[0]).expanduser()
+        if not path.is_dir():
+            continue
+        try:
+            root = split_root(path, split)
+        except UserError:
+            continue
+        if not has_images_or_metadata(root):
+            continue
+        if root == path:
+            log.warning("%s has no '%s' folder: validation uses its own (training) images", path, split)
+        vq_fp = vq_fp or check_vocab_matches(vocab, image_tokenizer, "held-out pairs")
+        recs = [(w, str(p), t) for w, p, t in pair_records(root, text_column, report) if t and t.strip()]
+        if limit:
+            recs = recs[:limit - len(out)]
+        cache_root = resolve_cache_dir(cache_dir, [str(path)])
+        table = local_image_table([p for _, p, _ in recs], [w for w, _, _ in recs], image_tokenizer, vq_fp, cache_root, strict)
+        size = None
+        for where, p, text in recs:
+            row = table.index[p]
+            if table.reasons[row]:
+                report.add(table.reasons[row], where)
+                continue
+            if size is None:
+                from earlyfusion.tokenizer.vqvae import read_vq_config
+
+                size = read_vq_config(image_tokenizer).image_size
+            codes = torch.from_numpy(table.codes[row].astype(np.int64)).reshape(vocab.grid)
+            out.append(HeldoutPair(caption=text, codes=codes, pixels=preprocess(p, size), path=p, where=where))
+            report.ok()
+        if limit and len(out) >= limit:
+            break
+    if report.total:
+        log.warning("held-out pairs: %s", report.summary())
+    return out

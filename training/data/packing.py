@@ -1,0 +1,232 @@
+"""Packing documents into batches, sharding them over processes, and resuming the stream exactly.
+
+Packing: rows of exactly T tokens hold whole documents (an image span is never split: documents are
+never split at all); each row is filled first-fit from a look-ahead of the next 16 documents of the
+stream, so little is padding. Separation: positions restart at 0 in every document and ``doc_ids``
+let the decoder attend only within the document (block-diagonal causal mask), so packing changes
+nothing a document sees: a packed row trains exactly like separate unpadded rows, and no document
+conditions on an unrelated predecessor (which would teach the model to continue one caption with the
+next image). The last token of a document has no target (its "next token" is the next document's
+``<s>``), padding has target IGNORE (-100), doc id -1 and modality NO_TARGET (-1).
+
+Without ``reading_image_loss`` a reading example has no loss on its image span (``<boi> codes <eoi>``
+as targets): it trains only the caption, and unconditional image modelling is left to the
+caption-dropped examples.
+
+Batches (``PackedBatches``) are dicts of (B, T) tensors: tokens, targets (IGNORE = no loss), positions,
+doc_ids (int64) and modality (int8: TEXT 0, IMAGE 1 for an image code or ``<eoi>``, NO_TARGET -1) of
+the target token. All randomness (mixture choice, reading/drawing, condition dropout, epoch shuffles)
+comes from one seeded ``torch.Generator`` plus per-(part, epoch) permutation seeds; ``state_dict()``
+is plain JSON, and a fresh ``PackedBatches`` given it continues with identical batches. Every process
+builds the same global batch; ``sharded(rank, world)`` yields one process's rows of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlyfusion.errors import UserError
+
+from .config import IGNORE, IMAGE, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
+from .documents import DRAW, READ, UNCOND, PreparedData, pair_document, prepare
+from .records import SkipReport
+
+LOOKAHEAD = 16
+
+
+def _seed_for(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def _check_shape(context_len: int, batch_size: int) -> None:
+    if context_len < 4 or batch_size < 1:
+        raise ValueError(f"context_len must be >= 4 and batch_size >= 1 (got {context_len}, {batch_size})")
+
+
+class PackedBatches:
+    """Infinite iterator of packed global batches (see the module docstring); exact resume via state_dict."""
+
+    def __init__(self, data: PreparedData, vocab, *, context_len: int, batch_size: int,
+                 reading_ratio: float = DataConfig.reading_ratio, cond_dropout: float = DataConfig.cond_dropout,
+                 reading_image_loss: bool = DataConfig.reading_image_loss, seed: int = 0):
+        _check_shape(context_len, batch_size)
+        self.data = data
+        self.vocab = vocab
+        self.T = context_len
+        self.B = batch_size
+        self.reading_ratio = reading_ratio
+        self.cond_dropout = cond_dropout
+        self.reading_image_loss = reading_image_loss
+        self.seed = seed
+        w = np.asarray([p.weight for p in data.parts], np.float64)
+        self._cum = list(np.cumsum(w / w.sum()))
+        for p in data.parts:
+            longest = max((len(d) for d in p.docs), default=0) if p.kind != "pairs" else \
+                max((len(c) for c in p.captions), default=0) + vocab.tokens_per_image + 4
+            if longest > context_len:
+                raise ValueError(f"{p.name}: a document of {longest} tokens exceeds context_len {context_len}; "
+                                 "prepare the data with the same context length")
+        self._gen = torch.Generator().manual_seed(seed)
+        self._epoch = [0] * len(data.parts)
+        self._pos = [0] * len(data.parts)
+        self._perm: list[list[int] | None] = [None] * len(data.parts)
+        self._pending: list[tuple[tuple[int, int, int], np.ndarray]] = []
+        self.batches = 0
+
+    @property
+    def report(self) -> SkipReport:
+        return self.data.report
+
+    # ------------------------------------------------------------ documents
+    def _take(self, p: int) -> int:
+        n = len(self.data.parts[p])
+        if self._pos[p] >= n:
+            self._epoch[p] += 1
+            self._pos[p] = 0
+            self._perm[p] = None
+        if self._perm[p] is None:
+            g = torch.Generator().manual_seed(_seed_for(self.seed, "perm", p, self._epoch[p]))
+            self._perm[p] = torch.randperm(n, generator=g).tolist()
+        item = self._perm[p][self._pos[p]]
+        self._pos[p] += 1
+        return item
+
+    def _document(self, p: int, item: int, variant: int) -> np.ndarray:
+        part = self.data.parts[p]
+        if part.kind != "pairs":
+            return part.docs[item]
+        return pair_document(self.vocab, part.codes[item], part.captions[item], variant)
+
+    def _draw(self) -> tuple[tuple[int, int, int], np.ndarray]:
+        r0, r1, r2 = torch.rand(3, generator=self._gen, dtype=torch.float64).tolist()
+        p = min(bisect.bisect_right(self._cum, r0), len(self._cum) - 1)
+        item = self._take(p)
+        variant = READ
+        part = self.data.parts[p]
+        if part.kind == "pairs":
+            if len(part.captions[item]) == 0:
+                variant = UNCOND
+            elif r1 < self.reading_ratio:
+                variant = READ
+            else:
+                variant = UNCOND if r2 < self.cond_dropout else DRAW
+        desc = (p, item, variant)
+        return desc, self._document(*desc)
+
+    def _untrained_prefix(self, desc: tuple[int, int, int]) -> int:
+        """How many leading targets of the document get no loss: the image span of a reading example without
+        ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none."""
+        p, _, variant = desc
+        if variant == READ and not self.reading_image_loss and self.data.parts[p].kind == "pairs":
+            return self.vocab.tokens_per_image + 2
+        return 0
+
+    def _row(self) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+        row, room = [], self.T
+        while room >= 2:
+            while len(self._pending) < LOOKAHEAD:
+                self._pending.append(self._draw())
+            i = next((i for i, (_, d) in enumerate(self._pending) if len(d) <= room), None)
+            if i is None:
+                break
+            row.append(self._pending.pop(i))
+            room -= len(row[-1][1])
+        return row
+
+    # ------------------------------------------------------------ batches
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        B, T, v = self.B, self.T, self.vocab
+        tokens = torch.full((B, T), v.pad, dtype=torch.long)
+        targets = torch.full((B, T), IGNORE, dtype=torch.long)
+        positions = torch.zeros((B, T), dtype=torch.long)
+        doc_ids = torch.full((B, T), -1, dtype=torch.long)
+        for r in range(B):
+            o = 0
+            for k, (desc, doc) in enumerate(self._row()):
+                n = len(doc)
+                t = torch.from_numpy(doc.astype(np.int64))
+                tokens[r, o:o + n] = t
+                targets[r, o:o + n - 1] = t[1:]
+                targets[r, o:o + self._untrained_prefix(desc)] = IGNORE
+                positions[r, o:o + n] = torch.arange(n)
+                doc_ids[r, o:o + n] = k
+                o += n
+            positions[r, o:] = torch.arange(T - o)
+        is_image = v.is_image_id(targets) | (targets == v.eoi)
+        modality = torch.where(targets == IGNORE, NO_TARGET, torch.where(is_image, IMAGE, TEXT)).to(torch.int8)
+        self.batches += 1
+        return {"tokens": tokens, "targets": targets, "positions": positions, "doc_ids": doc_ids, "modality": modality}
+
+    def sharded(self, rank: int, world: int) -> ShardedBatches:
+        return ShardedBatches(self, rank, world)
+
+    # ------------------------------------------------------------ exact resume
+    def _signature(self) -> str:
+        sig = [PIPELINE_VERSION, self.T, self.B, self.seed, self.reading_ratio, self.cond_dropout, self.reading_image_loss,
+               [(p.kind, round(p.weight, 12), len(p)) for p in self.data.parts]]  # not paths: data may move
+        return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
+
+    def state_dict(self) -> dict:
+        return {
+            "version": PIPELINE_VERSION,
+            "signature": self._signature(),
+            "generator": base64.b64encode(self._gen.get_state().numpy().tobytes()).decode("ascii"),
+            "epoch": list(self._epoch),
+            "pos": list(self._pos),
+            "pending": [list(desc) for desc, _ in self._pending],
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("signature") != self._signature():
+            raise UserError("the data stream cannot be resumed exactly: the data, the context length, the batch size, "
+                            "the seed or the mixture differ from the checkpoint's; resume with the same data and options")
+        raw = np.frombuffer(base64.b64decode(state["generator"]), dtype=np.uint8).copy()
+        self._gen.set_state(torch.from_numpy(raw))
+        self._epoch = [int(e) for e in state["epoch"]]
+        self._pos = [int(p) for p in state["pos"]]
+        self._perm = [None] * len(self.data.parts)
+        self._pending = [(tuple(d), self._document(*d)) for d in state["pending"]]
+        self.batches = int(state["batches"])
+
+
+class ShardedBatches:
+    """One process's rows of every global batch: rows [rank*B/world, (rank+1)*B/world)."""
+
+    def __init__(self, batches: PackedBatches, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world or batches.B % world:
+            raise ValueError(f"batch size {batches.B} must be divisible by world size {world} (rank {rank})")
+        self.batches = batches
+        per = batches.B // world
+        self.rows = slice(rank * per, (rank + 1) * per)
+
+    def __iter__(self) -> ShardedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return {k: v[self.rows] for k, v in next(self.batches).items()}
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+
+def training_batches(cfg: DataConfig, *, vocab, image_tokenizer: str | Path, context_len: int, batch_size: int,
+                     seed: int) -> PackedBatches:
+    """What the trainer calls: prepare the sources and return the packed global-batch stream."""
+    _check_shape(context_len, batch_size)
+    data = prepare(cfg, vocab, image_tokenizer, context_len=context_len)
+    return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
+                         cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed)

@@ -1,0 +1,83 @@
+"""``earlyfusion vocab build``: a byte-level BPE on the texts of the data, merged with the special tokens and
+one token per image code of the image tokenizer (``tokenizer.vocab.Vocabulary.build``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from earlyfusion.errors import UserError
+from earlyfusion.tokenizer.vocab import BYTE_ALPHABET, LAYOUT_FILE, TOKENIZER_FILE, Vocabulary
+
+from .records import SkipReport
+from .sources import iter_texts
+
+
+MAX_TEXT_VOCAB = 262_144  # well above any published text vocabulary; the BPE trainer allocates per id
+
+
+@dataclass
+class VocabBuildConfig:
+    image_tokenizer: str
+    """Image tokenizer run directory (from `earlyfusion tokenizer train`); its config.json gives codebook_size and the code grid."""
+    data: list[str]
+    """Data to train the text BPE on: built-in data directories, imagefolders (captions), interleaved .jsonl, text .jsonl/.txt, hub names."""
+    out: str
+    """Vocabulary directory to write (tokenizer.json + layout.json)."""
+    text_vocab_size: int = 1024
+    """Upper bound on the text BPE ids, 256 byte tokens included (a small corpus stops earlier)."""
+    min_frequency: int = 2
+    """A pair must occur this often to become a BPE merge."""
+    max_texts: int = 1_000_000
+    """Train the BPE on at most this many texts (0 = all)."""
+    strict: bool = False
+    """Fail on the first bad data record instead of skipping and counting it."""
+
+    def __post_init__(self):
+        if not BYTE_ALPHABET <= self.text_vocab_size <= MAX_TEXT_VOCAB:
+            raise ValueError(f"--text-vocab-size must be between {BYTE_ALPHABET} (the byte alphabet) and {MAX_TEXT_VOCAB}, "
+                             f"got {self.text_vocab_size}")
+        if self.min_frequency < 1 or self.max_texts < 0:
+            raise ValueError("--min-frequency must be >= 1 and --max-texts >= 0")
+        if not self.data:
+            raise ValueError("--data needs at least one source")
+
+
+def build_cmd(cfg: VocabBuildConfig) -> int:
+    """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
+    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / LAYOUT_FILE).is_file())):
+        raise UserError(f"--out {out} exists and is not a vocabulary directory; choose a new directory "
+                        "(an existing vocabulary there would be replaced)")
+    vq_cfg = read_vq_config(cfg.image_tokenizer)
+    fingerprint = vq_fingerprint(cfg.image_tokenizer)
+    report = SkipReport(strict=cfg.strict)
+    texts: list[str] = []
+    for t in iter_texts(cfg.data, report=report):
+        texts.append(t)
+        if cfg.max_texts and len(texts) >= cfg.max_texts:
+            break
+    if not texts:
+        raise UserError(f"--data {' '.join(cfg.data)}: no text found to train the BPE on (captions, interleaved texts, "
+                        f"text lines); {report.summary()}")
+    vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
+                             image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
+                             min_frequency=cfg.min_frequency)
+    vocab.save(out)
+    L = vocab.layout
+    n_chars = sum(len(t) for t in texts)
+    n_tokens = sum(len(ids) for ids in vocab.encode_texts(texts[:10000]))
+    n_chars_sample = sum(len(t) for t in texts[:10000])
+    print(f"vocabulary: {len(L.special_ids)} special [0, {L.text_start}) + {L.text_vocab_size} text BPE "
+          f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end}) "
+          f"= {L.vocab_size} ids")
+    print(f"image: {L.grid[0]}x{L.grid[1]} codes per image ({L.tokens_per_image} tokens + <boi>/<eoi>), "
+          f"image tokenizer {fingerprint[:12]}")
+    print(f"text: BPE trained on {len(texts)} texts ({n_chars} characters), "
+          f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
+    print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
+    return 0
