@@ -9,7 +9,8 @@ Every stage saves through these functions (one place for checkpoint IO):
   the old directory or the complete new one.
 * ``verify_dir``: check a directory against its manifest (missing file, size or checksum mismatch).
 * ``step_dirs`` / ``latest_good`` / ``prune``: the ``checkpoints/step-XXXXXXXX`` rotation used for
-  ``--resume``; ``latest_good`` skips corrupted checkpoints with a warning and falls back.
+  ``--resume``; ``latest_good`` skips corrupted checkpoints with a warning and falls back, ``prune``
+  keeps the newest checkpoints that verify.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
 # ---------------------------------------------------------------- directories
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,12 +133,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """Checksum every file under ``directory`` (recursively) into MANIFEST.json."""
+def write_manifest(directory: Path, names: list[str] | None = None) -> None:
+    """Checksum every file under ``directory`` (recursively), or only the files ``names``, into MANIFEST.json."""
     files = {}
-    for p in sorted(directory.rglob("*")):
+    paths = sorted(directory.rglob("*")) if names is None else [directory / n for n in names]
+    for p in paths:
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     save_json(directory / MANIFEST, {"files": files})
 
 
@@ -153,7 +155,7 @@ def verify_dir(directory: str | Path) -> None:
             raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
         if p.stat().st_size != info["size"]:
             raise CheckpointError(f"{p}: size {p.stat().st_size} != {info['size']} recorded; the file is truncated or corrupted")
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"{p}: checksum does not match {MANIFEST}; the file is corrupted")
 
 
@@ -226,10 +228,27 @@ def latest_good(checkpoints: str | Path) -> Path | None:
 
 
 def prune(checkpoints: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` step checkpoints, delete older ones, and clear stale temporaries."""
+    """Keep the newest ``keep`` step checkpoints that verify; delete the others and stale temporaries.
+
+    Only verified checkpoints count towards ``keep``, so a corrupted one is never kept in place of a
+    good one and the newest good one is never deleted. When none verifies nothing is deleted (the
+    user decides what to do with them).
+    """
     checkpoints = Path(checkpoints)
-    for d in step_dirs(checkpoints)[max(keep, 1):]:
-        shutil.rmtree(d, ignore_errors=True)
+    kept, doomed = 0, []
+    for d in step_dirs(checkpoints):
+        if kept >= max(keep, 1):
+            doomed.append(d)
+            continue
+        try:
+            verify_dir(d)
+            kept += 1
+        except CheckpointError as e:
+            log.warning("removing corrupted checkpoint: %s", e)
+            doomed.append(d)
+    if kept:
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
     if checkpoints.is_dir():
         for p in checkpoints.iterdir():
             if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):

@@ -4,9 +4,12 @@ Each subcommand is (words, help, "module:ConfigClass", "module:function"). The o
 the dataclass fields; each field's help is the string literal written under it (its docstring),
 so ``--help`` documents every option and a misspelled option fails. Fields without a default are
 required. ``bool`` fields become ``--flag / --no-flag``; ``list[...]`` fields take several values
-(``--data A B`` or ``--data A --data B``).
+(``--data A B`` or ``--data A --data B``). A field whose type is a dataclass contributes that
+dataclass's fields as options of their own (named by ``field(metadata={"flag": ...})`` when given,
+else by the field name), and the nested object is built back from them.
 
-Errors a user can cause (``earlyfusion.errors.UserError``) print one line and exit with status 2.
+Errors a user can cause (``earlyfusion.errors.UserError``, a ValueError from a config's validation,
+a usage error of argparse) print one line ``earlyfusion: error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ import sys
 import textwrap
 import types
 import typing
-from pathlib import Path
+from collections.abc import Iterator
 
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text)",
      "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
     (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "earlyfusion.training.vq_train:VQTrainConfig", "earlyfusion.training.vq_train:train_cmd"),
     (("tokenizer", "eval"), "evaluate an image tokenizer: PSNR, SSIM, codebook usage, perplexity, speed",
-     "earlyfusion.training.vq_train:VQEvalConfig", "earlyfusion.training.vq_train:eval_cmd"),
+     "earlyfusion.training.vq_eval:VQEvalConfig", "earlyfusion.training.vq_eval:eval_cmd"),
     (("vocab", "build"), "build the merged text+image vocabulary (tokenizer.json + layout)",
-     "earlyfusion.tokenizer.vocab:VocabBuildConfig", "earlyfusion.tokenizer.vocab:build_cmd"),
+     "earlyfusion.training.data.vocab_build:VocabBuildConfig", "earlyfusion.training.data.vocab_build:build_cmd"),
     (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_train:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
     (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),
     (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
@@ -69,19 +72,33 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+def _option_fields(cls, prefix: str = "") -> Iterator[tuple[dataclasses.Field, object, str, str, dict[str, str]]]:
+    """(field, type, dest, flag, docs) for every option of ``cls``: a field whose type is itself a dataclass
+    contributes its own fields (flattened; dest ``outer.inner``) instead of one option."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from _option_fields(tp, f"{prefix}{f.name}.")
+            continue
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        yield f, tp, prefix + f.name, flag, docs
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    seen: dict[str, str] = {}
+    for f, tp, dest, flag, docs in _option_fields(cls):
+        if flag in seen:
+            raise TypeError(f"{cls.__name__}: option {flag} is declared by both {seen[flag]} and {dest}")
+        seen[flag] = dest
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse expands %-formats in help
-        kw: dict = {"dest": f.name}
+        kw: dict = {"dest": dest}
         if tp is bool:
             kw.update(action=argparse.BooleanOptionalAction, default=default)
             help_text += " (default: %(default)s)"
@@ -100,24 +117,36 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
                 help_text += " (default: %(default)s)"
             if has_default and origin is list:
                 kw["default"] = None
-            kw["metavar"] = f.name.upper() if origin is not typing.Literal else None
-            if kw["metavar"] is None:
-                del kw["metavar"]
+            if origin is not typing.Literal:
+                kw["metavar"] = flag[2:].replace("-", "_").upper()
             if not has_default:
                 kw["required"] = True
         parser.add_argument(flag, help=help_text, **kw)
 
 
-def config_from_args(cls, ns: argparse.Namespace):
+def config_from_args(cls, ns: argparse.Namespace, prefix: str = ""):
+    """The config object (nested dataclasses built back) from parsed options."""
+    hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        v = getattr(ns, f.name)
+        tp, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = config_from_args(tp, ns, f"{prefix}{f.name}.")
+            continue
+        v = getattr(ns, prefix + f.name)
         if v is None and f.default_factory is not dataclasses.MISSING:
             continue
         values[f.name] = v
     return cls(**values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (unknown option, bad value, missing option) as one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"earlyfusion: error: {' '.join(message.split())}\n")
 
 
 def _selected(argv: list[str]) -> tuple[str, ...]:
@@ -130,7 +159,7 @@ def _selected(argv: list[str]) -> tuple[str, ...]:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the selected subcommand's config module is imported (all of them when argv is None)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="earlyfusion",
         description="Discrete-token early-fusion models: image tokenizer -> vocabulary -> unified decoder -> sampling.",
         epilog="Pipeline: data shapes -> tokenizer train -> vocab build -> train -> sample / eval. "
@@ -170,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(str(e)) from e
         result = fn(cfg)
     except UserError as e:
-        print(f"earlyfusion: error: {e}", file=sys.stderr)
+        print(f"earlyfusion: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("earlyfusion: interrupted", file=sys.stderr)

@@ -1,12 +1,11 @@
-"""The command line: every subcommand's --help renders and documents every option of its config."""
+"""The command line: every subcommand's --help renders and documents every option of its config (nested
+configs flattened, each option once); usage errors are one line and exit status 2."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from earlyfusion.cli import COMMANDS, _load, main
+from earlyfusion.cli import COMMANDS, _load, _option_fields, build_parser, config_from_args, main
 
 
 @pytest.mark.parametrize("words,cfg_ref", [(w, c) for w, _, c, _ in COMMANDS], ids=[" ".join(w) for w, *_ in COMMANDS])
@@ -15,9 +14,10 @@ def test_every_subcommand_help_documents_every_option(capsys, words, cfg_ref):
         main([*words, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for f in dataclasses.fields(_load(cfg_ref)):
-        if f.init:
-            assert "--" + f.name.replace("_", "-") in out, f.name
+    options = out[out.index("options:"):]
+    for _f, _tp, dest, flag, _docs in _option_fields(_load(cfg_ref)):
+        assert f"  {flag}" in options, dest
+        assert options.count(f"  {flag} ") + options.count(f"  {flag}\n") + options.count(f"  {flag},") == 1, flag
 
 
 def test_top_level_help_lists_subcommands(capsys):
@@ -27,3 +27,24 @@ def test_top_level_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for words, *_ in COMMANDS:
         assert words[0] in out
+
+
+def test_nested_data_options_build_the_nested_config():
+    from earlyfusion.training.data import DataConfig
+
+    argv = ["train", "--data", "a", "b:0.5", "--reading-ratio", "0.5", "--no-reading-image-loss", "--image-tokenizer", "vq",
+            "--vocab", "v", "--out", "o", "--context-len", "64"]
+    ns = build_parser(argv).parse_args(argv)
+    cfg = config_from_args(_load(ns._config), ns)
+    assert cfg.data == DataConfig(sources=["a", "b:0.5"], reading_ratio=0.5)
+    assert (cfg.context_len, cfg.dropout, cfg.micro_batch_size, cfg.out) == (64, None, None, "o")
+
+
+@pytest.mark.parametrize("argv", [["train", "--bogus"], ["tokenizer", "train", "--data", "d", "--out", "o", "--steps", "x"],
+                                  ["tokenizer", "eval", "--data", "d"], ["nope"]])
+def test_usage_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("earlyfusion: error: "), err

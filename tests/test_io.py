@@ -144,3 +144,20 @@ def test_no_pickle_in_load_paths():
                     if any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names):
                         offenders.append(f"{path}:{node.lineno} imports pickle")
     assert not offenders, "\n".join(offenders)
+
+
+def test_prune_never_keeps_a_corrupted_checkpoint_over_a_good_one(tmp_path):
+    for s in (1, 2, 3):
+        _write_ckpt(tmp_path, s, float(s))
+    (step_dir(tmp_path, 3) / "model.safetensors").write_bytes(b"\0" * 10)
+    prune(tmp_path, keep=1)
+    assert [p.name for p in step_dirs(tmp_path)] == ["step-00000002"]  # the newest good one stays
+    verify_dir(step_dir(tmp_path, 2))
+
+
+def test_prune_deletes_nothing_when_no_checkpoint_verifies(tmp_path):
+    for s in (1, 2, 3):
+        _write_ckpt(tmp_path, s, float(s))
+        (step_dir(tmp_path, s) / "model.safetensors").write_bytes(b"\0" * 10)
+    prune(tmp_path, keep=1)
+    assert len(step_dirs(tmp_path)) == 3

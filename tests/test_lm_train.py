@@ -15,6 +15,7 @@ import pytest
 
 from conftest import TinyPipeline, run_cli, tiny_train_argv
 from earlyfusion.checkpoint import UserError, latest_good, step_dirs
+from earlyfusion.training.data import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,8 @@ def test_resume_falls_back_past_corrupted_checkpoint(tiny_pipeline: TinyPipeline
     assert latest_good(out / "checkpoints").name == "step-00000008"
 
 
-def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+def _poison_lm_loss(monkeypatch, bad) -> None:
+    """Make the decoder's loss NaN on the calls for which ``bad(call number)`` is true."""
     import torch
 
     from earlyfusion.training import lm_train
@@ -84,14 +86,20 @@ def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path
     def poisoned(logits, *a, **k):
         calls["n"] += 1
         loss, stats = real(logits, *a, **k)
-        if calls["n"] in (3,) or calls["n"] >= 7:  # one isolated NaN, then NaN forever
+        if bad(calls["n"]):
             loss = loss * torch.tensor(float("nan"))
             stats = {**stats, "sum_all": float("nan")}
         return loss, stats
 
     monkeypatch.setattr(lm_train, "lm_loss", poisoned)
+
+
+def test_nonfinite_steps_skipped_then_stop(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    from earlyfusion.training import lm_train
+
+    _poison_lm_loss(monkeypatch, lambda n: n in (3,) or n >= 7)  # one isolated NaN, then NaN forever
     out = tmp_path / "lm"
-    cfg = lm_train.TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+    cfg = lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
                                out=str(out), preset="tiny", steps=20, batch_size=4, warmup_steps=2, eval_every=0,
                                checkpoint_every=4, max_nonfinite=3)
     with pytest.raises(UserError, match="non-finite"):
@@ -122,7 +130,7 @@ def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipelin
     from earlyfusion.training.lm_train import TrainConfig, train
 
     with pytest.raises(UserError, match="--compile failed.*run without --compile"):
-        train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+        train(TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
                           out=str(tmp_path / "lm"), preset="tiny", steps=2, batch_size=4, eval_every=0, compile=True))
 
 
@@ -136,7 +144,7 @@ def test_vocab_for_other_tokenizer_is_refused(tiny_pipeline: TinyPipeline, tmp_p
     from earlyfusion.training.lm_train import TrainConfig, train
 
     with pytest.raises(UserError) as e:
-        train(TrainConfig(data=[str(tiny_pipeline.data)], image_tokenizer=str(other), vocab=str(tiny_pipeline.vocab),
+        train(TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(other), vocab=str(tiny_pipeline.vocab),
                           out=str(tmp_path / "lm"), preset="tiny", steps=2))
     assert str(other) in str(e.value)
 
@@ -155,3 +163,100 @@ def test_two_process_gloo_matches_one_process(tiny_pipeline: TinyPipeline, tmp_p
     assert [s for s, _ in a] == [s for s, _ in b]
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)
+
+
+# ---------------------------------------------------------------- runs that cannot be mixed or lost
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    from earlyfusion.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_new_run_into_existing_run_is_refused(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 4))
+    before = (out / "metrics.jsonl").read_bytes()
+    rc, err = _cli(capsys, *tiny_train_argv(tiny_pipeline, out, 8))
+    assert rc == 2 and "--resume" in err and "--out" in err, err
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert [d.name for d in step_dirs(out / "checkpoints")] == ["step-00000004"]
+
+
+def test_resume_with_other_identity_is_refused(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 4))
+    rc, err = _cli(capsys, *tiny_train_argv(tiny_pipeline, out, 8), "--resume", "--seed", 1)
+    assert rc == 2 and "seed 0 (now 1)" in err, err
+    copy = tmp_path / "data-copy"  # the same records elsewhere: another run's data
+    shutil.copytree(tiny_pipeline.data, copy)
+    argv = tiny_train_argv(tiny_pipeline, out, 8, "--resume")
+    argv[argv.index("--data") + 1] = copy
+    rc, err = _cli(capsys, *argv)
+    assert rc == 2 and "data.sources" in err and str(copy) in err, err
+    assert [d.name for d in step_dirs(out / "checkpoints")] == ["step-00000004"]
+
+
+def test_resume_refuses_when_every_checkpoint_is_corrupted(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 8))
+    for d in step_dirs(out / "checkpoints"):
+        (d / "model.safetensors").write_bytes(b"\0" * 10)
+    before = (out / "metrics.jsonl").read_bytes()
+    rc, err = _cli(capsys, *tiny_train_argv(tiny_pipeline, out, 8), "--resume")
+    lines = [line for line in err.splitlines() if line.startswith("earlyfusion: error")]
+    assert rc == 2 and len(lines) == 1 and "step-00000008" in lines[0] and "step-00000004" in lines[0], err
+    assert (out / "metrics.jsonl").read_bytes() == before  # not silently started again
+
+
+def test_skipped_last_step_still_saves_the_last_good_weights(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    import torch
+
+    from earlyfusion.checkpoint import read_weights
+    from earlyfusion.training import lm_train
+
+    _poison_lm_loss(monkeypatch, lambda n: n == 3)  # the last of 3 steps
+    out = tmp_path / "lm"
+    lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(tiny_pipeline.vq),
+                                        vocab=str(tiny_pipeline.vocab), out=str(out), preset="tiny", steps=3, batch_size=4,
+                                        eval_every=0, checkpoint_every=100))
+    ckpt = latest_good(out / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step-00000003"
+    assert all(torch.isfinite(t.float()).all() for t in read_weights(ckpt / "model.safetensors").values())
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_no_heldout_pairs_skips_validation_once(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    out = tmp_path / "lm"
+    argv = tiny_train_argv(tiny_pipeline, out, 4, "--eval-every", 2)
+    argv[argv.index("--data") + 1] = tiny_pipeline.data / "text.jsonl"  # no held-out split
+    capsys.readouterr()
+    run_cli(*argv)
+    err = capsys.readouterr().err
+    assert err.count("no held-out pairs: validation skipped") == 1, err
+    assert "val text" not in err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and not any(k.startswith("val_") for r in rows for k in r)
+
+
+def test_metrics_file_cut_is_tolerant_and_atomic(tmp_path, monkeypatch):
+    from earlyfusion.training import loop
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0}).encode() for s in (1, 2, 3)]
+    path.write_bytes(b"\n".join([good[0], b"\xff\xfe", b'{"step": "x"}', b"[1]", b'{"step": true}', good[1],
+                                 b'{"loss": 2}', b'{"step": 2', good[2]]) + b"\n")
+    before = path.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(loop.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError):
+            loop.metrics_file(tmp_path, 2)
+    assert path.read_bytes() == before  # a kill while cutting leaves the old file
+    warnings = []
+    monkeypatch.setattr(loop.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    loop.metrics_file(tmp_path, 2)
+    assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
+    assert len(warnings) == 1 and "dropped 6 line" in warnings[0], warnings

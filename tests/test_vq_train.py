@@ -16,7 +16,8 @@ import torch
 from earlyfusion.checkpoint import UserError, latest_good, read_weights, step_dirs, verify_dir
 from earlyfusion.tokenizer.vqvae import load_vqvae
 from earlyfusion.training import vq_train
-from earlyfusion.training.vq_train import VQEvalConfig, VQTrainConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim, train
+from earlyfusion.training.vq_eval import VQEvalConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim
+from earlyfusion.training.vq_train import VQTrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,8 @@ def test_exact_resume_after_sigkill(data, tmp_path):
     run = tmp_path / "killed"
     cfg = _cfg(data, run, steps=steps)
     script = _KILLER.format(repo=str(REPO), stop_at=10, ckpt=8, cfg=vars(cfg))
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the reference ran on one thread: same reductions
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = p.stdout.readline()
         assert line.strip() == "ready", p.stderr.read()
@@ -252,3 +254,28 @@ def test_cli_eval_json_last_line(data, tmp_path):
     p = subprocess.run([sys.executable, "-m", "earlyfusion.cli", "tokenizer", "eval", "--checkpoint", str(tmp_path / "nope"),
                         "--data", str(data)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_skipped_last_step_still_saves_the_last_good_weights(data, tmp_path, monkeypatch):
+    _inject(monkeypatch, bad_calls={4})
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=4, checkpoint_every=100))
+    assert latest_good(run / "checkpoints").name == "step-00000004"
+    w = read_weights(run / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in w.values())
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+
+
+def test_resume_with_other_identity_or_only_corrupted_checkpoints_is_refused(data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=8))
+    with pytest.raises(UserError, match=r"seed 0 \(now 1\)"):
+        train(_cfg(data, run, steps=12, seed=1, resume=True))
+    with pytest.raises(UserError, match=r"batch_size 16 \(now 8\)"):
+        train(_cfg(data, run, steps=12, batch_size=8, resume=True))
+    for d in step_dirs(run / "checkpoints"):
+        (d / "model.safetensors").write_bytes(b"\0" * 10)
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="step-00000008.*step-00000004"):
+        train(_cfg(data, run, steps=12, resume=True))
+    assert (run / "metrics.jsonl").read_bytes() == before

@@ -1,23 +1,25 @@
 """Training the unified decoder: ``earlyfusion train``.
 
-One accelerate loop for one CPU and for ``accelerate launch`` on many processes. Every optimizer
-step consumes one *global* batch from ``training.data.PackedBatches`` (deterministic for the seed);
-each process takes its rows, and the loss is normalised by the global number of target tokens, so
-N processes compute the same update as one process with the same global batch.
+One accelerate loop for one CPU and for ``accelerate launch`` on many processes, on the shared
+skeleton of ``training.loop``. Every optimizer step consumes one *global* batch from
+``training.data.training_batches`` (deterministic for the seed); each process takes its rows, and the
+loss is normalised by the global number of target tokens, so N processes compute the same update as
+one process with the same global batch.
 
 Exact resume: a checkpoint holds the weights, the optimizer state, the step, the data iterator's
 state and the torch RNG state (dropout); the LR is a pure function of the step. On CPU a resumed
-run reproduces the uninterrupted run's losses bit for bit (tested).
+run reproduces the uninterrupted run's losses bit for bit (tested). The run's identity (decoder
+shape, data, seed, batch size, context length) is recorded in each checkpoint's config; ``--resume``
+with other values is refused, and so is a new run into a directory that already holds one.
 
 Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update) and
-counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint.
+counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint. The
+last step is always checkpointed, skipped or not.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,21 +28,27 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from earlyfusion.checkpoint import copy_dir, latest_good, load_json, load_state, load_weights, save_state
+from earlyfusion.errors import UserError
+from earlyfusion.logs import log
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
-from earlyfusion.checkpoint import UserError, atomic_dir, copy_dir, latest_good, load_json, load_state, load_weights, prune, save_state, step_dir
 from earlyfusion.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
+from earlyfusion.runtime import use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
-from earlyfusion.training.loop import metrics_file, warmup_cosine_lr
-from earlyfusion.logs import log, progress
+from earlyfusion.training.data import IMAGE, TEXT, DataConfig, heldout_pairs, training_batches
+from earlyfusion.training.loop import (
+    MAX_BATCH, MAX_SEED, TrainLoop, check_identity, check_not_file, check_number, source_key, warmup_cosine_lr,
+)
 
-TEXT, IMAGE = 0, 1
+MIN_CONTEXT = 8
+"""The shortest --context-len accepted (the trainer also checks that one image document fits)."""
 
 
 @dataclass
 class TrainConfig:
-    data: list[str]
-    """Training data, one or more: a built-in data directory (`earlyfusion data shapes`), an imagefolder directory, an interleaved .jsonl (OBELICS texts/images), a text .jsonl/.txt, or a hub data set name. Append :WEIGHT for the mixture weight (e.g. docs.jsonl:0.2)."""
+    data: DataConfig
+    """The training data and how its documents are drawn (the --data, --reading-ratio, ... options)."""
     image_tokenizer: str
     """Image tokenizer run directory (from `earlyfusion tokenizer train`)."""
     vocab: str
@@ -52,13 +60,13 @@ class TrainConfig:
     steps: int = 1600
     """Optimizer steps."""
     batch_size: int = 8
-    """Global batch: packed sequences per optimizer step (over all processes). The demo decoder learns more from the
-    same tokens in smaller batches: 8 x 1760 steps gave caption / text->image exact match 89.4 / 93.8 % against
-    86.6 / 90.7 % for 16 x 880, in the same time (64-code image tokenizer)."""
-    micro_batch_size: int = 0
-    """Sequences per forward pass per process; 0 = the whole per-process share (no accumulation)."""
-    context_len: int = 0
-    """Packed sequence length; 0 = the preset's max_seq_len."""
+    """Global batch: packed sequences per optimizer step (over all processes). The small demo decoder learns more
+    from the same tokens in smaller batches of more steps (README.md compares them)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass per process; unset = the whole per-process share (no accumulation). Lower it when
+    a batch does not fit in memory."""
+    context_len: int | None = None
+    """Packed sequence length; unset = the preset's max_seq_len."""
     lr: float = 2e-3
     """Peak learning rate (AdamW, betas 0.9/0.95 as in Chameleon)."""
     min_lr_ratio: float = 0.05
@@ -71,16 +79,8 @@ class TrainConfig:
     """Gradient-norm clip (0 disables)."""
     z_loss: float = 1e-5
     """z-loss weight on logsumexp(logits)^2 (Chameleon)."""
-    dropout: float = -1.0
-    """Dropout after attention and MLP; negative = the preset's value."""
-    reading_ratio: float = 0.3
-    """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing, the slower to learn)."""
-    cond_dropout: float = 0.1
-    """Fraction of drawing examples whose caption is dropped (unconditional case for classifier-free guidance)."""
-    reading_image_loss: bool = False
-    """Also train on the image codes of reading (image -> caption) examples, not only on their captions. Off: those
-    codes are unconditional image modelling, which the caption-dropped examples already teach; on the demo (800
-    steps) text->image exact match 92.1 % off vs 89.5 % on, caption exact match 89.0 % vs 90.2 %."""
+    dropout: float | None = None
+    """Dropout after attention and MLP; unset = the preset's value."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     checkpoint_every: int = 400
@@ -93,29 +93,35 @@ class TrainConfig:
     """Continue from the newest good checkpoint in --out (exactly: same losses as an uninterrupted run)."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row (each one is skipped)."""
-    strict: bool = False
-    """Fail on the first bad data record instead of skipping and counting it."""
     compile: bool = False
-    """Compile the training step with torch.compile (needs a C++ compiler on CPU): ~20 s the first time (2-6 s once
-    inductor's on-disk cache has it), then 1.08-1.15x the tokens/s of the small preset on a 2-core CPU (bench/RESULTS.md);
-    the demo turns it on."""
+    """Compile the training step with torch.compile (needs a C++ compiler on CPU): costs a compilation the first
+    time (shorter once inductor's on-disk cache has it), then trains faster; the demo turns it on
+    (bench/RESULTS.md has the figures)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto = bf16 autocast on a GPU that supports it, fp32 elsewhere (bf16 is far slower on most CPUs)."""
-    cache_dir: str = ""
-    """Where tokenized data is cached; empty = <first data dir>/.earlyfusion-cache."""
     log_every: int = 10
     """Print a log line every K steps (the progress bar updates every step)."""
 
     def __post_init__(self):
         if self.preset not in DECODER_PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(DECODER_PRESETS)}")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 <= self.reading_ratio <= 1 or not 0 <= self.cond_dropout < 1:
-            raise ValueError("--reading-ratio must be in [0, 1] and --cond-dropout in [0, 1)")
-        if self.micro_batch_size < 0 or self.context_len < 0 or self.eval_every < 0:
-            raise ValueError("--micro-batch-size, --context-len and --eval-every must not be negative")
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            check_number(name.replace("_", "-"), getattr(self, name), 1)
+        check_number("batch-size", self.batch_size, 1, MAX_BATCH)
+        if self.micro_batch_size is not None:
+            check_number("micro-batch-size", self.micro_batch_size, 1, MAX_BATCH)
+        if self.context_len is not None:
+            check_number("context-len", self.context_len, MIN_CONTEXT)
+        check_number("lr", self.lr, 0)
+        if self.lr == 0:
+            raise ValueError("--lr must be positive, got 0")
+        check_number("min-lr-ratio", self.min_lr_ratio, 0, 1)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "z_loss", "eval_every", "max_nonfinite"):
+            check_number(name.replace("_", "-"), getattr(self, name), 0)
+        if self.dropout is not None:
+            check_number("dropout", self.dropout, 0, 1, hi_open=True)
+        check_number("seed", self.seed, 0, MAX_SEED)
+        check_not_file("out", self.out)  # the data options are validated by DataConfig
 
 
 # ---------------------------------------------------------------- loss
@@ -165,7 +171,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 # ---------------------------------------------------------------- run directory
 
 
-def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> None:
     """Copy the vocabulary and image tokenizer into LMRUN (or check they match on --resume)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +186,13 @@ def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> Path:
                     )
         else:
             copy_dir(src, dest)
-    return out
+
+
+def data_identity(data: DataConfig) -> dict:
+    """What of the data options shapes the batch stream (sources with their paths made absolute)."""
+    ident = {k: v for k, v in asdict(data).items() if k not in ("strict", "cache_dir")}
+    ident["sources"] = [source_key(s) for s in data.sources]
+    return ident
 
 
 # ---------------------------------------------------------------- the loop
@@ -190,7 +202,6 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from earlyfusion.training import data as data_mod
     from earlyfusion.training.monitor import loss_curves_png, sample_sheet, validation_losses
 
     vocab_dir, vq_dir = Path(cfg.vocab), Path(cfg.image_tokenizer)
@@ -203,80 +214,84 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(mixed_precision=mp)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    out = _prepare_run_dir(cfg, vocab_dir, vq_dir) if main else Path(cfg.out)
-    accelerator.wait_for_everyone()
 
-    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     dcfg = DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
     context_len = cfg.context_len or dcfg.max_seq_len
     if context_len > dcfg.max_seq_len:
         raise UserError(f"--context-len {context_len} exceeds the preset's max_seq_len {dcfg.max_seq_len}")
+    if context_len < vocab.tokens_per_image + 4:
+        raise UserError(f"--context-len {context_len} cannot hold one image document "
+                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {vocab.tokens_per_image + 4} tokens)")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     per_proc = cfg.batch_size // world
     micro = cfg.micro_batch_size or per_proc
     if per_proc % micro:
         raise UserError(f"per-process batch {per_proc} must be divisible by --micro-batch-size {micro}")
+    identity = {"preset": cfg.preset, "decoder": dcfg.to_dict(), "data": data_identity(cfg.data), "seed": cfg.seed,
+                "batch_size": cfg.batch_size, "context_len": context_len}
+
+    out = Path(cfg.out)
+    loop = TrainLoop(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                     keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
+                     main=main, desc="train")
+    ckpt = loop.resume_point(cfg.resume)
+    if ckpt is not None:
+        saved = load_json(ckpt / "config.json")
+        check_identity(saved.get("identity") or {"decoder": saved["decoder"]}, identity, ckpt)
+    if main:
+        _prepare_run_dir(cfg, vocab_dir, vq_dir)
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
     model = Decoder(dcfg)
     optimizer = make_optimizer(model, cfg)
 
-    batches = data_mod.training_batches(
-        cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len, batch_size=cfg.batch_size,
-        reading_ratio=cfg.reading_ratio, cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss,
-        seed=cfg.seed, strict=cfg.strict, cache_dir=cfg.cache_dir or None,
-    )
-    heldout = data_mod.heldout_pairs(cfg.data, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.cache_dir or None)
+    batches = training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir)
+    if not heldout:
+        log.info("no held-out pairs: validation skipped")
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        ckpt = latest_good(out / CHECKPOINTS_DIR)
-        if ckpt is None:
-            log.info("--resume: no checkpoint in %s yet; starting from scratch", out)
-        else:
-            saved = load_json(ckpt / "config.json")
-            if saved["decoder"] != dcfg.to_dict():
-                raise UserError(f"{ckpt / 'config.json'}: decoder shape differs from --preset {cfg.preset}; resume with the same options")
-            load_weights(ckpt / "model.safetensors", model)
-            state = load_state(ckpt, "state")
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["data"])
-            torch.set_rng_state(state["rng"])
-            if rank != 0:
-                torch.manual_seed(cfg.seed + 1000003 * rank + state["step"])
-            start_step, skipped_total = state["step"], state["skipped_nonfinite"]
-            log.info("resumed from %s (step %d)", ckpt, start_step)
+    if ckpt is not None:
+        load_weights(ckpt / "model.safetensors", model)
+        state = load_state(ckpt, "state")
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        if rank != 0:
+            torch.manual_seed(cfg.seed + 1000003 * rank + state["step"])
+        loop.restore(state)
+        log.info("resumed from %s (step %d)", ckpt, loop.start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     forward = compiled(model, dynamic=False) if cfg.compile else model  # packed rows: always the same shape
-    metrics_path = metrics_file(out, start_step) if main else None
     writer = _tensorboard(out) if main else None
 
     def save_checkpoint(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
-                 "step": step, "skipped_nonfinite": skipped_total}
+                 **loop.counters(step)}
         if main:
-            config = {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len}
-            with atomic_dir(step_dir(out / CHECKPOINTS_DIR, step)) as tmp:
+            config = {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len,
+                      "identity": identity}
+
+            def write(tmp: Path) -> None:
                 write_decoder(tmp, raw_model, config)
                 save_state(tmp, "state", state)
-            prune(out / CHECKPOINTS_DIR, cfg.keep_checkpoints)
+
+            loop.save(step, write)
         accelerator.wait_for_everyone()
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
              cfg.preset, n_params / 1e6, context_len, vocab.vocab_size, world, mp)
 
-    bar = progress(range(start_step, cfg.steps), total=cfg.steps, initial=start_step, desc="train")
-    bad_in_row, step = 0, start_step
     t_last = time.perf_counter()
-    for step in bar:
+    for step in loop.iterate():
         model.train()
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = loop.set_lr(optimizer, lr_at(step, cfg))
         batch = next(batches)  # the global batch, identical on every process
         n_global = max(int((batch["targets"] != -100).sum()), 1)
         rows = slice(rank * per_proc, (rank + 1) * per_proc)
@@ -286,7 +301,7 @@ def train(cfg: TrainConfig) -> Path:
         for i in range(0, per_proc, micro):
             mb = {k: v[i:i + micro].to(accelerator.device) for k, v in local.items()}
             last = i + micro >= per_proc
-            with (accelerator.no_sync(model) if not last and world > 1 else _null()):
+            with (accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()):
                 with accelerator.autocast():
                     logits, hidden = forward(mb["tokens"], positions=mb["positions"], doc_ids=mb["doc_ids"], return_hidden=True)
                 # grads are averaged over processes, so scale the global-token mean by world size
@@ -302,63 +317,45 @@ def train(cfg: TrainConfig) -> Path:
         gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm)
         loss_val = (totals["sum_all"] + cfg.z_loss * totals["sum_z"]) / max(totals["n_all"], 1)
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
-            optimizer.zero_grad(set_to_none=True)
-            skipped_total += 1
-            bad_in_row += 1
-            log.warning("step %d: non-finite loss/gradient (loss %s, grad norm %s); step skipped (%d in a row)",
-                        step + 1, loss_val, gnorm, bad_in_row)
-            if bad_in_row > cfg.max_nonfinite:
-                last_good = latest_good(out / CHECKPOINTS_DIR)
-                raise UserError(
-                    f"stopped: {bad_in_row} non-finite steps in a row (limit --max-nonfinite {cfg.max_nonfinite}); "
-                    f"the last good checkpoint is {last_good}. Lower --lr or check the data."
-                )
-            continue
-        bad_in_row = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        now = time.perf_counter()
-        record = {
-            "step": step + 1, "loss": loss_val,
-            "loss_text": totals["sum_text"] / totals["n_text"] if totals["n_text"] else None,
-            "loss_image": totals["sum_image"] / totals["n_image"] if totals["n_image"] else None,
-            "z_loss": totals["sum_z"] / max(totals["n_all"], 1), "grad_norm": gnorm, "out_norm": out_norm,
-            "lr": lr, "tokens_per_s": float(batch["tokens"].numel()) / max(now - t_last, 1e-9),
-            "skipped_nonfinite": skipped_total,
-        }
-        t_last = now
         done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
-            raw_model.eval()
-            if main:
-                val = validation_losses(raw_model, vocab, heldout, device=accelerator.device)
-                record.update({f"val_{k}": v for k, v in val.items()})
-                sample_sheet(raw_model, vocab, load_vq(vq_dir), heldout, out / "samples" / f"step-{done:08d}.png", seed=cfg.seed)
-            accelerator.wait_for_everyone()
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        skipped = loop.skip_nonfinite(step, loss_val, gnorm)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            record = {
+                "step": done, "loss": loss_val,
+                "loss_text": totals["sum_text"] / totals["n_text"] if totals["n_text"] else None,
+                "loss_image": totals["sum_image"] / totals["n_image"] if totals["n_image"] else None,
+                "z_loss": totals["sum_z"] / max(totals["n_all"], 1), "grad_norm": gnorm, "out_norm": out_norm,
+                "lr": lr, "tokens_per_s": float(batch["tokens"].numel()) / max(now - t_last, 1e-9),
+                "skipped_nonfinite": loop.skipped,
+            }
+            t_last = now
+            if heldout and (cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps):
+                raw_model.eval()
+                if main:
+                    val = validation_losses(raw_model, vocab, heldout, device=accelerator.device)
+                    record.update({f"val_{k}": v for k, v in val.items()})
+                    sample_sheet(raw_model, vocab, load_vq(vq_dir), heldout, out / "samples" / f"step-{done:08d}.png", seed=cfg.seed)
+                accelerator.wait_for_everyone()
+            line = (f"step {done}/{cfg.steps} loss {loss_val:.4f} text {_fmt(record['loss_text'])} "
+                    f"image {_fmt(record['loss_image'])} gnorm {gnorm:.2f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")
+            if "val_loss_text" in record:
+                line += f" | val text {_fmt(record['val_loss_text'])} image {_fmt(record['val_loss_image'])}"
+            loop.record(record, {"loss": f"{loss_val:.3f}", "txt": _fmt(record["loss_text"]), "img": _fmt(record["loss_image"]),
+                                 "tok_s": f"{record['tokens_per_s']:.0f}"}, line, force="val_loss_text" in record)
             if writer is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "step":
                         writer.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{loss_val:.3f}", txt=_fmt(record["loss_text"]), img=_fmt(record["loss_image"]),
-                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if done % cfg.log_every == 0 or done == cfg.steps or "val_loss_text" in record:
-                msg = (f"step {done}/{cfg.steps} loss {loss_val:.4f} text {_fmt(record['loss_text'])} "
-                       f"image {_fmt(record['loss_image'])} gnorm {gnorm:.2f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")
-                if "val_loss_text" in record:
-                    msg += f" | val text {_fmt(record['val_loss_text'])} image {_fmt(record['val_loss_image'])}"
-                (bar.write if not bar.disable else log.info)(msg)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if loop.checkpoint_due(done, skipped):
             save_checkpoint(done)
-    bar.close()
+    loop.close()
     if main:
-        loss_curves_png(metrics_path, out / "loss_curves.png")
-        if skipped_total:
-            log.info("skipped %d non-finite step(s)", skipped_total)
+        loss_curves_png(loop.metrics_path, out / "loss_curves.png")
         log.info("finished: %s (checkpoint %s)", out, latest_good(out / CHECKPOINTS_DIR))
     if writer is not None:
         writer.close()
@@ -378,14 +375,6 @@ def load_vq(vq_dir: Path):
     return _VQ_CACHE[key]
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -393,14 +382,12 @@ def _fmt(v) -> str:
 def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: CSV/JSONL logging only
+    except Exception:  # tensorboard not installed: JSONL logging only
         return None
     return SummaryWriter(str(out / "tensorboard"))
 
 
 def train_cmd(cfg: TrainConfig) -> int:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is None and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_all_cores()
     train(cfg)
     return 0
