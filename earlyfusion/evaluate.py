@@ -15,6 +15,7 @@ eval reports losses and tokenizer figures and writes caption/generation sheets f
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -52,8 +53,14 @@ class EvalConfig:
     """Where to write the caption/generation sheets; empty = <checkpoint>/eval."""
 
     def __post_init__(self):
-        if self.limit < 0 or self.batch_size < 1 or self.cfg < 0 or self.image_temperature < 0:
-            raise ValueError("--limit must be >= 0, --batch-size >= 1, --cfg and --image-temperature >= 0")
+        if self.limit < 0 or not 1 <= self.batch_size <= 65536:
+            raise ValueError("--limit must be >= 0 and --batch-size between 1 and 65536")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0) or not (math.isfinite(self.image_temperature) and self.image_temperature >= 0):
+            raise ValueError("--cfg and --image-temperature must be finite numbers >= 0")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.out and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise ValueError(f"--out {self.out} is a file; give a directory for the sheets")
 
 
 # ---------------------------------------------------------------- reading and drawing

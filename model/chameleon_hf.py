@@ -67,6 +67,14 @@ _PART_OF = {part: ours for ours, parts in _FUSED.items() for part in parts}
 _TRANSPOSED = {"attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight"}
 
 
+# DecoderConfig field -> ChameleonConfig field, for the fields that carry over unchanged (both directions)
+_CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+    "swin_norm": "swin_norm", "tie_embeddings": "tie_word_embeddings",
+}
+
+
 def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
     """A ``transformers.ChameleonConfig`` with the same shape as ``cfg``."""
     from transformers import ChameleonConfig
@@ -74,17 +82,9 @@ def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
     if not cfg.qk_norm:
         raise ValueError("transformers' Chameleon always applies QK-norm: only qk_norm=True decoders can be exported")
     return ChameleonConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
+        **{hf: getattr(cfg, ours) for ours, hf in _CONFIG_NAMES.items()},
         num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        swin_norm=cfg.swin_norm,
-        tie_word_embeddings=cfg.tie_embeddings,
         attention_dropout=0.0,
         vocabulary_map={},
         vq_config=dict(vq_config or PLACEHOLDER_VQ_CONFIG),
@@ -101,19 +101,13 @@ def from_hf_config(hf_config) -> DecoderConfig:
         raise ValueError(f"only the default RoPE is supported, not {rope.get('rope_type')!r}")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ValueError("Chameleon configs with biases are not supported (our decoder has none)")
+    fields = {ours: getattr(hf_config, hf) for ours, hf in _CONFIG_NAMES.items()}
+    fields.update(swin_norm=bool(fields["swin_norm"]), tie_embeddings=bool(fields["tie_embeddings"]))
     return DecoderConfig(
-        vocab_size=hf_config.vocab_size,
-        dim=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=hf_config.num_attention_heads,
+        **fields,
         n_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-        hidden_dim=hf_config.intermediate_size,
-        max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", 10000.0)),
-        norm_eps=hf_config.rms_norm_eps,
         qk_norm=True,
-        swin_norm=bool(hf_config.swin_norm),
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
     )
 
 

@@ -23,7 +23,10 @@ def _eval(capsys, *argv) -> tuple[int, str, str]:
     from earlyfusion.cli import main
 
     capsys.readouterr()  # drop anything printed before
-    rc = main(["eval", *map(str, argv)])
+    try:
+        rc = main(["eval", *map(str, argv)])
+    except SystemExit as e:  # argparse's own refusals (a value of the wrong type)
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -324,3 +327,13 @@ def test_validation_losses_do_not_depend_on_batching(trained):
     many = validation_losses(run.decoder, run.vocab, pairs, batch_size=4)
     for key in one:
         assert one[key] == pytest.approx(many[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("argv", [["--cfg", "nan"], ["--image-temperature", "nan"], ["--cfg", "-1"], ["--cfg", "inf"],
+                                  ["--limit", "-1"], ["--batch-size", "0"], ["--seed", "-1"], ["--out", "FILE"]])
+def test_bad_values_one_line(tmp_path, capsys, argv):
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    rc, out, err = _eval(capsys, "--checkpoint", tmp_path / "run", "--data", tmp_path, *argv)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

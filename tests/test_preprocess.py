@@ -186,11 +186,71 @@ def test_image_grid():
 
 
 def test_big_image_is_fast():
-    data = png_bytes(Image.new("L", (10000, 10000), 200))  # 100 M pixels: legal, above PIL's warning level
+    data = png_bytes(Image.new("L", (4000, 4000), 200))  # a 16 MP photo's size: legal
     t0 = time.perf_counter()
     t = preprocess(data, 32)
     assert time.perf_counter() - t0 < 5.0
     assert t.shape == (3, 32, 32) and torch.allclose(t, torch.full_like(t, 200 / 127.5 - 1))
+
+
+def test_pixels_capped_at_what_a_tokenizer_could_use():
+    """A 13000 x 13000 PNG (169 M pixels, under Pillow's own cap) is refused from its header, not decoded."""
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError) as e:
+        load_image(craft_png(13000, 13000))
+    assert e.value.reason == "too_large" and time.perf_counter() - t0 < 1.0
+    with pytest.raises(ImageError) as e:
+        load_image(png_bytes(Image.new("L", (4097, 4096), 0)))
+    assert e.value.reason == "too_large"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_png_with_fewer_rows_than_declared_is_truncated(interlace):
+    """A complete zlib stream holding only 10 of 64 rows: Pillow fills the rest black; we call it truncated."""
+    w, h = 32, 64
+    rows = b"".join(b"\x00" + bytes([200]) * (w * 3) for _ in range(10))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, interlace)
+    short = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    with pytest.raises(ImageError) as e:
+        load_image(short)
+    assert e.value.reason == "truncated"
+    # the same image with every row, interlaced or not, in one IDAT or split over several, loads
+    a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    for kw in ({}, {"optimize": True}):
+        img = load_image(png_bytes(Image.fromarray(a), **kw))
+        assert np.array_equal(np.asarray(img), a)
+    full = b"".join(b"\x00" + a[r].tobytes() for r in range(h))
+    z = zlib.compress(full)
+    split = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+             + _chunk(b"IDAT", z[:50]) + _chunk(b"IDAT", z[50:]) + _chunk(b"IEND", b""))
+    assert np.array_equal(np.asarray(load_image(split)), a)
+    for mode in ("1", "L", "P", "LA", "RGBA", "I;16"):
+        small = Image.new(mode, (13, 7))
+        load_image(png_bytes(small))
+        load_image(png_bytes(small, interlace=1) if mode != "I;16" else png_bytes(small))
+
+
+def test_only_raster_formats_are_opened(tmp_path, monkeypatch):
+    """A PostScript file named .png never reaches Ghostscript: it is not an image, whatever is on PATH."""
+    fake_gs = tmp_path / "bin" / "gs"
+    fake_gs.parent.mkdir()
+    marker = tmp_path / "gs-ran"
+    fake_gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_gs.parent}:" + __import__("os").environ["PATH"])
+    eps = tmp_path / "photo.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n")
+    with pytest.raises(ImageError) as e:
+        load_image(eps)
+    assert e.value.reason == "not_an_image"
+    assert not marker.exists()
+    from earlyfusion.tokenizer.preprocess import is_image_file
+
+    assert is_image_file("a.JPG") and is_image_file("b.webp") and not is_image_file("c.eps") and not is_image_file("d.pdf")
 
 
 def test_big_jpeg_uses_draft(tmp_path):
@@ -213,7 +273,7 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
         load_image(path)
     assert e.value.reason == "too_large" and "bomb.png" in str(e.value)
     assert time.perf_counter() - t0 < 1.0
-    # a bomb between our limit and PIL's: our own header check
+    # a bomb below PIL's limit: our own header check
     with pytest.raises(ImageError) as e:
         load_image(craft_png(15000, 12000))
     assert e.value.reason == "too_large"

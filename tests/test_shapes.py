@@ -226,3 +226,37 @@ def test_cli_end_to_end(tmp_path):
         pytest.skip(f"CLI not complete yet: {e}")
     assert rc == 0 and (tmp_path / "d" / "test" / "metadata.jsonl").is_file()
     assert main(["data", "shapes", "--out", str(tmp_path / "e"), "--image-size", "20"]) == 2  # validation -> one-line error
+
+
+@pytest.mark.parametrize("argv", [
+    ["--image-size", "100000"], ["--image-size", "12"], ["--seed", "-1"], ["--seed", str(2 ** 40)],
+    ["--num-images", "1e9"], ["--num-images", "-3"], ["--num-images", "100000000"], ["--test-fraction", "nan"],
+    ["--num-text", "-1"], ["--num-interleaved", "99999999999"],
+])
+def test_bad_values_one_line_nothing_written(tmp_path, capsys, argv):
+    from earlyfusion.cli import main
+
+    out = tmp_path / "d"
+    capsys.readouterr()
+    try:
+        rc = main(["data", "shapes", "--out", str(out), *argv])
+    except SystemExit as e:  # argparse's own refusals (a value of the wrong type)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_refuses_what_the_disk_cannot_hold(tmp_path, capsys, monkeypatch):
+    """A data set larger than the free space is refused up front with its estimated size, not written until full."""
+    import shutil as sh
+    from collections import namedtuple
+
+    from earlyfusion.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))  # 1 MB free
+    capsys.readouterr()
+    rc = main(["data", "shapes", "--out", str(tmp_path / "d"), "--num-images", "5000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "GB" in err and "free" in err and not (tmp_path / "d").exists()

@@ -189,3 +189,26 @@ def test_codes_depend_only_on_patches_within_reach(reach):
     expect = torch.zeros(8, 8, dtype=torch.bool)
     expect[7 - reach:, 7 - reach:] = True
     assert torch.equal(changed, expect), changed
+
+
+def test_flipped_weight_bytes_are_refused_everywhere(tmp_path):
+    """The top-level weights carry a checksum: a flipped byte is refused by every reader (load, fingerprint), and the
+    refusal names the run's newest good step checkpoint, which loads."""
+    save_vqvae(_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF  # inside the tensor data: still a valid safetensors file
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_vqvae(tmp_path)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        vq_fingerprint(tmp_path)
+    from earlyfusion.checkpoint import atomic_dir, step_dir
+
+    good = _model()
+    with atomic_dir(step_dir(tmp_path / "checkpoints", 7)) as d:
+        save_vqvae(good, d)
+    with pytest.raises(CheckpointError, match="step-00000007"):
+        load_vqvae(tmp_path)
+    x = _pixels(2)
+    assert torch.equal(load_vqvae(step_dir(tmp_path / "checkpoints", 7)).encode(x), good.encode(x))

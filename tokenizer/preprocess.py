@@ -32,9 +32,14 @@ from PIL import Image, UnidentifiedImageError
 
 from earlyfusion.errors import UserError
 
-# PIL refuses images above 2 * Image.MAX_IMAGE_PIXELS (~179 M pixels) and warns above it; we accept
-# up to the same limit (a 10000x10000 photo is fine) and check it before decoding.
-MAX_PIXELS: int = 2 * 89_478_485
+# The largest image worth decoding: 4096 x 4096 (a 12-16 MP phone photo fits). Tokenizers read at most
+# 512 px a side, so anything larger is either a decompression bomb or a file to downscale first; the
+# check runs on the header, before anything is decoded.
+MAX_PIXELS: int = 4096 * 4096
+
+# The raster formats photographs come in. Pillow is never asked to identify anything else: formats such
+# as EPS/PDF hand the file to external programs (Ghostscript), which must never see a data file.
+RASTER_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA")
 
 REASONS = ("missing", "empty_file", "not_an_image", "truncated", "too_large", "unreadable")
 
@@ -90,8 +95,8 @@ def _describe(src) -> str:
     return "<image>"
 
 
-def _open(src, where: str) -> Image.Image:
-    """Open (header only) with each failure mapped to an ImageError reason."""
+def _open(src, where: str) -> tuple[Image.Image, bytes]:
+    """Open (header only) with each failure mapped to an ImageError reason; also returns the file's bytes."""
     if isinstance(src, (str, Path)):
         path = Path(src)
         try:
@@ -115,10 +120,9 @@ def _open(src, where: str) -> Image.Image:
             raise ImageError("empty_file", where)
     try:
         with warnings.catch_warnings():
-            # We check the size ourselves against max_pixels; PIL's warning threshold (half its
-            # error threshold) would otherwise fire for every legitimate 10000x10000 photo.
+            # We check the size ourselves against max_pixels, before decoding.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except Image.DecompressionBombError as e:
         raise ImageError("too_large", where, str(e).split(",")[0]) from None
     except UnidentifiedImageError:
@@ -129,6 +133,43 @@ def _open(src, where: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         reason = "truncated" if _is_truncation(e) or _missing_end(data) else "unreadable"
         raise ImageError(reason, where, str(e)) from None
+    return img, data
+
+
+def _png_rows_missing(data: bytes, img: Image.Image) -> bool:
+    """Whether a PNG's compressed pixel data ends before the rows its header declares.
+
+    Pillow stops quietly at the end of a complete zlib stream and leaves the missing rows black, so the
+    inflated size is counted here (in bounded pieces) and compared with what the header implies.
+    """
+    try:
+        depth, colour, interlace = data[24], data[25], data[28]
+    except IndexError:
+        return True
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
+    if channels is None:
+        return False  # an unknown colour type: leave the verdict to Pillow's decoder
+    w, h = img.size
+    passes = [(w, h)] if not interlace else [
+        ((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy)
+        for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))]
+    expected = sum(ph * (1 + (pw * channels * depth + 7) // 8) for pw, ph in passes if pw and ph)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            chunk = data[pos + 8:pos + 8 + length]
+            try:
+                while chunk and got < expected:
+                    got += len(inflate.decompress(chunk, 1 << 20))
+                    chunk = inflate.unconsumed_tail
+            except zlib.error:
+                return True
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return got < expected
 
 
 def _missing_end(data: bytes) -> bool:
@@ -196,14 +237,16 @@ def load_image(src: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXE
     """
     where = _describe(src)
     if isinstance(src, Image.Image):
-        img = src
+        img, data = src, b""
     else:
-        img = _open(src, where)
+        img, data = _open(src, where)
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError("too_large", where, f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
     if w == 0 or h == 0:
         raise ImageError("unreadable", where, f"zero-sized image {w}x{h}")
+    if img.format == "PNG" and data and _png_rows_missing(data, img):
+        raise ImageError("truncated", where, "the PNG holds fewer rows than its header declares")
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:  # malformed EXIF must not lose an otherwise good image
@@ -310,5 +353,5 @@ def _image_extensions() -> set[str]:
     global _EXTENSIONS
     if _EXTENSIONS is None:
         Image.init()
-        _EXTENSIONS = {e.lower() for e in Image.registered_extensions()}
+        _EXTENSIONS = {e.lower() for e, fmt in Image.registered_extensions().items() if fmt in RASTER_FORMATS}
     return _EXTENSIONS

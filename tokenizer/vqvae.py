@@ -6,7 +6,7 @@ them the same way through a pixel shuffle; hard edges come out exact and cheap).
 stages of ResNet blocks (GroupNorm, SiLU) with x2 upsampling for the rest of ``downsample``; the
 encoder by default sees only its own patch per code (``encoder_reach``: one kxk conv, then
 per-position layers), so codes compose from an image's parts. The quantizer is configured against
-codebook collapse (see shared/DESIGN.md):
+codebook collapse:
 
 * low-dimensional lookup: the encoder's ``latent_dim`` features are projected to ``codebook_dim``
   (8-32) before the nearest-code search;
@@ -20,7 +20,9 @@ The codebook is an EMA buffer (``quantizer._codebook.embed`` / ``embed_avg`` / `
 in fp32 even under autocast.
 
 Checkpoint directory: ``config.json`` (the VQConfig fields at top level, ``codebook_size`` among them)
-+ ``model.safetensors``; ``load_vqvae`` checks keys and shapes strictly.
++ ``model.safetensors`` + ``MANIFEST.json`` (their sizes and sha256). Every reader verifies the two files
+against the manifest before trusting them (a failure names the run's newest good step checkpoint, which can be
+passed instead), and ``load_vqvae`` checks keys and shapes strictly.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import VectorQuantize
 
-from earlyfusion.checkpoint import MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights
+from earlyfusion.checkpoint import (MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights,
+                                    sha256_file, write_manifest)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -59,9 +62,8 @@ class VQConfig:
     encoder_reach: int | None = 0
     """How far each code sees, in patches: 0 = its own patch, 1 = its 3x3 neighbourhood (one kxk conv, then per-position
     1x1 layers; needs patch_size == downsample); None = the whole image (3x3 convs + GroupNorm). Codes that depend only
-    on nearby pixels compose from an image's parts, which the decoder LM learns far faster (built-in data, `small`
-    decoder: test-code perplexity 7 with reach 0 at 8 px patches, 44 with reach 1 at 4 px, 406 with the whole image);
-    the pixel decoder still sees every code."""
+    on nearby pixels compose from an image's parts, which a decoder learns much faster on simple synthetic scenes;
+    photographs want context (None). The pixel decoder always sees every code."""
     res_blocks: int = 1
     """Encoder residual blocks per resolution level."""
     decoder_res_blocks: int = 2
@@ -69,10 +71,8 @@ class VQConfig:
     latent_dim: int = 64
     """Channels of the encoder output / decoder input (the quantizer's input dimension)."""
     codebook_size: int = 128
-    """Number of codebook entries (image vocabulary size). 128 for the built-in data: with 64, a patch shared by two
-    neighbouring shapes could not keep both (the judge read 89.3 % of such test pairs right after the tokenizer,
-    against 94.5 % with 128 codes as `tokenizer train` trains them by default), and the demo decoder read only 63 % of
-    them."""
+    """Number of codebook entries (image vocabulary size). Raise it when reconstructions lose detail that matters
+    (e.g. two shapes sharing one patch); each entry must still be used, so larger codebooks need more images."""
     codebook_dim: int = 16
     """Dimension of the low-dimensional cosine lookup space (8-32 against collapse)."""
     commitment_weight: float = 0.25
@@ -343,7 +343,7 @@ class VQVAE(nn.Module):
 
 
 def save_vqvae(model: VQVAE, directory: str | Path, extra: dict | None = None) -> None:
-    """Write ``model.safetensors`` then ``config.json`` (each atomically) into ``directory``.
+    """Write ``model.safetensors``, ``config.json`` and their ``MANIFEST.json`` (each atomically) into ``directory``.
 
     ``extra`` (e.g. the training step) is stored under the key "training" and ignored on load.
     """
@@ -354,18 +354,27 @@ def save_vqvae(model: VQVAE, directory: str | Path, extra: dict | None = None) -
     if extra:
         config["training"] = extra
     save_json(directory / CONFIG, config)
+    write_manifest(directory, [WEIGHTS, CONFIG])
 
 
 def _resolve(directory: str | Path) -> Path:
+    """The verified directory to read an image tokenizer from: ``directory`` itself (a run's top level or one of its
+    step checkpoints), or the newest good step checkpoint under it when it has no files of its own."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: image tokenizer directory not found; pass the --out directory of `earlyfusion tokenizer train`")
-    if not (directory / CONFIG).is_file():
-        ckpt = latest_good(directory / "checkpoints")
-        if ckpt is not None:
-            return ckpt
-        raise CheckpointError(f"{directory / CONFIG}: file not found; is {directory} an image tokenizer run directory?")
-    return directory
+    if (directory / CONFIG).is_file():
+        try:
+            _verify_against_manifest(directory)
+        except CheckpointError as e:
+            ckpt = latest_good(directory / "checkpoints")
+            hint = f"; its newest good step checkpoint is {ckpt}: pass that directory instead" if ckpt else ""
+            raise CheckpointError(f"{e}{hint}") from None
+        return directory
+    ckpt = latest_good(directory / "checkpoints")
+    if ckpt is not None:
+        return ckpt
+    raise CheckpointError(f"{directory / CONFIG}: file not found; is {directory} an image tokenizer run directory?")
 
 
 def _verify_against_manifest(directory: Path) -> None:
@@ -380,8 +389,9 @@ def _verify_against_manifest(directory: Path) -> None:
         p = directory / name
         if not p.is_file():
             raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
-        if p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: does not match its checksum in {MANIFEST}; the file is truncated or corrupted")
+        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: changed since it was saved (its checksum in {MANIFEST} differs): truncated, corrupted "
+                                  f"or edited; {CONFIG} and {WEIGHTS} must stay as `tokenizer train` wrote them")
 
 
 def read_vq_config(directory: str | Path) -> VQConfig:
@@ -409,7 +419,6 @@ def load_vqvae(directory: str | Path) -> VQVAE:
     Accepts a run directory (top-level files) or a ``checkpoints/step-*`` directory.
     """
     directory = _resolve(directory)
-    _verify_against_manifest(directory)
     cfg = read_vq_config(directory)
     model = VQVAE(cfg)
     try:
@@ -419,14 +428,6 @@ def load_vqvae(directory: str | Path) -> VQVAE:
             raise CheckpointError(f"{directory / CONFIG} does not describe the weights beside it: {e}") from e
         raise
     return model.eval()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def vq_fingerprint(directory: str | Path) -> str:
@@ -439,5 +440,5 @@ def vq_fingerprint(directory: str | Path) -> str:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: file not found")
-    h.update(_sha256(weights).encode())
+    h.update(sha256_file(weights).encode())
     return h.hexdigest()

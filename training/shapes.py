@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from earlyfusion.errors import UserError
+from earlyfusion.logs import progress
 
 # ---------------------------------------------------------------- attribute vocabulary
 
@@ -323,6 +324,10 @@ def _describe_attribute(rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------- the CLI command
 
 
+MAX_ITEMS = 10_000_000
+MAX_IMAGE_SIZE = 1024
+
+
 @dataclass
 class ShapesConfig:
     out: str
@@ -341,10 +346,14 @@ class ShapesConfig:
     """Text-only lines in DIR/text.jsonl."""
 
     def __post_init__(self):
-        if self.num_images < 2:
-            raise ValueError(f"--num-images must be at least 2 (one train and one test image), got {self.num_images}")
-        if self.image_size < 16 or self.image_size % 8:
-            raise ValueError(f"--image-size must be a multiple of 8 and at least 16, got {self.image_size}")
+        if not 2 <= self.num_images <= MAX_ITEMS:
+            raise ValueError(f"--num-images must be between 2 (one train and one test image) and {MAX_ITEMS}, got {self.num_images}")
+        if not 16 <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % 8:
+            raise ValueError(f"--image-size must be a multiple of 8 between 16 and {MAX_IMAGE_SIZE}, got {self.image_size}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.num_interleaved > MAX_ITEMS or self.num_text > MAX_ITEMS:
+            raise ValueError(f"--num-interleaved and --num-text must be at most {MAX_ITEMS}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
         if self.num_interleaved < 0 or self.num_text < 0:
@@ -364,7 +373,7 @@ def _write_split(root: Path, scenes: list[frozenset[ShapeSpec]], image_size: int
     root.mkdir(parents=True)
     width = max(6, len(str(len(scenes) - 1)))
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, scene in enumerate(progress(scenes, desc=f"writing {root.name}")):
         name = f"{i:0{width}d}.png"
         (root / name).write_bytes(_png(render_array(scene, image_size)))
         rows.append((name, caption(scene)))
@@ -419,6 +428,21 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     return counts
 
 
+def _check_room(cfg: ShapesConfig, parent: Path) -> None:
+    """Estimate what the data set will take on disk (from a few rendered images) and refuse to start when the
+    file system cannot hold it, instead of filling it."""
+    rng = np.random.default_rng(cfg.seed)
+    sample = [len(_png(render_array(random_scene(rng), cfg.image_size))) for _ in range(8)]
+    per_image = sum(sample) / len(sample) + 4096  # the file's block and its metadata line
+    need = cfg.num_images * per_image + (cfg.num_interleaved + cfg.num_text) * 200
+    free = shutil.disk_usage(parent).free
+    if need > 0.9 * free:
+        raise UserError(f"--num-images {cfg.num_images} at {cfg.image_size} px needs about {need / 1e9:.2f} GB but "
+                        f"{parent} has {free / 1e9:.2f} GB free; write fewer or smaller images, or elsewhere")
+    if need > 1e9:
+        print(f"writing about {need / 1e9:.1f} GB ({cfg.num_images} images)", flush=True)
+
+
 def generate_cmd(cfg: ShapesConfig) -> int:
     """``earlyfusion data shapes``: write the built-in data set to ``cfg.out``."""
     out = Path(cfg.out)
@@ -429,6 +453,7 @@ def generate_cmd(cfg: ShapesConfig) -> int:
                         "choose another directory or empty it")
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(cfg, out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         counts = generate(cfg, tmp / "data")
