@@ -16,6 +16,7 @@ Every stage saves through these functions (one place for checkpoint IO):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -82,7 +83,12 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(plain, str(tmp), metadata=metadata)
+    try:
+        save_file(plain, str(tmp), metadata=metadata)
+    except SafetensorError as e:  # safetensors reports OS errors (a full disk: "os error 28") as its own type
+        tmp.unlink(missing_ok=True)
+        code = errno.ENOSPC if "os error 28" in str(e) or "StorageFull" in str(e) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from e
     _fsync_file(tmp)
     os.replace(tmp, path)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import importlib
 import inspect
 import sys
@@ -200,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         result = fn(cfg)
     except UserError as e:
         print(f"earlyfusion: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"earlyfusion: error: {e.strerror}{where}; free space (or fix permissions) and run the command again "
+              "(completed checkpoints are intact; training continues with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("earlyfusion: interrupted", file=sys.stderr)

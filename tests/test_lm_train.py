@@ -260,3 +260,53 @@ def test_metrics_file_cut_is_tolerant_and_atomic(tmp_path, monkeypatch):
     loop.metrics_file(tmp_path, 2)
     assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
     assert len(warnings) == 1 and "dropped 6 line" in warnings[0], warnings
+
+
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, capsys):
+    """A full disk while writing a checkpoint (safetensors' own 'os error 28'): one line naming the file, exit 2,
+    no traceback; the checkpoint written before survives and --resume continues from it."""
+    from safetensors import SafetensorError
+
+    import earlyfusion.checkpoint as ck
+    from earlyfusion.cli import main
+
+    out = tmp_path / "lm"
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def fill_up(tensors, path, metadata=None):
+        if "step-00000008" in str(path):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        calls["n"] += 1
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", fill_up)
+    capsys.readouterr()
+    rc = main([str(a) for a in tiny_train_argv(tiny_pipeline, out, 8)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("earlyfusion: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in errors[0] and "step-00000008" in errors[0]
+    assert [d.name for d in step_dirs(out / "checkpoints")] == ["step-00000004"]
+    assert latest_good(out / "checkpoints") is not None
+    monkeypatch.setattr(ck, "save_file", real)
+    assert main([str(a) for a in tiny_train_argv(tiny_pipeline, out, 8, "--resume")]) == 0
+    assert latest_good(out / "checkpoints").name == "step-00000008"
+
+
+def test_full_disk_outside_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):
+    """Any other write that hits a full disk (here: data shapes' PNGs) says which path and exits 2."""
+    import errno
+    from pathlib import Path as P
+
+    from earlyfusion.cli import main
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(P, "write_bytes", full)
+    capsys.readouterr()
+    rc = main(["data", "shapes", "--out", str(tmp_path / "d"), "--num-images", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and ".png" in err, err
