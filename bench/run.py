@@ -11,7 +11,7 @@ One run on one machine measures:
 * decoding tokens/s at batch 1 and 8 with the KV cache: ours through the real sampling loop
   (``sampling.generate.sample_tokens``, greedy) and as a bare ``Decoder`` + ``KVCache`` loop, vs the
   peer's ``generate()`` (greedy, ``min_new_tokens = max_new_tokens``, ``use_cache=True``), also on one
-  thread where our per-token steps run on one (``sampling.generate.step_threads``); effective
+  thread where our per-token steps run on one (``earlyfusion.runtime.step_threads``); effective
   GB/s = weight bytes × decode steps/s against the copy ceiling;
 * image generation for the demo shape (``small`` decoder, ``default`` image tokenizer: 4×4 codes):
   seconds per image with and without batched classifier-free guidance, and images/s at 8 samples;
@@ -48,12 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
     sys.path.insert(0, str(ROOT))
 
-from earlyfusion.model.compile import compiled  # noqa: E402
-from earlyfusion.model.decoder import ROWWISE_MAX_ROWS, Decoder, DecoderConfig  # noqa: E402
-from earlyfusion.sampling.generate import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
+from earlyfusion.model.compile import ROWWISE_MAX_ROWS, compiled  # noqa: E402
+from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
+from earlyfusion.runtime import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
-# The issue's targets (issue 7), shown beside each figure.
+# The speed targets, shown beside each figure.
 TARGETS = {
     "train_speedup_small": (">=", 1.1),
     "train_ceiling_fraction_base": (">=", 0.75),
@@ -757,10 +757,10 @@ def render(results: dict) -> str:
               "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
                                              if "compile_s" in r) + ", not counted); best = the faster of the two, "
               "which the targets use; the eager sampler runs its per-token steps on one thread where rows × model width ≤ "
-              f"{SERIAL_STEP_WORK} (`sampling.generate.step_threads`: `small` at batch 1), the prefill, the compiled "
+              f"{SERIAL_STEP_WORK} (`earlyfusion.runtime.step_threads`: `small` at batch 1), the prefill, the compiled "
               "steps and everything else on the bench's threads; the compiled steps of up to "
               f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
-              "(`model.decoder.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
+              "(`model.compile.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
               "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
               "as a user runs it; where our eager steps run on one thread, the peer is also timed on one thread (it is faster "
               "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
@@ -817,8 +817,8 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
 
     train_settings = {  # preset: (batch, seq_len, warmup, iters)
         "tiny": (4, 64, 1, 3), "small": (8, 256, 2, 5), "base": (4, 256, 1, 3)}
-    # preset: (prompt_len, new_tokens, warmup, iters). A small-model round takes ~0.2-0.5 s and this shared VM's speed
-    # swings by tens of percent within a minute: 3 rounds gave 2.33x and 3.46x for the same code; 11 cost seconds.
+    # preset: (prompt_len, new_tokens, warmup, iters). A small-model round is short and a shared machine's speed
+    # swings from round to round: more rounds give a steadier median; raise iters if the figures disagree run to run.
     decode_settings = {"tiny": (16, 32, 1, 3), "small": (16, 128, 1, 11), "base": (16, 48, 1, 5)}
     results["train"], results["decode"] = {}, {}
     for p in presets:

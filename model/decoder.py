@@ -154,7 +154,7 @@ class DecoderConfig:
 DECODER_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: fast, every code path
     "tiny": dict(dim=64, n_layers=2, n_heads=4, max_seq_len=128),
-    # the CPU demo: trains on ~35-token shapes documents (16 image codes + caption) in minutes on 2 cores
+    # the CPU demo: short shapes documents (16 image codes + a caption)
     "small": dict(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
     # ~100M parameters with a ~9k vocabulary
     "base": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
@@ -180,56 +180,20 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-# A compiled inference product of at most this many rows (a decode step: one token per row) is written as
-# multiply-and-sum over each output's contiguous row of ``Linear.rows_weight``, which inductor turns into one
-# vectorised reduction kernel split across threads. Measured on the 2-core CPU (compiled cached steps, one process
-# per variant, against MKL's x @ W in the same compiled step on 1 or 2 threads): `small` 1.7-3.0x faster at 1
-# row, 1.9-2.2x at 2, 1.4-1.9x at 4, 1.15x at 8; `base` 1.6x at 1 row (24.8 GB/s of weights read against 15.1),
-# 1.9x at 2, even at 8 (each row reads the weights from memory again).
-ROWWISE_MAX_ROWS = 8
-
-
 class Linear(nn.Module):
     """Bias-free projection y = x @ W with W stored as (in_features, out_features).
 
-    The transpose of nn.Linear's layout: MKL's matrix-vector and small-batch products run
-    1.2-1.7x faster this way on the CPUs we measured (eager decoding at batch 1 is dominated by
-    them); ``model/chameleon_hf.py`` transposes when exporting.
-
-    ``rows_weight``: an (out_features, in_features) copy for compiled decode steps, None until
-    ``refresh_rows_weight`` makes it (``Decoder.refresh_rows_weights``, called by the compiled sampler).
-    It is a plain attribute, never in the state dict; it is used only under torch.compile, without
-    gradients, for at most ``ROWWISE_MAX_ROWS`` rows.
+    The transpose of nn.Linear's layout: MKL's matrix-vector and small-batch products, which dominate
+    eager decoding at batch 1 on a CPU, run faster this way; ``model/chameleon_hf.py`` transposes
+    when exporting. ``model/compile.py`` gives compiled decode steps a subclass with their own product.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.rows_weight: Tensor | None = None
-        self._rows_source: tuple | None = None  # what ``weight`` was when ``rows_weight`` was copied from it
 
     def forward(self, x: Tensor) -> Tensor:
-        wt = self.rows_weight
-        if (wt is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-                and x.shape[:-1].numel() <= ROWWISE_MAX_ROWS):
-            return (x.unsqueeze(-2) * wt).sum(-1)
         return x @ self.weight
-
-    def refresh_rows_weight(self) -> None:
-        """Make ``rows_weight`` equal to the transpose of ``weight``: created the first time, copied in place
-        (the same tensor, so a compiled step keeps using it) after ``weight`` changed in place, made anew
-        if ``weight`` moved to another device or dtype."""
-        w = self.weight
-        source = (w.device, w.dtype, tuple(w.shape), w.data_ptr(), w._version)
-        if source == self._rows_source:
-            return
-        with torch.no_grad():
-            wt = self.rows_weight
-            if wt is not None and (wt.device, wt.dtype, tuple(wt.shape)) == (w.device, w.dtype, tuple(w.shape[::-1])):
-                wt.copy_(w.t())
-            else:
-                self.rows_weight = w.detach().t().contiguous()
-        self._rows_source = source
 
 
 class HeadNorm(nn.Module):
@@ -266,6 +230,24 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
+def causal_mask(B: int, T: int, start: int, device: torch.device, *, doc_ids: Tensor | None = None,
+                keys: Tensor | None = None) -> Tensor:
+    """(B, 1, T, start+T) bool: query ``start + i`` may see key j <= start + i, of its own document when
+    ``doc_ids`` (B, T) is given (start 0), and only keys allowed by ``keys`` (B, 1, start+T). Every query
+    may see itself, so padding queries never have an all-masked row (which would give NaN)."""
+    S = start + T
+    q_pos = torch.arange(start, S, device=device)
+    k_pos = torch.arange(S, device=device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    allowed = allowed.expand(B, T, S)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if keys is not None:
+        allowed = allowed & keys
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])
+    return allowed[:, None]  # (B, 1, T, S)
+
+
 class KVCache:
     """Keys and values for incremental decoding, allocated once.
 
@@ -298,6 +280,30 @@ class KVCache:
         self.length = 0
         self.valid.fill_(True)
         self.all_valid = True
+
+    def attention_mask(self, T: int, valid: Tensor | None) -> tuple[Tensor | None, bool]:
+        """(mask, is_causal) for T new queries at positions ``[length:length+T]``, recording their ``valid``
+        (B, T) for later steps (None = all valid). The mask (B, 1, T, length+T) bool is None where plain
+        (causal) attention over the cache is exact."""
+        start = self.length
+        end = start + T
+        if valid is not None:
+            self.valid[:, start:end] = valid
+            if self.all_valid and not bool(valid.all()):
+                self.all_valid = False
+        elif not self.all_valid:
+            self.valid[:, start:end] = True
+        if self.all_valid:
+            if T == 1:
+                return None, False  # one query attends to every cached key
+            if start == 0:
+                return None, True
+            return causal_mask(self.batch, T, start, self.valid.device), False
+        if T == 1:  # one query (the newest position): every valid key, and itself
+            allowed = self.valid[:, None, None, :end].clone()  # (B, 1, 1, end)
+            allowed[..., -1] = True  # position end - 1 (a constant index: no recompiling per step)
+            return allowed, False
+        return causal_mask(self.batch, T, start, self.valid.device, keys=self.valid[:, None, :end]), False
 
 
 class Attention(nn.Module):
@@ -399,13 +405,6 @@ class Decoder(nn.Module):
             nn.init.normal_(block.attn.proj.weight, 0.0, out_std)
             nn.init.normal_(block.mlp.down.weight, 0.0, out_std)
 
-    def refresh_rows_weights(self) -> None:
-        """Give every projection a current (out, in) weight copy for compiled decode steps (``Linear.forward``):
-        the model's projection weights are held twice from then on; a no-op where nothing changed."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.refresh_rows_weight()
-
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """An empty KV cache for ``batch_size`` rows and up to ``max_len`` tokens (default max_seq_len);
@@ -414,52 +413,21 @@ class Decoder(nn.Module):
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
                        dtype=dtype or w.dtype, device=device or w.device)
 
-    def _mask(self, B: int, T: int, start: int, doc_ids: Tensor | None, valid: Tensor | None,
-              cache: KVCache | None, device: torch.device) -> tuple[Tensor | None, bool]:
-        """(attention mask (B, 1, T, start+T) bool or None, is_causal). Every query may see itself, so
-        padding queries never have an all-masked row (which would give NaN)."""
-        if cache is None:
-            # shortcuts to plain causal attention; they read tensor values, which torch.compile cannot trace
-            # without a graph break, so compiled training always builds the mask (the same attention)
-            eager = not torch.compiler.is_compiling()
-            if eager and valid is not None and bool(valid.all()):
-                valid = None
-            if eager and doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
-                doc_ids = None  # one document per row: plain causal
-            if doc_ids is None and valid is None:
-                return None, True
-            keys = valid[:, None, :] if valid is not None else None  # (B, 1, T)
-            key_docs = doc_ids
-        else:
-            end = start + T
-            if valid is not None:
-                cache.valid[:, start:end] = valid
-                if cache.all_valid and not bool(valid.all()):
-                    cache.all_valid = False
-            elif not cache.all_valid:
-                cache.valid[:, start:end] = True
-            if cache.all_valid:
-                if T == 1:
-                    return None, False  # one query attends to every cached key
-                if start == 0:
-                    return None, True
-            elif T == 1:  # one query (the newest position): every valid key, and itself
-                allowed = cache.valid[:, None, None, :end].clone()  # (B, 1, 1, end)
-                allowed[..., -1] = True  # position end - 1 (a constant index: no recompiling per step)
-                return allowed, False
-            keys = None if cache.all_valid else cache.valid[:, None, :end]  # (B, 1, start+T)
-            key_docs = None
-        S = start + T
-        q_pos = torch.arange(start, S, device=device)
-        k_pos = torch.arange(S, device=device)
-        allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-        allowed = allowed.expand(B, T, S)
-        if key_docs is not None:
-            allowed = allowed & (doc_ids[:, :, None] == key_docs[:, None, :])
-        if keys is not None:
-            allowed = allowed & keys
-        allowed = allowed | (k_pos[None, :] == q_pos[:, None])
-        return allowed[:, None], False  # (B, 1, T, S)
+    @staticmethod
+    def _mask(B: int, T: int, doc_ids: Tensor | None, valid: Tensor | None,
+              device: torch.device) -> tuple[Tensor | None, bool]:
+        """(attention mask (B, 1, T, T) bool or None, is_causal) for a forward pass without a cache."""
+        # shortcuts to plain causal attention; they read tensor values, which torch.compile cannot trace
+        # without a graph break, so compiled training always builds the mask (the same attention)
+        eager = not torch.compiler.is_compiling()
+        if eager and valid is not None and bool(valid.all()):
+            valid = None
+        if eager and doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+            doc_ids = None  # one document per row: plain causal
+        if doc_ids is None and valid is None:
+            return None, True
+        keys = valid[:, None, :] if valid is not None else None  # (B, 1, T)
+        return causal_mask(B, T, 0, device, doc_ids=doc_ids, keys=keys), False
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, doc_ids: Tensor | None = None,
                 valid: Tensor | None = None, cache: KVCache | None = None,
@@ -493,7 +461,10 @@ class Decoder(nn.Module):
         else:
             table = self.rope[positions]  # (B, T, 2, head_dim)
         rope = (table[:, :, 0:1], table[:, :, 1:2])  # cos, signed sin: (B or 1, T, 1, head_dim)
-        mask, is_causal = self._mask(B, T, start, doc_ids, valid, cache, tokens.device)
+        if cache is None:
+            mask, is_causal = self._mask(B, T, doc_ids, valid, tokens.device)
+        else:
+            mask, is_causal = cache.attention_mask(T, valid)
 
         x = self.tok_emb(tokens)  # (B, T, dim)
         for i, block in enumerate(self.layers):

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from earlyfusion.errors import UserError
-from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
 from earlyfusion.logs import log
+from earlyfusion.runtime import use_all_cores
+from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
@@ -41,8 +42,14 @@ class SampleConfig(SamplingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
+            raise ValueError("--prompt is not valid UTF-8 text; pass it in a UTF-8 locale or fix its encoding") from None
         if self.modality in ("image", "auto") and not self.out:
             raise ValueError(f"--modality {self.modality} writes image files: give --out DIR")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: exists and is not a directory; give a new or existing directory")
         if self.prompt_first and not self.image:
             raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
 
@@ -131,6 +138,7 @@ def _out_dir(path: str) -> Path:
 
 def sample_cmd(cfg: SampleConfig) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_all_cores()  # the prefill and large steps; small eager steps then run on one thread (runtime.step_threads)
     for p in cfg.image:  # fail on a bad path before loading the model
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")

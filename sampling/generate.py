@@ -17,17 +17,19 @@ Public API: ``SamplingConfig``, ``generate(decoder, vocab, prompts, config, vq=.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from earlyfusion.model.compile import decode_step
 from earlyfusion.errors import UserError
-from earlyfusion.sampling.processors import IdLayout, Modality, RowState, Rules, SamplerParams, rules_for, sample_next
+from earlyfusion.model.compile import decode_step
+from earlyfusion.runtime import intra_op_threads, step_threads
+from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, check_sampler_settings,
+                                             rules_for, sample_next)
 
 Prompt = str | Sequence[str | Tensor]
 """A prompt: plain text, or segments in order (text and (h, w) code grids)."""
@@ -35,11 +37,10 @@ Stream = Callable[[int, str], None]
 """Called as ``stream(sample_index, text_piece)`` while sampling; an image shows as ``[image k]``."""
 
 IMAGE_PLACEHOLDER = "[image {}]"
-# Measured on the demo model of c80880a (300 held-out captions, 4x4 codes of 128): greedy codes drew 96.3 % of
-# scenes exactly at scale 1.5, 95.0 % at scale 1 and 82.0 % at scale 3; at image temperature 0.5, scale 3 drew
-# 77.7 % against 95.7 % at 1.5: large scales amplify the small model's noise into wrong shapes.
+# A moderate guidance scale: larger scales amplify a small model's noise into wrong shapes.
 DEFAULT_CFG = 1.5
 DEFAULT_TEXT_TOKENS = 128
+MAX_SAMPLES = 4096
 
 
 @dataclass
@@ -49,9 +50,10 @@ class SamplingConfig:
     modality: Literal["text", "image", "auto"] = "text"
     """text: text only; image: one image per sample; auto: the model may open image spans itself."""
     num_samples: int = 1
-    """Samples per prompt."""
+    """Samples per prompt (at most 4096); they are sampled together as one batch."""
     cfg: float | None = None
-    """Classifier-free guidance scale for image codes (1 = none); default 1.5 when images are sampled. Not with --modality text."""
+    """Classifier-free guidance scale for image codes (1 = none); default 1.5 when images are sampled. Raise it if
+    images ignore the prompt, lower it if they come out distorted. Not with --modality text."""
     seed: int = 0
     """Random seed: the same seed and inputs give the same output."""
     max_new_tokens: int | None = None
@@ -63,38 +65,33 @@ class SamplingConfig:
     top_p: float = 1.0
     """Text nucleus probability; 1 = no limit."""
     image_temperature: float = 0.5
-    """Image-code temperature; 0 = greedy. Demo model, 300 test captions, CFG 1.5: 0.5 drew 95.7 % of scenes exactly,
-    1.0 93.7 %, greedy 96.3 % (but every sample of a prompt the same)."""
+    """Image-code temperature; 0 = greedy (every sample of a prompt then draws the same image). Raise it for more
+    varied images, lower it for images closer to the prompt."""
     image_top_k: int | None = None
     """Image-code top-k; default half the codebook; 0 = no limit."""
     image_top_p: float = 1.0
     """Image-code nucleus probability; 1 = no limit."""
     compile: bool = False
-    """Compile the per-token decoder step with torch.compile: ~20 s on 2 CPU cores the first time (2-6 s once
-    inductor's on-disk cache has it; needs a C++ compiler), then 2.2-2.7x faster decoding at batch 1 on a CPU
-    (small and base presets, bench/RESULTS.md); the decoder's projection weights are held twice (a transposed
-    copy for the compiled step). Worth it for long or many samples."""
+    """Compile the per-token decoder step with torch.compile: decoding gets faster, but compiling takes a while
+    the first time (less once inductor's on-disk cache has it), needs a C++ compiler on a CPU, and the decoder's
+    projection weights are held twice (a transposed copy for the compiled step). Worth it for long or many samples."""
 
     def __post_init__(self):
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if not _is_int(self.num_samples) or not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f"--num-samples must be an integer from 1 to {MAX_SAMPLES}, got {self.num_samples}")
+        if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
+            raise ValueError(f"--seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if self.cfg is not None:
             if self.modality == "text":
                 raise ValueError("--cfg guides image codes; it cannot be used with --modality text "
                                  "(use --modality image or auto, or drop --cfg)")
-            if self.cfg < 0:
-                raise ValueError(f"--cfg must be >= 0 (1 = no guidance), got {self.cfg}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        for prefix in ("", "image_"):
-            option = "--" + prefix.replace("_", "-")
-            temperature, top_k, top_p = (getattr(self, prefix + n) for n in ("temperature", "top_k", "top_p"))
-            if temperature < 0:
-                raise ValueError(f"{option}temperature must be >= 0 (0 = greedy), got {temperature}")
-            if top_k is not None and top_k < 0:
-                raise ValueError(f"{option}top-k must be >= 0 (0 = no limit), got {top_k}")
-            if not 0.0 < top_p <= 1.0:
-                raise ValueError(f"{option}top-p must be in (0, 1] (1 = no limit), got {top_p}")
+            if not math.isfinite(self.cfg) or self.cfg < 0:
+                raise ValueError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.cfg}")
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1):
+            raise ValueError(f"--max-new-tokens must be an integer of at least 1, got {self.max_new_tokens}")
+        check_sampler_settings(self.temperature, self.top_k, self.top_p, "--")
+        image_top_k = 0 if self.image_top_k is None else self.image_top_k  # None: half the codebook, chosen later
+        check_sampler_settings(self.image_temperature, image_top_k, self.image_top_p, "--image-")
 
     @property
     def guidance(self) -> float:
@@ -108,6 +105,10 @@ class SamplingConfig:
     def image_params(self, codebook_size: int) -> SamplerParams:
         k = max(1, codebook_size // 2) if self.image_top_k is None else self.image_top_k
         return SamplerParams(self.image_temperature, k, self.image_top_p)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -150,32 +151,6 @@ def encode_prompt(vocab, prompt: Prompt) -> list[int]:
 
 def _is_image(layout: IdLayout, t: int) -> bool:
     return layout.image_start <= t < layout.image_start + layout.codebook_size
-
-
-def split_segments(vocab, ids: Sequence[int]) -> list[str | Tensor]:
-    """Generated ids → text and (h, w) code grids in order (eos and unfinished image spans dropped)."""
-    h, w = vocab.grid
-    out: list[str | Tensor] = []
-    text: list[int] = []
-    image: list[int] | None = None
-    for t in ids:
-        if image is not None:
-            if t == vocab.eoi:
-                if len(image) == h * w:
-                    out.append(torch.tensor(vocab.ids_to_codes(image), dtype=torch.long).reshape(h, w))
-                image = None
-            elif _is_image(vocab, t):
-                image.append(t)
-        elif t == vocab.boi:
-            if text:
-                out.append(vocab.decode_text(text))
-                text = []
-            image = []
-        elif t not in (vocab.eos, vocab.bos, vocab.pad, vocab.eoi) and not _is_image(vocab, t):
-            text.append(t)
-    if text:
-        out.append(vocab.decode_text(text))
-    return out
 
 
 class _TextStreamer:
@@ -233,40 +208,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[Tensor, 
 
 def _context(decoder) -> int:
     return int(decoder.config.max_seq_len)
-
-
-# Up to this many row-features per step (rows x model width) an eager per-token step runs on one CPU thread:
-# MKL's multi-threaded products of one or two rows by such small matrices cost more in fork/join than they save.
-# Measured on the 2-core CPU (alternating rounds), 1 thread against 2:
-# - `small` (dim 256): 1.19x faster at 1 and 2 rows, even at 4, slower from 8 rows (0.90x);
-# - `base` (dim 768) at 1 row: even overall, but its products stream weights ~10 % faster on 2 threads, so it keeps 2;
-# - `tiny` (dim 64): even up to 8 rows.
-# Compiled steps keep every thread: their products of a few rows are inductor reductions
-# (``model.decoder.ROWWISE_MAX_ROWS``), which split well (`small` at 1 row: 1.1-1.4x faster on 2 threads than
-# on 1; `base`: 1.3x).
-SERIAL_STEP_WORK = 512
-
-
-def step_threads(decoder, rows: int, *, compiled: bool = False) -> int:
-    """Intra-op threads for the per-token steps of ``rows`` rows: 1 where an eager step is too small to split,
-    else the current setting. A compiled or GPU step is unaffected."""
-    now = torch.get_num_threads()
-    if compiled or next(decoder.parameters()).device.type != "cpu":
-        return now
-    return 1 if rows * decoder.config.dim <= SERIAL_STEP_WORK else now
-
-
-@contextmanager
-def intra_op_threads(n: int):
-    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting afterwards."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -382,7 +323,7 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
     )
     if streamer is not None:
         streamer.flush()
-    samples = [Sample(prompt=i // config.num_samples, ids=o, segments=split_segments(vocab, o), stop=r)
+    samples = [Sample(prompt=i // config.num_samples, ids=o, segments=vocab.decode_document(o, strict=False), stop=r)
                for i, (o, r) in enumerate(zip(out, reasons))]
     if vq is not None:
         decode_images(vq, samples)

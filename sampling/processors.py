@@ -9,7 +9,7 @@ costs one lookup and one add per step, whatever the number of rules. Masks are a
 CFG-mixed) logits *before* temperature, top-k and top-p, so a forbidden id can never be drawn whatever
 the sampling settings, and a forced id is drawn even if the model gave it -inf.
 
-The rules (issue 5):
+The rules:
 
 * ``BanIds``: ids that are never generated (pad, bos).
 * ``ImageSpan``: inside an image span only image-code ids; after exactly h·w codes the end-image id
@@ -27,6 +27,7 @@ tokens_per_image; no id is a literal here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -146,6 +147,13 @@ def _only(allowed: Tensor, token: int) -> Tensor:
     return forced
 
 
+class LayoutRule:
+    """A rule that reads the vocabulary's id layout."""
+
+    def __init__(self, layout: IdLayout):
+        self.layout = layout
+
+
 class BanIds:
     """These ids are never generated."""
 
@@ -157,11 +165,8 @@ class BanIds:
         return allowed
 
 
-class ImageSpan:
+class ImageSpan(LayoutRule):
     """Inside a span: image codes only, then end-image after exactly h·w codes. Outside: no codes, no end-image."""
-
-    def __init__(self, layout: IdLayout):
-        self.layout = layout
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
@@ -177,11 +182,8 @@ class ImageSpan:
         return allowed
 
 
-class ImageFits:
+class ImageFits(LayoutRule):
     """Never open an image span that cannot be completed (h·w codes + begin + end) within the budget."""
-
-    def __init__(self, layout: IdLayout):
-        self.layout = layout
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         if not row.in_image and row.room < self.layout.tokens_per_image + 2:
@@ -189,11 +191,8 @@ class ImageFits:
         return allowed
 
 
-class TextOnly:
+class TextOnly(LayoutRule):
     """Text mode: begin-image, end-image and image codes are never produced."""
-
-    def __init__(self, layout: IdLayout):
-        self.layout = layout
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
@@ -202,11 +201,8 @@ class TextOnly:
         return allowed
 
 
-class ImageOnly:
+class ImageOnly(LayoutRule):
     """Image mode: the first generated token opens an image span (the loop stops at its end-image)."""
-
-    def __init__(self, layout: IdLayout):
-        self.layout = layout
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         if row.first and not row.in_image:
@@ -286,12 +282,18 @@ class SamplerParams:
     """Keep the smallest set of ids whose probability reaches p (nucleus); 1 = no limit."""
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 = no limit), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_sampler_settings(self.temperature, self.top_k, self.top_p)
+
+
+def check_sampler_settings(temperature: float, top_k: int, top_p: float, option: str = "") -> None:
+    """ValueError unless temperature is finite and >= 0, top_k an integer >= 0 and top_p in (0, 1].
+    ``option`` prefixes the names in the message (``--``, ``--image-``)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{option}temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"{option}top-k must be an integer >= 0 (0 = no limit), got {top_k}")
+    if not 0.0 < top_p <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"{option}top-p must be in (0, 1] (1 = no limit), got {top_p}")
 
 
 def _draw(logits: Tensor, p: SamplerParams, generator: torch.Generator | None) -> Tensor:

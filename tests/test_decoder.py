@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache, Linear
 from earlyfusion.errors import UserError
 
 V = 97
@@ -201,9 +201,9 @@ def _graph_ops(fn, *args) -> set[str]:
 
 
 def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
-    from earlyfusion.model.decoder import ROWWISE_MAX_ROWS, Linear
+    from earlyfusion.model.compile import ROWWISE_MAX_ROWS, RowwiseLinear
 
-    lin = Linear(16, 24)
+    lin = RowwiseLinear(16, 24)
     torch.nn.init.normal_(lin.weight)
     assert lin.rows_weight is None
     lin.refresh_rows_weight()
@@ -223,9 +223,9 @@ def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
 
 
 def test_rows_weight_follows_in_place_changes_and_moves():
-    from earlyfusion.model.decoder import Linear
+    from earlyfusion.model.compile import RowwiseLinear
 
-    lin = Linear(8, 4)
+    lin = RowwiseLinear(8, 4)
     torch.nn.init.normal_(lin.weight)
     lin.refresh_rows_weight()
     copy = lin.rows_weight
@@ -239,13 +239,15 @@ def test_rows_weight_follows_in_place_changes_and_moves():
 
 
 def test_models_with_and_without_rows_weights_get_their_own_graphs():
-    """Dynamo keys its graphs on the rows weights being there: a model without them, compiled in the same process
-    as one with them, never runs the other's graph (the forward code object is shared by every instance)."""
+    """Dynamo keys its graphs on the projections being RowwiseLinears: a model without rows weights, compiled in
+    the same process as one with them, never runs the other's graph (the Decoder's forward code is shared)."""
+    from earlyfusion.model.compile import use_rowwise_products
+
     graphs: list[set[str]] = []
     backend = _recording_backend(graphs)  # one backend for every call: dynamo keeps its graphs per backend
     torch._dynamo.reset()
     plain, rowwise = make(5), make(6)
-    rowwise.refresh_rows_weights()
+    use_rowwise_products(rowwise)
     with torch.no_grad():
         for m in (plain, rowwise, plain, rowwise):
             cache = m.new_cache(1, max_len=8)
@@ -258,7 +260,7 @@ def test_models_with_and_without_rows_weights_get_their_own_graphs():
 def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
     """model.compile.decode_step: the cached steps through inductor with the rows weights give the eager logits,
     at 1 and 3 rows, and after the weights change (load_state_dict) the same compiled step gives the new ones."""
-    from earlyfusion.model.compile import decode_step
+    from earlyfusion.model.compile import RowwiseLinear, decode_step
 
     torch._dynamo.reset()
     model, other = make(3), make(4)
@@ -273,6 +275,7 @@ def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
     for rows in (1, 3):
         torch.testing.assert_close(steps(decode_step(model), rows), steps(model, rows), rtol=0, atol=1e-5)
     assert all(m.rows_weight is not None for m in model.modules() if hasattr(m, "rows_weight"))
+    assert all(isinstance(m, RowwiseLinear) for m in model.modules() if isinstance(m, Linear))
     before = steps(model, 1)
     model.load_state_dict(other.state_dict())
     after = steps(model, 1)

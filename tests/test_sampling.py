@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from earlyfusion.sampling.generate import sample_tokens
+from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.sampling.processors import (BanIds, ImageFits, ImageOnly, ImageSpan, Rules, RowState, SamplerParams,
                                  Situation, TextOnly, allowed_ids, rules_for, sample_next)
 
@@ -293,8 +294,12 @@ def test_cfg_changes_images():
 class FakeVocab(SimpleNamespace):
     """Characters map onto the 15 text ids; enough of the Vocabulary contract for generate()."""
 
+    decode_document = Vocabulary.decode_document  # the real rules for reading generated ids back
+
     def __init__(self):
-        super().__init__(**vars(L), vocab_size=V)
+        layout = SimpleNamespace(**vars(L), vocab_size=V, text_start=5, text_end=L.image_start,
+                                 image_end=L.image_start + L.codebook_size)
+        super().__init__(**vars(L), vocab_size=V, layout=layout)
 
     def encode_document(self, segments, bos=True, eos=True):
         ids = [self.bos] if bos else []
@@ -412,6 +417,8 @@ def test_compiled_step_equals_eager(decoder, modality):
     """--compile (torch.compile of the per-token step) gives the same greedy tokens, left padding included."""
     from torch._dynamo.utils import counters
 
+    from earlyfusion.model.compile import RowwiseLinear
+
     prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
     eager = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY)
     counters.clear()
@@ -421,6 +428,7 @@ def test_compiled_step_equals_eager(decoder, modality):
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert not any("compiled" in k for k in decoder.state_dict())  # the compiled step is not a submodule
     assert all(m.rows_weight is not None for m in decoder.modules() if hasattr(m, "rows_weight"))  # rowwise products
+    assert any(isinstance(m, RowwiseLinear) for m in decoder.modules())
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
@@ -439,12 +447,12 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
 def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monkeypatch):
     """Steps of few rows run on one thread (step_threads); the caller's thread count comes back afterwards,
     also when sampling fails; the tokens do not depend on it."""
-    from earlyfusion.sampling import generate as gen
+    from earlyfusion import runtime
 
-    assert decoder.config.dim * 8 <= gen.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
-    assert gen.step_threads(decoder, 8) == 1
-    assert gen.step_threads(decoder, 9) == torch.get_num_threads()
-    assert gen.step_threads(decoder, 1, compiled=True) == torch.get_num_threads()  # compiled steps keep every thread
+    assert decoder.config.dim * 8 <= runtime.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
+    assert runtime.step_threads(decoder, 8) == 1
+    assert runtime.step_threads(decoder, 9) == torch.get_num_threads()
+    assert runtime.step_threads(decoder, 1, compiled=True) == torch.get_num_threads()  # compiled steps keep every thread
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -460,7 +468,7 @@ def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monk
         monkeypatch.setattr(type(decoder), "forward", spy)
         one_thread = _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
         assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-        monkeypatch.setattr(gen, "SERIAL_STEP_WORK", 0)
+        monkeypatch.setattr(runtime, "SERIAL_STEP_WORK", 0)
         seen.clear()
         assert _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == one_thread
         assert set(seen) == {2}
@@ -470,7 +478,7 @@ def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monk
                 raise RuntimeError("boom")
             return real_forward(self, tokens, **kw)
 
-        monkeypatch.setattr(gen, "SERIAL_STEP_WORK", 10 ** 6)
+        monkeypatch.setattr(runtime, "SERIAL_STEP_WORK", 10 ** 6)
         monkeypatch.setattr(type(decoder), "forward", fail)
         with pytest.raises(RuntimeError, match="boom"):
             _run(decoder, prompts, modality="text", max_new=4)

@@ -45,6 +45,49 @@ def test_contradictory_options(capsys, tmp_path, argv, words):
     _one_error_line(rc, err, *words)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--num-samples", "100000"], ["--num-samples", "4096"]),
+    (["--modality", "image", "--cfg", "nan"], ["--cfg", "finite"]),
+    (["--modality", "auto", "--cfg", "inf"], ["--cfg", "finite"]),
+    (["--temperature", "nan"], ["--temperature", "finite"]),
+    (["--temperature", "inf"], ["--temperature", "finite"]),
+    (["--image-temperature=-inf"], ["--image-temperature", "finite"]),
+    (["--top-p", "nan"], ["--top-p"]),
+    (["--image-top-p", "inf"], ["--image-top-p"]),
+    (["--top-k", "-1"], ["--top-k"]),
+    (["--seed", str(2 ** 64)], ["--seed"]),
+])
+def test_out_of_range_and_non_finite_options(capsys, tmp_path, argv, words):
+    """Rejected before anything is loaded or written, with one line naming the option."""
+    out = tmp_path / "out"
+    rc, _, err = _sample(capsys, "--checkpoint", tmp_path, "--prompt", "a", "--out", out, *argv)
+    _one_error_line(rc, err, *words)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the --out directory
+
+
+def test_prompt_that_is_not_utf8(capsys, tmp_path):
+    """Bytes that are not UTF-8 reach argv as surrogate escapes (``--prompt $'\\xff'``)."""
+    rc, _, err = _sample(capsys, "--checkpoint", tmp_path, "--prompt", b"a\xff".decode("utf-8", "surrogateescape"))
+    _one_error_line(rc, err, "--prompt", "UTF-8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file(capsys, tmp_path):
+    target = tmp_path / "taken.txt"
+    target.write_text("keep me\n")
+    rc, _, err = _sample(capsys, "--checkpoint", tmp_path, "--prompt", "a", "--out", target)
+    _one_error_line(rc, err, "--out", "not a directory")
+    assert target.read_text() == "keep me\n" and list(tmp_path.iterdir()) == [target]
+
+
+def test_num_samples_not_an_integer(capsys, tmp_path):
+    """argparse rejects '1e6' for an integer option (a usage error: SystemExit 2, one line)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--checkpoint", str(tmp_path), "--prompt", "a", "--num-samples", "1e6"])
+    _one_error_line(exit_info.value.code, capsys.readouterr().err, "--num-samples", "1e6")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_image_fails_before_loading(capsys, tmp_path):
     rc, _, err = _sample(capsys, "--checkpoint", tmp_path, "--image", tmp_path / "nope.png")
     _one_error_line(rc, err, "nope.png")
