@@ -29,14 +29,8 @@ and one training step goes (torch.profiler).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,35 +39,24 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: ``python bench/run.py``
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # run as a script (``python bench/run.py``) or loaded from its file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from earlyfusion.model.compile import ROWWISE_MAX_ROWS, compiled  # noqa: E402
+from earlyfusion.model.compile import compiled  # noqa: E402
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
-from earlyfusion.runtime import SERIAL_STEP_WORK, intra_op_threads, step_threads  # noqa: E402
+from earlyfusion.runtime import intra_op_threads, step_threads  # noqa: E402
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
-# The speed targets, shown beside each figure.
-TARGETS = {
-    "train_speedup_small": (">=", 1.1),
-    "train_ceiling_fraction_base": (">=", 0.75),
-    "decode_speedup_b1_small": (">=", 3.0),
-    "decode_bandwidth_fraction_base": (">=", 0.5),
-    "cfg_cost_ratio": ("<=", 1.3),
-}
-INTERFACE_KEYS = tuple(TARGETS)
+from bench_machine import (CopyCeiling, MatmulCeiling, alternate, busy_processes, copy_gbps,  # noqa: E402
+                           cpu_busy_fraction, load_average, log, machine_info, matmul_gflops, matvec_gbps, median,
+                           timed)
+from bench_report import INTERFACE_KEYS, _fmt_load, interface, render  # noqa: E402,F401 - INTERFACE_KEYS: the keys callers read
 
 # Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
 N_SPECIAL = 5
 VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 64), "base": (1024, 8192)}  # (text ids, codebook): small = the demo's
 DEFAULT_GRID = VQ_PRESETS["default"].grid_size  # the default image tokenizer's code grid
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- an id layout (what the sampler needs)
 
 
 @dataclass(frozen=True)
@@ -125,172 +108,6 @@ def text_prompts(layout: BenchLayout, batch: int, length: int, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------- timing helpers
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def alternate(fns: dict[str, Callable[[], object]], warmup: int, iters: int) -> dict[str, list[float]]:
-    """Run each function ``warmup`` times untimed, then ``iters`` timed rounds, alternating between them
-    (so a burst of load from other processes falls on every side). Returns seconds per call."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            times[k].append(timed(fn))
-    return times
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-# ---------------------------------------------------------------- machine and ceilings
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> tuple[float, float, float] | None:
-    try:
-        return os.getloadavg()
-    except OSError:
-        return None
-
-
-def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
-    """Fraction of all cores busy over ``seconds`` (from /proc/stat) while this process sleeps: the load
-    other processes put on the machine."""
-
-    def sample() -> tuple[int, int]:
-        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        return sum(vals[:8]), idle
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-def busy_processes(limit: int = 5) -> list[str]:
-    """Other processes using CPU right now (``ps``), to say whether figures were taken under load."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True,
-                             timeout=5).stdout.splitlines()[1:]
-    except (OSError, subprocess.SubprocessError):
-        return []
-    me = os.getpid()
-    rows = []
-    for line in out:
-        parts = line.split(None, 2)
-        if len(parts) == 3 and int(parts[0]) != me and float(parts[1]) >= 10.0:
-            rows.append(parts[2])
-    return rows[:limit]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_info(threads: int) -> dict:
-    import transformers
-
-    return {
-        "cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "commit": git_commit(),
-        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    }
-
-
-class MatmulCeiling:
-    """An n×n @ n×n fp32 ``torch.mm`` (2n³ flops); ``rate(seconds)`` -> GFLOP/s."""
-
-    def __init__(self, n: int = 2048) -> None:
-        self.n = n
-        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        self()  # warm-up
-
-    def __call__(self) -> None:
-        torch.mm(self.a, self.b, out=self.out)
-
-    def rate(self, seconds: float) -> float:
-        return 2 * self.n ** 3 / seconds / 1e9
-
-
-class CopyCeiling:
-    """``dst.copy_(src)`` over a large fp32 tensor, ``times`` over; ``rate(seconds)`` -> GB/s (read + write)."""
-
-    def __init__(self, megabytes: int = 256, times: int = 1) -> None:
-        n = megabytes * 2 ** 20 // 4
-        self.bytes, self.times = 2 * n * 4, times
-        self.src, self.dst = torch.randn(n), torch.empty(n)
-        self()  # warm-up, pages touched
-
-    def __call__(self) -> None:
-        for _ in range(self.times):
-            self.dst.copy_(self.src)
-
-    def rate(self, seconds: float) -> float:
-        return self.bytes * self.times / seconds / 1e9
-
-
-class MatvecCeiling:
-    """``torch.mv`` of a large fp32 matrix (MKL's product; what an eager batch-1 decode step is made of);
-    ``rate(seconds)`` -> GB/s of matrix bytes read: how fast MKL streams weights through it."""
-
-    def __init__(self, megabytes: int = 256) -> None:
-        n = int((megabytes * 2 ** 20 // 4) ** 0.5)
-        self.bytes = n * n * 4
-        self.w, self.x, self.out = torch.randn(n, n), torch.randn(n), torch.empty(n)
-        self()
-
-    def __call__(self) -> None:
-        torch.mv(self.w, self.x, out=self.out)
-
-    def rate(self, seconds: float) -> float:
-        return self.bytes / seconds / 1e9
-
-
-def matvec_gbps(megabytes: int = 256, repeats: int = 5) -> float:
-    """Best GB/s (matrix bytes read) of a large fp32 matrix-vector product."""
-    mv = MatvecCeiling(megabytes)
-    return mv.rate(min(timed(mv) for _ in range(repeats)))
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n×n @ n×n ``torch.mm``."""
-    mm = MatmulCeiling(n)
-    return mm.rate(min(timed(mm) for _ in range(repeats)))
-
-
-def copy_gbps(megabytes: int = 256, repeats: int = 5) -> float:
-    """Best memory bandwidth of ``dst.copy_(src)`` over a large fp32 tensor, read + write bytes counted."""
-    cp = CopyCeiling(megabytes)
-    return cp.rate(min(timed(cp) for _ in range(repeats)))
-
-
-# ---------------------------------------------------------------- models
 
 
 def build_pair(preset: str, vocab_size: int, seed: int = 0, **overrides) -> tuple[Decoder, torch.nn.Module]:
@@ -622,180 +439,6 @@ def profile_decoder(preset: str = "small", batch: int = 1, new_tokens: int = 64,
 # ---------------------------------------------------------------- report
 
 
-def _fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        if abs(x) >= 100:
-            return f"{x:,.0f}"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def _met(key: str, value) -> str:
-    if value is None:
-        return "not measured"
-    op, target = TARGETS[key]
-    ok = value >= target if op == ">=" else value <= target
-    return "yes" if ok else "**no**"
-
-
-def interface(results: dict) -> dict:
-    """The five interface numbers (None where the preset was not run).
-
-    The ceiling fractions divide by the ceiling timed in the same alternating rounds as the figure
-    (the same share of a shared CPU), falling back to the ceiling measured at the start of the run."""
-    tr, dec, img, ceil = results.get("train", {}), results.get("decode", {}), results.get("image_generation"), results["ceilings"]
-    base_tr, small_tr = tr.get("base"), tr.get("small")
-    small_dec, base_dec = dec.get("small"), dec.get("base")
-    return {
-        "train_speedup_small": small_tr.get("best_speedup") if small_tr else None,
-        "train_ceiling_fraction_base": (base_tr.get("best_ceiling_fraction_alongside",
-                                                    base_tr["best_gflops"] / ceil["matmul_gflops"]) if base_tr else None),
-        "decode_speedup_b1_small": small_dec.get("b1_best_speedup") if small_dec else None,
-        "decode_bandwidth_fraction_base": (base_dec.get("b1_bandwidth_fraction_alongside",
-                                                        base_dec["b1_best_gbps"] / ceil["copy_gbps"])
-                                           if base_dec and "b1_best_gbps" in base_dec else None),
-        "cfg_cost_ratio": img["cfg_cost_ratio"] if img else None,
-    }
-
-
-def render(results: dict) -> str:
-    m, ceil, ifc = results["machine"], results["ceilings"], results["interface"]
-    L = ["# Benchmark results", "",
-         f"Written by `make bench` (`bench/run.py {results['argv']}`) at commit `{m['commit']}`, {m['date']}.", "",
-         "## Machine", "",
-         f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']} at {m['threads']} threads; "
-         f"transformers {m['transformers']}; Python {m['python']}; fp32 throughout.",
-         f"- Load average before / after: {results['load_before']} / {results['load_after']}."]
-    busy = sorted(set(results.get("busy_before", []) + results.get("busy_after", [])))
-    others = [x for x in (results.get("others_cpu_before"), results.get("others_cpu_after")) if x is not None]
-    if others:
-        L.append(f"- CPU used by other processes just before / after the run: "
-                 f"{' / '.join(f'{x:.0%}' for x in others)} of all cores.")
-    if busy or any(x > 0.1 for x in others):
-        L.append(f"- **Measured under load**: other processes shared the cores"
-                 f"{' (' + ', '.join(f'`{b}`' for b in busy) + ')' if busy else ''}; a 2-thread OpenMP region "
-                 "stalls whenever one of its threads is descheduled, so absolute figures are low and noisy. "
-                 "Ours and the peer alternate, so the ratios are more trustworthy than the absolute figures.")
-    L += [f"- Ceilings measured in this run: fp32 matmul **{_fmt(ceil['matmul_gflops'])} GFLOP/s** "
-          f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
-          f"({ceil['copy_mb']} MB `copy_`, read + write, best of {ceil['repeats']})"
-          + (f"; for context, a {ceil['copy_mb']} MB fp32 matrix-vector product through MKL (`torch.mv`, what an "
-             f"eager batch-1 decode step is made of) reads at **{_fmt(ceil['matvec_gbps'])} GB/s** = "
-             f"{_fmt(ceil['matvec_gbps'] / ceil['copy_gbps'])} of the copy figure (the compiled step's own reductions "
-             "can read faster)"
-             if ceil.get("matvec_gbps") else "") + ".", ""]
-
-    L += ["## Against the issue's targets", "",
-          "| Figure | Value | Target | Met |", "|---|---|---|---|"]
-    names = {
-        "train_speedup_small": "Training tokens/s, ours ÷ peer, `small`",
-        "train_ceiling_fraction_base": "Training model GFLOP/s ÷ matmul ceiling, `base`",
-        "decode_speedup_b1_small": "Decoding tokens/s at batch 1, ours ÷ peer `generate()`, `small`",
-        "decode_bandwidth_fraction_base": "Decoding effective GB/s ÷ copy bandwidth, batch 1, `base`",
-        "cfg_cost_ratio": "Image with CFG ÷ without, seconds per image (demo shape)",
-    }
-    for k in INTERFACE_KEYS:
-        op, t = TARGETS[k]
-        L.append(f"| {names[k]} (`{k}`) | {_fmt(ifc[k])} | {op.replace('>=', '≥').replace('<=', '≤')} {t} | {_met(k, ifc[k])} |")
-    L.append("")
-
-    if results.get("train"):
-        L += ["## Training (forward + backward + AdamW step)", "",
-              "| Preset | Params | Batch × seq | Vocab | Ours tok/s | Ours `--compile` tok/s | Peer tok/s | Ours ÷ peer (eager) | "
-              "Best ÷ peer | Best GFLOP/s | Peer GFLOP/s | Matmul GFLOP/s alongside | Best ÷ ceiling alongside | "
-              "Best ÷ best ceiling | Logit parity |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in results["train"].items():
-            best = r.get("best_speedup")
-            best_s = f"{_fmt(best)} ({r['best_mode']})" if best is not None else _fmt(None)
-            L.append(f"| `{name}` | {r['params'] / 1e6:.1f} M | {r['batch']} × {r['seq_len']} | {r['vocab_size']} | "
-                     f"{_fmt(r['ours_tokens_per_s'])} | {_fmt(r.get('ours_compiled_tokens_per_s'))} | "
-                     f"{_fmt(r.get('peer_tokens_per_s'))} | {_fmt(r.get('speedup'))} | "
-                     f"{best_s} | "
-                     f"{_fmt(r['best_gflops'])} | {_fmt(r.get('peer_gflops'))} | {_fmt(r.get('matmul_gflops_alongside'))} | "
-                     f"{_fmt(r.get('best_ceiling_fraction_alongside'))} | "
-                     f"{_fmt(r['best_gflops'] / ceil['matmul_gflops'])} | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
-        it = next(iter(results["train"].values()))
-        compile_s = ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["train"].items() if r.get("compile_s"))
-        L += ["", f"Model flops per token = 6N + 12·L·H·Q·T (N: parameters without the input embedding). Median of "
-              f"{it['iters']} timed steps after warm-up, ours and the peer alternating; the same weights, batch, "
-              "fused AdamW and cross-entropy on both sides; `--compile` = our forward through torch.compile as "
-              f"`earlyfusion train --compile` runs it (compiled once{': ' + compile_s if compile_s else ''}, not counted); "
-              "best = the faster of our two modes, which the targets use; "
-              "the peer is transformers' ChameleonForConditionalGeneration "
-              "(train mode, default attention) built by `model/chameleon_hf.py`. Ceiling alongside: the "
-              f"{ceil['matmul_n']}² matmul timed in the same alternating rounds (the same share of a shared CPU); "
-              "best ceiling: the best matmul at the start of the run. Logit parity: max |difference| "
-              "of the two models' logits on one batch (its image-logit masking is a no-op with an empty "
-              "vocabulary_map).", ""]
-
-    if results.get("decode"):
-        L += ["## Decoding (KV cache, greedy)", "",
-              "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours sampler `--compile` tok/s | Ours bare loop tok/s | "
-              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Peer on 1 thread tok/s (best ÷ it) | "
-              "Best eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in results["decode"].items():
-            for B in results["settings"]["decode_batches"]:
-                if f"b{B}_speedup" not in r:
-                    continue
-                L.append(f"| `{name}` | {B} | {r['prompt_len']} + {r['new_tokens']} | {_fmt(r[f'b{B}_ours_tokens_per_s'])} | "
-                         f"{_fmt(r.get(f'b{B}_ours_compiled_tokens_per_s'))} | "
-                         f"{_fmt(r[f'b{B}_ours_raw_tokens_per_s'])} | {_fmt(r[f'b{B}_peer_tokens_per_s'])} | "
-                         f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_best_speedup'])} ({r[f'b{B}_best_mode']}) | "
-                         + (f"{_fmt(r[f'b{B}_peer_1thread_tokens_per_s'])} ({_fmt(r[f'b{B}_best_speedup_vs_peer_1thread'])}) | "
-                            if f"b{B}_peer_1thread_tokens_per_s" in r else "— | ")
-                         + f"{_fmt(r[f'b{B}_best_gbps'])} | "
-                         f"{_fmt(r.get(f'b{B}_copy_gbps_alongside'))} | {_fmt(r.get(f'b{B}_bandwidth_fraction_alongside'))} | "
-                         f"{_fmt(r[f'b{B}_best_gbps'] / ceil['copy_gbps'])} |")
-        it = next(iter(results["decode"].values()))
-        L += ["", "tok/s counts every row (batch × new tokens ÷ seconds, prefill included). Ours sampler = "
-              "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks); "
-              "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
-              "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
-                                             if "compile_s" in r) + ", not counted); best = the faster of the two, "
-              "which the targets use; the eager sampler runs its per-token steps on one thread where rows × model width ≤ "
-              f"{SERIAL_STEP_WORK} (`earlyfusion.runtime.step_threads`: `small` at batch 1), the prefill, the compiled "
-              "steps and everything else on the bench's threads; the compiled steps of up to "
-              f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
-              "(`model.compile.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
-              "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
-              "as a user runs it; where our eager steps run on one thread, the peer is also timed on one thread (it is faster "
-              "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
-              f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
-              "alongside is timed in the same alternating rounds. Median of "
-              + ", ".join(f"{r['iters']} runs for `{n}`" for n, r in results["decode"].items())
-              + " after warm-up, alternating.", ""]
-
-    img = results.get("image_generation")
-    if img:
-        n = img["num_samples"]
-        L += ["## Image generation (demo shape)", "",
-              "| Seconds per image, CFG | Seconds per image, no CFG | CFG ÷ no CFG | Images/s, CFG, "
-              f"{n} samples |", "|---|---|---|---|",
-              f"| {_fmt(img['s_per_image_cfg'])} | {_fmt(img['s_per_image_nocfg'])} | {_fmt(img['cfg_cost_ratio'])} | "
-              f"{_fmt(img[f'images_per_s_cfg_{n}'])} |", "",
-              f"`{img['preset']}` decoder, `{img['vq_preset']}` image tokenizer ({img['codes_per_image']} codes + "
-              f"begin/end), a {results['settings']['image_prompt_len']}-token caption, CFG scale {img['cfg_scale']} "
-              "(batched: [cond; uncond] rows share one forward pass), image top-k half the codebook; "
-              "sampling + VQ decode of one image (batch 1) and of "
-              f"{n} images in one batch. Median of {img['iters']} runs.", ""]
-
-    tok = results.get("image_tokenizer")
-    if tok:
-        L += ["## Image tokenizer", "", "| Encode images/s | Decode images/s |", "|---|---|",
-              f"| {_fmt(tok['encode_images_per_s'])} | {_fmt(tok['decode_images_per_s'])} |", "",
-              f"`{tok['vq_preset']}` preset, {tok['image_size']} px, batch {tok['batch']}, median of {tok['iters']}.", ""]
-    if results.get("gpu_note"):
-        L += ["## GPU", "", results["gpu_note"], ""]
-    return "\n".join(L)
-
-
-# ---------------------------------------------------------------- main
-
-
 def run(args: argparse.Namespace, argv_text: str) -> dict:
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -862,10 +505,6 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
         results["gpu_note"] = ("No GPU on the machine of this run: the bf16 / GPU figures the issue asks for "
                                "are not recorded here yet.")
     return results
-
-
-def _fmt_load(load) -> str:
-    return "unknown" if load is None else ", ".join(f"{x:.2f}" for x in load)
 
 
 def main(argv: list[str] | None = None) -> int:

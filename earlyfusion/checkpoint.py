@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - re-exported for callers of checkpoint IO
+from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - UserError re-exported for callers of checkpoint IO
 
 log = logging.getLogger("earlyfusion")
 

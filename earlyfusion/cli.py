@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
-    from earlyfusion.checkpoint import UserError
+    from earlyfusion.errors import UserError
     from earlyfusion.logs import setup_logging
 
     setup_logging(ns.verbose)

@@ -25,7 +25,7 @@ Architecture only: losses live in ``training/``, decoding rules in ``sampling/``
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch

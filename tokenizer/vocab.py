@@ -543,7 +543,6 @@ def _check_agreement(tok, layout: VocabLayout, where: str) -> None:
         fail(f"the tokenizer has an id {layout.image_end} past the layout's end")
     # no BPE token may spell a special or image token (the text-only tokenizer could then emit it)
     vocab = tok.get_vocab(with_added_tokens=False)
-    specials = set(layout.special_tokens.values())
     id_of = {t: layout.special_ids[r] for r, t in layout.special_tokens.items()}
     for text, i in vocab.items():
         if id_of.get(text, i) != i or _IMAGE_TOKEN_RE.fullmatch(text):

@@ -1,0 +1,193 @@
+"""The bench's report: the interface keys of results.json and RESULTS.md rendered from the measurements."""
+
+from __future__ import annotations
+
+from earlyfusion.model.compile import ROWWISE_MAX_ROWS
+from earlyfusion.runtime import SERIAL_STEP_WORK
+
+# The speed targets, shown beside each figure.
+TARGETS = {
+    "train_speedup_small": (">=", 1.1),
+    "train_ceiling_fraction_base": (">=", 0.75),
+    "decode_speedup_b1_small": (">=", 3.0),
+    "decode_bandwidth_fraction_base": (">=", 0.5),
+    "cfg_cost_ratio": ("<=", 1.3),
+}
+INTERFACE_KEYS = tuple(TARGETS)
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _met(key: str, value) -> str:
+    if value is None:
+        return "not measured"
+    op, target = TARGETS[key]
+    ok = value >= target if op == ">=" else value <= target
+    return "yes" if ok else "**no**"
+
+
+def interface(results: dict) -> dict:
+    """The five interface numbers (None where the preset was not run).
+
+    The ceiling fractions divide by the ceiling timed in the same alternating rounds as the figure
+    (the same share of a shared CPU), falling back to the ceiling measured at the start of the run."""
+    tr, dec, img, ceil = results.get("train", {}), results.get("decode", {}), results.get("image_generation"), results["ceilings"]
+    base_tr, small_tr = tr.get("base"), tr.get("small")
+    small_dec, base_dec = dec.get("small"), dec.get("base")
+    return {
+        "train_speedup_small": small_tr.get("best_speedup") if small_tr else None,
+        "train_ceiling_fraction_base": (base_tr.get("best_ceiling_fraction_alongside",
+                                                    base_tr["best_gflops"] / ceil["matmul_gflops"]) if base_tr else None),
+        "decode_speedup_b1_small": small_dec.get("b1_best_speedup") if small_dec else None,
+        "decode_bandwidth_fraction_base": (base_dec.get("b1_bandwidth_fraction_alongside",
+                                                        base_dec["b1_best_gbps"] / ceil["copy_gbps"])
+                                           if base_dec and "b1_best_gbps" in base_dec else None),
+        "cfg_cost_ratio": img["cfg_cost_ratio"] if img else None,
+    }
+
+
+def render(results: dict) -> str:
+    m, ceil, ifc = results["machine"], results["ceilings"], results["interface"]
+    L = ["# Benchmark results", "",
+         f"Written by `make bench` (`bench/run.py {results['argv']}`) at commit `{m['commit']}`, {m['date']}.", "",
+         "## Machine", "",
+         f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']} at {m['threads']} threads; "
+         f"transformers {m['transformers']}; Python {m['python']}; fp32 throughout.",
+         f"- Load average before / after: {results['load_before']} / {results['load_after']}."]
+    busy = sorted(set(results.get("busy_before", []) + results.get("busy_after", [])))
+    others = [x for x in (results.get("others_cpu_before"), results.get("others_cpu_after")) if x is not None]
+    if others:
+        L.append(f"- CPU used by other processes just before / after the run: "
+                 f"{' / '.join(f'{x:.0%}' for x in others)} of all cores.")
+    if busy or any(x > 0.1 for x in others):
+        L.append(f"- **Measured under load**: other processes shared the cores"
+                 f"{' (' + ', '.join(f'`{b}`' for b in busy) + ')' if busy else ''}; a 2-thread OpenMP region "
+                 "stalls whenever one of its threads is descheduled, so absolute figures are low and noisy. "
+                 "Ours and the peer alternate, so the ratios are more trustworthy than the absolute figures.")
+    L += [f"- Ceilings measured in this run: fp32 matmul **{_fmt(ceil['matmul_gflops'])} GFLOP/s** "
+          f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
+          f"({ceil['copy_mb']} MB `copy_`, read + write, best of {ceil['repeats']})"
+          + (f"; for context, a {ceil['copy_mb']} MB fp32 matrix-vector product through MKL (`torch.mv`, what an "
+             f"eager batch-1 decode step is made of) reads at **{_fmt(ceil['matvec_gbps'])} GB/s** = "
+             f"{_fmt(ceil['matvec_gbps'] / ceil['copy_gbps'])} of the copy figure (the compiled step's own reductions "
+             "can read faster)"
+             if ceil.get("matvec_gbps") else "") + ".", ""]
+
+    L += ["## Against the issue's targets", "",
+          "| Figure | Value | Target | Met |", "|---|---|---|---|"]
+    names = {
+        "train_speedup_small": "Training tokens/s, ours ÷ peer, `small`",
+        "train_ceiling_fraction_base": "Training model GFLOP/s ÷ matmul ceiling, `base`",
+        "decode_speedup_b1_small": "Decoding tokens/s at batch 1, ours ÷ peer `generate()`, `small`",
+        "decode_bandwidth_fraction_base": "Decoding effective GB/s ÷ copy bandwidth, batch 1, `base`",
+        "cfg_cost_ratio": "Image with CFG ÷ without, seconds per image (demo shape)",
+    }
+    for k in INTERFACE_KEYS:
+        op, t = TARGETS[k]
+        L.append(f"| {names[k]} (`{k}`) | {_fmt(ifc[k])} | {op.replace('>=', '≥').replace('<=', '≤')} {t} | {_met(k, ifc[k])} |")
+    L.append("")
+
+    if results.get("train"):
+        L += ["## Training (forward + backward + AdamW step)", "",
+              "| Preset | Params | Batch × seq | Vocab | Ours tok/s | Ours `--compile` tok/s | Peer tok/s | Ours ÷ peer (eager) | "
+              "Best ÷ peer | Best GFLOP/s | Peer GFLOP/s | Matmul GFLOP/s alongside | Best ÷ ceiling alongside | "
+              "Best ÷ best ceiling | Logit parity |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["train"].items():
+            best = r.get("best_speedup")
+            best_s = f"{_fmt(best)} ({r['best_mode']})" if best is not None else _fmt(None)
+            L.append(f"| `{name}` | {r['params'] / 1e6:.1f} M | {r['batch']} × {r['seq_len']} | {r['vocab_size']} | "
+                     f"{_fmt(r['ours_tokens_per_s'])} | {_fmt(r.get('ours_compiled_tokens_per_s'))} | "
+                     f"{_fmt(r.get('peer_tokens_per_s'))} | {_fmt(r.get('speedup'))} | "
+                     f"{best_s} | "
+                     f"{_fmt(r['best_gflops'])} | {_fmt(r.get('peer_gflops'))} | {_fmt(r.get('matmul_gflops_alongside'))} | "
+                     f"{_fmt(r.get('best_ceiling_fraction_alongside'))} | "
+                     f"{_fmt(r['best_gflops'] / ceil['matmul_gflops'])} | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
+        it = next(iter(results["train"].values()))
+        compile_s = ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["train"].items() if r.get("compile_s"))
+        L += ["", f"Model flops per token = 6N + 12·L·H·Q·T (N: parameters without the input embedding). Median of "
+              f"{it['iters']} timed steps after warm-up, ours and the peer alternating; the same weights, batch, "
+              "fused AdamW and cross-entropy on both sides; `--compile` = our forward through torch.compile as "
+              f"`earlyfusion train --compile` runs it (compiled once{': ' + compile_s if compile_s else ''}, not counted); "
+              "best = the faster of our two modes, which the targets use; "
+              "the peer is transformers' ChameleonForConditionalGeneration "
+              "(train mode, default attention) built by `model/chameleon_hf.py`. Ceiling alongside: the "
+              f"{ceil['matmul_n']}² matmul timed in the same alternating rounds (the same share of a shared CPU); "
+              "best ceiling: the best matmul at the start of the run. Logit parity: max |difference| "
+              "of the two models' logits on one batch (its image-logit masking is a no-op with an empty "
+              "vocabulary_map).", ""]
+
+    if results.get("decode"):
+        L += ["## Decoding (KV cache, greedy)", "",
+              "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours sampler `--compile` tok/s | Ours bare loop tok/s | "
+              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Peer on 1 thread tok/s (best ÷ it) | "
+              "Best eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["decode"].items():
+            for B in results["settings"]["decode_batches"]:
+                if f"b{B}_speedup" not in r:
+                    continue
+                L.append(f"| `{name}` | {B} | {r['prompt_len']} + {r['new_tokens']} | {_fmt(r[f'b{B}_ours_tokens_per_s'])} | "
+                         f"{_fmt(r.get(f'b{B}_ours_compiled_tokens_per_s'))} | "
+                         f"{_fmt(r[f'b{B}_ours_raw_tokens_per_s'])} | {_fmt(r[f'b{B}_peer_tokens_per_s'])} | "
+                         f"{_fmt(r[f'b{B}_speedup'])} | {_fmt(r[f'b{B}_best_speedup'])} ({r[f'b{B}_best_mode']}) | "
+                         + (f"{_fmt(r[f'b{B}_peer_1thread_tokens_per_s'])} ({_fmt(r[f'b{B}_best_speedup_vs_peer_1thread'])}) | "
+                            if f"b{B}_peer_1thread_tokens_per_s" in r else "— | ")
+                         + f"{_fmt(r[f'b{B}_best_gbps'])} | "
+                         f"{_fmt(r.get(f'b{B}_copy_gbps_alongside'))} | {_fmt(r.get(f'b{B}_bandwidth_fraction_alongside'))} | "
+                         f"{_fmt(r[f'b{B}_best_gbps'] / ceil['copy_gbps'])} |")
+        it = next(iter(results["decode"].values()))
+        L += ["", "tok/s counts every row (batch × new tokens ÷ seconds, prefill included). Ours sampler = "
+              "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks); "
+              "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
+              "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
+                                             if "compile_s" in r) + ", not counted); best = the faster of the two, "
+              "which the targets use; the eager sampler runs its per-token steps on one thread where rows × model width ≤ "
+              f"{SERIAL_STEP_WORK} (`earlyfusion.runtime.step_threads`: `small` at batch 1), the prefill, the compiled "
+              "steps and everything else on the bench's threads; the compiled steps of up to "
+              f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
+              "(`model.compile.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
+              "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
+              "as a user runs it; where our eager steps run on one thread, the peer is also timed on one thread (it is faster "
+              "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
+              f"input embedding ({it['weight_bytes'] / 1e6:.0f} MB for `{it['preset']}`) × decode steps/s; the copy "
+              "alongside is timed in the same alternating rounds. Median of "
+              + ", ".join(f"{r['iters']} runs for `{n}`" for n, r in results["decode"].items())
+              + " after warm-up, alternating.", ""]
+
+    img = results.get("image_generation")
+    if img:
+        n = img["num_samples"]
+        L += ["## Image generation (demo shape)", "",
+              "| Seconds per image, CFG | Seconds per image, no CFG | CFG ÷ no CFG | Images/s, CFG, "
+              f"{n} samples |", "|---|---|---|---|",
+              f"| {_fmt(img['s_per_image_cfg'])} | {_fmt(img['s_per_image_nocfg'])} | {_fmt(img['cfg_cost_ratio'])} | "
+              f"{_fmt(img[f'images_per_s_cfg_{n}'])} |", "",
+              f"`{img['preset']}` decoder, `{img['vq_preset']}` image tokenizer ({img['codes_per_image']} codes + "
+              f"begin/end), a {results['settings']['image_prompt_len']}-token caption, CFG scale {img['cfg_scale']} "
+              "(batched: [cond; uncond] rows share one forward pass), image top-k half the codebook; "
+              "sampling + VQ decode of one image (batch 1) and of "
+              f"{n} images in one batch. Median of {img['iters']} runs.", ""]
+
+    tok = results.get("image_tokenizer")
+    if tok:
+        L += ["## Image tokenizer", "", "| Encode images/s | Decode images/s |", "|---|---|",
+              f"| {_fmt(tok['encode_images_per_s'])} | {_fmt(tok['decode_images_per_s'])} |", "",
+              f"`{tok['vq_preset']}` preset, {tok['image_size']} px, batch {tok['batch']}, median of {tok['iters']}.", ""]
+    if results.get("gpu_note"):
+        L += ["## GPU", "", results["gpu_note"], ""]
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _fmt_load(load) -> str:
+    return "unknown" if load is None else ", ".join(f"{x:.2f}" for x in load)
