@@ -92,3 +92,16 @@ def test_context_too_short_for_an_image_document(capsys, tmp_path, tiny_pipeline
     rc, err = _run(capsys, argv)
     _assert_one_line_error(rc, err)
     assert "image document" in err and not out.exists()
+
+
+VOCAB_BAD = [["--text-vocab-size", "1000000000"], ["--text-vocab-size", "10"], ["--text-vocab-size", "nan"],
+             ["--min-frequency", "0"], ["--max-texts", "-1"], ["--bogus-option"]]
+
+
+@pytest.mark.parametrize("bad", VOCAB_BAD, ids=" ".join)
+def test_vocab_build_rejects(capsys, tmp_path, bad):
+    """`vocab build --text-vocab-size 1000000000` used to abort natively (a 70 GB allocation)."""
+    out = tmp_path / "vocab"
+    rc, err = _run(capsys, ["vocab", "build", "--image-tokenizer", tmp_path / "vq", "--data", tmp_path, "--out", out, *bad])
+    _assert_one_line_error(rc, err)
+    assert not out.exists()
