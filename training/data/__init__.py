@@ -1,5 +1,9 @@
 """Training data for the unified decoder: sources -> cached image codes -> documents -> packed batches.
 
+This package owns reading data sources and turning them into token batches (and the ``vocab build``
+command, which reads the same sources); it may import model, tokenizer and the shared modules, never
+the trainers, sampling or evaluation.
+
 The modules, in the order the data flows through them:
 
 * ``records``: reading local files (imagefolder metadata, interleaved / text .jsonl, .txt) with bad
