@@ -22,7 +22,9 @@ in fp32 even under autocast.
 Checkpoint directory: ``config.json`` (the VQConfig fields at top level, ``codebook_size`` among them)
 + ``model.safetensors`` + ``MANIFEST.json`` (their sizes and sha256). Every reader verifies the two files
 against the manifest before trusting them (a failure names the run's newest good step checkpoint, which can be
-passed instead), and ``load_vqvae`` checks keys and shapes strictly.
+passed instead), and ``load_vqvae`` checks keys and shapes strictly. The config's "format" picks the architecture:
+``earlyfusion.vqvae`` (this module) or ``earlyfusion.chameleon_vqgan`` (Chameleon's VQGAN, ``earlyfusion.tokenizer.vqgan``);
+``read_vq_config``, ``load_vqvae`` and ``vq_fingerprint`` read either.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,9 @@ from vector_quantize_pytorch import VectorQuantize
 
 from earlyfusion.checkpoint import (MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights,
                                     sha256_file, write_manifest)
+
+if TYPE_CHECKING:
+    from earlyfusion.tokenizer.vqgan import ChameleonVQGAN, VQGANConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -350,7 +356,7 @@ def save_vqvae(model: VQVAE, directory: str | Path, extra: dict | None = None) -
     directory = Path(directory)
     save_weights(directory / WEIGHTS, model.state_dict())
     h, w = model.cfg.grid_size
-    config = {**model.cfg.to_dict(), "format": FORMAT, "grid": [h, w]}
+    config = {**model.cfg.to_dict(), "format": getattr(model, "FORMAT", FORMAT), "grid": [h, w]}
     if extra:
         config["training"] = extra
     save_json(directory / CONFIG, config)
@@ -394,18 +400,26 @@ def _verify_against_manifest(directory: Path) -> None:
                                   f"or edited; {CONFIG} and {WEIGHTS} must stay as `tokenizer train` wrote them")
 
 
-def read_vq_config(directory: str | Path) -> VQConfig:
-    """The VQConfig stored in ``directory/config.json``; CheckpointError naming the file if invalid."""
+def _architectures() -> dict[str, tuple[type, type]]:
+    """The config's "format" -> (config class, model class) of each image tokenizer architecture."""
+    from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT, ChameleonVQGAN, VQGANConfig
+
+    return {FORMAT: (VQConfig, VQVAE), VQGAN_FORMAT: (VQGANConfig, ChameleonVQGAN)}
+
+
+def read_vq_config(directory: str | Path) -> VQConfig | VQGANConfig:
+    """The config stored in ``directory/config.json`` (its class chosen by "format"); CheckpointError naming the file if invalid."""
     path = _resolve(directory) / CONFIG
     raw = load_json(path)
-    if not isinstance(raw, dict) or "codebook_size" not in raw:
+    fmt = raw.get("format", FORMAT) if isinstance(raw, dict) else None
+    if fmt is None or (fmt == FORMAT and "codebook_size" not in raw):
         raise CheckpointError(f"{path}: not an image tokenizer config (no 'codebook_size'); is this an `earlyfusion tokenizer train` run?")
-    fmt = raw.get("format", FORMAT)
-    if fmt != FORMAT:
-        raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r}")
+    kinds = _architectures()
+    if fmt not in kinds:
+        raise CheckpointError(f"{path}: format {fmt!r} is not one of {sorted(kinds)}")
     d = {k: v for k, v in raw.items() if k not in ("format", "grid", "training")}
     try:
-        cfg = VQConfig.from_dict(d)
+        cfg = kinds[fmt][0].from_dict(d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid image tokenizer config: {e}") from e
     if "grid" in raw and list(raw["grid"]) != list(cfg.grid_size):
@@ -413,14 +427,14 @@ def read_vq_config(directory: str | Path) -> VQConfig:
     return cfg
 
 
-def load_vqvae(directory: str | Path) -> VQVAE:
+def load_vqvae(directory: str | Path) -> VQVAE | ChameleonVQGAN:
     """Build the model from ``config.json`` and load ``model.safetensors`` with strict key/shape checks.
 
     Accepts a run directory (top-level files) or a ``checkpoints/step-*`` directory.
     """
     directory = _resolve(directory)
     cfg = read_vq_config(directory)
-    model = VQVAE(cfg)
+    model = {config_cls: model_cls for config_cls, model_cls in _architectures().values()}[type(cfg)](cfg)
     try:
         load_weights(directory / WEIGHTS, model)
     except CheckpointError as e:
