@@ -38,6 +38,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),
     (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
      "earlyfusion.evaluate:EvalConfig", "earlyfusion.evaluate:eval_cmd"),
+    (("import", "chameleon"), "import a Chameleon / Anole checkpoint (transformers' format + Meta's VQGAN) as a run directory",
+     "earlyfusion.convert:ImportChameleonConfig", "earlyfusion.convert:import_cmd"),
+    (("export",), "export a run's decoder in transformers' Chameleon format (config.json, model.safetensors, tokenizer.json)",
+     "earlyfusion.convert:ExportConfig", "earlyfusion.convert:export_cmd"),
 ]
 
 

@@ -17,15 +17,20 @@ Name mapping (ours -> transformers), per layer ``i``. Our projection weights are
     norm.weight                    model.norm.weight
     output.weight                  lm_head.weight  (tok_emb.weight when embeddings are tied)
 
-transformers' model also holds Chameleon's VQGAN encoder (``model.vqmodel.*``); our image tokenizer
-is a different network, so the exported config carries a tiny placeholder ``vq_config`` and the
-mapping leaves those weights alone. ``vocabulary_map`` is empty, so transformers' masking of
-"IMGIMG" image-token logits is a no-op and every logit is the model's own.
+``iter_from_hf`` / ``iter_to_hf`` convert one tensor at a time (what ``earlyfusion import`` / ``export``
+stream through); the state-dict functions are built on them. ``reorder_vocab`` reorders the vocabulary
+axis (embedding rows, output-layer columns) when the two sides number their tokens differently.
+
+transformers' model also holds Chameleon's VQGAN encoder (``model.vqmodel.*``); the mapping leaves those
+weights alone. Unless told otherwise, the config carries a tiny placeholder ``vq_config``
+(``placeholder_vq_state`` gives matching weights) and an empty ``vocabulary_map``, so transformers'
+masking of "IMGIMG" image-token logits is a no-op and every logit is the model's own.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -75,13 +80,14 @@ _CONFIG_NAMES = {
 }
 
 
-def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
-    """A ``transformers.ChameleonConfig`` with the same shape as ``cfg``."""
+def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None, **fields: Any):
+    """A ``transformers.ChameleonConfig`` with the same shape as ``cfg``; ``fields`` (``vocabulary_map``, special token
+    ids) replace the defaults below."""
     from transformers import ChameleonConfig
 
     if not cfg.qk_norm:
         raise ValueError("transformers' Chameleon always applies QK-norm: only qk_norm=True decoders can be exported")
-    return ChameleonConfig(
+    values = dict(
         **{hf: getattr(cfg, ours) for ours, hf in _CONFIG_NAMES.items()},
         num_key_value_heads=cfg.n_kv_heads,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
@@ -92,6 +98,7 @@ def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None):
         bos_token_id=None,
         eos_token_id=None,
     )
+    return ChameleonConfig(**{**values, **fields})
 
 
 def from_hf_config(hf_config) -> DecoderConfig:
@@ -111,17 +118,17 @@ def from_hf_config(hf_config) -> DecoderConfig:
     )
 
 
-def to_hf_state_dict(state: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
-    """Our decoder state dict -> transformers' names (decoder weights only; no ``model.vqmodel.*``)."""
+def iter_to_hf(items: Iterable[tuple[str, Tensor]], cfg: DecoderConfig) -> Iterator[tuple[str, Tensor]]:
+    """Our decoder tensors -> (transformers name, tensor), one input tensor at a time (no tied ``lm_head``;
+    fused tensors come out as views of their parts: ``.contiguous()`` them before saving)."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out: dict[str, Tensor] = {}
-    for name, t in state.items():
+    for name, t in items:
         if name == "tok_emb.weight":
-            out["model.embed_tokens.weight"] = t
+            yield "model.embed_tokens.weight", t
         elif name == "norm.weight":
-            out["model.norm.weight"] = t
+            yield "model.norm.weight", t
         elif name == "output.weight":
-            out["lm_head.weight"] = t.t()
+            yield "lm_head.weight", t.t()
         elif m := _LAYER_RE.match(name):
             i, rest = m.groups()
             pre = f"{HF_PREFIX}layers.{i}."
@@ -130,51 +137,84 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, 
             if rest in _FUSED:
                 sizes = {"attn.qkv.weight": [H * hd, KV * hd, KV * hd], "mlp.gate_up.weight": [cfg.hidden_dim] * 2}
                 for hf_name, part in zip(_FUSED[rest], t.split(sizes.get(rest, [H, KV]), dim=0)):
-                    out[pre + hf_name] = part
+                    yield pre + hf_name, part
             elif rest in _LAYER_NAMES:
-                out[pre + _LAYER_NAMES[rest]] = t
+                yield pre + _LAYER_NAMES[rest], t
             else:
                 raise KeyError(f"no transformers name for decoder weight {name!r}")
         else:
             raise KeyError(f"no transformers name for decoder weight {name!r}")
+
+
+def to_hf_state_dict(state: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
+    """Our decoder state dict -> transformers' names (decoder weights only; no ``model.vqmodel.*``)."""
+    out = dict(iter_to_hf(state.items(), cfg))
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf_state: dict[str, Tensor], *, tie_embeddings: bool = False) -> dict[str, Tensor]:
-    """transformers' ChameleonForConditionalGeneration state dict -> ours (``model.vqmodel.*`` ignored)."""
-    out: dict[str, Tensor] = {}
+def iter_from_hf(items: Iterable[tuple[str, Tensor]], *, tie_embeddings: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """transformers' (name, tensor) pairs -> ours, as they arrive (``model.vqmodel.*`` ignored): a fused
+    tensor comes out once all its parts have been seen; KeyError for an unknown name or a missing part."""
     fused: dict[tuple[str, str], dict[str, Tensor]] = {}
-    for name, t in hf_state.items():
+    for name, t in items:
         if name.startswith(VQ_PREFIX):
             continue
         if name == "model.embed_tokens.weight":
-            out["tok_emb.weight"] = t
+            yield "tok_emb.weight", t
         elif name == "model.norm.weight":
-            out["norm.weight"] = t
+            yield "norm.weight", t
         elif name == "lm_head.weight":
             if not tie_embeddings:
-                out["output.weight"] = t.t().contiguous()
+                yield "output.weight", t.t().contiguous()
         elif m := _HF_LAYER_RE.match(name):
             i, rest = m.groups()
             if rest in _PART_OF:
-                fused.setdefault((i, _PART_OF[rest]), {})[rest] = t
+                key = (i, _PART_OF[rest])
+                parts = fused.setdefault(key, {})
+                parts[rest] = t
+                order = _FUSED[key[1]]
+                if len(parts) == len(order):
+                    del fused[key]
+                    t = torch.cat([parts.pop(p) for p in order], dim=0)
+                    yield f"layers.{i}.{key[1]}", t.t().contiguous() if key[1] in _TRANSPOSED else t
             elif rest in _HF_LAYER_NAMES:
                 ours = _HF_LAYER_NAMES[rest]
-                out[f"layers.{i}.{ours}"] = t.t().contiguous() if ours in _TRANSPOSED else t
+                yield f"layers.{i}.{ours}", t.t().contiguous() if ours in _TRANSPOSED else t
             else:
                 raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
         else:
             raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
     for (i, ours), parts in fused.items():
-        order = _FUSED[ours]
-        missing = [p for p in order if p not in parts]
-        if missing:
-            raise KeyError(f"layer {i}: missing {', '.join(missing)}")
-        t = torch.cat([parts[p] for p in order], dim=0)
-        out[f"layers.{i}.{ours}"] = t.t().contiguous() if ours in _TRANSPOSED else t
-    return out
+        missing = [p for p in _FUSED[ours] if p not in parts]
+        raise KeyError(f"layer {i}: missing {', '.join(missing)}")
+
+
+def from_hf_state_dict(hf_state: dict[str, Tensor], *, tie_embeddings: bool = False) -> dict[str, Tensor]:
+    """transformers' ChameleonForConditionalGeneration state dict -> ours (``model.vqmodel.*`` ignored)."""
+    return dict(iter_from_hf(hf_state.items(), tie_embeddings=tie_embeddings))
+
+
+def reorder_vocab(name: str, t: Tensor, order: Tensor) -> Tensor:
+    """Our decoder tensor ``name`` with its vocabulary axis reordered: entry ``i`` becomes old entry ``order[i]``
+    (the embedding's rows, the output layer's columns: it is stored (dim, vocab)); other tensors as they are."""
+    if name == "tok_emb.weight":
+        return t.index_select(0, order)
+    if name == "output.weight":
+        return t.index_select(1, order)
+    return t
+
+
+def placeholder_vq_state() -> dict[str, Tensor]:
+    """Weights of the placeholder VQGAN encoder (``PLACEHOLDER_VQ_CONFIG``) under ``model.vqmodel.*``, so that a
+    saved export loads in transformers without missing weights (the global RNG is left as it was)."""
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vq = ChameleonVQVAE(ChameleonVQVAEConfig(**PLACEHOLDER_VQ_CONFIG))
+    return {VQ_PREFIX + k: v.detach().contiguous() for k, v in vq.state_dict().items()}
 
 
 def to_hf_model(decoder: Decoder, vq_config: dict[str, Any] | None = None):
