@@ -15,25 +15,33 @@ with other values is refused, and so is a new run into a directory that already 
 Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update) and
 counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint. The
 last step is always checkpointed, skipped or not.
+
+``--init-from RUN`` starts from another run's decoder weights (ours, or an imported Chameleon/Anole
+run) with that run's shape, vocabulary and image tokenizer; ``--trainable image-head`` then trains only
+the output-layer columns of the image ids and leaves every other weight exactly as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from earlyfusion.checkpoint import copy_dir, latest_good, load_json, load_state, load_weights, save_state
+from earlyfusion.checkpoint import (
+    MANIFEST, copy_dir, latest_good, load_json, load_state, load_weights, save_state, sha256_file,
+)
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
-from earlyfusion.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, check_vocab_matches, write_decoder
+from earlyfusion.rundir import (
+    CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint, write_decoder,
+)
 from earlyfusion.runtime import use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.data import IMAGE, TEXT, DataConfig, heldout_pairs, training_batches
@@ -49,14 +57,24 @@ MIN_CONTEXT = 8
 class TrainConfig:
     data: DataConfig
     """The training data and how its documents are drawn (the --data, --reading-ratio, ... options)."""
-    image_tokenizer: str
-    """Image tokenizer run directory (from `earlyfusion tokenizer train`)."""
-    vocab: str
-    """Vocabulary directory (from `earlyfusion vocab build`), built for this image tokenizer."""
     out: str
     """Run directory (LMRUN): checkpoints, metrics.jsonl, sample sheets; self-contained for sampling."""
-    preset: str = "small"
-    """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b."""
+    image_tokenizer: str | None = None
+    """Image tokenizer run directory (from `earlyfusion tokenizer train`); optional with an init run (`--init-from`),
+    whose own is then used."""
+    vocab: str | None = None
+    """Vocabulary directory (from `earlyfusion vocab build`), built for this image tokenizer; optional with an init run
+    (`--init-from`), whose own is then used."""
+    init_from: str | None = None
+    """Run directory (or one of its checkpoints/step-* directories) whose decoder weights start this run: ours or an
+    imported Chameleon/Anole run. Its vocabulary and image tokenizer are used; a `--vocab` or `--image-tokenizer`
+    given as well must match them."""
+    trainable: Literal["all", "image-head"] = "all"
+    """Which weights train: all, or image-head = only the output-layer rows of the image ids (Anole's recipe for
+    teaching a text-only checkpoint to draw; every other weight stays exactly as the init run's)."""
+    preset: str | None = None
+    """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b. Unset = small, or the shape of
+    the init run (a preset given with `--init-from` must describe that shape)."""
     steps: int = 1600
     """Optimizer steps."""
     batch_size: int = 8
@@ -103,7 +121,17 @@ class TrainConfig:
     """Print a log line every K steps (the progress bar updates every step)."""
 
     def __post_init__(self):
-        if self.preset not in DECODER_PRESETS:
+        if self.init_from is None:
+            if self.vocab is None or self.image_tokenizer is None:
+                raise ValueError("--vocab and --image-tokenizer are required (or --init-from RUN, whose vocabulary and "
+                                 "image tokenizer are then used)")
+            if self.preset is None:
+                self.preset = "small"
+        if self.trainable not in ("all", "image-head"):
+            raise ValueError(f"--trainable {self.trainable!r} is not one of all, image-head")
+        if self.trainable == "image-head" and self.init_from is None:
+            raise ValueError("--trainable image-head trains only the output layer of a trained decoder; give --init-from RUN")
+        if self.preset is not None and self.preset not in DECODER_PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(DECODER_PRESETS)}")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             check_number(name.replace("_", "-"), getattr(self, name), 1)
@@ -121,7 +149,8 @@ class TrainConfig:
         if self.dropout is not None:
             check_number("dropout", self.dropout, 0, 1, hi_open=True)
         check_number("seed", self.seed, 0, MAX_SEED)
-        check_not_file("out", self.out)  # the data options are validated by DataConfig
+        for name in ("out", "init_from"):
+            check_not_file(name.replace("_", "-"), getattr(self, name))  # the data options are validated by DataConfig
 
 
 # ---------------------------------------------------------------- loss
@@ -159,16 +188,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that train; weight decay on matrices only, and none under --trainable image-head
+    (the frozen rows of the output layer must not decay)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "norm" not in name and cfg.trainable == "all" else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
     # fused: one kernel for the whole update (CPU and CUDA have it), a few % of a small model's step
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 # ---------------------------------------------------------------- run directory
+
+
+def _check_same(src: Path, dest: Path, what: str, fix: str, files: tuple[str, ...] = ("layout.json", "config.json")) -> None:
+    """UserError unless the vocabulary / image tokenizer directory ``src`` describes the same one as ``dest``."""
+    for fname in files:
+        if (src / fname).is_file() and load_json(src / fname) != load_json(dest / fname):
+            raise UserError(f"{dest / fname} differs from {src / fname}: {what}; {fix}")
 
 
 def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> None:
@@ -178,14 +218,65 @@ def _prepare_run_dir(cfg: TrainConfig, vocab_dir: Path, vq_dir: Path) -> None:
     for src, name in ((vocab_dir, VOCAB_DIR), (vq_dir, IMAGE_TOKENIZER_DIR)):
         dest = out / name
         if dest.is_dir():
-            for fname in ("layout.json", "config.json"):
-                if (src / fname).is_file() and load_json(src / fname) != load_json(dest / fname):
-                    raise UserError(
-                        f"{dest / fname} differs from {src / fname}: {out} was trained with another "
-                        f"{'vocabulary' if name == VOCAB_DIR else 'image tokenizer'}; use a new --out"
-                    )
+            kind = "vocabulary" if name == VOCAB_DIR else "image tokenizer"
+            _check_same(src, dest, f"{out} was trained with another {kind}", "use a new --out")
         else:
             copy_dir(src, dest)
+
+
+def _init_source(cfg: TrainConfig) -> tuple[Path | None, Path, Path]:
+    """(the --init-from checkpoint or None, vocabulary dir, image tokenizer dir) of this run.
+
+    With --init-from the run's own vocabulary and image tokenizer are used; a --vocab given as well must be that
+    vocabulary (the image tokenizer is then checked against it like any other).
+    """
+    if cfg.init_from is None:
+        return None, Path(cfg.vocab), Path(cfg.image_tokenizer)
+    root, ckpt = resolve_checkpoint(cfg.init_from)
+    for sub in (VOCAB_DIR, IMAGE_TOKENIZER_DIR):
+        if not (root / sub).is_dir():
+            raise UserError(f"--init-from {cfg.init_from}: {root / sub} is missing; pass a whole run directory "
+                            "(from `earlyfusion train` or `earlyfusion import chameleon`)")
+    vocab_dir = Path(cfg.vocab) if cfg.vocab else root / VOCAB_DIR
+    if cfg.vocab:
+        _check_same(vocab_dir, root / VOCAB_DIR, f"--vocab is not the vocabulary of --init-from {root}",
+                    "leave --vocab out to use the run's own", files=("layout.json", "tokenizer.json"))
+    return ckpt, vocab_dir, Path(cfg.image_tokenizer) if cfg.image_tokenizer else root / IMAGE_TOKENIZER_DIR
+
+
+def decoder_config(cfg: TrainConfig, vocab: Vocabulary, init: Path | None) -> DecoderConfig:
+    """The decoder's shape: the preset's, or the --init-from checkpoint's (which an explicit --preset must match);
+    --dropout overrides either."""
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if init is None:
+        return DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
+    saved = DecoderConfig.from_dict(load_json(init / CONFIG)["decoder"])
+    if saved.vocab_size != vocab.vocab_size:
+        raise UserError(f"{init / CONFIG}: decoder vocab_size {saved.vocab_size} != {vocab.vocab_size} of its "
+                        "vocabulary; the run directory was altered, import or train it again")
+    if cfg.preset is not None:
+        want = DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, dropout=saved.dropout).to_dict()
+        diffs = [f"{k} {v} (run {getattr(saved, k)})" for k, v in want.items() if getattr(saved, k) != v]
+        if diffs:
+            raise UserError(f"--preset {cfg.preset} is not the shape of --init-from {init}: {', '.join(diffs)}; "
+                            "leave --preset out to train the run's shape")
+    return replace(saved, **overrides)
+
+
+def freeze_to_image_head(model: Decoder) -> None:
+    """--trainable image-head: only the output layer trains (its image-id columns, see ``mask_to_image_head``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.output.weight.requires_grad_(True)
+
+
+def mask_to_image_head(model: Decoder, image_ids: range) -> None:
+    """Zero the output layer's gradient outside the image-id columns (the weight is stored (dim, vocab_size)), so
+    that AdamW (no weight decay here) leaves every other row exactly as it was."""
+    grad = model.output.weight.grad
+    if grad is not None:
+        grad[:, :image_ids.start] = 0
+        grad[:, image_ids.stop:] = 0
 
 
 def data_identity(data: DataConfig) -> dict:
@@ -204,9 +295,13 @@ def train(cfg: TrainConfig) -> Path:
 
     from earlyfusion.training.monitor import loss_curves_png, sample_sheet, validation_losses
 
-    vocab_dir, vq_dir = Path(cfg.vocab), Path(cfg.image_tokenizer)
+    init, vocab_dir, vq_dir = _init_source(cfg)
     vocab = Vocabulary.load(vocab_dir)
     check_vocab_matches(vocab, vq_dir, f"--vocab {vocab_dir} vs --image-tokenizer {vq_dir}")
+    dcfg = decoder_config(cfg, vocab, init)
+    if cfg.trainable == "image-head" and dcfg.tie_embeddings:
+        raise UserError("--trainable image-head needs a separate output layer, but this decoder ties it to the token "
+                        "embedding; use --trainable all")
 
     mp = cfg.mixed_precision
     if mp == "auto":
@@ -215,11 +310,9 @@ def train(cfg: TrainConfig) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
-    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
-    dcfg = DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
     context_len = cfg.context_len or dcfg.max_seq_len
     if context_len > dcfg.max_seq_len:
-        raise UserError(f"--context-len {context_len} exceeds the preset's max_seq_len {dcfg.max_seq_len}")
+        raise UserError(f"--context-len {context_len} exceeds the decoder's max_seq_len {dcfg.max_seq_len}")
     if context_len < vocab.tokens_per_image + 4:
         raise UserError(f"--context-len {context_len} cannot hold one image document "
                         f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {vocab.tokens_per_image + 4} tokens)")
@@ -230,7 +323,11 @@ def train(cfg: TrainConfig) -> Path:
     if per_proc % micro:
         raise UserError(f"per-process batch {per_proc} must be divisible by --micro-batch-size {micro}")
     identity = {"preset": cfg.preset, "decoder": dcfg.to_dict(), "data": data_identity(cfg.data), "seed": cfg.seed,
-                "batch_size": cfg.batch_size, "context_len": context_len}
+                "batch_size": cfg.batch_size, "context_len": context_len, "trainable": cfg.trainable,
+                "init_from": None if init is None else str(init.resolve()),
+                "init_weights": None if init is None else weights_fingerprint(init)}
+    if init is not None:
+        del identity["preset"]  # the shape is the run's: "decoder" records it, given with --preset or not
 
     out = Path(cfg.out)
     loop = TrainLoop(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
@@ -245,7 +342,13 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
-    model = Decoder(dcfg)
+    model = Decoder(dcfg)  # fp32 master weights, whatever dtype the --init-from file holds
+    if init is not None and ckpt is None:
+        load_weights(init / WEIGHTS, model)
+        log.info("initialised from %s", init)
+    image_ids = vocab.image_range if cfg.trainable == "image-head" else None
+    if image_ids is not None:
+        freeze_to_image_head(model)
     optimizer = make_optimizer(model, cfg)
 
     batches = training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
@@ -286,7 +389,12 @@ def train(cfg: TrainConfig) -> Path:
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
-             cfg.preset, n_params / 1e6, context_len, vocab.vocab_size, world, mp)
+             cfg.preset or f"of {init}", n_params / 1e6, context_len, vocab.vocab_size, world, mp)
+    if image_ids is None:
+        log.info("training all %d parameters", n_params)
+    else:
+        log.info("training %d of %d parameters: the output layer's columns of the %d image ids",
+                 dcfg.dim * len(image_ids), n_params, len(image_ids))
 
     t_last = time.perf_counter()
     for step in loop.iterate():
@@ -314,6 +422,8 @@ def train(cfg: TrainConfig) -> Path:
             t = torch.tensor([totals[k] for k in totals], dtype=torch.float64, device=accelerator.device)
             t = accelerator.reduce(t, reduction="sum")
             totals = dict(zip(totals, t.tolist()))
+        if image_ids is not None:
+            mask_to_image_head(raw_model, image_ids)
         gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm)
         loss_val = (totals["sum_all"] + cfg.z_loss * totals["sum_z"]) / max(totals["n_all"], 1)
@@ -373,6 +483,12 @@ def load_vq(vq_dir: Path):
     if key not in _VQ_CACHE:
         _VQ_CACHE[key] = load_vqvae(vq_dir).eval()
     return _VQ_CACHE[key]
+
+
+def weights_fingerprint(ckpt: Path) -> str:
+    """sha256 of a checkpoint's weights file, as its manifest records it (the directory was verified on load)."""
+    recorded = load_json(ckpt / MANIFEST).get("files", {}).get(WEIGHTS, {}).get("sha256")
+    return recorded or sha256_file(ckpt / WEIGHTS)
 
 
 def _fmt(v) -> str:
