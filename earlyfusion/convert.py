@@ -58,6 +58,13 @@ def _check_new_out(out: str, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {out}: exists and is not an empty directory; give a new directory")
 
 
+# Chameleon's published sampling settings (its inference code's defaults), used by `sample` on an imported run for the
+# options the user does not give. Its text repetition penalty (1.2) has no counterpart in our sampler, and its two
+# guidance scales (text 3.0, image 1.2 over three rows) map onto our one conditional/unconditional scale as 3.0.
+CHAMELEON_SAMPLING = {"temperature": 0.7, "top_k": 0, "top_p": 0.9, "image_temperature": 0.7, "image_top_k": 0,
+                      "image_top_p": 0.9, "cfg": 3.0}
+
+
 @dataclass
 class ImportChameleonConfig:
     model: str
@@ -220,7 +227,7 @@ def import_chameleon(cfg: ImportChameleonConfig) -> Path:
         order = torch.tensor(vocab_map.ours_to_theirs, dtype=torch.long)
         tensors = ((k, reorder_vocab(k, t, order))
                    for k, t in iter_from_hf(_read_tensors(files), tie_embeddings=dcfg.tie_embeddings))
-        config = {"decoder": dcfg.to_dict(), "step": 0,
+        config = {"decoder": dcfg.to_dict(), "step": 0, "sampling_defaults": CHAMELEON_SAMPLING,
                   "imported_from": {"model": str(src.resolve()), "vqgan": str(Path(cfg.vqgan).resolve())}}
         log.info(f"converting the decoder ({len(files)} file(s)) from {src}")
         with atomic_dir(step_dir(tmp / CHECKPOINTS_DIR, 0)) as ckpt:

@@ -13,7 +13,7 @@ import html
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +25,11 @@ from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingCon
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
+
+
+# the options a run may give its own defaults for (besides the guidance scale, which applies only where images are
+# sampled); the rest always come from the command line or SamplingConfig
+RUN_DEFAULTS = ("temperature", "top_k", "top_p", "image_temperature", "image_top_k", "image_top_p")
 
 
 @dataclass(kw_only=True)
@@ -39,9 +44,22 @@ class SampleConfig(SamplingConfig):
     """Put --prompt before the images instead of after them."""
     out: str = ""
     """Output directory (required for --modality image and auto; optional for text: writes sample-*.txt)."""
+    temperature: float | None = None
+    """Text temperature; 0 = greedy. Default: the run's (0.7; an imported Chameleon/Anole run carries Chameleon's
+    published settings)."""
+    top_k: int | None = None
+    """Text top-k; 0 = no limit. Default: the run's (20; none for an imported Chameleon/Anole run)."""
+    top_p: float | None = None
+    """Text nucleus probability; 1 = no limit. Default: the run's (1; 0.9 for an imported Chameleon/Anole run)."""
+    image_temperature: float | None = None
+    """Image-code temperature; 0 = greedy (every sample of a prompt then draws the same image). Raise it for more
+    varied images, lower it for images closer to the prompt. Default: the run's (0.5; 0.7 for an imported
+    Chameleon/Anole run)."""
+    image_top_p: float | None = None
+    """Image-code nucleus probability; 1 = no limit. Default: the run's (1; 0.9 for an imported Chameleon/Anole run)."""
 
     def __post_init__(self):
-        super().__post_init__()
+        self.resolved({})  # validates every sampling option the user gave
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
@@ -52,6 +70,20 @@ class SampleConfig(SamplingConfig):
             raise ValueError(f"--out {self.out}: exists and is not a directory; give a new or existing directory")
         if self.prompt_first and not self.image:
             raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
+
+    def resolved(self, run_defaults: dict) -> SamplingConfig:
+        """The sampling options to use: what the user gave, else the run's default (``sampling_defaults`` in its
+        checkpoint config, written by `earlyfusion import chameleon`), else SamplingConfig's."""
+        own = {f.name: f.default for f in fields(SamplingConfig)}
+        values = {}
+        for f in fields(SamplingConfig):
+            v = getattr(self, f.name)
+            if v is None and f.name in RUN_DEFAULTS:
+                v = run_defaults.get(f.name, own[f.name])
+            values[f.name] = v
+        if values["cfg"] is None and values["modality"] != "text" and "cfg" in run_defaults:
+            values["cfg"] = run_defaults["cfg"]
+        return SamplingConfig(**values)
 
 
 def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
@@ -145,6 +177,10 @@ def sample_cmd(cfg: SampleConfig) -> int:
     from earlyfusion.rundir import load_run
 
     run = load_run(cfg.checkpoint, device=device)
+    try:
+        sampling = cfg.resolved(run.config.get("sampling_defaults") or {})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{run.path / 'config.json'}: invalid sampling_defaults ({e}); fix or remove them") from None
     segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
     out = _out_dir(cfg.out) if cfg.out else None
 
@@ -157,7 +193,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
     if cfg.compile:
         log.info("--compile: compiling the decoder step on the first token (torch.compile, once per run)")
     t0 = time.perf_counter()
-    samples = generate(run.decoder, run.vocab, [segments], cfg, vq=run.vq, stream=stream if live else None)
+    samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None)
     dt = time.perf_counter() - t0
     n_tokens = sum(len(s.ids) for s in samples)
     n_images = sum(len(s.images) for s in samples)

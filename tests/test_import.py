@@ -366,3 +366,41 @@ def test_vocab_errors_name_the_problem(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
     with pytest.raises(UserError, match="image code 3 has none"):
         read_chameleon_vocab(tmp_path)
+
+
+def test_imported_run_samples_with_chameleons_defaults_unless_told_otherwise(source, tmp_path, capsys, monkeypatch,
+                                                                             tiny_pipeline):
+    """`sample` on an imported run uses Chameleon's published settings for every option the user leaves out; options
+    given on the command line win; our own runs keep our defaults. Interleaved (auto) sampling runs too."""
+    import earlyfusion.sampling.cli as sc
+    from earlyfusion.sampling.generate import SamplingConfig
+
+    root, _ = source
+    seen: list[SamplingConfig] = []
+    real = sc.generate
+
+    def spy(decoder, vocab, prompts, config, **kw):
+        seen.append(config)
+        return real(decoder, vocab, prompts, config, **kw)
+
+    monkeypatch.setattr(sc, "generate", spy)
+    rc, err = cli(capsys, "sample", "--checkpoint", root / "run", "--modality", "image", "--prompt", "a", "--out",
+                  tmp_path / "a")
+    assert rc == 0, err
+    c = seen[-1]
+    assert (c.temperature, c.top_k, c.top_p, c.image_temperature, c.image_top_k, c.image_top_p, c.guidance) == \
+        (0.7, 0, 0.9, 0.7, 0, 0.9, 3.0)
+    rc, err = cli(capsys, "sample", "--checkpoint", root / "run", "--modality", "image", "--prompt", "a", "--out",
+                  tmp_path / "b", "--image-temperature", "0.2", "--cfg", "2", "--image-top-p", "1")
+    assert rc == 0, err
+    c = seen[-1]
+    assert (c.image_temperature, c.guidance, c.image_top_p, c.temperature) == (0.2, 2.0, 1.0, 0.7)
+    rc, err = cli(capsys, "sample", "--checkpoint", root / "run", "--prompt", "hi", "--max-new-tokens", 4)
+    assert rc == 0, err and seen[-1].guidance == 1.0  # text: no guidance, even though the run has a default scale
+    rc, err = cli(capsys, "sample", "--checkpoint", root / "run", "--modality", "auto", "--prompt", "hi",
+                  "--max-new-tokens", 80, "--out", tmp_path / "auto")
+    assert rc == 0, err and seen[-1].modality == "auto"
+    rc, err = cli(capsys, "sample", "--checkpoint", tiny_pipeline.lm, "--prompt", "a", "--max-new-tokens", 4)
+    assert rc == 0, err
+    own = SamplingConfig()
+    assert (seen[-1].temperature, seen[-1].top_k, seen[-1].top_p) == (own.temperature, own.top_k, own.top_p)
