@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - UserError re-exported for callers of checkpoint IO
@@ -105,27 +105,39 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:
-    """Load a safetensors file into ``module`` with strict key and shape checks."""
+    """Load a safetensors file into ``module`` with strict key and shape checks.
+
+    Tensors are read one at a time and copied into the module's own, so loading holds the weights once plus
+    one tensor (a 7B model in bf16 loads in the memory it takes), never a second full copy.
+    """
     path = Path(path)
-    state = read_weights(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape mismatch for {len(wrong)} (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise CheckpointError(
-            f"{path}: weights do not match the model built from the config beside it: " + "; ".join(parts)
-            + ". Was config.json edited, or the file copied from another run?"
-        )
-    module.load_state_dict(state, strict=True)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            missing = sorted(set(own) - set(shapes))
+            unexpected = sorted(set(shapes) - set(own))
+            wrong = sorted(k for k in set(own) & set(shapes) if tuple(own[k].shape) != shapes[k])
+            if missing or unexpected or wrong:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+                if unexpected:
+                    parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+                if wrong:
+                    k = wrong[0]
+                    parts.append(f"shape mismatch for {len(wrong)} (e.g. {k}: file {shapes[k]} vs model {tuple(own[k].shape)})")
+                raise CheckpointError(
+                    f"{path}: weights do not match the model built from the config beside it: " + "; ".join(parts)
+                    + ". Was config.json edited, or the file copied from another run?"
+                )
+            with torch.no_grad():
+                for k, target in own.items():
+                    target.copy_(f.get_tensor(k))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
 
 
 # ---------------------------------------------------------------- directories
