@@ -15,6 +15,11 @@ TARGETS = {
 }
 INTERFACE_KEYS = tuple(TARGETS)
 
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """A section heading and the header rows of its Markdown table."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _fmt(x, digits: int = 3) -> str:
     if x is None:
         return "—"
@@ -95,11 +100,10 @@ def render(results: dict) -> str:
     L.append("")
 
     if results.get("train"):
-        L += ["## Training (forward + backward + AdamW step)", "",
-              "| Preset | Params | Batch × seq | Vocab | Ours tok/s | Ours `--compile` tok/s | Peer tok/s | Ours ÷ peer (eager) | "
-              "Best ÷ peer | Best GFLOP/s | Peer GFLOP/s | Matmul GFLOP/s alongside | Best ÷ ceiling alongside | "
-              "Best ÷ best ceiling | Logit parity |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += _table_head("Training (forward + backward + AdamW step)", [
+            "Preset", "Params", "Batch × seq", "Vocab", "Ours tok/s", "Ours `--compile` tok/s", "Peer tok/s",
+            "Ours ÷ peer (eager)", "Best ÷ peer", "Best GFLOP/s", "Peer GFLOP/s", "Matmul GFLOP/s alongside",
+            "Best ÷ ceiling alongside", "Best ÷ best ceiling", "Logit parity"])
         for name, r in results["train"].items():
             best = r.get("best_speedup")
             best_s = f"{_fmt(best)} ({r['best_mode']})" if best is not None else _fmt(None)
@@ -125,11 +129,11 @@ def render(results: dict) -> str:
               "vocabulary_map).", ""]
 
     if results.get("decode"):
-        L += ["## Decoding (KV cache, greedy)", "",
-              "| Preset | Batch | Prompt + new | Ours sampler tok/s | Ours sampler `--compile` tok/s | Ours bare loop tok/s | "
-              "Peer generate() tok/s | Ours ÷ peer (eager) | Best ÷ peer | Peer on 1 thread tok/s (best ÷ it) | "
-              "Best eff. GB/s | Copy GB/s alongside | ÷ copy alongside | ÷ best copy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += _table_head("Decoding (KV cache, greedy)", [
+            "Preset", "Batch", "Prompt + new", "Ours sampler tok/s", "Ours sampler `--compile` tok/s",
+            "Ours bare loop tok/s", "Peer generate() tok/s", "Ours ÷ peer (eager)", "Best ÷ peer",
+            "Peer on 1 thread tok/s (best ÷ it)", "Best eff. GB/s", "Copy GB/s alongside", "÷ copy alongside",
+            "÷ best copy"])
         for name, r in results["decode"].items():
             for B in results["settings"]["decode_batches"]:
                 if f"b{B}_speedup" not in r:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from earlyfusion.errors import UserError
+from earlyfusion.errors import build_config
 
 # Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
 QK_NORM_EPS = 1e-5
@@ -123,16 +123,8 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
-        """Inverse of ``to_dict``; an unknown/missing key or bad value raises UserError naming it."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UserError(f"decoder config has unknown field(s) {', '.join(sorted(unknown))}; "
-                            "it was written by a different version of earlyfusion or edited by hand")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"invalid decoder config: {e}") from e
+        """Inverse of ``to_dict``; an unknown/missing key or bad value raises a UserError naming it."""
+        return build_config(cls, d, "decoder config")
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count, computed analytically (no allocation); ``embeddings=False`` leaves out

@@ -319,7 +319,7 @@ def test_caller_image_not_mutated():
     assert load_image(rgb) is not rgb
 
 
-# ---------------------------------------------------------------- property test (issue 8)
+# ---------------------------------------------------------------- property test
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from earlyfusion.checkpoint import atomic_dir, read_weights
-from earlyfusion.errors import CheckpointError, UserError
+from earlyfusion.errors import CheckpointError, UserError, build_config
 from earlyfusion.tokenizer.vqvae import CONFIG, VQVAE, Upsample, VQConfig, save_vqvae
 
 FORMAT = "earlyfusion.chameleon_vqgan"
@@ -367,10 +367,7 @@ def config_from_yaml(path: Path) -> VQGANConfig:
     if absent:
         raise UserError(f"{path}: model.params lacks {', '.join(absent)} (embed_dim and n_embed under params, the rest "
                         "under ddconfig)")
-    try:
-        return VQGANConfig(**values)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: unusable VQGAN config: {e}") from None
+    return build_config(VQGANConfig, values, f"{path}: unusable VQGAN config")
 
 
 def _torch_load(path: Path) -> object:
