@@ -167,7 +167,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="earlyfusion",
         description="Discrete-token early-fusion models: image tokenizer -> vocabulary -> unified decoder -> sampling.",
-        epilog="Pipeline: data shapes -> tokenizer train -> vocab build -> train -> sample / eval. "
+        epilog="Pipeline: data shapes -> tokenizer train -> vocab build -> train -> sample / eval; or, from published "
+               "weights: import chameleon -> sample / train --init-from. "
                "Run 'earlyfusion COMMAND --help' for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
