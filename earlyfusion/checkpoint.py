@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - UserError re-exported for callers of checkpoint IO
@@ -104,19 +104,38 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(fh, size: int) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, where the data starts) of an open safetensors file."""
+    n = int.from_bytes(fh.read(8), "little")
+    if not 2 <= n <= size - 8:
+        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+    header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:
     """Load a safetensors file into ``module`` with strict key and shape checks.
 
-    Tensors are read one at a time and copied into the module's own, so loading holds the weights once plus
-    one tensor (a 7B model in bf16 loads in the memory it takes), never a second full copy.
+    Each tensor is read from the file into a buffer of its own size and copied into the module's, so loading
+    holds the weights once plus one tensor: never a second full copy, and no memory map that would count the
+    whole file as resident (a bf16 7B model loads in the memory it takes).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     own = module.state_dict()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with open(path, "rb") as fh:
+            header, base = _read_header(fh, path.stat().st_size)
+            shapes = {k: tuple(v["shape"]) for k, v in header.items()}
             missing = sorted(set(own) - set(shapes))
             unexpected = sorted(set(shapes) - set(own))
             wrong = sorted(k for k in set(own) & set(shapes) if tuple(own[k].shape) != shapes[k])
@@ -135,8 +154,17 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
                 )
             with torch.no_grad():
                 for k, target in own.items():
-                    target.copy_(f.get_tensor(k))
-    except (SafetensorError, OSError, ValueError) as e:
+                    info = header[k]
+                    dtype = _DTYPES[info["dtype"]]
+                    start, end = info["data_offsets"]
+                    if end - start != torch.Size(shapes[k]).numel() * dtype.itemsize:
+                        raise ValueError(f"tensor {k}: {end - start} bytes for shape {list(shapes[k])} {info['dtype']}")
+                    raw = torch.empty(end - start, dtype=torch.uint8)
+                    fh.seek(base + start)
+                    if fh.readinto(raw.numpy()) != end - start:
+                        raise ValueError(f"tensor {k} ends past the end of the file")
+                    target.copy_(raw.view(dtype).reshape(shapes[k]))
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
 
 
