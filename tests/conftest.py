@@ -45,3 +45,23 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
     p.lm = root / "lm"
     run_cli(*tiny_train_argv(p, p.lm, 12))
     return p
+
+
+def cli_status(capsys, argv) -> tuple[int, str]:
+    """(exit status, stderr) of one `earlyfusion` command run in this process; argparse's refusals included."""
+    from earlyfusion.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc, err):
+    """Exit status 2, exactly one `earlyfusion: error:` line on stderr, no traceback."""
+    assert rc == 2, (rc, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("earlyfusion: error: "), err
+    assert "Traceback" not in err

@@ -19,7 +19,7 @@ from earlyfusion.rundir import IMPORTED_DIR, PERMUTATION, load_run, resolve_chec
 from earlyfusion.tokenizer.chameleon_vocab import image_code, image_code_name, read_chameleon_vocab  # noqa: E402
 from earlyfusion.tokenizer.vocab import Vocabulary  # noqa: E402
 from earlyfusion.tokenizer.vqgan import ChameleonVQGAN, VQGANConfig  # noqa: E402
-from test_options import _run  # noqa: E402  (exit status and stderr of one command)
+from conftest import cli_status  # noqa: E402
 
 # 16 px images, an 8x8 code grid, 64 codes
 VQ = VQGANConfig(embed_dim=8, n_embed=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, z_channels=8)
@@ -116,7 +116,7 @@ def write_vqgan(dst: Path, cfg: VQGANConfig = VQ) -> Path:
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
-    return _run(capsys, argv)
+    return cli_status(capsys, argv)
 
 
 @pytest.fixture(scope="module")

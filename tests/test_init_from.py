@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TinyPipeline, run_cli, tiny_train_argv
+from conftest import TinyPipeline, assert_one_line_error, cli_status, run_cli, tiny_train_argv
 from earlyfusion.checkpoint import latest_good, load_state, read_weights, save_weights, write_manifest
 from earlyfusion.rundir import resolve_checkpoint
 from earlyfusion.tokenizer.vocab import Vocabulary
-from test_options import _assert_one_line_error, _run
 
 
 def _init_argv(p: TinyPipeline, out: Path, steps: int, *extra) -> list:
@@ -29,8 +28,8 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def _one_line_error(capsys, argv, *words) -> None:
-    rc, err = _run(capsys, argv)
-    _assert_one_line_error(rc, err)
+    rc, err = cli_status(capsys, argv)
+    assert_one_line_error(rc, err)
     for w in words:
         assert w in err, (w, err)
 

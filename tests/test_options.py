@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TinyPipeline
-from earlyfusion.cli import main
+from conftest import TinyPipeline, assert_one_line_error as _assert_one_line_error, cli_status as _run
 
 TRAIN_BAD = [
     ["--steps", "0"], ["--steps", "-1"], ["--steps", "1.5"], ["--steps", "nan"],
@@ -31,22 +30,6 @@ VQ_TRAIN_BAD = [
 ]
 VQ_EVAL_BAD = [["--batch-size", "0"], ["--batch-size", "1e6"], ["--batch-size", "100000"], ["--limit", "-1"],
                ["--limit", "x"], ["--bogus-option"]]
-
-
-def _run(capsys, argv) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
-def _assert_one_line_error(rc, err):
-    assert rc == 2, (rc, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("earlyfusion: error: "), err
-    assert "Traceback" not in err
 
 
 def _train_argv(tmp_path, out, *extra):
