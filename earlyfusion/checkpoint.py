@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - UserError re-exported for callers of checkpoint IO
@@ -104,9 +105,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+# torch dtype <-> the dtype names in a safetensors header
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def _read_header(fh, size: int) -> tuple[dict, int]:
@@ -155,7 +158,7 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
             with torch.no_grad():
                 for k, target in own.items():
                     info = header[k]
-                    dtype = _DTYPES[info["dtype"]]
+                    dtype = _TORCH_DTYPES[info["dtype"]]
                     start, end = info["data_offsets"]
                     if end - start != torch.Size(shapes[k]).numel() * dtype.itemsize:
                         raise ValueError(f"tensor {k}: {end - start} bytes for shape {list(shapes[k])} {info['dtype']}")
@@ -166,6 +169,67 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
                     target.copy_(raw.view(dtype).reshape(shapes[k]))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
+
+
+def safetensors_specs(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a safetensors file, read from its header (no data loaded);
+    CheckpointError naming the file when it is truncated or not safetensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (_TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+            return out
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({' '.join(str(e).split())}); "
+                              "the file is truncated or corrupted") from e
+
+
+def stream_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors (``specs``: name -> (dtype, shape)) arrive one at a time, in any
+    order: the header is laid out first, each tensor is written at its place as it comes and can then be freed,
+    so a conversion never holds more than the tensors in flight. Temp file + fsync + rename, as ``save_weights``."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this machine is not")
+    path = Path(path)
+    header, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    written: set[str] = set()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(start + offset)
+            for name, t in tensors:
+                if name not in specs or name in written:
+                    raise ValueError(f"{path}: tensor {name!r} is {'written twice' if name in written else 'not planned'}")
+                dtype, shape = specs[name]
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+                f.seek(start + header[name]["data_offsets"][0])
+                f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                written.add(name)
+            if written != set(specs):
+                missing = sorted(set(specs) - written)
+                raise ValueError(f"{path}: {len(missing)} planned tensor(s) never came (e.g. {missing[:3]})")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- directories

@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from earlyfusion.checkpoint import atomic_dir, load_json, save_json, step_dir
+from earlyfusion.checkpoint import atomic_dir, load_json, safetensors_specs, save_json, step_dir, stream_safetensors
 from earlyfusion.errors import CheckpointError, UserError
 from earlyfusion.logs import log
 from earlyfusion.model.chameleon_hf import (PLACEHOLDER_VQ_CONFIG, VQ_PREFIX, from_hf_config, from_hf_state_dict, iter_from_hf,
                                             iter_to_hf, placeholder_vq_state, reorder_vocab, to_hf_config)
 from earlyfusion.model.decoder import Decoder, DecoderConfig
 from earlyfusion.rundir import (CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, IMPORTED_DIR, PERMUTATION, VOCAB_DIR, WEIGHTS,
-                                resolve_checkpoint, safetensors_specs, stream_safetensors, write_decoder_stream)
+                                resolve_checkpoint, write_decoder_stream)
 from earlyfusion.tokenizer.chameleon_vocab import invert_permutation, read_chameleon_vocab
 from earlyfusion.tokenizer.vocab import HF_CONFIG_FILE, TOKENIZER_FILE, Vocabulary
 

@@ -14,19 +14,15 @@ A run is self-contained: ``load_run(LMRUN)`` needs nothing outside it. ``load_ru
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.checkpoint import (MANIFEST, CheckpointError, latest_good, load_json, load_weights, save_json, save_weights,
-                                    verify_dir)
+from earlyfusion.checkpoint import (MANIFEST, CheckpointError, latest_good, load_json, load_weights, safetensors_specs,
+                                    save_json, save_weights, stream_safetensors, verify_dir)
 from earlyfusion.tokenizer.vocab import Vocabulary, check_vocab_matches  # check_vocab_matches: re-exported for the trainer
 from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae
 
@@ -37,13 +33,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 IMPORTED_DIR = "imported"
 PERMUTATION = "permutation.json"
-
-# torch dtype <-> the dtype names in a safetensors header
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
 
 @dataclass
 class Run:
@@ -67,67 +56,6 @@ def write_decoder_stream(directory: Path, specs: dict[str, tuple[torch.dtype, tu
     """``write_decoder`` for weights that arrive one tensor at a time (a conversion): see ``stream_safetensors``."""
     stream_safetensors(directory / WEIGHTS, specs, tensors)
     save_json(directory / CONFIG, config)
-
-
-def safetensors_specs(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """name -> (dtype, shape) of every tensor in a safetensors file, read from its header (no data loaded);
-    CheckpointError naming the file when it is truncated or not safetensors."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = (_TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
-            return out
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({' '.join(str(e).split())}); "
-                              "the file is truncated or corrupted") from e
-
-
-def stream_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                       tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose tensors (``specs``: name -> (dtype, shape)) arrive one at a time, in any
-    order: the header is laid out first, each tensor is written at its place as it comes and can then be freed,
-    so a conversion never holds more than the tensors in flight. Temp file + fsync + rename, as ``save_weights``."""
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; this machine is not")
-    path = Path(path)
-    header, offset = {}, 0
-    for name in sorted(specs):
-        dtype, shape = specs[name]
-        size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    written: set[str] = set()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            f.truncate(start + offset)
-            for name, t in tensors:
-                if name not in specs or name in written:
-                    raise ValueError(f"{path}: tensor {name!r} is {'written twice' if name in written else 'not planned'}")
-                dtype, shape = specs[name]
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-                f.seek(start + header[name]["data_offsets"][0])
-                f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
-                written.add(name)
-            if written != set(specs):
-                missing = sorted(set(specs) - written)
-                raise ValueError(f"{path}: {len(missing)} planned tensor(s) never came (e.g. {missing[:3]})")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:

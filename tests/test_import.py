@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("transformers")
 yaml = pytest.importorskip("yaml")
 
-from earlyfusion.rundir import IMPORTED_DIR, PERMUTATION, load_run, resolve_checkpoint, safetensors_specs  # noqa: E402
+from earlyfusion.checkpoint import safetensors_specs  # noqa: E402
+from earlyfusion.rundir import IMPORTED_DIR, PERMUTATION, load_run, resolve_checkpoint  # noqa: E402
 from earlyfusion.tokenizer.chameleon_vocab import image_code, image_code_name, read_chameleon_vocab  # noqa: E402
 from earlyfusion.tokenizer.vocab import Vocabulary  # noqa: E402
 from earlyfusion.tokenizer.vqgan import ChameleonVQGAN, VQGANConfig  # noqa: E402
