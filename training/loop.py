@@ -64,7 +64,10 @@ def metrics_file(out: Path, resume_step: int) -> Path:
         if dropped:
             log.warning("%s: dropped %d line(s) that are not JSON records with a step", path, dropped)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(k + b"\n" for k in keep))
+        with open(tmp, "wb") as f:
+            f.write(b"".join(k + b"\n" for k in keep))
+            f.flush()
+            os.fsync(f.fileno())  # the cut file is on disk before it replaces the old one
         os.replace(tmp, path)
     else:
         path.touch()
