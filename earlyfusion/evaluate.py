@@ -15,7 +15,6 @@ eval reports losses and tokenizer figures and writes caption/generation sheets f
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ import torch
 from earlyfusion.checkpoint import save_json
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
+from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.sampling.generate import DEFAULT_CFG
 from earlyfusion.training.monitor import _decode_codes, _sheet, draw_images, read_captions, validation_losses
 
@@ -53,14 +53,12 @@ class EvalConfig:
     """Where to write the caption/generation sheets; empty = <checkpoint>/eval."""
 
     def __post_init__(self):
-        if self.limit < 0 or not 1 <= self.batch_size <= 65536:
-            raise ValueError("--limit must be >= 0 and --batch-size between 1 and 65536")
-        if not (math.isfinite(self.cfg) and self.cfg >= 0) or not (math.isfinite(self.image_temperature) and self.image_temperature >= 0):
-            raise ValueError("--cfg and --image-temperature must be finite numbers >= 0")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
-        if self.out and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
-            raise ValueError(f"--out {self.out} is a file; give a directory for the sheets")
+        check_number("limit", self.limit, 0)
+        check_number("batch-size", self.batch_size, 1, MAX_BATCH)
+        check_number("cfg", self.cfg, 0)
+        check_number("image-temperature", self.image_temperature, 0)
+        check_number("seed", self.seed, 0, MAX_SEED)
+        check_not_file("out", self.out)
 
 
 # ---------------------------------------------------------------- reading and drawing

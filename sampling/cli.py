@@ -20,6 +20,7 @@ import torch
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
+from earlyfusion.options import check_not_file
 from earlyfusion.runtime import use_all_cores
 from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
 
@@ -66,8 +67,7 @@ class SampleConfig(SamplingConfig):
             raise ValueError("--prompt is not valid UTF-8 text; pass it in a UTF-8 locale or fix its encoding") from None
         if self.modality in ("image", "auto") and not self.out:
             raise ValueError(f"--modality {self.modality} writes image files: give --out DIR")
-        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out}: exists and is not a directory; give a new or existing directory")
+        check_not_file("out", self.out)
         if self.prompt_first and not self.image:
             raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
 

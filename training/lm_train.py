@@ -39,6 +39,7 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
+from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.rundir import (
     CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint, write_decoder,
 )
@@ -46,7 +47,7 @@ from earlyfusion.runtime import use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.data import IMAGE, TEXT, DataConfig, heldout_pairs, training_batches
 from earlyfusion.training.loop import (
-    MAX_BATCH, MAX_SEED, TrainLoop, check_identity, check_not_file, check_number, source_key, warmup_cosine_lr,
+    TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
 
 MIN_CONTEXT = 8

@@ -114,32 +114,6 @@ def check_identity(saved: dict | None, now: dict, ckpt: Path) -> None:
                         "Resume with the options of that run, or train into another --out")
 
 
-MAX_BATCH = 65536
-"""The largest --batch-size an option accepts."""
-MAX_SEED = 2 ** 32 - 1
-
-
-def check_number(flag: str, value, lo=None, hi=None, *, hi_open: bool = False) -> None:
-    """Option validation for a config's ``__post_init__``: ValueError unless ``value`` is a finite number
-    in [lo, hi] ([lo, hi) with ``hi_open``; a bound of None is no bound)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"--{flag} must be a finite number, got {value}")
-    if (lo is not None and value < lo) or (hi is not None and (value >= hi if hi_open else value > hi)):
-        if hi is None:
-            want = f"at least {lo}"
-        elif lo is None:
-            want = f"at most {hi}"
-        else:
-            want = f"in [{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"--{flag} must be {want}, got {value}")
-
-
-def check_not_file(flag: str, value: str | None) -> None:
-    """A directory option must not name an existing file."""
-    if value and Path(value).expanduser().is_file():
-        raise ValueError(f"--{flag} {value} is a file, not a directory; choose a directory")
-
-
 class TrainLoop:
     """Resume, LR, non-finite guard, checkpoints, metrics and log lines of one training run."""
 

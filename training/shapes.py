@@ -35,6 +35,7 @@ from PIL import Image
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import progress
+from earlyfusion.options import MAX_SEED, check_number
 
 # ---------------------------------------------------------------- attribute vocabulary
 
@@ -350,8 +351,7 @@ class ShapesConfig:
             raise ValueError(f"--num-images must be between 2 (one train and one test image) and {MAX_ITEMS}, got {self.num_images}")
         if not 16 <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % 8:
             raise ValueError(f"--image-size must be a multiple of 8 between 16 and {MAX_IMAGE_SIZE}, got {self.image_size}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        check_number("seed", self.seed, 0, MAX_SEED)
         if self.num_interleaved > MAX_ITEMS or self.num_text > MAX_ITEMS:
             raise ValueError(f"--num-interleaved and --num-text must be at most {MAX_ITEMS}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -22,7 +22,7 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.runtime import use_all_cores
 from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae
-from earlyfusion.training.loop import MAX_BATCH, check_number
+from earlyfusion.options import MAX_BATCH, check_number
 
 
 # ---------------------------------------------------------------- options

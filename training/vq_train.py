@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from earlyfusion.checkpoint import latest_good, load_json, load_state, load_weights, save_state
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
+from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.runtime import use_all_cores
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
 from earlyfusion.training.loop import (
-    MAX_BATCH, MAX_SEED, TrainLoop, check_identity, check_not_file, check_number, source_key, warmup_cosine_lr,
+    TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
 from earlyfusion.training.vq_eval import (  # noqa: F401 - re-exported: the tokenizer's figures live in vq_eval
     VQEvalConfig, code_stats, eval_cmd, evaluate_tokenizer, load_images, psnr, reconstruction_sheet, ssim, to_pixels,

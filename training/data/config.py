@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from earlyfusion.options import check_not_file, check_number
 
 PIPELINE_VERSION = 1  # part of every image-code cache key and of the resume signature
 TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image code or <eoi>; no target
@@ -47,12 +47,9 @@ class DataConfig:
             self.sources = [self.sources]
         if not self.sources or any(not isinstance(s, str) or not s.strip() for s in self.sources):
             raise ValueError("--data needs at least one source: a data directory, a .jsonl/.txt file or a hub name")
-        if not math.isfinite(self.reading_ratio) or not 0.0 <= self.reading_ratio <= 1.0:
-            raise ValueError(f"--reading-ratio must be in [0, 1] (got {self.reading_ratio})")
-        if not math.isfinite(self.cond_dropout) or not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"--cond-dropout must be in [0, 1) (got {self.cond_dropout})")
-        if self.cache_dir and Path(self.cache_dir).is_file():
-            raise ValueError(f"--cache-dir {self.cache_dir} is a file; give a directory (it is created if missing)")
+        check_number("reading-ratio", self.reading_ratio, 0, 1)
+        check_number("cond-dropout", self.cond_dropout, 0, 1, hi_open=True)
+        check_not_file("cache-dir", self.cache_dir)
         for name in ("image_column", "text_column", "split"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
