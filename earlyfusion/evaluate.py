@@ -5,7 +5,7 @@
   baseline of that modality (the entropy of the held-out tokens' own unigram distribution).
 * Reading: greedy caption of every held-out image, parsed back into attributes.
 * Drawing: one image per held-out caption (default CFG), judged by ``training.shapes.recognise``,
-  an analytic recogniser that does not depend on the model (>= 99 % exact on ground truth, tested).
+  an analytic recogniser that does not depend on the model (its accuracy on ground-truth images is tested).
 * Tokenizer figures (PSNR, SSIM, codebook usage) of the run's own image tokenizer.
 
 Reading/drawing accuracy needs captions in the built-in data's grammar; for any other imagefolder,
