@@ -43,7 +43,7 @@ from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_numbe
 from earlyfusion.rundir import (
     CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint, write_decoder,
 )
-from earlyfusion.runtime import use_all_cores
+from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.data import IMAGE, TEXT, DataConfig, heldout_pairs, training_batches
 from earlyfusion.training.loop import (
@@ -117,7 +117,8 @@ class TrainConfig:
     time (shorter once inductor's on-disk cache has it), then trains faster; the demo turns it on
     (bench/RESULTS.md has the figures)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """auto = bf16 autocast on a GPU that supports it, fp32 elsewhere (bf16 is far slower on most CPUs)."""
+    """auto = bf16 autocast where products in bf16 are fast (a GPU with bf16; a CPU with AMX or AVX512-BF16),
+    fp32 elsewhere; weights, optimizer state and losses stay fp32. Use no for bit-exact fp32 runs."""
     log_every: int = 10
     """Print a log line every K steps (the progress bar updates every step)."""
 
@@ -304,10 +305,9 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError("--trainable image-head needs a separate output layer, but this decoder ties it to the token "
                         "embedding; use --trainable all")
 
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mp)
+    mp, why = mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
+    log.info(f"precision: {why}")
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
@@ -411,7 +411,7 @@ def train(cfg: TrainConfig) -> Path:
             mb = {k: v[i:i + micro].to(accelerator.device) for k, v in local.items()}
             last = i + micro >= per_proc
             with (accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()):
-                with accelerator.autocast():
+                with autocast(mp, accelerator.device.type):
                     logits, hidden = forward(mb["tokens"], positions=mb["positions"], doc_ids=mb["doc_ids"], return_hidden=True)
                 # grads are averaged over processes, so scale the global-token mean by world size
                 loss, stats = lm_loss(logits, mb["targets"], mb["modality"], cfg.z_loss, denom=n_global / world)

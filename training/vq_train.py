@@ -41,7 +41,7 @@ from earlyfusion.checkpoint import latest_good, load_json, load_state, load_weig
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
-from earlyfusion.runtime import use_all_cores
+from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
@@ -103,6 +103,9 @@ class VQTrainConfig:
     """Fail on the first unreadable image instead of skipping and counting it."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row (each one is skipped)."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto = bf16 autocast for the encoder and decoder where bf16 products are fast (a GPU with bf16; a CPU with
+    AMX or AVX512-BF16), fp32 elsewhere; the quantizer, weights and losses stay fp32. Use no for bit-exact fp32 runs."""
 
     def __post_init__(self):
         if self.preset not in VQ_PRESETS:
@@ -168,7 +171,9 @@ def train(cfg: VQTrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator()
+    mp, why = mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
+    log.info(f"precision: {why}")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.out)
@@ -252,7 +257,7 @@ def train(cfg: VQTrainConfig) -> Path:
         idx = batch_indices(step, cfg.seed, n, batch_size)[rank * per_proc:(rank + 1) * per_proc]
         x = to_pixels(images[idx]).to(device)  # (b, 3, S, S)
         snapshot = {k: v.detach().clone() for k, v in quant_buffers.items()}
-        with accelerator.autocast():
+        with autocast(mp, accelerator.device.type):
             loss, parts = compute_loss(model, x, cfg)
         loss_val = float(loss.detach())
         gnorm = float("nan")
