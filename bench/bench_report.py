@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from earlyfusion.model.compile import ROWWISE_MAX_ROWS
-from earlyfusion.runtime import SERIAL_STEP_WORK
 
 # The speed targets, shown beside each figure.
 TARGETS = {
@@ -153,9 +152,8 @@ def render(results: dict) -> str:
               "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
               "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
                                              if "compile_s" in r) + ", not counted); best = the faster of the two, "
-              "which the targets use; the eager sampler runs its per-token steps on one thread where rows × model width ≤ "
-              f"{SERIAL_STEP_WORK} (`earlyfusion.runtime.step_threads`: `small` at batch 1), the prefill, the compiled "
-              "steps and everything else on the bench's threads; the compiled steps of up to "
+              "which the targets use; the eager sampler runs its per-token steps on one thread where that timed faster "
+              "(`earlyfusion.model.decode_plan`), the prefill and everything else on the bench's threads; the compiled steps of up to "
               f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
               "(`model.compile.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
               "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "

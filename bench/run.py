@@ -45,7 +45,8 @@ for _path in (ROOT, ROOT / "bench"):  # run as a script (``python bench/run.py``
 
 from earlyfusion.model.compile import compiled  # noqa: E402
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
-from earlyfusion.runtime import intra_op_threads, step_threads  # noqa: E402
+from earlyfusion.model.decode_plan import decode_plan  # noqa: E402
+from earlyfusion.runtime import intra_op_threads  # noqa: E402
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE  # noqa: E402
 
 from bench_machine import (CopyCeiling, MatmulCeiling, alternate, busy_processes, copy_gbps,  # noqa: E402
@@ -311,7 +312,7 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
             if "compile_s" not in out:
                 log(f"  decode {preset}: compiling the decode step (torch.compile, once)")
                 out["compile_s"] = timed(fns["ours_compiled"])
-        if step_threads(ours, B) == 1:  # our steps run on one thread here: time the peer on one thread as well
+        if decode_plan(ours, B, compile=False).threads == 1:  # our steps run on one thread here: time the peer on one thread as well
             fns["peer_1thread"] = on_threads(1, fns["peer"])
         if ceiling is not None:
             fns["ceiling"] = ceiling

@@ -1,9 +1,8 @@
 """How commands use the machine: one thread policy for every command.
 
 Every command (training, tokenizer training, evaluation, sampling) uses every core for torch's intra-op
-threads unless the user set ``OMP_NUM_THREADS`` (or a GPU does the work): ``use_all_cores()``. Sampling then
-runs its eager per-token steps of a small model on one thread (``step_threads``, inside ``intra_op_threads``):
-splitting a product of a row or two by a small matrix across threads costs more in fork/join than it saves.
+threads unless the user set ``OMP_NUM_THREADS`` (or a GPU does the work): ``use_all_cores()``. Sampling's
+per-token steps may run on fewer (``intra_op_threads``), where ``model.decode_plan`` measured that faster.
 
 Mixed precision (``--mixed-precision`` of every command that trains or samples): ``mixed_precision(choice)``
 turns ``auto`` into bf16 autocast where the hardware computes bf16 products fast — a CUDA GPU with bf16, or a
@@ -24,12 +23,6 @@ import torch
 FAST_BF16_ENV = "EARLYFUSION_FAST_BF16"
 
 MixedPrecision = Literal["auto", "no", "bf16"]
-
-# Up to this much work per step (rows x model width) an eager per-token step runs on one CPU thread. Raise it
-# if small steps are still faster on one thread on your machine; 0 keeps every step on every thread.
-# Compiled steps keep every thread: their few-row products are inductor reductions, which split well.
-SERIAL_STEP_WORK = 512
-
 
 def use_all_cores() -> int:
     """Set torch's intra-op threads to this machine's core count, unless ``OMP_NUM_THREADS`` is set or a GPU
@@ -81,15 +74,6 @@ def autocast(mode: str, device_type: str):
     if mode == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def step_threads(decoder, rows: int, *, compiled: bool = False) -> int:
-    """Intra-op threads for the per-token steps of ``rows`` rows: 1 where an eager step is too small to split
-    (``SERIAL_STEP_WORK``), else the current setting. A compiled or GPU step is unaffected."""
-    now = torch.get_num_threads()
-    if compiled or next(decoder.parameters()).device.type != "cpu":
-        return now
-    return 1 if rows * decoder.config.dim <= SERIAL_STEP_WORK else now
 
 
 @contextmanager

@@ -70,6 +70,7 @@ class RowwiseLinear(Linear):
         self._init_rows()
 
     def _init_rows(self) -> None:
+        self.rows_limit = ROWWISE_MAX_ROWS  # 0: library products at every row count (a compiled graph of its own)
         self.rows_weight: Tensor | None = None
         self._rows_source: tuple | None = None  # what ``weight`` was when ``rows_weight`` was copied from it
 
@@ -84,7 +85,7 @@ class RowwiseLinear(Linear):
     def forward(self, x: Tensor) -> Tensor:
         wt = self.rows_weight
         if (wt is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-                and x.shape[:-1].numel() <= ROWWISE_MAX_ROWS):
+                and x.shape[:-1].numel() <= self.rows_limit):
             return (x.unsqueeze(-2) * wt).sum(-1)
         return x @ self.weight
 
@@ -105,18 +106,23 @@ class RowwiseLinear(Linear):
         self._rows_source = source
 
 
-def use_rowwise_products(module: torch.nn.Module) -> None:
+def use_rowwise_products(module: torch.nn.Module, rows_limit: int = ROWWISE_MAX_ROWS) -> None:
     """Turn every ``Linear`` under ``module`` into a ``RowwiseLinear`` with a current (out, in) weight copy;
-    a no-op for those whose weight did not change since the last call. The state dict is unchanged."""
+    a no-op for those whose weight did not change since the last call. The state dict is unchanged.
+    ``rows_limit``: products of at most this many rows reduce over the copy under compile; 0 = none do (the
+    compiled step then uses library products throughout: dynamo keeps one graph per limit)."""
     for m in module.modules():
         if isinstance(m, Linear):
-            RowwiseLinear.convert(m).refresh_rows_weight()
+            lin = RowwiseLinear.convert(m)
+            lin.rows_limit = rows_limit
+            lin.refresh_rows_weight()
 
 
-def decode_step(decoder: torch.nn.Module) -> Callable:
+def decode_step(decoder: torch.nn.Module, *, rowwise: bool = True) -> Callable:
     """The decoder's compiled per-token step for sampling (dynamic shapes: the KV cache grows every step).
     On a CPU the projections become ``RowwiseLinear``s with current weight copies first (a no-op when the
-    weights did not change since the last call); elsewhere the step is compiled as it is."""
+    weights did not change since the last call), computing few-row products as reductions (``rowwise``) or
+    as library products; elsewhere the step is compiled as it is."""
     if next(decoder.parameters()).device.type == "cpu":
-        use_rowwise_products(decoder)
+        use_rowwise_products(decoder, ROWWISE_MAX_ROWS if rowwise else 0)
     return compiled(decoder, dynamic=True)

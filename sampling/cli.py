@@ -21,7 +21,7 @@ import torch
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import check_not_file
-from earlyfusion.runtime import use_all_cores
+from earlyfusion.runtime import mixed_precision, use_all_cores
 from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
 
 SHEET_TILE = 128
@@ -170,7 +170,7 @@ def _out_dir(path: str) -> Path:
 
 def sample_cmd(cfg: SampleConfig) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    use_all_cores()  # the prefill and large steps; small eager steps then run on one thread (runtime.step_threads)
+    use_all_cores()  # the prefill; the per-token steps run on what model.decode_plan finds fastest
     for p in cfg.image:  # fail on a bad path before loading the model
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
@@ -190,8 +190,6 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if cfg.compile:
-        log.info("--compile: compiling the decoder step on the first token (torch.compile, once per run)")
     t0 = time.perf_counter()
     samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None)
     dt = time.perf_counter() - t0
@@ -201,6 +199,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
         print()
     log.info(f"{len(samples)} sample(s), {n_tokens} tokens, {n_images} image(s) in {dt:.1f} s "
              f"({n_tokens / max(dt, 1e-9):.0f} tokens/s) on {device}")
+    log.info(f"precision: {mixed_precision(cfg.mixed_precision, device)[1]}")
     written: list[Path] = []
     if cfg.modality == "text":
         for i, s in enumerate(samples):

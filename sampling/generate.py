@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from earlyfusion.errors import UserError
-from earlyfusion.model.compile import decode_step
-from earlyfusion.runtime import intra_op_threads, step_threads
+from earlyfusion.logs import log
+from earlyfusion.model.decode_plan import decode_plan
+from earlyfusion.runtime import autocast, intra_op_threads, mixed_precision
 from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, check_sampler_settings,
                                              rules_for, sample_next)
 
@@ -74,9 +75,15 @@ class SamplingConfig:
     compile: bool = False
     """Compile the per-token decoder step with torch.compile: decoding gets faster, but compiling takes a while
     the first time (less once inductor's on-disk cache has it), needs a C++ compiler on a CPU, and the decoder's
-    projection weights are held twice (a transposed copy for the compiled step). Worth it for long or many samples."""
+    projection weights are held twice (a transposed copy for the compiled step). Worth it for long or many samples.
+    How each step runs (compiled or not, threads) is timed once per model and batch size and the fastest kept."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto = the decoder runs under bf16 autocast where bf16 products are fast (a GPU with bf16; a CPU with AMX or
+    AVX512-BF16), fp32 elsewhere; logits are sampled in fp32 either way. Use no for fp32 results."""
 
     def __post_init__(self):
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ValueError(f"--mixed-precision must be one of auto, no, bf16, got {self.mixed_precision!r}")
         if not _is_int(self.num_samples) or not 1 <= self.num_samples <= MAX_SAMPLES:
             raise ValueError(f"--num-samples must be an integer from 1 to {MAX_SAMPLES}, got {self.num_samples}")
         if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
@@ -221,8 +228,9 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
 
     ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
     the batch is ``prompts + uncond`` and each pair shares every sampled token. ``on_token(row, id)`` is
-    called for every token appended to a conditional row. ``compile`` runs the per-token steps through
-    ``model.compile.decode_step(decoder)`` (the prefill stays eager: its shape changes with every prompt).
+    called for every token appended to a conditional row. How the per-token steps run (threads; with
+    ``compile``, compiled or not, row-wise reductions or library products) is ``model.decode_plan``'s choice,
+    timed once per model and batch size; the prefill stays eager on every thread.
     """
     N = len(prompts)
     if N == 0:
@@ -248,10 +256,11 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
     rules = Rules(rules_for(modality, layout), logits.shape[-1], device)
-    step_fn = decode_step(decoder) if compile else decoder
+    plan = decode_plan(decoder, R, compile=compile, on_timing=log.info)
+    step_fn = plan.step_fn(decoder)
     out: list[list[int]] = [[] for _ in range(N)]
     reasons = ["length"] * N
-    with intra_op_threads(step_threads(decoder, R, compiled=compile)):  # the per-token steps; the prefill keeps every thread
+    with intra_op_threads(plan.threads):
         for step in range(steps):
             situations = state.situations(layout)
             drawing = [s.drawing(layout) for s in situations]
@@ -315,12 +324,14 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
     device = next(decoder.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
     streamer = _TextStreamer(vocab, len(rows), stream) if stream is not None else None
-    out, reasons = sample_tokens(
-        decoder, vocab, rows, modality=config.modality, max_new_tokens=max_new,
-        text=config.text_params(), image=config.image_params(vocab.codebook_size),
-        generator=generator, guidance=guidance, uncond=uncond,
-        on_token=streamer.push if streamer is not None else None, compile=config.compile,
-    )
+    precision, _ = mixed_precision(config.mixed_precision, device.type)
+    with autocast(precision, device.type):
+        out, reasons = sample_tokens(
+            decoder, vocab, rows, modality=config.modality, max_new_tokens=max_new,
+            text=config.text_params(), image=config.image_params(vocab.codebook_size),
+            generator=generator, guidance=guidance, uncond=uncond,
+            on_token=streamer.push if streamer is not None else None, compile=config.compile,
+        )
     if streamer is not None:
         streamer.flush()
     samples = [Sample(prompt=i // config.num_samples, ids=o, segments=vocab.decode_document(o, strict=False), stop=r)

@@ -54,3 +54,24 @@ def test_training_runs_in_the_chosen_precision(tiny_pipeline, tmp_path, monkeypa
     assert all(t.dtype == torch.float32 for t in weights.values())
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("forced", ["1", "0"])
+def test_sampling_runs_in_the_chosen_precision(tiny_pipeline, monkeypatch, capsys, caplog, forced):
+    """`sample` logs its precision once and samples in either; the decoder's weights are left as they were."""
+    monkeypatch.setenv(FAST_BF16_ENV, forced)
+    seen = []
+    from earlyfusion.model.decoder import Decoder
+
+    real = Decoder.forward
+
+    def spy(self, tokens, **kw):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(self, tokens, **kw)
+
+    monkeypatch.setattr(Decoder, "forward", spy)
+    with caplog.at_level("INFO", logger="earlyfusion"):
+        run_cli("sample", "--checkpoint", tiny_pipeline.lm, "--prompt", "a", "--max-new-tokens", 4, "--seed", 1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision:")]
+    assert len(lines) == 1 and (("bf16 autocast" in lines[0]) is (forced == "1"))
+    assert seen and set(seen) == ({torch.bfloat16} if forced == "1" else {False})

@@ -21,6 +21,15 @@ GREEDY = SamplerParams(temperature=0.0)
 FREE = SamplerParams(temperature=1.0)
 
 
+@pytest.fixture(autouse=True)
+def _eager_steps(monkeypatch):
+    """Sampling here runs eager steps on every thread unless a test pins or times another plan: no timing steps
+    mix into the calls the fake decoders record."""
+    from earlyfusion.model.decode_plan import PIN_ENV
+
+    monkeypatch.setenv(PIN_ENV, "eager")
+
+
 def _row(in_image=False, codes=0, first=False, room=100):
     return Situation(in_image, min(codes, L.tokens_per_image), first, min(room, L.tokens_per_image + 2))
 
@@ -413,15 +422,19 @@ def test_cfg_scale_one_equals_unguided_real_decoder(decoder):
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
-def test_compiled_step_equals_eager(decoder, modality):
-    """--compile (torch.compile of the per-token step) gives the same greedy tokens, left padding included."""
+@pytest.mark.parametrize("mode", ["compiled-rowwise", "compiled-library"])
+def test_compiled_step_equals_eager(decoder, modality, mode, monkeypatch):
+    """--compile (torch.compile of the per-token step, either kind) gives the same greedy tokens, left padding
+    included."""
     from torch._dynamo.utils import counters
 
     from earlyfusion.model.compile import RowwiseLinear
+    from earlyfusion.model.decode_plan import PIN_ENV
 
     prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
     eager = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY)
     counters.clear()
+    monkeypatch.setenv(PIN_ENV, mode)
     compiled = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY, compile=True)
     assert compiled == eager
     # one graph per kind of step (padded rows, finished rows), not one per cache length
@@ -429,9 +442,11 @@ def test_compiled_step_equals_eager(decoder, modality):
     assert not any("compiled" in k for k in decoder.state_dict())  # the compiled step is not a submodule
     assert all(m.rows_weight is not None for m in decoder.modules() if hasattr(m, "rows_weight"))  # rowwise products
     assert any(isinstance(m, RowwiseLinear) for m in decoder.modules())
+    assert {m.rows_limit for m in decoder.modules() if hasattr(m, "rows_limit")} == {0 if mode.endswith("library") else 8}
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
+    from earlyfusion.model.decode_plan import PIN_ENV
     from earlyfusion.model.decoder import Decoder, DecoderConfig
     from earlyfusion.checkpoint import UserError
 
@@ -439,20 +454,72 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
         raise RuntimeError("no working C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    monkeypatch.delenv(PIN_ENV)  # the plan's timing compiles: the failure surfaces there
     dec = Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=32)).eval()
     with pytest.raises(UserError, match="--compile failed.*C\\+\\+ compiler"):
         _run(dec, [[L.bos, 5]], modality="text", max_new=4, compile=True)
 
 
-def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monkeypatch):
-    """Steps of few rows run on one thread (step_threads); the caller's thread count comes back afterwards,
-    also when sampling fails; the tokens do not depend on it."""
-    from earlyfusion import runtime
+def _fresh(decoder):
+    """The decoder without remembered decode plans (each test times or pins its own)."""
+    decoder.__dict__.pop("_earlyfusion_decode_plans", None)
+    return decoder
 
-    assert decoder.config.dim * 8 <= runtime.SERIAL_STEP_WORK < decoder.config.dim * 9  # tiny: 1 thread up to 8 rows
-    assert runtime.step_threads(decoder, 8) == 1
-    assert runtime.step_threads(decoder, 9) == torch.get_num_threads()
-    assert runtime.step_threads(decoder, 1, compiled=True) == torch.get_num_threads()  # compiled steps keep every thread
+
+def test_decode_plan_keeps_the_fastest_candidate_once(decoder, monkeypatch):
+    """The fastest median wins; the choice is remembered per batch size, and compile adds the compiled candidates
+    next to eager (so --compile can never be slower than eager beyond the timing's noise)."""
+    from earlyfusion.model import decode_plan as dp
+
+    calls = []
+
+    def fake(dec, rows, plans):
+        calls.append((rows, [p.mode for p in plans]))
+        fast = {1: "eager-1", 3: "eager"}.get(rows, "compiled-library")
+        return {p.mode: (0.001 if p.mode == fast else 0.002) for p in plans}
+
+    monkeypatch.setattr(dp, "time_plans", fake)
+    monkeypatch.delenv(dp.PIN_ENV, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _fresh(decoder)
+        assert dp.decode_plan(decoder, 1, compile=False) == dp.DecodePlan("eager-1", 1, {"eager": 2.0, "eager-1": 1.0})
+        assert dp.decode_plan(decoder, 1, compile=False).mode == "eager-1" and len(calls) == 1  # remembered
+        assert dp.decode_plan(decoder, 3, compile=False).mode == "eager" and len(calls) == 2
+        plan = dp.decode_plan(decoder, 5, compile=True)
+        assert calls[-1] == (5, ["eager", "eager-1", "compiled-rowwise", "compiled-library"])
+        assert plan.mode == "compiled-library" and plan.threads == 2
+        torch.set_num_threads(1)  # one thread: no single-thread candidate to time
+        plan = dp.decode_plan(decoder, 1, compile=False)
+        assert plan.mode == "eager" and plan.step_ms is None and len(calls) == 3  # a single candidate: nothing timed
+    finally:
+        torch.set_num_threads(before)
+        _fresh(decoder)
+
+
+def test_decode_plan_times_real_steps(decoder, monkeypatch):
+    """Unmocked: every candidate gets a finite positive time and the chosen one is the fastest."""
+    from earlyfusion.model import decode_plan as dp
+
+    monkeypatch.delenv(dp.PIN_ENV, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan = dp.decode_plan(_fresh(decoder), 2, compile=False)
+        assert set(plan.step_ms) == {"eager", "eager-1"} and all(0 < t < 1e4 for t in plan.step_ms.values())
+        assert plan.step_ms[plan.mode] == min(plan.step_ms.values())
+        assert "ms per step" in plan.describe()
+    finally:
+        torch.set_num_threads(before)
+        _fresh(decoder)
+
+
+def test_steps_run_on_the_planned_threads_and_the_setting_is_restored(decoder, monkeypatch):
+    """The per-token steps run on the plan's threads; the caller's thread count comes back afterwards, also when
+    sampling fails; the tokens do not depend on the plan."""
+    from earlyfusion.model import decode_plan as dp
+
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -466,11 +533,12 @@ def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monk
 
         prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
         monkeypatch.setattr(type(decoder), "forward", spy)
-        one_thread = _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
+        monkeypatch.setenv(dp.PIN_ENV, "eager-1")
+        one_thread = _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
         assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-        monkeypatch.setattr(runtime, "SERIAL_STEP_WORK", 0)
+        monkeypatch.setenv(dp.PIN_ENV, "eager")
         seen.clear()
-        assert _run(decoder, prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == one_thread
+        assert _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == one_thread
         assert set(seen) == {2}
 
         def fail(self, tokens, **kw):
@@ -478,10 +546,14 @@ def test_small_steps_run_on_one_thread_and_the_setting_is_restored(decoder, monk
                 raise RuntimeError("boom")
             return real_forward(self, tokens, **kw)
 
-        monkeypatch.setattr(runtime, "SERIAL_STEP_WORK", 10 ** 6)
+        monkeypatch.setenv(dp.PIN_ENV, "eager-1")
         monkeypatch.setattr(type(decoder), "forward", fail)
         with pytest.raises(RuntimeError, match="boom"):
-            _run(decoder, prompts, modality="text", max_new=4)
+            _run(_fresh(decoder), prompts, modality="text", max_new=4)
         assert torch.get_num_threads() == 2
+        monkeypatch.setenv(dp.PIN_ENV, "fastest")
+        with pytest.raises(ValueError, match="EARLYFUSION_DECODE_STEP"):
+            dp.decode_plan(decoder, 1, compile=False)
     finally:
         torch.set_num_threads(before)
+        _fresh(decoder)
