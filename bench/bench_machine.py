@@ -113,8 +113,11 @@ def git_commit() -> str:
 def machine_info(threads: int) -> dict:
     import transformers
 
+    from earlyfusion.runtime import cpu_bf16_features, cpu_has_fast_bf16
+
     return {
         "cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
+        "cpu_bf16_features": cpu_bf16_features(), "fast_bf16": cpu_has_fast_bf16(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "commit": git_commit(),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -122,11 +125,12 @@ def machine_info(threads: int) -> dict:
 
 
 class MatmulCeiling:
-    """An n×n @ n×n fp32 ``torch.mm`` (2n³ flops); ``rate(seconds)`` -> GFLOP/s."""
+    """An n×n @ n×n ``torch.mm`` in ``dtype`` (2n³ flops); ``rate(seconds)`` -> GFLOP/s."""
 
-    def __init__(self, n: int = 2048) -> None:
+    def __init__(self, n: int = 2048, dtype: torch.dtype = torch.float32) -> None:
         self.n = n
-        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self.out = torch.empty(n, n, dtype=dtype)
         self()  # warm-up
 
     def __call__(self) -> None:
@@ -176,9 +180,9 @@ def matvec_gbps(megabytes: int = 256, repeats: int = 5) -> float:
     return mv.rate(min(timed(mv) for _ in range(repeats)))
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n×n @ n×n ``torch.mm``."""
-    mm = MatmulCeiling(n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an n×n @ n×n ``torch.mm`` in ``dtype``."""
+    mm = MatmulCeiling(n, dtype)
     return mm.rate(min(timed(mm) for _ in range(repeats)))
 
 

@@ -13,6 +13,13 @@ TARGETS = {
     "cfg_cost_ratio": ("<=", 1.3),
 }
 INTERFACE_KEYS = tuple(TARGETS)
+# Where the CPU has fast bf16 products: the bf16 rows' targets (results.json carries the first two as keys).
+BF16_TARGETS = {
+    "train_bf16_speedup_base": (">=", 2.0),
+    "train_bf16_ceiling_fraction_base": (">=", 0.4),
+    "train_bf16_speedup_vs_peer_base": (">=", 1.2),
+}
+COMPILE_TARGET = (">=", 1.0)  # --compile decoding ÷ eager decoding, every preset and batch size
 
 def _table_head(title: str, columns: list[str]) -> list[str]:
     """A section heading and the header rows of its Markdown table."""
@@ -32,7 +39,7 @@ def _fmt(x, digits: int = 3) -> str:
 def _met(key: str, value) -> str:
     if value is None:
         return "not measured"
-    op, target = TARGETS[key]
+    op, target = {**TARGETS, **BF16_TARGETS}.get(key, COMPILE_TARGET)
     ok = value >= target if op == ">=" else value <= target
     return "yes" if ok else "**no**"
 
@@ -54,7 +61,21 @@ def interface(results: dict) -> dict:
                                                         base_dec["b1_best_gbps"] / ceil["copy_gbps"])
                                            if base_dec and "b1_best_gbps" in base_dec else None),
         "cfg_cost_ratio": img["cfg_cost_ratio"] if img else None,
+        **bf16_interface(results),
     }
+
+
+def bf16_interface(results: dict) -> dict:
+    """``bf16_available`` and, where true and measured, the bf16 training figures of ``base``: ours bf16 ÷ ours fp32
+    (best mode each), the fraction of the bf16 matmul ceiling timed alongside, and ours ÷ the peer under the
+    same autocast."""
+    out: dict = {"bf16_available": bool(results["machine"].get("fast_bf16"))}
+    fp32, bf16 = results.get("train", {}).get("base"), (results.get("train_bf16") or {}).get("base")
+    if out["bf16_available"] and fp32 and bf16:
+        out["train_bf16_speedup_base"] = bf16["best_tokens_per_s"] / fp32["best_tokens_per_s"]
+        out["train_bf16_ceiling_fraction_base"] = bf16.get("best_ceiling_fraction_alongside")
+        out["train_bf16_speedup_vs_peer_base"] = bf16.get("best_speedup")
+    return out
 
 
 def render(results: dict) -> str:
@@ -63,7 +84,10 @@ def render(results: dict) -> str:
          f"Written by `make bench` (`bench/run.py {results['argv']}`) at commit `{m['commit']}`, {m['date']}.", "",
          "## Machine", "",
          f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']} at {m['threads']} threads; "
-         f"transformers {m['transformers']}; Python {m['python']}; fp32 throughout.",
+         f"transformers {m['transformers']}; Python {m['python']}.",
+         "- bf16: " + ("fast bf16 products (" + ", ".join(f.replace("_", "-").upper() for f in m.get("cpu_bf16_features", []))
+                       + "): the bf16 rows below are measured" if m.get("fast_bf16") else
+                       "no AMX / AVX512-BF16 (`--mixed-precision auto` trains and samples in fp32 here): no bf16 rows") + ".",
          f"- Load average before / after: {results['load_before']} / {results['load_after']}."]
     busy = sorted(set(results.get("busy_before", []) + results.get("busy_after", [])))
     others = [x for x in (results.get("others_cpu_before"), results.get("others_cpu_after")) if x is not None]
@@ -76,7 +100,9 @@ def render(results: dict) -> str:
                  "stalls whenever one of its threads is descheduled, so absolute figures are low and noisy. "
                  "Ours and the peer alternate, so the ratios are more trustworthy than the absolute figures.")
     L += [f"- Ceilings measured in this run: fp32 matmul **{_fmt(ceil['matmul_gflops'])} GFLOP/s** "
-          f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
+          + (f"(bf16 **{_fmt(ceil['matmul_bf16_gflops'])} GFLOP/s**, {_fmt(ceil['matmul_bf16_gflops'] / ceil['matmul_gflops'])}×) "
+             if ceil.get("matmul_bf16_gflops") else "")
+          + f"({ceil['matmul_n']}² `torch.mm`, best of {ceil['repeats']}); memory copy **{_fmt(ceil['copy_gbps'])} GB/s** "
           f"({ceil['copy_mb']} MB `copy_`, read + write, best of {ceil['repeats']})"
           + (f"; for context, a {ceil['copy_mb']} MB fp32 matrix-vector product through MKL (`torch.mv`, what an "
              f"eager batch-1 decode step is made of) reads at **{_fmt(ceil['matvec_gbps'])} GB/s** = "
@@ -93,17 +119,33 @@ def render(results: dict) -> str:
         "decode_bandwidth_fraction_base": "Decoding effective GB/s ÷ copy bandwidth, batch 1, `base`",
         "cfg_cost_ratio": "Image with CFG ÷ without, seconds per image (demo shape)",
     }
-    for k in INTERFACE_KEYS:
-        op, t = TARGETS[k]
-        L.append(f"| {names[k]} (`{k}`) | {_fmt(ifc[k])} | {op.replace('>=', '≥').replace('<=', '≤')} {t} | {_met(k, ifc[k])} |")
+    names.update({
+        "train_bf16_speedup_base": "Training tokens/s under bf16 autocast ÷ fp32, ours, `base`",
+        "train_bf16_ceiling_fraction_base": "Training model GFLOP/s under bf16 ÷ bf16 matmul ceiling, `base`",
+        "train_bf16_speedup_vs_peer_base": "Training tokens/s under bf16 autocast, ours ÷ peer (same autocast), `base`",
+    })
+    rows = [(k, ifc[k], TARGETS[k]) for k in INTERFACE_KEYS]
+    rows += [(k, ifc.get(k), BF16_TARGETS[k]) for k in BF16_TARGETS if ifc.get("bf16_available")]
+    for k, v, (op, t) in rows:
+        L.append(f"| {names[k]} (`{k}`) | {_fmt(v)} | {op.replace('>=', '≥').replace('<=', '≤')} {t} | {_met(k, v)} |")
+    for name, r in results.get("decode", {}).items():
+        for B in results["settings"]["decode_batches"]:
+            v = r.get(f"b{B}_compiled_vs_eager")
+            if v is not None:
+                L.append(f"| Decoding `--compile` ÷ eager, `{name}`, batch {B} (each the timed choice of step) | {_fmt(v)} | "
+                         f"≥ {COMPILE_TARGET[1]} | {_met('compiled_vs_eager', v)} |")
     L.append("")
 
-    if results.get("train"):
-        L += _table_head("Training (forward + backward + AdamW step)", [
+    for key, title in (("train", "Training (forward + backward + AdamW step), fp32"),
+                       ("train_bf16", "Training under bf16 autocast (ours and the peer), fp32 weights and optimizer")):
+        if not results.get(key):
+            continue
+        ceiling = ceil["matmul_bf16_gflops"] if key == "train_bf16" else ceil["matmul_gflops"]
+        L += _table_head(title, [
             "Preset", "Params", "Batch × seq", "Vocab", "Ours tok/s", "Ours `--compile` tok/s", "Peer tok/s",
             "Ours ÷ peer (eager)", "Best ÷ peer", "Best GFLOP/s", "Peer GFLOP/s", "Matmul GFLOP/s alongside",
             "Best ÷ ceiling alongside", "Best ÷ best ceiling", "Logit parity"])
-        for name, r in results["train"].items():
+        for name, r in results[key].items():
             best = r.get("best_speedup")
             best_s = f"{_fmt(best)} ({r['best_mode']})" if best is not None else _fmt(None)
             L.append(f"| `{name}` | {r['params'] / 1e6:.1f} M | {r['batch']} × {r['seq_len']} | {r['vocab_size']} | "
@@ -112,9 +154,9 @@ def render(results: dict) -> str:
                      f"{best_s} | "
                      f"{_fmt(r['best_gflops'])} | {_fmt(r.get('peer_gflops'))} | {_fmt(r.get('matmul_gflops_alongside'))} | "
                      f"{_fmt(r.get('best_ceiling_fraction_alongside'))} | "
-                     f"{_fmt(r['best_gflops'] / ceil['matmul_gflops'])} | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
-        it = next(iter(results["train"].values()))
-        compile_s = ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["train"].items() if r.get("compile_s"))
+                     f"{_fmt(r['best_gflops'] / ceiling)} | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
+        it = next(iter(results[key].values()))
+        compile_s = ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results[key].items() if r.get("compile_s"))
         L += ["", f"Model flops per token = 6N + 12·L·H·Q·T (N: parameters without the input embedding). Median of "
               f"{it['iters']} timed steps after warm-up, ours and the peer alternating; the same weights, batch, "
               "fused AdamW and cross-entropy on both sides; `--compile` = our forward through torch.compile as "
@@ -122,7 +164,7 @@ def render(results: dict) -> str:
               "best = the faster of our two modes, which the targets use; "
               "the peer is transformers' ChameleonForConditionalGeneration "
               "(train mode, default attention) built by `model/chameleon_hf.py`. Ceiling alongside: the "
-              f"{ceil['matmul_n']}² matmul timed in the same alternating rounds (the same share of a shared CPU); "
+              f"{ceil['matmul_n']}² matmul (in the table's precision) timed in the same alternating rounds (the same share of a shared CPU); "
               "best ceiling: the best matmul at the start of the run. Logit parity: max |difference| "
               "of the two models' logits on one batch (its image-logit masking is a no-op with an empty "
               "vocabulary_map).", ""]
@@ -148,14 +190,15 @@ def render(results: dict) -> str:
                          f"{_fmt(r[f'b{B}_best_gbps'] / ceil['copy_gbps'])} |")
         it = next(iter(results["decode"].values()))
         L += ["", "tok/s counts every row (batch × new tokens ÷ seconds, prefill included). Ours sampler = "
-              "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks); "
-              "`--compile` = the same loop with its per-token decoder step through torch.compile (opt-in; compiled "
-              "once per model, " + ", ".join(f"{r['compile_s']:.0f} s for `{n}`" for n, r in results["decode"].items()
-                                             if "compile_s" in r) + ", not counted); best = the faster of the two, "
-              "which the targets use; the eager sampler runs its per-token steps on one thread where that timed faster "
-              "(`earlyfusion.model.decode_plan`), the prefill and everything else on the bench's threads; the compiled steps of up to "
-              f"{ROWWISE_MAX_ROWS} rows compute their products as reductions over a transposed weight copy "
-              "(`model.compile.ROWWISE_MAX_ROWS`); bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
+              "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks), its "
+              "per-token steps run the way `earlyfusion.model.decode_plan` timed fastest for the model and batch size "
+              "(eager on every thread or on one); `--compile` = the same loop where the compiled steps (row-wise "
+              f"reductions over a transposed weight copy for up to {ROWWISE_MAX_ROWS} rows, or library products) join "
+              "the candidates (timing and compiling once per model and batch size, "
+              + ", ".join(f"{r[f'b{B}_compile_s']:.0f} s for `{n}` batch {B}" for n, r in results["decode"].items()
+                          for B in results["settings"]["decode_batches"] if f"b{B}_compile_s" in r)
+              + ", not counted); best = the faster of the two, which the targets use. "
+              "Bare loop = `Decoder` + `KVCache` with argmax only, on the bench's threads. "
               "Peer = `generate(do_sample=False, min_new_tokens=max_new_tokens, use_cache=True)` on the bench's threads, "
               "as a user runs it; where our eager steps run on one thread, the peer is also timed on one thread (it is faster "
               "so too) and our best is divided by that. Effective GB/s = bytes of every weight but the "
@@ -163,6 +206,28 @@ def render(results: dict) -> str:
               "alongside is timed in the same alternating rounds. Median of "
               + ", ".join(f"{r['iters']} runs for `{n}`" for n, r in results["decode"].items())
               + " after warm-up, alternating.", ""]
+
+    if results.get("decode"):
+        cols = [("ours", "eager (timed)"), ("ours_compiled", "`--compile` (timed)"), ("mode_eager", "eager, all threads"),
+                ("mode_eager_1", "eager, 1 thread"), ("mode_compiled_rowwise", "compiled, row-wise"),
+                ("mode_compiled_library", "compiled, library"), ("bf16_ours", "bf16 eager (timed)"),
+                ("bf16_ours_compiled", "bf16 `--compile` (timed)")]
+        shown = [(k, t) for k, t in cols if any(f"b{B}_{k}_tokens_per_s" in r for r in results["decode"].values()
+                                                 for B in results["settings"]["decode_batches"])]
+        L += _table_head("Decoding, every way our sampler can run its steps (tok/s)",
+                         ["Preset", "Batch"] + [t for _, t in shown] + ["Timed choice: eager / `--compile`", "Fastest"])
+        for name, r in results["decode"].items():
+            for B in results["settings"]["decode_batches"]:
+                if f"b{B}_speedup" not in r:
+                    continue
+                fastest = r.get(f"b{B}_fastest_mode")
+                L.append(f"| `{name}` | {B} | " + " | ".join(_fmt(r.get(f"b{B}_{k}_tokens_per_s")) for k, _ in shown)
+                         + f" | {r.get(f'b{B}_plan_eager', '—')} / {r.get(f'b{B}_plan_compiled', '—')} | "
+                         + (dict(cols).get(fastest, fastest) if fastest else "—") + " |")
+        L += ["", "Every column runs the same sampling loop in the same alternating rounds as the table above; the pinned "
+              "modes (`EARLYFUSION_DECODE_STEP`) show what each candidate gives, the timed columns what a user gets. "
+              "bf16 columns run under bf16 autocast (`--mixed-precision bf16`; `auto` picks it on this CPU when it has "
+              "fast bf16 products).", ""]
 
     img = results.get("image_generation")
     if img:

@@ -37,6 +37,12 @@ def compiled(module: torch.nn.Module, *, dynamic: bool) -> Callable:
     fn = module.__dict__.get(attr)
     if fn is not None:
         return fn
+    # One decoder may keep several graphs on purpose (decode steps with row-wise reductions and with library
+    # products, each batch size of one row or more, with and without padding, fp32 and bf16): past dynamo's default
+    # of 8 it would silently run the rest eagerly.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
     inner = torch.compile(module, dynamic=dynamic)
     compiled_once = False
 

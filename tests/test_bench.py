@@ -82,8 +82,10 @@ def test_report_has_interface_keys(bench, tmp_path):
                "image_generation": {"preset": "tiny", "vq_preset": "tiny", "codes_per_image": 16, "cfg_scale": 3.0,
                                     "num_samples": 2, "iters": 1, "s_per_image_cfg": 0.2, "s_per_image_nocfg": 0.1,
                                     "cfg_cost_ratio": 2.0, "images_per_s_cfg_2": 4.0}}
+    results["machine"]["fast_bf16"] = False
     results["interface"] = bench.interface(results)
-    assert set(results["interface"]) == set(bench.INTERFACE_KEYS)
+    assert set(results["interface"]) == set(bench.INTERFACE_KEYS) | {"bf16_available"}
+    assert results["interface"]["bf16_available"] is False
     assert results["interface"]["train_speedup_small"] is None  # not run, not invented
     assert results["interface"]["cfg_cost_ratio"] == 2.0
     text = bench.render(results)
@@ -91,3 +93,39 @@ def test_report_has_interface_keys(bench, tmp_path):
         assert k in text
     assert "| 2 | ≤ 1.3 | **no** |" in text  # a missed target is reported as missed
     json.dumps(results["interface"])  # plain numbers / null
+
+
+def test_report_bf16_rows(bench):
+    """On a host with fast bf16: the two bf16 keys are ours bf16 ÷ ours fp32 and the bf16 ceiling fraction of base."""
+    train = {"params": 1e6, "batch": 1, "seq_len": 8, "vocab_size": 10, "iters": 1, "best_mode": "eager",
+             "ours_tokens_per_s": 100.0, "peer_tokens_per_s": 80.0, "speedup": 1.25, "best_speedup": 1.25,
+             "best_gflops": 1.0, "best_tokens_per_s": 100.0, "best_ceiling_fraction_alongside": 0.8}
+    bf16 = {**train, "ours_tokens_per_s": 150.0, "best_tokens_per_s": 150.0, "best_speedup": 1.1,
+            "best_ceiling_fraction_alongside": 0.3}
+    results = {"argv": "", "machine": {**bench.machine_info(2), "fast_bf16": True, "cpu_bf16_features": ["avx512_bf16"]},
+               "load_before": "0", "load_after": "0", "busy_before": [], "busy_after": [],
+               "settings": {"decode_batches": [1], "image_prompt_len": 3},
+               "ceilings": {"matmul_gflops": 10.0, "matmul_bf16_gflops": 25.0, "matmul_n": 64, "copy_gbps": 5.0,
+                            "copy_mb": 1, "repeats": 1},
+               "train": {"base": train}, "train_bf16": {"base": bf16}, "decode": {}}
+    ifc = bench.interface(results)
+    assert ifc["bf16_available"] is True
+    assert ifc["train_bf16_speedup_base"] == 1.5 and ifc["train_bf16_ceiling_fraction_base"] == 0.3
+    results["interface"] = ifc
+    text = bench.render(results)
+    assert "AVX512-BF16" in text and "| 1.5 | ≥ 2.0 | **no** |" in text and "| 0.3 | ≥ 0.4 | **no** |" in text
+    assert "Training under bf16 autocast" in text
+
+
+def test_bf16_rows_and_pinned_modes_run(bench):
+    """The bf16 training row (both sides under the same autocast, bf16 ceiling) and the decode modes run."""
+    import torch
+
+    r = bench.bench_train("tiny", batch=2, seq_len=16, warmup=0, iters=1, compile=False, precision="bf16",
+                          ceiling=bench.MatmulCeiling(64, torch.bfloat16))
+    assert r["precision"] == "bf16" and positive(r["ours_tokens_per_s"]) and positive(r["peer_tokens_per_s"])
+    assert positive(r["best_ceiling_fraction_alongside"])
+    d = bench.bench_decode("tiny", batches=(1,), prompt_len=4, new_tokens=4, warmup=0, iters=1, compile=False, bf16=True)
+    for k in ("ours", "mode_eager", "bf16_ours", "ours_raw", "peer"):
+        assert positive(d[f"b1_{k}_tokens_per_s"]), k
+    assert d["b1_plan_eager"] == "eager" and d["b1_fastest_mode"] in ("ours", "mode_eager", "bf16_ours")

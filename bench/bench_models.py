@@ -1,0 +1,105 @@
+"""What the bench runs: vocabulary layouts shaped like the real ones, our decoder and the peer with the same
+weights, the flop and byte accounting, and a parity check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from earlyfusion.model.decoder import Decoder, DecoderConfig
+from earlyfusion.tokenizer.vqvae import VQ_PRESETS
+
+# Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
+N_SPECIAL = 5
+VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 64), "base": (1024, 8192)}  # (text ids, codebook): small = the demo's
+DEFAULT_GRID = VQ_PRESETS["default"].grid_size  # the default image tokenizer's code grid
+
+
+@dataclass(frozen=True)
+class BenchLayout:
+    """[bos, eos, pad, boi, eoi | text ids | image codes] — satisfies ``sampling.processors.IdLayout``."""
+
+    n_text: int
+    codebook_size: int
+    grid: tuple[int, int] = DEFAULT_GRID
+    bos: int = 0
+    eos: int = 1
+    pad: int = 2
+    boi: int = 3
+    eoi: int = 4
+
+    @property
+    def text_start(self) -> int:
+        return N_SPECIAL
+
+    @property
+    def image_start(self) -> int:
+        return N_SPECIAL + self.n_text
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_start + self.codebook_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def no_stop(self) -> BenchLayout:
+        """The same ids with end-of-sequence aliased to padding (never generated): text decoding runs
+        its full length, like the peer's ``min_new_tokens``."""
+        return BenchLayout(self.n_text, self.codebook_size, self.grid, eos=self.pad)
+
+
+def layout_for(preset: str, grid: tuple[int, int] = DEFAULT_GRID) -> BenchLayout:
+    n_text, codebook = VOCAB_FOR_PRESET.get(preset, VOCAB_FOR_PRESET["small"])
+    return BenchLayout(n_text, codebook, grid)
+
+
+def text_prompts(layout: BenchLayout, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(batch, length) long: bos then random text ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(layout.text_start, layout.image_start, (batch, length), generator=g)
+    ids[:, 0] = layout.bos
+    return ids
+
+
+def build_pair(preset: str, vocab_size: int, seed: int = 0, **overrides) -> tuple[Decoder, torch.nn.Module]:
+    """Our decoder (random weights) and the peer with the same shape and the same weights."""
+    from earlyfusion.model.chameleon_hf import to_hf_model
+
+    torch.manual_seed(seed)
+    ours = Decoder(DecoderConfig.from_preset(preset, vocab_size, **overrides))
+    peer = to_hf_model(ours)
+    return ours, peer
+
+
+def flop_params(cfg: DecoderConfig) -> int:
+    """N of the 6N rule: every parameter except the input embedding (a lookup, no flops)."""
+    total = cfg.num_params(embeddings=True)
+    return total if cfg.tie_embeddings else total - cfg.vocab_size * cfg.dim
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
+    """Training flops per token: 6N + 12·L·H·Q·T (PaLM's accounting, attention included)."""
+    return 6 * flop_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def weight_bytes(model: torch.nn.Module, cfg: DecoderConfig) -> int:
+    """Bytes a decode step must read: every weight but the input embedding (one row of it is read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.tok_emb.weight
+    return total if cfg.tie_embeddings else total - emb.numel() * emb.element_size()
+
+
+def check_parity(ours: Decoder, peer: torch.nn.Module, vocab_size: int) -> float:
+    """Max |logit difference| on a short batch (the peer's image-logit masking is a no-op here)."""
+    x = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return float((ours.eval()(x) - peer.eval()(input_ids=x).logits.float()).abs().max())
+
+
+def faster_mode(out: dict, prefix: str = "") -> str:
+    """"ours" or "ours_compiled": whichever of our modes measured more ``{prefix}{mode}_tokens_per_s``."""
+    return max((k for k in ("ours", "ours_compiled") if f"{prefix}{k}_tokens_per_s" in out),
+               key=lambda k: out[f"{prefix}{k}_tokens_per_s"])
