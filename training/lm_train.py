@@ -307,7 +307,6 @@ def train(cfg: TrainConfig) -> Path:
 
     mp, why = mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
-    log.info(f"precision: {why}")
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
@@ -391,6 +390,7 @@ def train(cfg: TrainConfig) -> Path:
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
              cfg.preset or f"of {init}", n_params / 1e6, context_len, vocab.vocab_size, world, mp)
+    log.info(f"precision: {why}")  # after every check that can refuse the run: an error stays one line
     if image_ids is None:
         log.info("training all %d parameters", n_params)
     else:

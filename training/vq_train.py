@@ -173,7 +173,6 @@ def train(cfg: VQTrainConfig) -> Path:
 
     mp, why = mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
-    log.info(f"precision: {why}")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.out)
@@ -248,6 +247,7 @@ def train(cfg: VQTrainConfig) -> Path:
     log.info("VQ-VAE %s: %.2fM parameters, %d px -> %dx%d codes, codebook %d; %d training images%s; batch %d, %d process(es)",
              cfg.preset, n_params / 1e6, vq_cfg.image_size, *vq_cfg.grid_size, vq_cfg.codebook_size, n,
              f" ({report.total} skipped)" if report.total else "", batch_size, world)
+    log.info(f"precision: {why}")  # after every check that can refuse the run: an error stays one line
 
     quant_buffers = dict(raw.quantizer.named_buffers())
     t_last = time.perf_counter()
