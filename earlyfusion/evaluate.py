@@ -1,15 +1,23 @@
-"""Evaluation of a trained decoder: ``earlyfusion eval``.
+"""Evaluation of a trained decoder: ``earlyfusion eval``, on the built-in data or any imagefolder with captions.
 
 * Validation loss per modality on held-out image-caption pairs: image loss on caption->image
   documents (drawing), text loss on image->caption documents (reading), each beside the unigram
   baseline of that modality (the entropy of the held-out tokens' own unigram distribution).
-* Reading: greedy caption of every held-out image, parsed back into attributes.
-* Drawing: one image per held-out caption (default CFG), judged by ``training.shapes.recognise``,
-  an analytic recogniser that does not depend on the model (its accuracy on ground-truth images is tested).
-* Tokenizer figures (PSNR, SSIM, codebook usage) of the run's own image tokenizer.
+* Reading: greedy caption of every held-out image, scored against the image's own caption: exact
+  match, corpus BLEU-4 and CIDEr-D (``earlyfusion.scores``, which documents the tokenisation). Every
+  reading is written to ``<out>/readings.json`` (image, text, read) for scores of your own.
+* Drawing: one image per held-out caption (default CFG), every one written as a PNG named by its index
+  and caption to ``--images-out`` (default ``<out>/drawn``) with a metadata.jsonl (file_name, text), so
+  that the folder is itself a captioned imagefolder for a judge of your own (FID, a classifier).
+* Copies: the fraction of drawings whose code grid equals a training image's, and the mean best
+  overlap (``earlyfusion.copies``).
+* Tokenizer figures (PSNR, SSIM, codebook usage) of the run's own image tokenizer on the held-out images.
 
-Reading/drawing accuracy needs captions in the built-in data's grammar; for any other imagefolder,
-eval reports losses and tokenizer figures and writes caption/generation sheets for a person.
+Captions in the built-in data's grammar are also parsed back into attributes: caption exact match is then
+the parsed scene's (every attribute of every shape right), and the drawings are judged by
+``training.shapes.recognise``, an analytic recogniser that does not depend on the model (its accuracy on
+ground-truth images is tested), giving the text->image figures. For any other captions, exact match
+compares the words and there is no text->image judge (``t2i_exact_match`` is None).
 """
 
 from __future__ import annotations
@@ -17,17 +25,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from earlyfusion.checkpoint import save_json
+from earlyfusion.checkpoint import atomic_dir, save_json
+from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_figures, encode_drawings,
+                                novel_two_shape, recorded_sources, training_grids)
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.sampling.generate import DEFAULT_CFG
+from earlyfusion.scores import cider_d, corpus_bleu, exact_match, tokenize
 from earlyfusion.training.monitor import _decode_codes, _sheet, draw_images, read_captions, validation_losses
 
 
@@ -50,7 +62,14 @@ class EvalConfig:
     seed: int = 0
     """Seed for the drawing samples."""
     out: str = ""
-    """Where to write the caption/generation sheets; empty = <checkpoint>/eval."""
+    """Where to write figures.json and the caption/generation sheet; empty = <checkpoint>/eval."""
+    images_out: str = ""
+    """Where to write every drawn image (NNNNN-<caption>.png, with metadata.jsonl of file_name and text: an
+    imagefolder for a judge of your own); empty = <out>/drawn. Replaced on each run; a folder that holds
+    anything else is refused."""
+    train_data: list[str] = field(default_factory=list)
+    """Training data to look for copies of the drawings in (what `train --data` was given); default: the data the
+    run recorded. Give it when that data has moved."""
 
     def __post_init__(self):
         check_number("limit", self.limit, 0)
@@ -59,6 +78,11 @@ class EvalConfig:
         check_number("image-temperature", self.image_temperature, 0)
         check_number("seed", self.seed, 0, MAX_SEED)
         check_not_file("out", self.out)
+        check_not_file("images-out", self.images_out)
+        if isinstance(self.train_data, str):
+            self.train_data = [self.train_data]
+        if any(not isinstance(s, str) or not s.strip() for s in self.train_data):
+            raise ValueError("--train-data needs data sources as given to `train --data`")
 
 
 # ---------------------------------------------------------------- reading and drawing
@@ -87,6 +111,105 @@ def _attribute_scores(truths, preds) -> dict[str, float]:
     return scores
 
 
+# ---------------------------------------------------------------- what went wrong with the data
+
+
+def _no_pairs(data: Path) -> UserError:
+    """Why a data directory gave no held-out pairs, as one line."""
+    from earlyfusion.training.data import SkipReport
+    from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
+
+    head = f"{data}: no held-out image-caption pairs"
+    if (data / "test").is_dir():
+        root = data / "test"
+    else:
+        others = sorted(d.name for d in data.iterdir() if d.is_dir() and d.name in SPLIT_DIRS)
+        if others:
+            return UserError(f"{head}: it has no 'test' folder (found: {', '.join(others)}); eval reads DIR/test, "
+                             "or a folder of captioned images itself")
+        root = data
+    if not has_images_or_metadata(root):
+        return UserError(f"{head}: {root} holds no images (an empty split); pass the built-in data directory or an "
+                         "imagefolder with captions")
+    recs = list(pair_records(root, "text", SkipReport()))
+    captioned = sum(bool(t and t.strip()) for _, _, t in recs)
+    if not captioned:
+        return UserError(f"{head}: the {len(recs)} image(s) in {root} have no captions; add a metadata.jsonl with "
+                         "file_name and text for each image")
+    return UserError(f"{head}: none of the {captioned} captioned image(s) in {root} could be read (missing or not "
+                     "images: see the warning above)")
+
+
+# ---------------------------------------------------------------- drawn images and copies
+
+DRAWN_MARKER = "drawn.json"  # written into --images-out; a folder holding it may be replaced
+_SLUG_CHARS = 60
+
+
+def drawn_file_names(captions: list[str]) -> list[str]:
+    """One file name per caption: its index (zero-padded, which makes them unique) and its words in ASCII."""
+    width = max(5, len(str(len(captions) - 1)))
+    names = []
+    for i, caption in enumerate(captions):
+        ascii_words = unicodedata.normalize("NFKD", " ".join(tokenize(caption))).encode("ascii", "ignore").decode()
+        slug = "-".join(ascii_words.split())[:_SLUG_CHARS].rstrip("-") or "untitled"
+        names.append(f"{i:0{width}d}-{slug}.png")
+    return names
+
+
+def _check_images_out(path: Path) -> None:
+    """Refuse a folder that holds anything but what an earlier eval wrote there (before any work is done)."""
+    if path.is_dir() and any(path.iterdir()) and not (path / DRAWN_MARKER).is_file():
+        raise UserError(f"--images-out {path} holds files that eval did not write; choose another directory or empty it")
+
+
+def write_drawn(path: Path, images: list, captions: list[str], extra: list[dict], about: dict) -> None:
+    """The drawn images as an imagefolder (PNG + metadata.jsonl with file_name, text and ``extra`` per image),
+    replacing the folder as a whole once it is complete."""
+    with atomic_dir(path) as tmp:
+        rows = []
+        for name, image, caption, more in zip(drawn_file_names(captions), images, captions, extra):
+            image.save(tmp / name)
+            rows.append(json.dumps({"file_name": name, "text": caption, **more}))
+        (tmp / "metadata.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        save_json(tmp / DRAWN_MARKER, {**about, "images": len(rows)})
+
+
+def _reference(cfg: EvalConfig, run) -> TrainingGrids | None:
+    """The training grids for the copy rate; None (with a warning) when the run's recorded data cannot be read."""
+    sources, data = recorded_sources(run.config)
+    options = {"vocab": run.vocab, "image_tokenizer": run.path.parent.parent / "image_tokenizer",
+               "split": data.get("split") or "train", "text_column": data.get("text_column") or "text",
+               "allow_outside_paths": bool(data.get("allow_outside_paths"))}
+    if cfg.train_data:
+        return training_grids(cfg.train_data, **options)
+    if not sources:
+        log.warning("the run records no training data: no copy rate; pass --train-data")
+        return None
+    try:
+        return training_grids(sources, cache_dir=data.get("cache_dir"), **options)
+    except UserError as e:
+        log.warning("no copy rate: the run's training data cannot be read (%s); pass --train-data", e)
+        return None
+
+
+def _copies(run, reference: TrainingGrids | None, drawn: list, recorder: CodeRecorder, captions: list[str],
+            grammar: bool) -> tuple[dict, list[dict]]:
+    """The copy figures, and per drawing its best overlap, closest training image and whether it counts."""
+    if reference is None:
+        return copy_figures(torch.zeros(0), []) | {"copy_reference_images": 0}, [{} for _ in drawn]
+    if len(recorder.grids) == len(drawn):
+        grids = torch.stack(recorder.grids).flatten(1)  # (n, h*w): the codes the sampler chose
+    else:  # drawings that did not come from the sampler: their codes as the image tokenizer reads them
+        grids = encode_drawings(run.vq, drawn)
+    overlap, rows = best_overlap(grids, reference.codes)
+    counted = novel_two_shape(captions, reference.captions) if grammar else [True] * len(drawn)
+    figures = copy_figures(overlap, counted) | {"copy_reference_images": len(reference.srcs)}
+    per = [{"best_overlap": round(float(o), 6), "closest_training_image": reference.srcs[r] if r >= 0 else None,
+            "counted": c} for o, r, c in zip(overlap, rows.tolist(), counted)]
+    return figures, per
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -96,16 +219,20 @@ def evaluate(cfg: EvalConfig) -> dict:
     from earlyfusion.training import shapes
     from earlyfusion.training.vq_train import evaluate_tokenizer
 
-    if not Path(cfg.data).expanduser().is_dir():
-        what = "is a file, not a directory" if Path(cfg.data).expanduser().exists() else "no such directory"
+    data = Path(cfg.data).expanduser()
+    if not data.is_dir():
+        what = "is a file, not a directory" if data.exists() else "no such directory"
         raise UserError(f"{cfg.data}: {what}; pass a local data directory (the built-in data or an imagefolder with captions)")
     run = load_run(cfg.checkpoint)
     root = run.path.parent.parent
     out = Path(cfg.out) if cfg.out else root / "eval"
+    images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
+    _check_images_out(images_out)
     pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer", limit=cfg.limit)
     if not pairs:
-        raise UserError(f"{cfg.data}: no held-out image-caption pairs found; pass the built-in data directory or an imagefolder with captions")
+        raise _no_pairs(data)
     t0 = time.perf_counter()
+    reference = _reference(cfg, run)
     figures: dict = {"pairs": len(pairs), "step": run.config.get("step")}
     figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
 
@@ -116,10 +243,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
     captions = [p.caption for p in pairs]
-    drawn = draw_images(run.decoder, run.vocab, run.vq, captions, cfg=cfg.cfg, seed=cfg.seed, batch_size=cfg.batch_size,
-                        image_temperature=cfg.image_temperature)
+    recorder = CodeRecorder(run.vq)
+    drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
+                        batch_size=cfg.batch_size, image_temperature=cfg.image_temperature)
     truths = [shapes.parse_caption(c) for c in captions]
-    if all(t is not None for t in truths):
+    grammar = all(t is not None for t in truths)
+    if grammar:
         read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
         draw_scores = _attribute_scores(truths, [shapes.recognise(img) for img in drawn])
         figures["caption_exact_match"] = read_scores.pop("exact_match")
@@ -127,9 +256,21 @@ def evaluate(cfg: EvalConfig) -> dict:
         figures.update({f"caption_{k}": v for k, v in read_scores.items()})
         figures.update({f"t2i_{k}": v for k, v in draw_scores.items()})
     else:
-        log.info("captions are not in the built-in grammar: reading/drawing accuracy skipped; see the sheets in %s", out)
-        figures["caption_exact_match"] = None
+        log.info("captions are not in the built-in grammar: no text->image judge; the drawings are in %s", images_out)
+        figures["caption_exact_match"] = exact_match(reads, captions)
         figures["t2i_exact_match"] = None
+    figures["caption_bleu4"] = corpus_bleu(reads, captions)
+    figures["caption_cider"] = cider_d(reads, captions)
+
+    copies, per_image = _copies(run, reference, drawn, recorder, captions, grammar)
+    figures.update(copies)
+    about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
+             "seed": cfg.seed, "image_temperature": cfg.image_temperature}
+    write_drawn(images_out, drawn, captions, per_image, about)
+    figures["images_out"] = str(images_out)
+    figures["drawn_images"] = len(drawn)
+    save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])
+    figures["readings"] = str(out / "readings.json")
     originals = [_decode_codes(run.vq, p.codes) for p in pairs[:16]]
     _sheet([(o, g, p.caption, r) for o, g, p, r in zip(originals, drawn[:16], pairs[:16], reads[:16])], out / "sheet.png")
     figures["eval_seconds"] = time.perf_counter() - t0

@@ -1,0 +1,181 @@
+"""Copies of training images among the drawn ones, compared code grid against code grid.
+
+A drawing is a copy when its code grid equals, code for code, the code grid of a training image; its
+best overlap is the fraction of equal codes (same position, same code) with the closest training grid.
+The drawings' grids are the codes the sampler chose (``CodeRecorder`` catches them on their way to the
+image tokenizer's decoder), not a re-encoding of the decoded pixels, which could differ.
+
+The training grids are the run's training images (``train --data`` as the run recorded it, or
+``eval --train-data``) encoded by the run's image tokenizer through the same code cache training used:
+the same images and tokenizer load the cached codes, anything else is encoded (and cached) once.
+Hub data sets among the sources are not compared (counted in the log).
+
+On the built-in shapes data a drawing may legitimately equal a training image (one-shape scenes are
+few, and a scene seen in training has exactly one image), so there only drawings of two-shape scenes
+absent from the training captions count (``novel_two_shape``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlyfusion.errors import UserError
+from earlyfusion.logs import log
+
+# (drawings x training grids x codes) booleans compared at once
+_COMPARE_ELEMENTS = 1 << 25
+
+
+@dataclass
+class TrainingGrids:
+    codes: torch.Tensor
+    """LongTensor (N, h*w): one flattened code grid per training image."""
+    srcs: list[str]
+    """The image file of each row."""
+    captions: list[str]
+    """The captions of the training image-caption pairs."""
+
+
+class CodeRecorder:
+    """Stands in for the image tokenizer while drawing: records every code grid the sampler decodes, in order,
+    and decodes it with the real one. Everything else is the real tokenizer's."""
+
+    def __init__(self, vq):
+        self._vq = vq
+        self.grids: list[torch.Tensor] = []
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        self.grids.extend(codes.detach().long().cpu())  # (n, h, w) -> n grids
+        return self._vq.decode(codes)
+
+    def __getattr__(self, name):
+        if name == "_vq":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self._vq, name)
+
+
+@torch.no_grad()
+def encode_drawings(vq, images) -> torch.Tensor:
+    """LongTensor (n, h*w): the code grids the image tokenizer reads in PIL images (for drawings that did not come
+    through a ``CodeRecorder``)."""
+    from earlyfusion.tokenizer.preprocess import preprocess
+
+    size = vq.cfg.image_size
+    device = next(vq.parameters()).device
+    out = [vq.encode(torch.stack([preprocess(im, size) for im in images[i:i + 64]]).to(device)).cpu()
+           for i in range(0, len(images), 64)]
+    return torch.cat(out).flatten(1).long() if out else torch.zeros(0, 0, dtype=torch.long)
+
+
+def best_overlap(drawn: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each drawn grid (D, L), the fraction of codes equal to those of its closest training grid (N, L)
+    and that grid's row (the first on a tie). Grids of another length than the training ones never overlap."""
+    D, L = drawn.shape
+    if len(train) == 0 or train.shape[1] != L or L == 0:
+        return torch.zeros(D), torch.full((D,), -1, dtype=torch.long)
+    step = max(1, _COMPARE_ELEMENTS // (len(train) * L))
+    fractions, rows = [], []
+    for i in range(0, D, step):
+        same = (drawn[i:i + step, None, :] == train[None, :, :]).sum(-1)  # (d, N) equal codes
+        best, row = same.max(dim=1)
+        fractions.append(best.double() / L)
+        rows.append(row)
+    return torch.cat(fractions).float(), torch.cat(rows)
+
+
+def copy_figures(overlap: torch.Tensor, counted: Sequence[bool]) -> dict:
+    """copy_rate (fraction of exact copies) and copy_best_overlap (mean best overlap) over the counted drawings,
+    copy_counted (how many); the figures are None when no drawing counts."""
+    mask = torch.tensor(list(counted), dtype=torch.bool)
+    n = int(mask.sum())
+    if n == 0:
+        return {"copy_rate": None, "copy_best_overlap": None, "copy_counted": 0}
+    sel = overlap[mask]
+    return {"copy_rate": float((sel == 1.0).float().mean()), "copy_best_overlap": float(sel.mean()), "copy_counted": n}
+
+
+def novel_two_shape(captions: Sequence[str], training_captions: Sequence[str]) -> list[bool]:
+    """Per caption of the built-in grammar: whether it names two shapes in a scene no training caption names."""
+    from earlyfusion.training.shapes import parse_caption
+
+    seen = {parse_caption(c) for c in training_captions}
+    scenes = [parse_caption(c) for c in captions]
+    return [s is not None and len(s) == 2 and s not in seen for s in scenes]
+
+
+# ---------------------------------------------------------------- the training images
+
+
+def recorded_sources(config: dict) -> tuple[list[str], dict]:
+    """(the run's training sources, its data options) from a checkpoint's config.json; ([], {}) when it records none.
+
+    A source is taken as it was given to ``train`` when it still names the same path from here (so that the
+    code cache training wrote is found), else as the absolute path the run recorded."""
+    from earlyfusion.training.loop import source_key
+
+    data = (config.get("train") or {}).get("data") or {}
+    given = [s for s in data.get("sources") or [] if isinstance(s, str)]
+    recorded = [s for s in ((config.get("identity") or {}).get("data") or {}).get("sources") or [] if isinstance(s, str)]
+    if len(given) != len(recorded):
+        return given or recorded, data
+    return [g if source_key(g) == r else r for g, r in zip(given, recorded)], data
+
+
+def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path, split: str = "train",
+                   text_column: str = "text", cache_dir: str | None = None,
+                   allow_outside_paths: bool = False) -> TrainingGrids:
+    """The code grids of every local training image of ``sources`` (image-caption pairs and the images of
+    interleaved documents), as training read them. UserError when a source cannot be read or none has images."""
+    from earlyfusion.tokenizer.vocab import check_vocab_matches
+    from earlyfusion.training.data import SkipReport, local_image_table, resolve_sources
+    from earlyfusion.training.data.codes import resolve_cache_dir
+    from earlyfusion.training.data.records import interleaved_records, pair_records
+
+    report = SkipReport()
+    images: dict[str, tuple[list[str], list[str]]] = {}  # per --data entry, as training groups them
+    captions: list[str] = []
+    hub = []
+    for spec in resolve_sources(sources, split):
+        if spec.hub:
+            hub.append(spec.location)
+            continue
+        if spec.kind == "text":
+            continue
+        paths, wheres = images.setdefault(spec.source, ([], []))
+        if spec.kind == "pairs":
+            for where, path, text in pair_records(Path(spec.location), text_column, report, allow_outside_paths):
+                paths.append(str(path))
+                wheres.append(where)
+                if text:
+                    captions.append(text)
+        else:
+            for where, segs in interleaved_records(Path(spec.location), report, allow_outside_paths):
+                for kind, x in segs:
+                    if kind == "i":
+                        paths.append(x)
+                        wheres.append(where)
+    if hub:
+        log.warning("copy rate: hub data set(s) %s not compared (only local training images are)", ", ".join(hub))
+    vq_fp = check_vocab_matches(vocab, image_tokenizer, "training images")
+    cache_root = resolve_cache_dir(cache_dir, list(sources))
+    codes, srcs = [], []
+    for source, (paths, wheres) in images.items():
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root)
+        good = [i for i, r in enumerate(table.reasons) if not r]
+        for i, r in enumerate(table.reasons):
+            if r:
+                report.add(r, table.srcs[i])
+        if good:
+            codes.append(torch.from_numpy(table.codes[good].astype(np.int64)))
+            srcs += [table.srcs[i] for i in good]
+    if report.total:
+        log.warning("copy rate, training images: %s", report.summary())
+    if not srcs:
+        raise UserError(f"{', '.join(sources)}: no training images to compare the drawings with; "
+                        "pass the run's training data with --train-data")
+    return TrainingGrids(codes=torch.cat(codes), srcs=srcs, captions=captions)
