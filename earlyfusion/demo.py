@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-steps", type=int, default=0, help="image tokenizer steps (0 = its default)")
     p.add_argument("--steps", type=int, default=0, help="decoder steps (0 = the train default)")
     p.add_argument("--preset", default="small", help="decoder preset")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image tokenizer's and the decoder's training (the built-in data stays the same); "
+                        "run several to see how much the figures vary")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
     p.add_argument("--no-compile", action="store_true",
                    help="train the decoder eagerly (default: train --compile when a C++ compiler is found)")
@@ -54,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)], timings)
-    _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)]
+    seed = ["--seed", str(args.seed)]
+    _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)] + seed
            + (["--steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []), timings)
     _stage("vocab", ["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(vocab)], timings)
     _stage("train", ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab), "--out", str(lm),
-                     "--preset", args.preset] + (["--steps", str(args.steps)] if args.steps else [])
+                     "--preset", args.preset] + seed + (["--steps", str(args.steps)] if args.steps else [])
            + (["--compile"] if compile_train else []), timings)
 
     test_meta = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()[:1]]
