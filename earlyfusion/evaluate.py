@@ -38,6 +38,7 @@ from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.runtime import mixed_precision
 from earlyfusion.sampling.generate import DEFAULT_CFG
 from earlyfusion.scores import cider_d, corpus_bleu, exact_match, tokenize
 from earlyfusion.training.monitor import _decode_codes, _sheet, draw_images, read_captions, validation_losses
@@ -274,6 +275,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     originals = [_decode_codes(run.vq, p.codes) for p in pairs[:16]]
     _sheet([(o, g, p.caption, r) for o, g, p, r in zip(originals, drawn[:16], pairs[:16], reads[:16])], out / "sheet.png")
     figures["eval_seconds"] = time.perf_counter() - t0
+    device_type = next(run.decoder.parameters()).device.type
+    figures["sampling_precision"] = "bf16" if mixed_precision("auto", device_type)[0] == "bf16" else "fp32"
     figures["sheet"] = str(out / "sheet.png")
     save_json(out / "figures.json", figures)
     return figures

@@ -71,6 +71,7 @@ def test_eval_json_on_tiny_pipeline(capsys, tiny_pipeline, tmp_path):
         assert _positive_finite(fig[key]), (key, fig[key])
     assert 0.0 < fig["codebook_usage"] <= 1.0
     assert -1.0 <= fig["ssim"] <= 1.0
+    assert fig["sampling_precision"] == "fp32"  # the suite runs the fp32 branch of --mixed-precision auto
     for prefix in ("caption", "t2i"):
         for a in ATTRIBUTES:
             v = fig[f"{prefix}_{a}"]
