@@ -98,13 +98,16 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     """Median seconds per decode step of each plan, measured on a scratch cache of ``rows`` rows."""
     device = next(decoder.parameters()).device
     steps = len(plans) * (WARMUP_STEPS + TIMED_ROUNDS)
-    cache = decoder.new_cache(rows, max_len=PREFILL + steps + 1)
+    context = int(decoder.config.max_seq_len)
+    prefill = min(PREFILL, context)
+    cache = decoder.new_cache(rows, max_len=prefill + steps + 1)
     token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # id 0 exists in every vocabulary; its cost is any id's
-    decoder(token.expand(rows, PREFILL), positions=torch.arange(PREFILL, device=device).expand(rows, PREFILL), cache=cache)
+    decoder(token.expand(rows, prefill), positions=torch.arange(prefill, device=device).expand(rows, prefill), cache=cache)
     fns = {p.mode: p.step_fn(decoder) for p in plans}
 
     def step(plan: DecodePlan) -> float:
-        pos = torch.full((rows, 1), cache.length, dtype=torch.long, device=device)
+        # positions wrap inside the model's context (a short-context model still times as many steps)
+        pos = torch.full((rows, 1), cache.length % context, dtype=torch.long, device=device)
         with intra_op_threads(plan.threads):
             t0 = time.perf_counter()
             fns[plan.mode](token, positions=pos, cache=cache)

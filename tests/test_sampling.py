@@ -510,6 +510,10 @@ def test_decode_plan_times_real_steps(decoder, monkeypatch):
         assert set(plan.step_ms) == {"eager", "eager-1"} and all(0 < t < 1e4 for t in plan.step_ms.values())
         assert plan.step_ms[plan.mode] == min(plan.step_ms.values())
         assert "ms per step" in plan.describe()
+        from earlyfusion.model.decoder import Decoder, DecoderConfig
+
+        short = Decoder(DecoderConfig.from_preset("tiny", V, max_seq_len=6)).eval()  # fewer positions than timed steps
+        assert dp.decode_plan(short, 3, compile=False).mode in ("eager", "eager-1")
     finally:
         torch.set_num_threads(before)
         _fresh(decoder)
