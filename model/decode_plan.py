@@ -55,7 +55,8 @@ class DecodePlan:
         return self.mode.startswith("compiled")
 
     def step_fn(self, decoder: torch.nn.Module) -> Callable:
-        """The callable for one step: the decoder, or its compiled step with current weight copies."""
+        """The callable for one step: the decoder, or its compiled step with current weight copies. Call it right
+        before stepping: a compiled plan sets the decoder's projections to its kind of product."""
         if not self.compiled:
             return decoder
         return decode_step(decoder, rowwise=self.mode == "compiled-rowwise")
@@ -103,14 +104,16 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     cache = decoder.new_cache(rows, max_len=prefill + steps + 1)
     token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # id 0 exists in every vocabulary; its cost is any id's
     decoder(token.expand(rows, prefill), positions=torch.arange(prefill, device=device).expand(rows, prefill), cache=cache)
-    fns = {p.mode: p.step_fn(decoder) for p in plans}
 
     def step(plan: DecodePlan) -> float:
+        # step_fn sets the projections' kind of product for this plan (the compiled candidates share the decoder's
+        # modules), so it is called before every timed step, outside the timer
+        fn = plan.step_fn(decoder)
         # positions wrap inside the model's context (a short-context model still times as many steps)
         pos = torch.full((rows, 1), cache.length % context, dtype=torch.long, device=device)
         with intra_op_threads(plan.threads):
             t0 = time.perf_counter()
-            fns[plan.mode](token, positions=pos, cache=cache)
+            fn(token, positions=pos, cache=cache)
             return time.perf_counter() - t0
 
     for plan in plans:

@@ -519,6 +519,38 @@ def test_decode_plan_times_real_steps(decoder, monkeypatch):
         _fresh(decoder)
 
 
+def test_each_compiled_candidate_is_timed_with_its_own_kind_of_product(decoder, monkeypatch):
+    """The compiled candidates share the decoder's projections: each timed step runs with the product kind of its
+    own candidate (set right before the step), never with the one set up last."""
+    from earlyfusion.model import decode_plan as dp
+
+    state = {"rowwise": None}
+    seen: dict[str, set] = {"compiled-rowwise": set(), "compiled-library": set()}
+    current = {"mode": None}
+
+    def fake_decode_step(dec, *, rowwise=True):
+        state["rowwise"] = rowwise
+
+        def step(*args, **kw):
+            seen[current["mode"]].add(state["rowwise"])
+            return dec(*args, **kw)
+
+        return step
+
+    real_step_fn = dp.DecodePlan.step_fn
+
+    def tracking_step_fn(self, dec):
+        current["mode"] = self.mode
+        return real_step_fn(self, dec)
+
+    monkeypatch.setattr(dp, "decode_step", fake_decode_step)
+    monkeypatch.setattr(dp.DecodePlan, "step_fn", tracking_step_fn)
+    plans = [dp.DecodePlan("compiled-rowwise", 1), dp.DecodePlan("compiled-library", 1)]
+    medians = dp.time_plans(_fresh(decoder), 2, plans)
+    assert set(medians) == {"compiled-rowwise", "compiled-library"}
+    assert seen == {"compiled-rowwise": {True}, "compiled-library": {False}}
+
+
 def test_steps_run_on_the_planned_threads_and_the_setting_is_restored(decoder, monkeypatch):
     """The per-token steps run on the plan's threads; the caller's thread count comes back afterwards, also when
     sampling fails; the tokens do not depend on the plan."""
