@@ -4,12 +4,15 @@
       vocab/                     copy of the merged vocabulary (tokenizer.json + layout.json)
       image_tokenizer/           copy of the VQ-VAE run it was trained with (config.json + model.safetensors)
       checkpoints/step-XXXXXXXX/ model.safetensors + config.json (+ state.* for --resume), MANIFEST.json
+      checkpoints/best/          the weights with the lowest held-out loss so far (never pruned)
+      final.json                 {"checkpoint": "best"} when the run's model is checkpoints/best (`train --final best`)
       metrics.jsonl, samples/, loss_curves.png
       imported/                  runs made by `earlyfusion import`: the permutation between our ids and the
                                  source's (permutation.json) and the source's tokenizer and config files
 
-A run is self-contained: ``load_run(LMRUN)`` needs nothing outside it. ``load_run`` also accepts one
-``checkpoints/step-…`` directory to load that exact step.
+A run is self-contained: ``load_run(LMRUN)`` needs nothing outside it. The run's model is its newest
+good step checkpoint, or ``checkpoints/best`` when final.json names it. ``load_run`` also accepts one
+``checkpoints/…`` directory (a step, or best) to load exactly that one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 IMPORTED_DIR = "imported"
 PERMUTATION = "permutation.json"
+BEST_DIR = "best"  # under CHECKPOINTS_DIR
+FINAL = "final.json"
 
 @dataclass
 class Run:
@@ -58,14 +63,36 @@ def write_decoder_stream(directory: Path, specs: dict[str, tuple[torch.dtype, tu
     save_json(directory / CONFIG, config)
 
 
+def set_final(root: Path, checkpoint: str | None) -> None:
+    """Make ``root/checkpoints/<checkpoint>`` (``BEST_DIR``) the run's model, or (None) its newest step checkpoint."""
+    marker = Path(root) / FINAL
+    if checkpoint is None:
+        marker.unlink(missing_ok=True)
+    else:
+        save_json(marker, {"checkpoint": checkpoint})
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run root, checkpoint dir) for an LMRUN directory or one of its step directories."""
+    """(run root, checkpoint dir) for an LMRUN directory (its final model) or one of its checkpoints/ directories."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory; pass the --out directory of `earlyfusion train`")
     if (path / WEIGHTS).is_file() and (path / MANIFEST).is_file() and path.parent.name == CHECKPOINTS_DIR:
         verify_dir(path)
         return path.parent.parent, path
+    if (path / FINAL).is_file():
+        final = load_json(path / FINAL)
+        name = final.get("checkpoint") if isinstance(final, dict) else None
+        if name != BEST_DIR:
+            raise CheckpointError(f"{path / FINAL}: names {name!r}, not {BEST_DIR!r}; delete the file to load the newest "
+                                  "step checkpoint")
+        ckpt = path / CHECKPOINTS_DIR / name
+        try:
+            verify_dir(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"the final model of {path} is {ckpt} ({FINAL}), but {e}; load a step with "
+                                  f"{path / CHECKPOINTS_DIR}/step-..., or delete {path / FINAL} for the newest one") from None
+        return path, ckpt
     ckpt = latest_good(path / CHECKPOINTS_DIR)
     if ckpt is None:
         raise CheckpointError(

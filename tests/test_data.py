@@ -478,3 +478,123 @@ def test_stale_cache_temporaries_of_dead_encoders_are_removed(tmp_path):
         (d / "x").mkdir(parents=True)
     remove_stale_temporaries(tmp_path)
     assert not stale.exists() and alive.exists() and kept.exists()
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _grids(part) -> np.ndarray:
+    """(N, K, h*w): view 0 and the augmented views of every pair."""
+    return np.concatenate([part.codes[:, None], part.views], 1)
+
+
+def test_augmented_views_differ_and_are_deterministic_for_a_seed(world, tmp_path):
+    cfg = world.cfg(augment_views=4, augment_scale=0.5, cache_dir=str(tmp_path / "a"))
+    part = D.prepare(cfg, world.vocab, world.vq, context_len=64, seed=0).parts[0]
+    plain = D.prepare(world.cfg(cache_dir=str(tmp_path / "plain")), world.vocab, world.vq, context_len=64).parts[0]
+    assert part.views.shape == (len(plain), 3, world.vocab.tokens_per_image) and part.n_views == 4
+    assert np.array_equal(part.codes, plain.codes)  # view 0 is the image as it is
+    distinct = [len({g.tobytes() for g in grids}) for grids in _grids(part)]
+    assert sum(d >= 2 for d in distinct) >= 0.9 * len(distinct) and sum(d == 4 for d in distinct) >= len(distinct) / 3, \
+        distinct
+    # the same seed for the same images elsewhere: the same grids; another seed: other grids
+    moved = tmp_path / "moved"
+    shutil.copytree(world.data, moved, ignore=shutil.ignore_patterns(".earlyfusion-cache"))
+    again = D.prepare(world.cfg([str(moved)], augment_views=4, augment_scale=0.5, cache_dir=str(tmp_path / "b")),
+                      world.vocab, world.vq, context_len=64, seed=0).parts[0]
+    assert np.array_equal(_grids(again), _grids(part))
+    other = D.prepare(world.cfg(augment_views=4, augment_scale=0.5, cache_dir=str(tmp_path / "b")), world.vocab, world.vq,
+                      context_len=64, seed=1).parts[0]
+    assert np.array_equal(other.codes, part.codes) and not np.array_equal(other.views, part.views)
+    # in pixels every view is another image
+    from earlyfusion.training.data.augment import Augment
+
+    src = next((world.data / "train").glob("*.png"))
+    px = Augment(views=4, min_scale=0.8, flip=True, seed=0).pixels(src, 16)
+    assert len(px) == 4 and all(not torch.equal(px[i], px[j]) for i in range(4) for j in range(i))
+
+
+def test_flips_only_mirror(world):
+    """With crops of the whole image, an augmented view is view 0 or its mirror image, and both occur."""
+    from earlyfusion.training.data.augment import Augment
+
+    src = next((world.data / "train").glob("*.png"))
+    views = Augment(views=12, min_scale=1.0, flip=True, seed=0).pixels(src, 16)
+    mirrored = [torch.equal(v, views[0].flip(-1)) for v in views[1:]]
+    assert all(m or torch.equal(v, views[0]) for m, v in zip(mirrored, views[1:]))
+    assert any(mirrored) and not all(mirrored)
+    assert all(torch.equal(v, views[0]) for v in Augment(views=5, min_scale=1.0, flip=False, seed=0).pixels(src, 16))
+
+
+def test_augmentation_settings_key_the_code_cache(world, tmp_path):
+    n = len(list((world.data / "train").glob("*.png")))
+    cache = str(tmp_path / "cache")
+
+    def encoded(seed=0, **kw) -> int:
+        return D.prepare(world.cfg(cache_dir=cache, **kw), world.vocab, world.vq, context_len=64, seed=seed).images_encoded
+
+    assert encoded() == n and encoded(seed=3) == 0  # unaugmented codes do not depend on the seed
+    assert encoded(augment_views=3) == n and encoded(augment_views=3) == 0
+    assert encoded(augment_views=4) == n  # every setting is its own entry
+    assert encoded(augment_views=3, augment_scale=0.6) == n
+    assert encoded(augment_views=3, augment_flip=True) == n
+    assert encoded(augment_views=3, seed=1) == n
+    assert encoded() == 0 and encoded(augment_views=3) == 0 and encoded(augment_views=3, augment_flip=True) == 0
+
+
+def test_each_pair_shows_every_view_once_in_k_epochs_and_resumes_exactly(world, tmp_path):
+    K = 3
+    aug = world.batches(seed=2, augment_views=K, cache_dir=str(tmp_path / "c"))
+    plain = world.batches(seed=2, cache_dir=str(tmp_path / "c"))
+    p = next(i for i, part in enumerate(aug.data.parts) if part.kind == "pairs")
+    n = len(aug.data.parts[p])
+    seen: dict[int, list[int]] = {}
+    for _ in range(K * n):
+        desc, doc = aug._draw()
+        want, _ = plain._draw()
+        assert desc[:3] == want[:3]  # augmentation picks the grid, never the order, the direction or the dropout
+        if desc[0] == p:
+            seen.setdefault(desc[1], []).append(desc[3])
+            part = aug.data.parts[p]
+            img = world.vocab.image_span(part.image(desc[1], desc[3]).reshape(world.vocab.grid))
+            assert any(doc[i:i + len(img)].tolist() == img for i in range(len(doc)))
+    full = [views for views in seen.values() if len(views) >= K]
+    assert full and all(sorted(views[:K]) == list(range(K)) for views in full)
+    # exact resume of the augmented stream
+    a = world.batches(seed=4, augment_views=K, cache_dir=str(tmp_path / "c"))
+    for _ in range(3):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [next(a) for _ in range(3)]
+    fresh = world.batches(seed=4, augment_views=K, cache_dir=str(tmp_path / "c"))
+    fresh.load_state_dict(state)
+    for want in expected:
+        got = next(fresh)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(UserError, match="resume"):
+        world.batches(seed=4, cache_dir=str(tmp_path / "c")).load_state_dict(state)
+
+
+def test_augment_options_are_validated():
+    D.DataConfig(["x"], augment_views=D.MAX_AUGMENT_VIEWS, augment_scale=0.1, augment_flip=True)
+    for bad in ({"augment_views": 0}, {"augment_views": D.MAX_AUGMENT_VIEWS + 1}, {"augment_flip": True},
+                {"augment_scale": 0.5}, {"augment_views": 2, "augment_scale": 0.05},
+                {"augment_views": 2, "augment_scale": 1.5}, {"augment_views": 2, "augment_scale": float("nan")}):
+        with pytest.raises(ValueError, match="augment"):
+            D.DataConfig(["x"], **bad)
+
+
+def test_a_caption_that_does_not_fit_is_an_error_before_encoding(world, tmp_path):
+    """prepare(fit_captions=True): the longest caption with one image must fit; the error names the length needed."""
+    v = world.vocab
+    caps = [json.loads(line)["text"] for line in (world.data / "train" / "metadata.jsonl").read_text().splitlines()]
+    need = max(len(ids) for ids in v.encode_texts(caps)) + v.tokens_per_image + 4
+    cache = tmp_path / "cache"
+    with pytest.raises(D.ContextTooShort, match=f"needs {need}") as e:
+        D.prepare(world.cfg(cache_dir=str(cache)), v, world.vq, context_len=need - 1, fit_captions=True)
+    assert e.value.need == need and "metadata.jsonl" in e.value.where
+    assert not cache.exists()  # nothing was encoded
+    data = D.prepare(world.cfg(cache_dir=str(cache)), v, world.vq, context_len=need, fit_captions=True)
+    assert data.longest_pair == need and not data.truncated["pairs"]
+    # without fit_captions the caption is cut and counted, as before
+    assert D.prepare(world.cfg(cache_dir=str(cache)), v, world.vq, context_len=need - 1).truncated["pairs"] >= 1

@@ -74,7 +74,7 @@ def test_context_too_short_for_an_image_document(capsys, tmp_path, tiny_pipeline
             "--out", out, "--preset", "tiny", "--context-len", "8"]
     rc, err = _run(capsys, argv)
     _assert_one_line_error(rc, err)
-    assert "image document" in err and not out.exists()
+    assert "cannot hold one image" in err and "--context-len 20 or more" in err and not out.exists()
 
 
 VOCAB_BAD = [["--text-vocab-size", "1000000000"], ["--text-vocab-size", "10"], ["--text-vocab-size", "nan"],

@@ -12,6 +12,11 @@ run reproduces the uninterrupted run's losses bit for bit (tested). The run's id
 shape, data, seed, batch size, context length) is recorded in each checkpoint's config; ``--resume``
 with other values is refused, and so is a new run into a directory that already holds one.
 
+Validation scores held-out pairs every ``--eval-every`` steps; the weights with the lowest held-out loss are
+kept in LMRUN/checkpoints/best (``training.best``), and ``--final best`` makes them the run's model. At start the run
+checks that its context holds every image-caption pair of the data and says how many epochs its steps
+make (``training.sizing``).
+
 Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update) and
 counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint. The
 last step is always checkpointed, skipped or not.
@@ -41,14 +46,19 @@ from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.rundir import (
-    CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint, write_decoder,
+    BEST_DIR, CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint,
+    set_final, write_decoder,
 )
 from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
-from earlyfusion.training.data import IMAGE, TEXT, DataConfig, heldout_pairs, training_batches
+from earlyfusion.training.best import BestModel, heldout_score
+from earlyfusion.training.data import (
+    IMAGE, TEXT, ContextTooShort, DataConfig, heldout_pairs, pair_overhead, training_batches,
+)
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
+from earlyfusion.training.sizing import context_error, say_epochs
 
 MIN_CONTEXT = 8
 """The shortest --context-len accepted (the trainer also checks that one image document fits)."""
@@ -107,7 +117,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many step checkpoints to keep."""
     eval_every: int = 400
-    """Validation loss per modality (and a sample sheet) every K steps; 0 = only at the end."""
+    """Validation loss per modality (and a sample sheet) every K steps; 0 = only at the end. The weights with the
+    lowest held-out loss (reading + drawing) are kept in LMRUN/checkpoints/best."""
+    final: Literal["last", "best"] = "last"
+    """The run's model (what sample, eval and --init-from load from LMRUN): last = the last step's weights, best = those
+    with the lowest held-out loss (LMRUN/checkpoints/best). Use best when the data is small enough to be memorised."""
     resume: bool = False
     """Continue from the newest good checkpoint in --out (exactly: same losses as an uninterrupted run)."""
     max_nonfinite: int = 5
@@ -129,6 +143,8 @@ class TrainConfig:
                                  "image tokenizer are then used)")
             if self.preset is None:
                 self.preset = "small"
+        if self.final not in ("last", "best"):
+            raise ValueError(f"--final {self.final!r} is not one of last, best")
         if self.trainable not in ("all", "image-head"):
             raise ValueError(f"--trainable {self.trainable!r} is not one of all, image-head")
         if self.trainable == "image-head" and self.init_from is None:
@@ -305,17 +321,21 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError("--trainable image-head needs a separate output layer, but this decoder ties it to the token "
                         "embedding; use --trainable all")
 
+    context_len = cfg.context_len or dcfg.max_seq_len
+    if context_len > dcfg.max_seq_len:
+        raise UserError(f"--context-len {context_len} exceeds the decoder's max_seq_len {dcfg.max_seq_len}")
+
+    def too_short(need: int, what: str) -> UserError:
+        return UserError(context_error(context_len=context_len, given=cfg.context_len is not None,
+                                       max_seq_len=dcfg.max_seq_len, preset=cfg.preset, need=need, what=what))
+
+    if context_len < pair_overhead(vocab):
+        raise too_short(pair_overhead(vocab), f"one image (<s> <boi> {vocab.tokens_per_image} codes <eoi> </s>)")
     mp, why = mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
-    context_len = cfg.context_len or dcfg.max_seq_len
-    if context_len > dcfg.max_seq_len:
-        raise UserError(f"--context-len {context_len} exceeds the decoder's max_seq_len {dcfg.max_seq_len}")
-    if context_len < vocab.tokens_per_image + 4:
-        raise UserError(f"--context-len {context_len} cannot hold one image document "
-                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {vocab.tokens_per_image + 4} tokens)")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     per_proc = cfg.batch_size // world
@@ -337,6 +357,20 @@ def train(cfg: TrainConfig) -> Path:
     if ckpt is not None:
         saved = load_json(ckpt / "config.json")
         check_identity(saved.get("identity") or {"decoder": saved["decoder"]}, identity, ckpt)
+    try:
+        batches = training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, fit_captions=True)
+    except ContextTooShort as e:
+        raise too_short(e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} tokens; "
+                                f"<s> <boi> {e.image_tokens} codes <eoi> caption </s>)") from None
+    if main:
+        say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
+    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir)
+    if not heldout:
+        log.info("no held-out pairs: validation skipped")
+    # built before the seed is set: building a module draws from the RNG that dropout uses after it
+    vq = load_vq(vq_dir) if heldout and main else None
+
     if main:
         _prepare_run_dir(cfg, vocab_dir, vq_dir)
     accelerator.wait_for_everyone()
@@ -351,18 +385,14 @@ def train(cfg: TrainConfig) -> Path:
         freeze_to_image_head(model)
     optimizer = make_optimizer(model, cfg)
 
-    batches = training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
-    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir)
-    if not heldout:
-        log.info("no held-out pairs: validation skipped")
-
+    best = BestModel(out, main)
     if ckpt is not None:
         load_weights(ckpt / "model.safetensors", model)
         state = load_state(ckpt, "state")
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
+        best.load_state_dict(state.get("best"))
         if rank != 0:
             torch.manual_seed(cfg.seed + 1000003 * rank + state["step"])
         loop.restore(state)
@@ -375,17 +405,18 @@ def train(cfg: TrainConfig) -> Path:
 
     def save_checkpoint(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
-                 **loop.counters(step)}
+                 "best": best.state_dict(), **loop.counters(step)}
         if main:
-            config = {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len,
-                      "identity": identity}
-
             def write(tmp: Path) -> None:
-                write_decoder(tmp, raw_model, config)
+                write_decoder(tmp, raw_model, run_config(step))
                 save_state(tmp, "state", state)
 
             loop.save(step, write)
         accelerator.wait_for_everyone()
+
+    def run_config(step: int, **extra) -> dict:
+        return {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len,
+                "identity": identity, **extra}
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
@@ -449,8 +480,11 @@ def train(cfg: TrainConfig) -> Path:
                 raw_model.eval()
                 if main:
                     val = validation_losses(raw_model, vocab, heldout, device=accelerator.device)
-                    record.update({f"val_{k}": v for k, v in val.items()})
-                    sample_sheet(raw_model, vocab, load_vq(vq_dir), heldout, out / "samples" / f"step-{done:08d}.png", seed=cfg.seed)
+                    record.update({f"val_{k}": v for k, v in val.items()}, val_loss=heldout_score(val))
+                    turned_up = best.observe(done, val, lambda tmp: write_decoder(tmp, raw_model, run_config(done, heldout=val)))
+                    if turned_up:
+                        log.warning("%s", turned_up)
+                    sample_sheet(raw_model, vocab, vq, heldout, out / "samples" / f"step-{done:08d}.png", seed=cfg.seed)
                 accelerator.wait_for_everyone()
             line = (f"step {done}/{cfg.steps} loss {loss_val:.4f} text {_fmt(record['loss_text'])} "
                     f"image {_fmt(record['loss_image'])} gnorm {gnorm:.2f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")
@@ -467,7 +501,7 @@ def train(cfg: TrainConfig) -> Path:
     loop.close()
     if main:
         loss_curves_png(loop.metrics_path, out / "loss_curves.png")
-        log.info("finished: %s (checkpoint %s)", out, latest_good(out / CHECKPOINTS_DIR))
+        _finish(out, cfg.final, best)
     if writer is not None:
         writer.close()
     accelerator.end_training()
@@ -490,6 +524,27 @@ def weights_fingerprint(ckpt: Path) -> str:
     """sha256 of a checkpoint's weights file, as its manifest records it (the directory was verified on load)."""
     recorded = load_json(ckpt / MANIFEST).get("files", {}).get(WEIGHTS, {}).get("sha256")
     return recorded or sha256_file(ckpt / WEIGHTS)
+
+
+def _finish(out: Path, final: str, best: BestModel) -> None:
+    """Mark the run's model (``--final``) and say which it is."""
+    last = latest_good(out / CHECKPOINTS_DIR)
+    if final == "best" and best.step is not None:
+        set_final(out, BEST_DIR)
+        if best.saved_step() != best.step:  # only after a resume with another --eval-every
+            log.warning("%s holds the weights of step %s, not those of step %d that this run scored best", best.dir,
+                        best.saved_step(), best.step)
+        log.info("finished: %s (its model: %s, step %d, lowest held-out loss %.3f; last checkpoint %s)", out,
+                 best.dir, best.step, best.score, last)
+        return
+    set_final(out, None)
+    if final == "best":
+        log.warning("--final best: no held-out loss was measured (no held-out pairs), so the run's model is the last "
+                    "step's")
+    log.info("finished: %s (checkpoint %s)", out, last)
+    if best.step is not None and last is not None and best.step != int(last.name.rpartition("-")[2]):
+        log.info("lowest held-out loss %.3f was at step %d: %s (--final best makes it the run's model)", best.score,
+                 best.step, best.dir)
 
 
 def _fmt(v) -> str:

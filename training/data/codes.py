@@ -6,6 +6,9 @@ hash of (every image path with its size and mtime, the image tokenizer fingerpri
 version); a hub data set's key uses its ``datasets`` fingerprint instead of the paths. A later run with
 the same images and image tokenizer loads it; any change re-encodes. A damaged entry is rebuilt, and a
 file lock makes several processes (accelerate launch) encode a source only once.
+
+With augmentation (``augment.Augment``, ``--augment-views K``) each image gets K code grids (view 0
+unaugmented), and the augmentation settings join the key: other settings are another cache entry.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import is_main_process, log
 from earlyfusion.tokenizer.preprocess import ImageError, preprocess
 
+from .augment import NO_AUGMENT, Augment
 from .config import PIPELINE_VERSION
 from .sources import parse_source
 
@@ -39,10 +43,11 @@ class ImageTable:
     """Codes of a set of images: row i <-> ``srcs[i]``; ``reasons[i]`` is "" or why the image is unusable."""
 
     srcs: list[str]
-    codes: np.ndarray  # (N, h*w) int32
+    codes: np.ndarray  # (N, h*w) int32: the images as they are (view 0)
     reasons: list[str]
     cache_hit: bool = False
     seconds: float = 0.0
+    views: np.ndarray | None = None  # (N, K-1, h*w) int32: the augmented views 1..K-1, or None
 
     def __post_init__(self):
         self.index = {s: i for i, s in enumerate(self.srcs)}
@@ -51,9 +56,10 @@ class ImageTable:
 class _ImageEncoder:
     """The batched function given to ``datasets.map``: image sources -> codes, or the reason they failed."""
 
-    def __init__(self, image_tokenizer: str | Path, strict: bool):
+    def __init__(self, image_tokenizer: str | Path, strict: bool, augment: Augment = NO_AUGMENT):
         self.image_tokenizer = image_tokenizer
         self.strict = strict
+        self.augment = augment
         self._vq = None
 
     @property
@@ -69,6 +75,7 @@ class _ImageEncoder:
         size = vq.cfg.image_size
         n_codes = vq.cfg.tokens_per_image
         srcs, wheres = batch["src"], batch["where"]
+        K = self.augment.views
         reasons = [""] * len(srcs)
         pixels, ok = [], []
         for i, (src, where) in enumerate(zip(srcs, wheres)):
@@ -77,18 +84,22 @@ class _ImageEncoder:
             try:
                 if src is None:
                     raise ImageError("missing", where, "no image")
-                pixels.append(preprocess(src, size))  # (3, S, S) in [-1, 1]
+                pixels += self.augment.pixels(src, size)  # K x (3, S, S) in [-1, 1]
                 ok.append(i)
             except ImageError as e:
                 if self.strict:
                     raise UserError(f"{where}: bad record ({e}); fix or remove it, or run without --strict") from None
                 reasons[i] = e.reason
-        codes = np.zeros((len(srcs), n_codes), np.int32)
+        codes = np.zeros((len(srcs), K, n_codes), np.int32)
         if pixels:
             with torch.inference_mode():
-                c = vq.encode(torch.stack(pixels))  # (b, h, w)
-            codes[ok] = c.reshape(len(ok), -1).to(torch.int32).numpy()
-        return {"codes": codes, "reason": reasons}
+                c = torch.cat([vq.encode(torch.stack(pixels[j:j + ENCODE_BATCH]))  # (b, h, w)
+                               for j in range(0, len(pixels), ENCODE_BATCH)])
+            codes[ok] = c.reshape(len(ok), K, -1).to(torch.int32).numpy()
+        out = {"codes": codes[:, 0], "reason": reasons}
+        if K > 1:
+            out["views"] = codes[:, 1:]
+        return out
 
 
 @contextlib.contextmanager
@@ -152,8 +163,9 @@ def remove_stale_temporaries(cache_root: Path) -> None:
 
 
 def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, strict: bool = False,
-                  desc: str = "encoding images") -> tuple[object, bool]:
-    """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, whether the cache had them)."""
+                  desc: str = "encoding images", augment: Augment = NO_AUGMENT) -> tuple[object, bool]:
+    """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, and ``views`` when ``augment`` is
+    active; whether the cache had them). ``key`` must hold the augmentation's own (``Augment.key``) when active."""
     import datasets
 
     name = f"codes-{key[:32]}"
@@ -169,11 +181,13 @@ def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, s
         if target.is_dir():  # another process finished it while we waited
             return datasets.load_from_disk(str(target)), True
         remove_stale_temporaries(cache_root)
-        encoder = _ImageEncoder(image_tokenizer, strict)
+        encoder = _ImageEncoder(image_tokenizer, strict, augment)
         h, w = encoder.vq.cfg.grid_size
         features = ds.features.copy()
         features["codes"] = datasets.List(datasets.Value("int32"), length=h * w)
         features["reason"] = datasets.Value("string")
+        if augment.active:
+            features["views"] = datasets.List(datasets.List(datasets.Value("int32"), length=h * w), length=augment.views - 1)
         with _quiet_datasets():
             out = ds.map(encoder, batched=True, batch_size=ENCODE_BATCH, features=features, new_fingerprint=key[:32],
                          desc=desc)
@@ -192,12 +206,18 @@ def table_from(ds, srcs: list[str], hit: bool, seconds: float) -> ImageTable:
     data = ds.with_format("numpy")[:]
     codes = np.asarray(data["codes"], dtype=np.int32).reshape(len(srcs), -1)
     reasons = [str(r) for r in data["reason"]]
-    return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds)
+    views = np.asarray(data["views"], dtype=np.int32).reshape(len(srcs), -1, codes.shape[1]) if "views" in data else None
+    return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds, views=views)
+
+
+def augment_key(augment: Augment) -> list:
+    """The augmentation's part of a cache key: nothing when inactive, so unaugmented entries keep their keys."""
+    return [augment.key()] if augment.active else []
 
 
 def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokenizer: str | Path, vq_fp: str,
-                      cache_root: Path, strict: bool = False) -> ImageTable:
-    """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer)."""
+                      cache_root: Path, strict: bool = False, augment: Augment = NO_AUGMENT) -> ImageTable:
+    """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer, augmentation)."""
     import datasets
 
     t0 = time.perf_counter()
@@ -207,9 +227,9 @@ def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokeniz
     first_where = {}
     for p, w in zip(paths, wheres):
         first_where.setdefault(p, w)
-    key = cache_key(vq_fp, _stat_key(srcs))
+    key = cache_key(vq_fp, _stat_key(srcs), *augment_key(augment))
     ds = datasets.Dataset.from_dict({"src": srcs, "where": [first_where[s] for s in srcs]})
-    out, hit = encode_images(ds, key, image_tokenizer, cache_root, strict)
+    out, hit = encode_images(ds, key, image_tokenizer, cache_root, strict, augment=augment)
     if list(out["src"]) != srcs:  # a hash collision or a hand-edited cache: never use wrong codes
         raise UserError(f"{cache_root}: image-code cache entry does not match the data; delete the cache directory")
     return table_from(out, srcs, hit, time.perf_counter() - t0)

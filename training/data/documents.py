@@ -5,12 +5,15 @@
     ``cond_dropout`` of drawing examples (``<s> <boi> codes <eoi> </s>``: the unconditional case that
     classifier-free guidance needs). A pair without caption is always the unconditional document.
     Pairs are therefore kept as (codes, caption ids) and assembled per draw (``pair_document``).
+  * with augmentation (``--augment-views K``) a pair keeps the K code grids of its image
+    (``Part.views``) and each draw names the one it uses.
   * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
     they are); text records are ``<s> text </s>``. Both are assembled once, here.
 
 Too long for the context (T = ``context_len``): a pair's caption is cut to T - (h*w + 4) tokens (both
-orders then fit). Other documents: if ``<s>`` plus their image spans alone exceed T the record is
-skipped ("too_long"); otherwise text is cut from the end of each text segment in order, keeping room
+orders then fit); with ``fit_captions`` (the trainer) a caption that does not fit is an error instead
+(``ContextTooShort``), raised before any image is encoded. Other documents: if ``<s>`` plus their
+image spans alone exceed T the record is skipped ("too_long"); otherwise text is cut from the end of each text segment in order, keeping room
 for every image that follows, and the document ends without ``</s>``. Truncations are counted
 (``PreparedData.truncated``); under ``strict`` they are errors.
 
@@ -30,12 +33,32 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
-from .codes import ImageTable, cache_key, encode_images, local_image_table, resolve_cache_dir, table_from
+from .augment import NO_AUGMENT, Augment
+from .codes import ImageTable, augment_key, cache_key, encode_images, local_image_table, resolve_cache_dir, table_from
 from .config import DataConfig
 from .records import SkipReport, interleaved_records, pair_records, text_records
 from .sources import Kind, PartSpec, load_hub, resolve_sources
 
 READ, DRAW, UNCOND = 0, 1, 2  # the three documents a pair can become
+
+
+def pair_overhead(vocab) -> int:
+    """Tokens of a pair document besides its caption: ``<s> <boi> h*w codes <eoi> </s>``."""
+    return vocab.tokens_per_image + 4
+
+
+class ContextTooShort(UserError):
+    """A pair's caption and its image do not fit in the context (``prepare(fit_captions=True)``).
+
+    ``need`` is the shortest context that holds the longest pair document, ``where`` names its record.
+    """
+
+    def __init__(self, need: int, context_len: int, where: str, caption_tokens: int, image_tokens: int):
+        self.need, self.context_len, self.where = need, context_len, where
+        self.caption_tokens, self.image_tokens = caption_tokens, image_tokens
+        super().__init__(f"context of {context_len} tokens cannot hold one image with its caption: {where} has a caption "
+                         f"of {caption_tokens} tokens, and <s> <boi> {image_tokens} codes <eoi> caption </s> needs "
+                         f"{need}; raise --context-len to {need} or shorten the caption")
 
 
 @dataclass
@@ -45,12 +68,28 @@ class Part:
     kind: Kind
     name: str
     weight: float
-    codes: np.ndarray | None = None  # pairs: (N, h*w) int32
+    codes: np.ndarray | None = None  # pairs: (N, h*w) int32, the images as they are
     captions: list[np.ndarray] = field(default_factory=list)  # pairs: caption text ids (may be empty)
     docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text: document ids (int32)
+    views: np.ndarray | None = None  # pairs with augmentation: (N, K-1, h*w) int32, the augmented views
 
     def __len__(self) -> int:
         return len(self.codes) if self.kind == "pairs" else len(self.docs)
+
+    @property
+    def n_views(self) -> int:
+        """Code grids per pair: 1, or K with augmentation."""
+        return 1 if self.views is None else 1 + self.views.shape[1]
+
+    def image(self, item: int, view: int = 0) -> np.ndarray:
+        """The (h*w,) codes of a pair's image: view 0 as it is, 1..K-1 augmented."""
+        return self.codes[item] if view == 0 else self.views[item, view - 1]
+
+    def tokens(self, vocab) -> int:
+        """Tokens of one pass over the part (every pair once, with its caption)."""
+        if self.kind == "pairs":
+            return sum(len(c) for c in self.captions) + len(self) * pair_overhead(vocab)
+        return sum(len(d) for d in self.docs)
 
 
 @dataclass
@@ -62,6 +101,8 @@ class PreparedData:
     images_cached: int = 0
     images_encoded: int = 0
     seconds: float = 0.0
+    longest_pair: int = 0
+    """Tokens of the longest pair document before any cut (its caption in full); 0 without pairs."""
 
     def summary(self) -> str:
         parts = ", ".join(f"{len(p)} {p.kind} ({p.weight:.2f})" for p in self.parts)
@@ -151,23 +192,42 @@ class _Builder:
 # ---------------------------------------------------------------- parts
 
 
-def _pairs_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
+def _caption_ids(vocab, recs) -> list[list[int]]:
+    """The text ids of every pair record's caption (empty for a record without one)."""
+    return vocab.encode_texts([t if t and t.strip() else "" for _, _, t in recs])
+
+
+def _longest_pair(vocab, recs, ids: list[list[int]]) -> tuple[int, str, int]:
+    """(tokens, record, caption tokens) of the longest pair document of ``recs``; (0, "", 0) if none."""
+    if not ids:
+        return 0, "", 0
+    k = max(range(len(ids)), key=lambda i: len(ids[i]))
+    return len(ids[k]) + pair_overhead(vocab), recs[k][0], len(ids[k])
+
+
+def _check_fit(longest: tuple[int, str, int], context_len: int, vocab) -> None:
+    need, where, caption = longest
+    if need > context_len:
+        raise ContextTooShort(need, context_len, where, caption, vocab.tokens_per_image)
+
+
+def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, vocab, builder: _Builder,
+                report: SkipReport) -> Part:
+    """recs (where, image source, caption) with their caption ids -> the pairs whose image is good."""
     rows, caps = [], []
-    good = []
-    for where, path, text in recs:
+    for (where, path, _), cap in zip(recs, ids):
         row = table.index[path]
         reason = table.reasons[row]
         if reason:
             report.add(reason, where)
             continue
-        good.append((where, row, text if text and text.strip() else ""))
-    ids = vocab.encode_texts([t for _, _, t in good])
-    for (where, row, _), cap in zip(good, ids):
         rows.append(row)
         caps.append(builder.caption(cap, where))
     report.ok(len(rows))
-    codes = table.codes[np.asarray(rows, np.int64)] if rows else np.zeros((0, vocab.tokens_per_image), np.int32)
-    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps)
+    sel = np.asarray(rows, np.int64)
+    codes = table.codes[sel] if rows else np.zeros((0, vocab.tokens_per_image), np.int32)
+    views = table.views[sel] if table.views is not None and rows else None
+    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps, views=views)
 
 
 def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
@@ -192,8 +252,9 @@ def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _
 
 
 def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,
-              builder: _Builder, report: SkipReport) -> tuple[Part, int, int]:
-    """A hub data set: pairs if it has the image column, else text documents from the text column."""
+              builder: _Builder, report: SkipReport, augment: Augment, fit: bool) -> tuple[Part, int, int, int]:
+    """A hub data set: pairs if it has the image column, else text documents from the text column.
+    (part, images encoded, images from the cache, longest pair document)."""
     import datasets
 
     ds = load_hub(spec.location, cfg.split)
@@ -210,34 +271,45 @@ def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: st
                 report.add("empty", w)
         docs = builder.texts(ok, "text", report)
         report.ok(len(docs))
-        return Part("text", spec.location, spec.weight, docs=docs), 0, 0
+        return Part("text", spec.location, spec.weight, docs=docs), 0, 0, 0
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     wheres = [f"{spec.location}[{i}]" for i in range(len(ds))]
     srcs = ds.select_columns([cfg.image_column]).rename_column(cfg.image_column, "src").add_column("where", wheres)
-    key = cache_key(vq_fp, ds._fingerprint, cfg.image_column, cfg.split)
-    t0 = time.perf_counter()
-    out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict)
-    table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0)
     recs = [(w, w, t) for w, t in zip(wheres, texts)]
-    part = _pairs_part(spec, recs, table, vocab, builder, report)
-    return part, 0 if hit else len(ds), len(ds) if hit else 0
-
-
-def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len: int) -> PreparedData:
-    """Read every source, encode (or load cached) image codes, tokenise text: the mixture parts."""
+    ids = _caption_ids(vocab, recs)
+    longest = _longest_pair(vocab, recs, ids)
+    if fit:
+        _check_fit(longest, builder.T, vocab)
+    key = cache_key(vq_fp, ds._fingerprint, cfg.image_column, cfg.split, *augment_key(augment))
     t0 = time.perf_counter()
+    out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict, augment=augment)
+    table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0)
+    part = _pairs_part(spec, recs, ids, table, vocab, builder, report)
+    return part, 0 if hit else len(ds), len(ds) if hit else 0, longest[0]
+
+
+def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len: int, seed: int = 0,
+            fit_captions: bool = False) -> PreparedData:
+    """Read every source, encode (or load cached) image codes, tokenise text: the mixture parts.
+
+    ``seed`` chooses the augmented views (``cfg.augment_views`` > 1); ``fit_captions``: a pair whose caption and
+    image do not fit in ``context_len`` raises ContextTooShort (before any image is encoded) instead of being cut.
+    """
+    t0 = time.perf_counter()
+    augment = cfg.augment(seed)
     report = SkipReport(strict=cfg.strict)
     specs = resolve_sources(cfg.sources, cfg.split)
     has_images = any(s.kind in ("pairs", "interleaved") for s in specs)
     vq_fp = check_vocab_matches(vocab, image_tokenizer, "--data images") if has_images else ""
-    if has_images and context_len < vocab.tokens_per_image + 4:
+    if has_images and context_len < pair_overhead(vocab):
         raise UserError(f"--context-len {context_len} cannot hold one image document "
-                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {vocab.tokens_per_image + 4} tokens)")
+                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {pair_overhead(vocab)} tokens)")
     cache_root = resolve_cache_dir(cfg.cache_dir, cfg.sources)
     builder = _Builder(vocab, context_len, cfg.strict)
     parts: list[Part] = []
     cached = encoded = 0
+    longest = (0, "", 0)  # the longest pair document: (tokens, record, caption tokens)
 
     # records of every part; local images of one --data entry share one cached table
     records: list[tuple[PartSpec, list]] = []
@@ -249,9 +321,12 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
         if spec.kind == "pairs":
             recs = [(w, str(p), t) for w, p, t in pair_records(Path(spec.location), cfg.text_column, report,
                                                                      cfg.allow_outside_paths)]
+            ids = _caption_ids(vocab, recs)
+            longest = max(longest, _longest_pair(vocab, recs, ids))
             paths, wheres = images_by_source.setdefault(spec.source, ([], []))
             paths += [p for _, p, _ in recs]
             wheres += [w for w, _, _ in recs]
+            recs = (recs, ids)
         elif spec.kind == "interleaved":
             recs = list(interleaved_records(Path(spec.location), report, cfg.allow_outside_paths))
             paths, wheres = images_by_source.setdefault(spec.source, ([], []))
@@ -264,9 +339,11 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
             recs = list(text_records(Path(spec.location), report))
         records.append((spec, recs))
 
+    if fit_captions:
+        _check_fit(longest, context_len, vocab)  # before any image is encoded
     tables: dict[str, ImageTable] = {}
     for source, (paths, wheres) in images_by_source.items():
-        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, cfg.strict)
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, cfg.strict, augment)
         tables[source] = table
         cached += len(table.srcs) if table.cache_hit else 0
         encoded += 0 if table.cache_hit else len(table.srcs)
@@ -275,11 +352,13 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
 
     for spec, recs in records:
         if spec.hub:
-            part, n_new, n_old = _hub_part(spec, cfg, vocab, image_tokenizer, vq_fp, cache_root, builder, report)
+            part, n_new, n_old, n_tokens = _hub_part(spec, cfg, vocab, image_tokenizer, vq_fp, cache_root, builder, report,
+                                                     augment, fit_captions)
             encoded += n_new
             cached += n_old
+            longest = max(longest, (n_tokens, spec.location, 0))
         elif spec.kind == "pairs":
-            part = _pairs_part(spec, recs, tables[spec.source], vocab, builder, report)
+            part = _pairs_part(spec, *recs, tables[spec.source], vocab, builder, report)
         elif spec.kind == "interleaved":
             part = _interleaved_part(spec, recs, tables[spec.source], vocab, builder, report)
         else:
@@ -291,7 +370,7 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
         parts.append(part)
     if not parts:
         raise UserError(f"--data {' '.join(cfg.sources)}: no usable records at all ({report.summary()})")
-    data = PreparedData(parts, report, builder.truncated, cached, encoded, time.perf_counter() - t0)
+    data = PreparedData(parts, report, builder.truncated, cached, encoded, time.perf_counter() - t0, longest[0])
     if report.total:
         for reason, examples in sorted(report.examples.items()):
             log.warning("skipped %d record(s) (%s), e.g. %s", report.counts[reason], reason, examples[0])

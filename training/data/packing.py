@@ -16,7 +16,10 @@ caption-dropped examples.
 Batches (``PackedBatches``) are dicts of (B, T) tensors: tokens, targets (IGNORE = no loss), positions,
 doc_ids (int64) and modality (int8: TEXT 0, IMAGE 1 for an image code or ``<eoi>``, NO_TARGET -1) of
 the target token. All randomness (mixture choice, reading/drawing, condition dropout, epoch shuffles)
-comes from one seeded ``torch.Generator`` plus per-(part, epoch) permutation seeds; ``state_dict()``
+comes from one seeded ``torch.Generator`` plus per-(part, epoch) permutation seeds; a pair with K
+augmented code grids (``--augment-views``) shows grid (o + epoch) mod K, o a per-(seed, part, pair)
+offset, so every grid is used once in K epochs and the generator's draws are those of a run without
+augmentation; ``state_dict()``
 is plain JSON, and a fresh ``PackedBatches`` given it continues with identical batches. Every process
 builds the same global batch; ``sharded(rank, world)`` yields one process's rows of it.
 """
@@ -77,7 +80,7 @@ class PackedBatches:
         self._epoch = [0] * len(data.parts)
         self._pos = [0] * len(data.parts)
         self._perm: list[list[int] | None] = [None] * len(data.parts)
-        self._pending: list[tuple[tuple[int, int, int], np.ndarray]] = []
+        self._pending: list[tuple[tuple[int, int, int, int], np.ndarray]] = []  # ((part, item, variant, view), ids)
         self.batches = 0
 
     @property
@@ -98,13 +101,18 @@ class PackedBatches:
         self._pos[p] += 1
         return item
 
-    def _document(self, p: int, item: int, variant: int) -> np.ndarray:
+    def _document(self, p: int, item: int, variant: int, view: int = 0) -> np.ndarray:
         part = self.data.parts[p]
         if part.kind != "pairs":
             return part.docs[item]
-        return pair_document(self.vocab, part.codes[item], part.captions[item], variant)
+        return pair_document(self.vocab, part.image(item, view), part.captions[item], variant)
 
-    def _draw(self) -> tuple[tuple[int, int, int], np.ndarray]:
+    def _view(self, p: int, item: int) -> int:
+        """Which code grid of a pair this epoch shows (0 without augmentation); draws nothing from the generator."""
+        k = self.data.parts[p].n_views
+        return 0 if k == 1 else (_seed_for(self.seed, "view", p, item) + self._epoch[p]) % k
+
+    def _draw(self) -> tuple[tuple[int, int, int, int], np.ndarray]:
         r0, r1, r2 = torch.rand(3, generator=self._gen, dtype=torch.float64).tolist()
         p = min(bisect.bisect_right(self._cum, r0), len(self._cum) - 1)
         item = self._take(p)
@@ -117,18 +125,18 @@ class PackedBatches:
                 variant = READ
             else:
                 variant = UNCOND if r2 < self.cond_dropout else DRAW
-        desc = (p, item, variant)
+        desc = (p, item, variant, self._view(p, item))
         return desc, self._document(*desc)
 
-    def _untrained_prefix(self, desc: tuple[int, int, int]) -> int:
+    def _untrained_prefix(self, desc: tuple[int, int, int, int]) -> int:
         """How many leading targets of the document get no loss: the image span of a reading example without
         ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none."""
-        p, _, variant = desc
+        p, _, variant, _ = desc
         if variant == READ and not self.reading_image_loss and self.data.parts[p].kind == "pairs":
             return self.vocab.tokens_per_image + 2
         return 0
 
-    def _row(self) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+    def _row(self) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
         row, room = [], self.T
         while room >= 2:
             while len(self._pending) < LOOKAHEAD:
@@ -174,6 +182,9 @@ class PackedBatches:
     def _signature(self) -> str:
         sig = [PIPELINE_VERSION, self.T, self.B, self.seed, self.reading_ratio, self.cond_dropout, self.reading_image_loss,
                [(p.kind, round(p.weight, 12), len(p)) for p in self.data.parts]]  # not paths: data may move
+        views = [p.n_views for p in self.data.parts]
+        if any(k > 1 for k in views):  # absent without augmentation: such runs keep their signature
+            sig.append(["views", views])
         return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
 
     def state_dict(self) -> dict:
@@ -196,7 +207,8 @@ class PackedBatches:
         self._epoch = [int(e) for e in state["epoch"]]
         self._pos = [int(p) for p in state["pos"]]
         self._perm = [None] * len(self.data.parts)
-        self._pending = [(tuple(d), self._document(*d)) for d in state["pending"]]
+        descs = [tuple(d) + (0,) * (4 - len(d)) for d in state["pending"]]  # (part, item, variant[, view])
+        self._pending = [(d, self._document(*d)) for d in descs]
         self.batches = int(state["batches"])
 
 
@@ -224,9 +236,10 @@ class ShardedBatches:
 
 
 def training_batches(cfg: DataConfig, *, vocab, image_tokenizer: str | Path, context_len: int, batch_size: int,
-                     seed: int) -> PackedBatches:
-    """What the trainer calls: prepare the sources and return the packed global-batch stream."""
+                     seed: int, fit_captions: bool = False) -> PackedBatches:
+    """What the trainer calls: prepare the sources and return the packed global-batch stream (``fit_captions``:
+    see ``prepare``)."""
     _check_shape(context_len, batch_size)
-    data = prepare(cfg, vocab, image_tokenizer, context_len=context_len)
+    data = prepare(cfg, vocab, image_tokenizer, context_len=context_len, seed=seed, fit_captions=fit_captions)
     return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
                          cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed)

@@ -1,0 +1,273 @@
+"""The decoder's recipe against memorising a small data set: the context check at train start, the best model by
+held-out loss (LMRUN/best, --final, resume), the epochs a run makes, and augmentation through the trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TinyPipeline, assert_one_line_error, cli_status, run_cli, tiny_train_argv
+from earlyfusion.checkpoint import read_weights, step_dirs
+from earlyfusion.tokenizer.vocab import Vocabulary
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = read_weights(a / "model.safetensors"), read_weights(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def said():
+    """The messages of the project's logger during a test (it does not propagate to pytest's caplog)."""
+    logger, handler = logging.getLogger("earlyfusion"), _Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _longest_pair(p: TinyPipeline) -> int:
+    """Tokens of the longest pair document of the training split, counted here from the captions."""
+    vocab = Vocabulary.load(p.vocab)
+    caps = [json.loads(line)["text"] for line in (p.data / "train" / "metadata.jsonl").read_text().splitlines()]
+    return max(len(ids) for ids in vocab.encode_texts(caps)) + vocab.tokens_per_image + 4
+
+
+# ---------------------------------------------------------------- the context
+
+
+def test_context_that_cannot_hold_one_image_is_one_line(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    need = Vocabulary.load(tiny_pipeline.vocab).tokens_per_image + 4
+    rc, err = cli_status(capsys, tiny_train_argv(tiny_pipeline, tmp_path / "lm", 2, "--context-len", need - 1))
+    assert_one_line_error(rc, err)
+    assert f"--context-len {need - 1} cannot hold one image" in err and f"needs {need} tokens" in err
+    assert f"--context-len {need} or more" in err
+    assert not (tmp_path / "lm").exists()
+
+
+def test_context_that_cannot_hold_the_longest_caption_is_one_line(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    need = _longest_pair(tiny_pipeline)
+    rc, err = cli_status(capsys, tiny_train_argv(tiny_pipeline, tmp_path / "short", 2, "--context-len", need - 1))
+    assert_one_line_error(rc, err)
+    assert f"needs {need} tokens" in err and f"--context-len {need} or more" in err and "metadata.jsonl" in err
+    run_cli(*tiny_train_argv(tiny_pipeline, tmp_path / "fits", 2, "--context-len", need))  # exactly enough trains
+
+
+def test_context_error_names_the_presets_that_hold_it():
+    from earlyfusion.training.sizing import context_error, preset_context
+
+    msg = context_error(context_len=128, given=False, max_seq_len=128, preset="tiny", need=300, what="one image")
+    assert "preset tiny" in msg and "needs 300 tokens" in msg and "--context-len" not in msg.split(";")[1]
+    assert f"base ({preset_context('base')})" in msg and "small" not in msg
+    msg = context_error(context_len=40, given=True, max_seq_len=128, preset="tiny", need=60, what="one image")
+    assert msg.startswith("--context-len 40 cannot hold one image") and "--context-len 60 or more" in msg
+
+
+# ---------------------------------------------------------------- the best model
+
+
+def test_best_is_the_step_with_the_lowest_heldout_loss(tiny_pipeline: TinyPipeline, tmp_path):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 12, "--eval-every", 2, "--checkpoint-every", 2, "--keep-checkpoints", 10,
+                             "--lr", 3e-2))
+    rows = [r for r in _rows(out) if "val_loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    for r in rows:
+        assert r["val_loss"] == pytest.approx(r["val_loss_text"] + r["val_loss_image"])
+    best = min(rows, key=lambda r: r["val_loss"])
+    saved = json.loads((out / "checkpoints" / "best" / "config.json").read_text())
+    assert saved["step"] == best["step"] and saved["heldout"]["loss_image"] == best["val_loss_image"]
+    assert _same_weights(out / "checkpoints" / "best", out / "checkpoints" / f"step-{best['step']:08d}")
+    assert not (out / "final.json").exists()  # --final last (the default): the run's model is the last step's
+
+
+class _ScriptedValidation:
+    """validation_losses replaced by a script of held-out scores (one per validation, in order)."""
+
+    def __init__(self, monkeypatch, scores: list[float]):
+        from earlyfusion.training import monitor
+
+        self.scores = list(scores)
+        monkeypatch.setattr(monitor, "validation_losses", self)
+
+    def __call__(self, *args, **kwargs) -> dict:
+        s = self.scores.pop(0)
+        return {"loss_text": s / 4, "loss_image": 3 * s / 4, "unigram_text": 1.0, "unigram_image": 4.0}
+
+
+def _cfg(p: TinyPipeline, out: Path, **kw):
+    from earlyfusion.training.data import DataConfig
+    from earlyfusion.training.lm_train import TrainConfig
+
+    kw = {"final": "best", "keep_checkpoints": 10, **kw}
+    return TrainConfig(data=DataConfig(sources=[str(p.data)]), image_tokenizer=str(p.vq), vocab=str(p.vocab), out=str(out),
+                       preset="tiny", steps=16, batch_size=4, warmup_steps=2, eval_every=4, checkpoint_every=4, lr=3e-3,
+                       **kw)
+
+
+def test_final_best_is_what_load_run_returns_and_the_turn_is_said_once(tiny_pipeline: TinyPipeline, tmp_path,
+                                                                        monkeypatch, said):
+    from earlyfusion.rundir import load_run
+    from earlyfusion.training.lm_train import train
+
+    out = tmp_path / "lm"
+    _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5, 2.6])  # best at step 8; 25 % above it at step 12
+    train(_cfg(tiny_pipeline, out))
+    assert [r["val_loss"] for r in _rows(out) if "val_loss" in r] == [3.0, 2.0, 2.5, 2.6]
+    turned = [line for line in said if "turned up" in line]
+    assert len(turned) == 1 and "at step 12" in turned[0] and "step 8" in turned[0], turned
+    assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 8
+    assert _same_weights(out / "checkpoints" / "best", out / "checkpoints" / "step-00000008")
+    assert json.loads((out / "final.json").read_text()) == {"checkpoint": "best"}
+    run = load_run(out)
+    assert run.path == out / "checkpoints" / "best" and run.config["step"] == 8
+    want = read_weights(out / "checkpoints" / "step-00000008" / "model.safetensors")
+    assert all(torch.equal(v, want[k]) for k, v in run.decoder.state_dict().items() if k in want)
+    assert load_run(out / "checkpoints" / "best").path == out / "checkpoints" / "best"
+    assert load_run(out / "checkpoints" / "step-00000016").config["step"] == 16
+    # a damaged best/ is an error, not a silent fall-back to another model
+    (out / "checkpoints" / "best" / "model.safetensors").write_bytes(b"\0" * 8)
+    from earlyfusion.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="final model"):
+        load_run(out)
+
+
+def test_final_last_leaves_load_run_on_the_last_step(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    from earlyfusion.rundir import load_run
+    from earlyfusion.training.lm_train import train
+
+    out = tmp_path / "lm"
+    _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5, 2.6])
+    train(_cfg(tiny_pipeline, out, final="last", keep_checkpoints=1))
+    assert [d.name for d in step_dirs(out / "checkpoints")] == ["step-00000016"]  # pruning leaves best alone
+    assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 8
+    assert not (out / "final.json").exists() and load_run(out).config["step"] == 16
+
+
+class _Killed(Exception):
+    pass
+
+
+def _die_after_checkpoint(monkeypatch, at: int):
+    """Make training stop (raise _Killed) right after checkpoint ``at`` is written, as a kill would; returns the undo."""
+    from earlyfusion.training.loop import TrainLoop
+
+    real_save = TrainLoop.save
+
+    def save_then_die(self, step, write):
+        dest = real_save(self, step, write)
+        if step == at:
+            raise _Killed
+        return dest
+
+    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    return lambda: monkeypatch.setattr(TrainLoop, "save", real_save)
+
+
+def test_resume_keeps_the_best_so_far(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, said):
+    from earlyfusion.training.lm_train import train
+
+    out = tmp_path / "lm"
+    undo = _die_after_checkpoint(monkeypatch, 12)
+    _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5])
+    with pytest.raises(_Killed):
+        train(_cfg(tiny_pipeline, out))
+    undo()
+    assert not (out / "final.json").exists()
+    _ScriptedValidation(monkeypatch, [2.1])  # the resumed run validates once more, at step 16: above step 8's 2.0
+    said.clear()
+    train(_cfg(tiny_pipeline, out, resume=True))
+    assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 8
+    assert _same_weights(out / "checkpoints" / "best", out / "checkpoints" / "step-00000008")
+    assert json.loads((out / "final.json").read_text()) == {"checkpoint": "best"}
+    assert any("resumed" in line for line in said)
+    assert not [line for line in said if "turned up" in line]  # said once, before the kill
+    assert [r["val_loss"] for r in _rows(out) if "val_loss" in r] == [3.0, 2.0, 2.5, 2.1]
+
+
+def test_exact_resume_with_dropout_across_validations(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    """Dropout draws from the torch RNG: nothing else may draw from it after the seed (a validation's sheet loads
+    the image tokenizer), or a resumed run, which loads it again, would draw other masks."""
+    from earlyfusion.training import lm_train
+
+    def fresh_process() -> None:
+        monkeypatch.setattr(lm_train, "_VQ_CACHE", {})
+
+    cfg = dict(final="last", dropout=0.2)
+    fresh_process()
+    lm_train.train(_cfg(tiny_pipeline, tmp_path / "full", **cfg))
+    undo = _die_after_checkpoint(monkeypatch, 8)
+    fresh_process()
+    with pytest.raises(_Killed):
+        lm_train.train(_cfg(tiny_pipeline, tmp_path / "killed", **cfg))
+    undo()
+    fresh_process()
+    lm_train.train(_cfg(tiny_pipeline, tmp_path / "killed", resume=True, **cfg))
+    full, resumed = _rows(tmp_path / "full"), _rows(tmp_path / "killed")
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full]
+
+
+# ---------------------------------------------------------------- steps sized to the data
+
+
+def test_epoch_estimate_matches_the_batches_and_warns_when_many(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    from earlyfusion.training import sizing
+    from earlyfusion.training.data import DataConfig, training_batches
+
+    vocab = Vocabulary.load(tiny_pipeline.vocab)
+    b = training_batches(DataConfig(sources=[str(tiny_pipeline.data)], cache_dir=str(tmp_path / "c")), vocab=vocab,
+                         image_tokenizer=tiny_pipeline.vq, context_len=128, batch_size=4, seed=0)
+    steps = 60
+    est = dict(sizing.epochs(b.data, vocab, steps=steps, batch_size=4, context_len=128))
+    starts = []
+    for _ in range(steps):
+        batch = next(b)
+        starts.append(int(((batch["positions"] == 0) & (batch["doc_ids"] >= 0)).sum()))
+    drawn = sum(starts)
+    want = sum(est[p.name] * len(p) for p in b.data.parts)
+    assert 0.85 * want <= drawn <= 1.02 * want, (drawn, want)  # padding only ever makes it fewer
+    warnings, infos = [], []
+    monkeypatch.setattr(sizing.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(sizing.log, "info", lambda msg, *a: infos.append(msg % a))
+    sizing.say_epochs(b.data, vocab, steps=steps, batch_size=4, context_len=128)
+    assert len(infos) == 1 and "epochs of" in infos[0] and not warnings
+    many = int(steps * (sizing.MANY_EPOCHS + 1) / max(est.values())) + 1
+    sizing.say_epochs(b.data, vocab, steps=many, batch_size=4, context_len=128)
+    assert len(warnings) == 1 and f"more than {sizing.MANY_EPOCHS}" in warnings[0]
+
+
+# ---------------------------------------------------------------- augmentation through the trainer
+
+
+def test_training_with_augmented_views_and_its_identity(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--augment-views", 3, "--augment-flip",
+                             "--cache-dir", tmp_path / "cache"))
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    rc, err = cli_status(capsys, tiny_train_argv(tiny_pipeline, out, 8, "--augment-views", 2, "--augment-flip",
+                                                 "--cache-dir", tmp_path / "cache", "--resume"))
+    assert_one_line_error(rc, err)
+    assert "augment_views 3 (now 2)" in err
+    rc, err = cli_status(capsys, tiny_train_argv(tiny_pipeline, out, 8, "--augment-flip"))
+    assert_one_line_error(rc, err)
+    assert "--augment-views" in err

@@ -1,0 +1,84 @@
+"""The best model by held-out loss: kept in LMRUN/checkpoints/best, and a log line once held-out loss has turned up.
+
+Validation (every ``--eval-every`` steps and at the last step) scores the held-out pairs; the score
+is the held-out reading loss plus the held-out drawing loss (``val_loss`` in metrics.jsonl), each a
+mean per target token, so that neither direction is ignored while the image codes, many more tokens
+per pair, would otherwise dominate. Each new minimum rewrites ``LMRUN/checkpoints/best`` (a checkpoint
+directory that pruning, which keeps the newest step-* ones, never touches). The first time the score is
+more than ``HELDOUT_RISE`` above its minimum, the log says so once: from then on the run is memorising
+its training data.
+
+The best-so-far (step, score, whether the log has said so) is part of every checkpoint's state, so a
+resumed run keeps it; ``--final best`` makes ``checkpoints/best`` the run's model (``rundir.set_final``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from earlyfusion.checkpoint import CheckpointError, atomic_dir, load_json, verify_dir
+from earlyfusion.logs import log
+from earlyfusion.rundir import BEST_DIR, CHECKPOINTS_DIR, CONFIG
+
+HELDOUT_RISE = 0.05
+"""Held-out score this far above its minimum (a fraction) is reported as having turned up."""
+
+
+def heldout_score(val: dict) -> float:
+    """The score the best model is chosen by: held-out reading (text) loss + drawing (image) loss."""
+    return val["loss_text"] + val["loss_image"]
+
+
+class BestModel:
+    """Tracks the lowest held-out score of a run and keeps its weights in ``out/checkpoints/best``."""
+
+    def __init__(self, out: Path, main: bool):
+        self.dir = Path(out) / CHECKPOINTS_DIR / BEST_DIR
+        self.main = main
+        self.step: int | None = None
+        self.score = math.inf
+        self.warned = False
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "score": self.score if self.step is not None else None, "warned": self.warned}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore the best-so-far of a checkpoint (None: a checkpoint written before it was tracked)."""
+        state = state or {}
+        self.step = state.get("step")
+        self.score = math.inf if self.step is None else float(state["score"])
+        self.warned = bool(state.get("warned", False))
+        if self.step is not None and self.main and self.saved_step() is None:
+            log.warning("%s is missing or damaged: the best model so far (step %d) is lost; the next new held-out "
+                        "minimum writes it again", self.dir, self.step)
+
+    def saved_step(self) -> int | None:
+        """The step of the weights in ``self.dir`` (None: none there, or damaged). A resumed run's state can be behind
+        it (it was written after the checkpoint resumed from); the resumed run writes that step again."""
+        try:
+            verify_dir(self.dir)
+            return int(load_json(self.dir / CONFIG)["step"])
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+            return None
+
+    def observe(self, step: int, val: dict, write: Callable[[Path], None]) -> str | None:
+        """Score one validation; a new minimum is written with ``write(tmp_dir)`` (main process). Returns the
+        line to log when held-out loss has turned up for the first time, else None."""
+        score = heldout_score(val)
+        if not math.isfinite(score):
+            return None
+        if score < self.score:
+            self.step, self.score = step, score
+            if self.main:
+                with atomic_dir(self.dir) as tmp:
+                    write(tmp)
+            return None
+        if self.warned or score <= self.score * (1 + HELDOUT_RISE):
+            return None
+        self.warned = True
+        return (f"held-out loss has turned up: {score:.3f} at step {step} is {100 * (score / self.score - 1):.0f}% above "
+                f"its minimum {self.score:.3f} at step {self.step}, so the model is memorising its training data; "
+                f"{self.dir} keeps the step-{self.step} weights (--final best makes them the run's model; fewer --steps, "
+                "--augment-views or --dropout make a run learn longer)")

@@ -1,0 +1,75 @@
+"""Image augmentation before encoding: several code grids per training image.
+
+A small data set is memorised fast when every image is always the same grid of codes. With
+``--augment-views K`` (K > 1) the code cache holds K grids per image: view 0 is the image as the
+image tokenizer sees it without augmentation (the same pixels as a run without augmentation), views
+1..K-1 are random square crops (a side between ``min_scale`` and 1 of the image's short side, at a
+random sub-pixel place) resampled to the tokenizer's size, mirrored left-right for half of them when ``flip`` is
+on. Training shows each image one view per epoch, every view once in K epochs (``packing``).
+
+Every view is a pure function of (seed, the image's bytes, view index) and the settings: the same
+seed gives the same grids wherever the data lies, and the settings are part of the code cache's key
+(``key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from earlyfusion.tokenizer.preprocess import load_image, preprocess
+
+
+@dataclass(frozen=True)
+class Augment:
+    views: int
+    """Code grids per image (view 0 unaugmented); 1 = no augmentation."""
+    min_scale: float
+    """Smallest crop side as a fraction of the image's short side."""
+    flip: bool
+    """Mirror half of the augmented views left-right."""
+    seed: int
+
+    @property
+    def active(self) -> bool:
+        return self.views > 1
+
+    def key(self) -> list:
+        """What of the settings shapes the cached codes (part of the cache key when active)."""
+        return ["augment", self.views, round(self.min_scale, 6), self.flip, self.seed]
+
+    def params(self, image: bytes, view: int) -> tuple[float, float, float, bool]:
+        """(crop side fraction, left fraction, top fraction, mirror) of one augmented view of an image file's bytes."""
+        digest = hashlib.sha256(f"{self.seed}/{view}/".encode() + hashlib.sha256(image).digest()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        scale, left, top, coin = rng.random(4).tolist()
+        return self.min_scale + (1.0 - self.min_scale) * scale, left, top, self.flip and coin < 0.5
+
+    def pixels(self, src: str | Path | bytes, size: int) -> list[torch.Tensor]:
+        """The K views of an image file (path or bytes) as (3, size, size) tensors in [-1, 1]; view 0 is
+        ``preprocess(src)``. Raises ImageError for a bad image."""
+        out = [preprocess(src, size)]
+        if self.views == 1:
+            return out
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
+        img = load_image(data, shrink_to=math.ceil(size / self.min_scale))
+        w, h = img.size
+        for view in range(1, self.views):
+            scale, left, top, mirror = self.params(data, view)
+            side = min(w, h) * scale
+            x, y = left * (w - side), top * (h - side)
+            # one resample of a sub-pixel box: small images get as many different crops as large ones
+            crop = img.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + side, y + side))
+            if mirror:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out.append(preprocess(crop, size))  # (3, size, size): already the size, only converted
+        return out
+
+
+NO_AUGMENT = Augment(views=1, min_scale=1.0, flip=False, seed=0)

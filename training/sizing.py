@@ -1,0 +1,61 @@
+"""A decoder run sized to its data: the context must hold one image with its caption, and the steps should not
+repeat a small data set so often that the model only replays it.
+
+``context_error`` words the one-line error for a context that is too short (with the length needed and
+what to change: ``--context-len`` or a preset whose ``max_seq_len`` holds it); ``epochs`` estimates how
+many times the run goes through each part of its data, and ``say_epochs`` logs it, with a warning above
+``MANY_EPOCHS``.
+"""
+
+from __future__ import annotations
+
+from earlyfusion.logs import log
+from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
+
+MANY_EPOCHS = 20
+"""More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
+memorised (held-out loss turns up) before the run ends."""
+
+
+def preset_context(name: str) -> int:
+    """The max_seq_len of a decoder preset."""
+    return int(DECODER_PRESETS[name].get("max_seq_len", DecoderConfig.max_seq_len))
+
+
+def context_error(*, context_len: int, given: bool, max_seq_len: int, preset: str | None, need: int, what: str) -> str:
+    """The one-line error for a context of ``context_len`` tokens that cannot hold ``need`` tokens (``what`` says which
+    document); ``given``: --context-len was set (else the context is the decoder's max_seq_len)."""
+    decoder = f"preset {preset}" if preset else "of --init-from"
+    head = f"--context-len {context_len}" if given else f"the context of {context_len} tokens (max_seq_len of the decoder {decoder})"
+    if need <= max_seq_len:
+        fix = f"train with --context-len {need} or more (the decoder holds up to {max_seq_len})"
+    else:
+        bigger = [f"{n} ({preset_context(n)})" for n in DECODER_PRESETS if preset_context(n) >= need]
+        fix = ("the decoder holds at most max_seq_len " + str(max_seq_len) + "; choose a --preset that holds "
+               + str(need) + (f": {', '.join(bigger)}" if bigger else " (none of the presets does)"))
+    return f"{head} cannot hold {what}, which needs {need} tokens; {fix}, or shorten the captions"
+
+
+def epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> list[tuple[str, float]]:
+    """(part name, passes over it) for each part of the mixture, assuming full rows (packing leaves little padding).
+
+    Documents are drawn by mixture weight: part p gets a share w_p of the documents, so a run of S·B·T tokens draws
+    S·B·T / sum_q(w_q·L_q) documents, L_q the mean document length of part q.
+    """
+    total = sum(p.weight for p in data.parts)
+    mean = [p.tokens(vocab) / max(len(p), 1) for p in data.parts]
+    per_doc = sum(p.weight / total * m for p, m in zip(data.parts, mean))
+    docs = steps * batch_size * context_len / max(per_doc, 1e-9)
+    return [(p.name, docs * p.weight / total / max(len(p), 1)) for p in data.parts]
+
+
+def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> None:
+    """Log how many passes over each part of the data the run makes; warn when one is past MANY_EPOCHS."""
+    passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
+    log.info("%d steps of %d x %d tokens make about %s", steps, batch_size, context_len,
+             ", ".join(f"{n:.1f} epochs of {name}" for name, n in passes))
+    name, most = max(passes, key=lambda x: x[1])
+    if most > MANY_EPOCHS:
+        log.warning("%s is seen about %.0f times (more than %d): a data set this small is memorised long before the "
+                    "run ends; fewer --steps, --augment-views K or --final best (with --eval-every) help", name, most,
+                    MANY_EPOCHS)
