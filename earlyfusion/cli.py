@@ -29,6 +29,8 @@ from collections.abc import Iterator
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text)",
      "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
+    (("data", "photos"), "crop the photographs that ship with scikit-image into an imagefolder (test crops from other photographs)",
+     "earlyfusion.training.photos:PhotosConfig", "earlyfusion.training.photos:generate_cmd"),
     (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "earlyfusion.training.vq_train:VQTrainConfig", "earlyfusion.training.vq_train:train_cmd"),
     (("tokenizer", "eval"), "evaluate an image tokenizer: PSNR, SSIM, codebook usage, perplexity, speed",
      "earlyfusion.training.vq_eval:VQEvalConfig", "earlyfusion.training.vq_eval:eval_cmd"),

@@ -279,3 +279,81 @@ def test_resume_with_other_identity_or_only_corrupted_checkpoints_is_refused(dat
     with pytest.raises(UserError, match="step-00000008.*step-00000004"):
         train(_cfg(data, run, steps=12, resume=True))
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+# ---------------------------------------------------------------- shapes from options, FSQ, perceptual and GAN losses
+
+
+def test_preset_recipes_fill_only_what_was_not_given(data, tmp_path):
+    photo = VQTrainConfig(data=str(data), out=str(tmp_path / "a"), preset="photo64")
+    assert (photo.steps, photo.batch_size, photo.lr) == (1000, 32, 2e-3)
+    default = VQTrainConfig(data=str(data), out=str(tmp_path / "b"))
+    assert (default.steps, default.batch_size, default.lr) == (1800, 128, 3e-3)  # what the demo trains with
+    mine = VQTrainConfig(data=str(data), out=str(tmp_path / "c"), preset="photo64", steps=7, lr=1e-3)
+    assert (mine.steps, mine.batch_size, mine.lr) == (7, 32, 1e-3)
+
+
+def test_photo_preset_at_another_size_trains_and_evaluates(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=4, preset="photo64", image_size=16, downsample=4, width=16,
+               overrides=["latent_dim=16", "codebook_size=32", "decoder_res_blocks=1"]))
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["image_size"], cfg["downsample"], cfg["attention"], cfg["grid"]) == (16, 4, True, [4, 4])
+    capsys.readouterr()
+    assert eval_cmd(VQEvalConfig(checkpoint=str(run), data=str(data), json=True)) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(out["psnr"]) and 0 < out["codebook_usage"] <= 1
+
+
+def test_fsq_training_lowers_loss(data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=30, quantizer="fsq", fsq_levels="4,3,3"))
+    m = _metrics(run)
+    assert sum(r["loss"] for r in m[-5:]) < 0.7 * sum(r["loss"] for r in m[:5])
+    assert all(r["commit"] == 0.0 for r in m)
+    model = load_vqvae(run)
+    assert model.cfg.quantizer == "fsq" and model.cfg.codebook_size == 36
+    images, _ = load_images(str(data), 16, split="test")
+    assert 0 < evaluate_tokenizer(model, images)["codebook_usage"] <= 1
+
+
+def test_perceptual_loss_from_a_file_trains(data, tmp_path):
+    from test_vq_options import write_vgg_standin
+
+    weights = write_vgg_standin(tmp_path / "vgg.safetensors")
+    run = tmp_path / "run"
+    train(_cfg(data, run, steps=6, perceptual_weights=str(weights), perceptual_weight=0.5))
+    m = _metrics(run)
+    assert all(r["perceptual"] > 0 and math.isfinite(r["loss"]) for r in m)
+    assert all(r["loss"] > r["recon"] + r["commit"] for r in m)  # the perceptual term is part of the loss
+    with pytest.raises(ValueError, match="perceptual-weights.*not found"):  # refused before any data is read
+        _cfg(data, tmp_path / "run2", steps=2, perceptual_weights=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="bad.safetensors"):
+        train(_cfg(data, tmp_path / "run3", steps=2, perceptual_weights=str(tmp_path / "bad.safetensors")))
+
+
+def test_gan_run_resumes_exactly_and_is_refused_without_gan(data, tmp_path):
+    from earlyfusion.checkpoint import load_state
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    kw = dict(steps=12, keep_checkpoints=3, gan_weight=0.5, gan_start_step=3)
+    train(_cfg(data, run, **kw))
+    expected = _metrics(run)
+    assert all("disc" not in r for r in expected[:3])  # the warm-up: no GAN before gan_start_step
+    assert all(math.isfinite(r["disc"]) and math.isfinite(r["gan"]) and r["gan_weight"] >= 0 for r in expected[3:])
+    assert "discriminator" in load_state(run / "checkpoints" / "step-00000008", "state")
+    ref = read_weights(run / "model.safetensors")
+    w = run / "checkpoints" / "step-00000012" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])  # corrupted: --resume continues from step 8
+    with pytest.raises(UserError, match="losses.gan"):
+        train(_cfg(data, run, steps=12, keep_checkpoints=3, resume=True))
+    train(_cfg(data, run, resume=True, **kw))
+    got = _metrics(run)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(expected, got):
+        for key in ("loss", "recon", "commit", "usage", "grad_norm", "gan", "gan_weight", "disc"):
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+    now = read_weights(run / "model.safetensors")
+    assert all(torch.equal(ref[k], now[k]) for k in ref)

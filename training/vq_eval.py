@@ -33,7 +33,8 @@ class VQEvalConfig:
     checkpoint: str
     """Image tokenizer run directory (from `earlyfusion tokenizer train`) or one of its checkpoints/step-* directories."""
     data: str
-    """Evaluation images: a directory from `earlyfusion data shapes`, an imagefolder directory, or a hub data set name."""
+    """Evaluation images: a directory from `earlyfusion data shapes` or `data photos`, an imagefolder directory, or a hub
+    data set name."""
     split: str = "test"
     """Split of --data to evaluate on (held out)."""
     image_column: str = "image"

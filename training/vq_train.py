@@ -2,9 +2,12 @@
 
 One accelerate loop (the same script runs on one CPU and under ``accelerate launch``) on the shared
 skeleton of ``training.loop``. Images are read once (``training.vq_eval.load_images``) and kept in
-memory as uint8. Loss = reconstruction (mse by default) + the quantizer's commitment loss. The
-progress bar shows the loss, codebook usage (codes seen in a sliding window of recent steps ÷
-codebook size, as LlamaGen measures it) and the code perplexity of the batch.
+memory as uint8. The model's shape is a preset with options applied (``VQTrainConfig.model_config``);
+the run's config.json records the result. Loss = reconstruction (mse by default) + the quantizer's
+commitment loss [+ a perceptual loss from user-supplied VGG16 weights] [+ an adaptively weighted
+PatchGAN hinge loss after ``gan_start_step``, with its own discriminator optimizer]
+(``training.vq_losses``). The progress bar shows the loss, codebook usage (codes seen in a sliding
+window of recent steps ÷ codebook size, as LlamaGen measures it) and the code perplexity of the batch.
 
 RUN layout:
 
@@ -15,11 +18,12 @@ RUN layout:
     RUN/sheets/step-XXXXXXXX.png             the periodic sheets
 
 Exact resume: the data order is a pure function of (seed, epoch), the LR a pure function of the step;
-a checkpoint stores the weights (the EMA codebook buffers included), the optimizer state, the global
-torch RNG state (k-means init and dead-code replacement draw from it), the usage window and the
-counters. A resumed run reproduces the uninterrupted run's losses exactly on CPU (tested). The run's
-identity (model shape, data, seed, batch size) is recorded in each checkpoint's config; ``--resume``
-with other values is refused.
+a checkpoint stores the weights (the EMA codebook buffers included), the optimizer state (and the
+discriminator's weights and optimizer state when the GAN loss is on), the global torch RNG state
+(k-means init and dead-code replacement draw from it), the usage window and the counters. A resumed
+run reproduces the uninterrupted run's losses exactly on CPU (tested). The run's identity (model
+shape, data, seed, batch size, losses) is recorded in each checkpoint's config; ``--resume`` with other
+values is refused.
 
 Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update, the
 codebook's EMA buffers restored) and counted; more than ``max_nonfinite`` in a row stops the run,
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -42,10 +46,12 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
+from earlyfusion.tokenizer.vq_presets import parse_fsq_levels, parse_sets, resolve_vq_config
 from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
+from earlyfusion.training.vq_losses import Adversarial, PerceptualLoss
 from earlyfusion.training.vq_eval import (  # noqa: F401 - re-exported: the tokenizer's figures live in vq_eval
     VQEvalConfig, code_stats, eval_cmd, evaluate_tokenizer, load_images, psnr, reconstruction_sheet, ssim, to_pixels,
 )
@@ -54,23 +60,52 @@ CHECKPOINTS = "checkpoints"
 SHEET = "reconstructions.png"
 SHEETS_DIR = "sheets"
 SHEET_IMAGES = 8
+RECIPE = {"steps": 1800, "batch_size": 128, "lr": 3e-3}
+"""Training defaults of the presets not in RECIPES."""
+RECIPES: dict[str, dict] = {"photo64": {"steps": 1000, "batch_size": 32, "lr": 2e-3}}
+"""Per-preset training defaults (an option given on the command line wins)."""
 
 
 @dataclass
 class VQTrainConfig:
     data: str
-    """Training images: a directory from `earlyfusion data shapes`, an imagefolder directory, or a hub data set name."""
+    """Training images: a directory from `earlyfusion data shapes` or `data photos`, an imagefolder directory, or a hub
+    data set name."""
     out: str
     """Run directory (RUN): config.json + model.safetensors (for --image-tokenizer RUN), checkpoints/, metrics.jsonl, reconstruction sheets."""
     preset: str = "default"
-    """Model size preset: tiny (tests, 16 px) or default (32 px -> 4x4 codes)."""
-    steps: int = 1800
-    """Optimizer steps; raise it when the reconstructions still improve at the end (see metrics.jsonl)."""
-    batch_size: int = 128
-    """Global batch size (images per optimizer step, over all processes). Keep it large enough that a rare patch's
-    code is used about once per batch: dead-code replacement resets codes used less often than that."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
+    """Model shape preset: tiny (tests, 16 px), default (built-in 32 px shapes -> 4x4 codes), photo64 (photographs,
+    64 px -> 8x8 codes, trains on a CPU), photo256 (256 px -> 16x16 codes of 16384: LlamaGen VQ-16's shape) or
+    chameleon512 (512 px -> 32x32 codes of 8192: Chameleon's shape). The options below change its fields."""
+    image_size: int | None = None
+    """Image side in pixels (a multiple of --downsample); default: the preset's."""
+    downsample: int | None = None
+    """Pixels per code side (a power of two): the code grid is image-size/downsample per side; default: the preset's."""
+    codebook_size: int | None = None
+    """Codebook entries (the image vocabulary size); default: the preset's (with --quantizer fsq: the product of the levels)."""
+    codebook_dim: int | None = None
+    """Dimension of the cosine code lookup (8-32 keeps large codebooks in use); default: the preset's."""
+    width: int | None = None
+    """Channels of the first conv stage (later stages keep the preset's multiples of it); default: the preset's."""
+    depth: int | None = None
+    """Residual blocks per encoder stage (the decoder gets one more); default: the preset's."""
+    quantizer: Literal["vq", "fsq"] | None = None
+    """vq (a learned codebook) or fsq (finite scalar quantization: no codebook to collapse, size = product of
+    --fsq-levels); default: the preset's (vq)."""
+    fsq_levels: str | None = None
+    """Levels per dimension for --quantizer fsq, comma-separated (e.g. 8,8,8,5,5,5: 64000 codes; 8,5,5,5: 1000)."""
+    overrides: list[str] = field(default_factory=list, metadata={"flag": "set"})
+    """FIELD=VALUE: set any image tokenizer config field (e.g. --set attention=true --set channels=64,128); applied after
+    the options above. config.json of the run lists the fields."""
+    steps: int | None = None
+    """Optimizer steps (default: the preset's recipe, 1800; photo64: 1000); raise it when the reconstructions still
+    improve at the end (see metrics.jsonl)."""
+    batch_size: int | None = None
+    """Global batch size (images per optimizer step, over all processes; default: the preset's recipe, 128; photo64:
+    32). Keep it large enough that a rare patch's code is used about once per batch: dead-code replacement resets
+    codes used less often than that."""
+    lr: float | None = None
+    """Peak learning rate (AdamW; default: the preset's recipe, 3e-3; photo64: 2e-3)."""
     warmup_steps: int = 50
     """Linear warmup steps."""
     min_lr_ratio: float = 0.05
@@ -81,6 +116,17 @@ class VQTrainConfig:
     """Gradient-norm clip (0 disables)."""
     recon_loss: Literal["l1", "mse", "l1+mse"] = "mse"
     """Reconstruction loss on [-1, 1] pixels; mse optimises PSNR directly."""
+    perceptual_weights: str | None = None
+    """A safetensors file of VGG16 feature weights (torchvision's names, features.N.weight): adds a perceptual loss
+    (LPIPS-style feature distance) for sharper textures. Nothing is downloaded: point to a file you have."""
+    perceptual_weight: float = 1.0
+    """Weight of the perceptual loss (with --perceptual-weights)."""
+    gan_weight: float = 0.0
+    """Weight of the adversarial PatchGAN loss (hinge; adaptively balanced against the reconstruction loss at the
+    decoder's last layer, as in VQGAN); 0 = off. Sharper textures, slower steps, lower PSNR."""
+    gan_start_step: int = 500
+    """Step at which the discriminator and the GAN loss switch on (reconstructions collapse if it starts before
+    the autoencoder reconstructs well)."""
     split: str = "train"
     """Split of --data to train on."""
     image_column: str = "image"
@@ -110,6 +156,22 @@ class VQTrainConfig:
     def __post_init__(self):
         if self.preset not in VQ_PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(VQ_PRESETS)}")
+        for name, value in {**RECIPE, **RECIPES.get(self.preset, {})}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("image_size", "downsample", "codebook_size", "codebook_dim", "width", "depth"):
+            if getattr(self, name) is not None:
+                check_number(name.replace("_", "-"), getattr(self, name), 0 if name == "depth" else 1)
+        self.model_config()  # a bad shape fails here, before any data is read
+        check_number("perceptual-weight", self.perceptual_weight, 0)
+        if self.perceptual_weights and not Path(self.perceptual_weights).expanduser().is_file():
+            raise ValueError(f"--perceptual-weights {self.perceptual_weights}: file not found; give a safetensors file of "
+                             "VGG16 features (torchvision's names: features.0.weight, ...)")
+        check_number("gan-weight", self.gan_weight, 0)
+        check_number("gan-start-step", self.gan_start_step, 0)
+        if self.gan_weight > 0 and self.gan_start_step >= self.steps:
+            raise ValueError(f"--gan-start-step {self.gan_start_step} must be below --steps {self.steps} for the GAN loss to "
+                             "switch on; lower it or leave --gan-weight at 0")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             check_number(name.replace("_", "-"), getattr(self, name), 1)
         check_number("batch-size", self.batch_size, 1, MAX_BATCH)
@@ -121,6 +183,21 @@ class VQTrainConfig:
         check_number("min-lr-ratio", self.min_lr_ratio, 0, 1)
         check_number("seed", self.seed, 0, MAX_SEED)
         check_not_file("out", self.out)
+
+    def model_config(self) -> VQConfig:
+        """The image tokenizer's shape: the preset with the options applied (ValueError on a bad combination)."""
+        try:
+            return resolve_vq_config(
+                self.preset, image_size=self.image_size, downsample=self.downsample, codebook_size=self.codebook_size,
+                codebook_dim=self.codebook_dim, width=self.width, depth=self.depth, quantizer=self.quantizer,
+                fsq_levels=parse_fsq_levels(self.fsq_levels) if self.fsq_levels else None, sets=parse_sets(self.overrides))
+        except TypeError as e:
+            raise ValueError(f"image tokenizer options: {e}") from None
+
+    def losses(self) -> dict:
+        """The loss options a resumed run must share (recorded in the run's identity)."""
+        return {"recon": self.recon_loss, "perceptual": self.perceptual_weight if self.perceptual_weights else 0.0,
+                "gan": self.gan_weight, "gan_start_step": self.gan_start_step if self.gan_weight > 0 else None}
 
 
 # ---------------------------------------------------------------- batches
@@ -158,7 +235,8 @@ def compute_loss(model, x: torch.Tensor, cfg: VQTrainConfig) -> tuple[torch.Tens
     else:
         rec = (recon - x).abs().mean() + F.mse_loss(recon, x)
     loss = rec + commit
-    return loss, {"recon": rec.detach(), "commit": commit.detach(), "codes": codes.detach()}
+    return loss, {"recon": rec.detach(), "commit": commit.detach(), "codes": codes.detach(),
+                  "reconstruction": recon, "rec_loss": rec}  # the last two keep their graph (perceptual/GAN terms)
 
 
 def _usage_window_steps(cfg: VQConfig, batch_size: int) -> int:
@@ -184,7 +262,7 @@ def train(cfg: VQTrainConfig) -> Path:
                      main=main, desc="tokenizer")
     ckpt = loop.resume_point(cfg.resume)
 
-    vq_cfg = VQ_PRESETS[cfg.preset]
+    vq_cfg = cfg.model_config()
     images, report = load_images(cfg.data, vq_cfg.image_size, split=cfg.split, image_column=cfg.image_column,
                                  text_column=cfg.text_column, strict=cfg.strict)
     n = len(images)
@@ -197,13 +275,16 @@ def train(cfg: VQTrainConfig) -> Path:
     per_proc = batch_size // world
     sheet_images = images[:SHEET_IMAGES]
     identity = {"model": vq_cfg.to_dict(), "data": source_key(cfg.data), "split": cfg.split,
-                "image_column": cfg.image_column, "num_images": n, "seed": cfg.seed, "batch_size": batch_size}
+                "image_column": cfg.image_column, "num_images": n, "seed": cfg.seed, "batch_size": batch_size,
+                "losses": cfg.losses()}
+    perceptual = PerceptualLoss.from_file(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
 
     set_seed(cfg.seed)
     model = VQVAE(vq_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     window = _usage_window_steps(vq_cfg, batch_size)
     last_seen = torch.full((vq_cfg.codebook_size,), -(10 ** 9), dtype=torch.long)  # step each code was last used
+    gan = Adversarial(vq_cfg.image_size, cfg.lr) if cfg.gan_weight > 0 else None  # after the model: same init without it
 
     if ckpt is not None:
         state = load_state(ckpt, "state")
@@ -214,11 +295,19 @@ def train(cfg: VQTrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         last_seen = state["last_seen"].clone()
+        if gan is not None:
+            if "discriminator" not in state:
+                raise UserError(f"--resume: {ckpt} was trained without the GAN loss (no discriminator state); resume "
+                                "without --gan-weight or train into another --out")
+            gan.disc.load_state_dict(state["discriminator"])
+            gan.optimizer.load_state_dict(state["disc_optimizer"])
         loop.restore(state)
         log.info("resumed from %s (step %d)", ckpt, loop.start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: VQVAE = accelerator.unwrap_model(model)
+    if gan is not None:
+        gan.disc, gan.optimizer = accelerator.prepare(gan.disc, gan.optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -227,6 +316,9 @@ def train(cfg: VQTrainConfig) -> Path:
             state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **loop.counters(step),
                      "last_seen": last_seen, "batch_size": batch_size, "seed": cfg.seed, "num_images": n,
                      "train": asdict(cfg)}
+            if gan is not None:
+                state.update(discriminator=accelerator.unwrap_model(gan.disc).state_dict(),
+                             disc_optimizer=gan.optimizer.state_dict())
             note = {"step": step, "preset": cfg.preset, "data": cfg.data, "identity": identity}
 
             def write(tmp: Path) -> None:
@@ -257,8 +349,18 @@ def train(cfg: VQTrainConfig) -> Path:
         idx = batch_indices(step, cfg.seed, n, batch_size)[rank * per_proc:(rank + 1) * per_proc]
         x = to_pixels(images[idx]).to(device)  # (b, 3, S, S)
         snapshot = {k: v.detach().clone() for k, v in quant_buffers.items()}
+        gan_on = gan is not None and step >= cfg.gan_start_step
+        extra = {}
         with autocast(mp, accelerator.device.type):
             loss, parts = compute_loss(model, x, cfg)
+            rec = parts["rec_loss"]
+            if perceptual is not None:
+                p = perceptual(parts["reconstruction"], x)
+                rec, loss, extra["perceptual"] = rec + cfg.perceptual_weight * p, loss + cfg.perceptual_weight * p, p.detach()
+            if gan_on:
+                term, g = gan.generator_loss(parts["reconstruction"], rec, raw.decoder.last_layer, cfg.gan_weight)
+                loss = loss + term
+                extra.update(g)
         loss_val = float(loss.detach())
         gnorm = float("nan")
         if math.isfinite(loss_val):
@@ -276,6 +378,11 @@ def train(cfg: VQTrainConfig) -> Path:
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if gan_on:
+                with autocast(mp, accelerator.device.type):
+                    extra["disc"] = gan.discriminator_step(
+                        x, parts["reconstruction"], lr, accelerator.backward,
+                        lambda params: accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             codes = parts["codes"]
             if world > 1:
                 codes = accelerator.gather(codes)
@@ -285,7 +392,8 @@ def train(cfg: VQTrainConfig) -> Path:
             now = time.perf_counter()
             record = {"step": done, "loss": loss_val, "recon": float(parts["recon"]), "commit": float(parts["commit"]),
                       "usage": usage, "perplexity": ppl, "grad_norm": gnorm, "lr": lr,
-                      "images_per_s": batch_size / max(now - t_last, 1e-9), "skipped_nonfinite": loop.skipped}
+                      "images_per_s": batch_size / max(now - t_last, 1e-9), "skipped_nonfinite": loop.skipped,
+                      **{k: float(v) for k, v in extra.items()}}
             t_last = now
             loop.record(record, {"loss": f"{loss_val:.4f}", "usage": f"{usage:.1%}", "ppl": f"{ppl:.0f}"},
                         f"step {done}/{cfg.steps} loss {loss_val:.4f} (recon {record['recon']:.4f} commit {record['commit']:.4f}) "
