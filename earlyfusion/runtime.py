@@ -24,6 +24,7 @@ FAST_BF16_ENV = "EARLYFUSION_FAST_BF16"
 
 MixedPrecision = Literal["auto", "no", "bf16"]
 
+
 def use_all_cores() -> int:
     """Set torch's intra-op threads to this machine's core count, unless ``OMP_NUM_THREADS`` is set or a GPU
     is present; returns the thread count in effect."""
