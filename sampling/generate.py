@@ -29,8 +29,8 @@ from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.model.decode_plan import decode_plan
 from earlyfusion.runtime import autocast, intra_op_threads, mixed_precision
-from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, check_sampler_settings,
-                                             rules_for, sample_next)
+from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, allowed_grids,
+                                             check_sampler_settings, has_grid_tokens, rules_for, sample_next, span_of)
 
 Prompt = str | Sequence[str | Tensor]
 """A prompt: plain text, or segments in order (text and (h, w) code grids)."""
@@ -156,10 +156,6 @@ def encode_prompt(vocab, prompt: Prompt) -> list[int]:
     return list(vocab.encode_document(segments, bos=True, eos=False))
 
 
-def _is_image(layout: IdLayout, t: int) -> bool:
-    return layout.image_start <= t < layout.image_start + layout.codebook_size
-
-
 class _TextStreamer:
     """Incremental detokenisation: emits only the new characters of each row's current text run."""
 
@@ -176,7 +172,7 @@ class _TextStreamer:
         elif t == v.eoi:
             self.images[i] += 1
             self.fn(i, IMAGE_PLACEHOLDER.format(self.images[i]))
-        elif t in (v.eos, v.bos, v.pad) or _is_image(v, t):
+        elif not v.layout.text_start <= t < v.layout.text_end:  # special, image code or grid token
             return
         else:
             self.runs[i].append(t)
@@ -223,14 +219,15 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
                   generator: torch.Generator | None = None, guidance: float = 1.0,
                   uncond: Sequence[Sequence[int]] | None = None,
                   on_token: Callable[[int, int], None] | None = None,
-                  compile: bool = False) -> tuple[list[list[int]], list[str]]:
+                  compile: bool = False, grids: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], list[str]]:
     """Sample continuations of token-id prompts; returns (generated ids per prompt, stop reason per prompt).
 
     ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
     the batch is ``prompts + uncond`` and each pair shares every sampled token. ``on_token(row, id)`` is
     called for every token appended to a conditional row. How the per-token steps run (threads; with
     ``compile``, compiled or not, row-wise reductions or library products) is ``model.decode_plan``'s choice,
-    timed once per model and batch size; the prefill stays eager on every thread.
+    timed once per model and batch size; the prefill stays eager on every thread. ``grids``: the (rows,
+    columns) an image may take where the vocabulary has grid tokens (default: any it holds).
     """
     N = len(prompts)
     if N == 0:
@@ -255,7 +252,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     stop_ids = {layout.eos} | ({layout.eoi} if modality == "image" else set())
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
-    rules = Rules(rules_for(modality, layout), logits.shape[-1], device)
+    rules = Rules(rules_for(modality, layout, grids), logits.shape[-1], device)
     plan = decode_plan(decoder, R, compile=compile, on_timing=log.info)
     step_fn = plan.step_fn(decoder)
     out: list[list[int]] = [[] for _ in range(N)]
@@ -298,23 +295,26 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
 
 
 def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, *, vq=None,
-             stream: Stream | None = None) -> list[Sample]:
+             stream: Stream | None = None, grids: Sequence[tuple[int, int]] | None = None) -> list[Sample]:
     """Sample ``config.num_samples`` continuations of each prompt (prompt-major order).
 
     Images are decoded to PIL with ``vq`` when it is given. ``stream(sample_index, piece)`` receives
-    text as it is produced (and ``[image k]`` when an image span closes).
+    text as it is produced (and ``[image k]`` when an image span closes). ``grids``: the (rows, columns) a
+    drawn image may take where the vocabulary has grid tokens (one grid: every image has it; default: any
+    grid the vocabulary holds).
     """
     ids = [encode_prompt(vocab, p) for p in prompts]
     rows = [p for p in ids for _ in range(config.num_samples)]
     context = _context(decoder)
-    span = vocab.tokens_per_image + 2
+    grids = allowed_grids(vocab, grids)
+    span = max(span_of(vocab, g) for g in grids)
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = {"text": DEFAULT_TEXT_TOKENS, "image": span, "auto": context}[config.modality]
     if config.modality == "image":
         if max_new < span:
-            raise UserError(f"--max-new-tokens {max_new} cannot hold one image ({span} tokens: "
-                            f"begin-image, {vocab.tokens_per_image} codes, end-image); raise it or leave it unset")
+            raise UserError(f"--max-new-tokens {max_new} cannot hold one image ({span} tokens: begin-image, "
+                            f"up to {vocab.tokens_per_image} codes, end-image); raise it or leave it unset")
         longest = max(len(p) for p in ids)
         if longest + span > context:
             raise UserError(f"the prompt is {longest} tokens; with an image ({span} tokens) that exceeds the "
@@ -331,6 +331,7 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
             text=config.text_params(), image=config.image_params(vocab.codebook_size),
             generator=generator, guidance=guidance, uncond=uncond,
             on_token=streamer.push if streamer is not None else None, compile=config.compile,
+            grids=grids if has_grid_tokens(vocab) else None,
         )
     if streamer is not None:
         streamer.flush()
@@ -343,15 +344,20 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
 
 @torch.no_grad()
 def decode_images(vq, samples: Sequence[Sample]) -> None:
-    """Fill ``sample.images`` with PIL images decoded from each sample's code grids (one VQ batch)."""
+    """Fill ``sample.images`` with PIL images decoded from each sample's code grids (one VQ batch per grid shape)."""
     from earlyfusion.tokenizer.preprocess import to_pil
 
     grids = [s for sample in samples for s in sample.segments if isinstance(s, Tensor)]
     if not grids:
         return
     device = next(vq.parameters()).device
-    pixels = vq.decode(torch.stack(grids).to(device))  # (n, 3, H, W) in [-1, 1]
-    pil = iter([to_pil(p.float().cpu()) for p in pixels])
+    images: list = [None] * len(grids)
+    for shape in dict.fromkeys(tuple(g.shape) for g in grids):
+        idx = [k for k, g in enumerate(grids) if tuple(g.shape) == shape]
+        pixels = vq.decode(torch.stack([grids[k] for k in idx]).to(device))  # (n, 3, H, W) in [-1, 1]
+        for k, p in zip(idx, pixels):
+            images[k] = to_pil(p.float().cpu())
+    pil = iter(images)
     for sample in samples:
         sample.images = [next(pil) for s in sample.segments if isinstance(s, Tensor)]
 

@@ -13,16 +13,20 @@ The rules:
 
 * ``BanIds``: ids that are never generated (pad, bos).
 * ``ImageSpan``: inside an image span only image-code ids; after exactly h·w codes the end-image id
-  is forced; outside a span neither image codes nor end-image can appear.
-* ``ImageFits``: begin-image is banned where h·w + 2 tokens (begin, codes, end) no longer fit in the
-  row's remaining budget (the model's context and max-new-tokens).
+  is forced; outside a span neither image codes nor end-image can appear. With grid tokens (images that
+  keep their aspect ratio) the span is ``<boi> <rows_h> <cols_w> (w codes <row_end>)×h <eoi>``: the rows
+  and columns tokens are drawn from the allowed grids (one grid: forced), then each row's codes, the
+  row end and the end-image are forced at their places, so every span decodes to the grid it stated.
+* ``ImageFits``: begin-image is banned where the longest allowed span (begin, codes, end) no longer fits
+  in the row's remaining budget (the model's context and max-new-tokens).
 * ``TextOnly``: no begin-image at all (so no image ids either, with ``ImageSpan``).
 * ``ImageOnly``: the first generated token is begin-image (then ``ImageSpan`` drives the span).
 
 ``RowState`` tracks, per row and in plain Python (the loop reads every sampled token anyway), whether it
-is inside an image span and how many codes it has emitted. The ids come from a vocabulary-like object
-(``tokenizer.vocab.Vocabulary``): bos, eos, pad, boi, eoi, image_start, codebook_size,
-tokens_per_image; no id is a literal here.
+is inside an image span, its stated grid and how many codes it has emitted. The ids come from a
+vocabulary-like object (``tokenizer.vocab.Vocabulary``): bos, eos, pad, boi, eoi, image_start,
+codebook_size, tokens_per_image, and with grid tokens row_end, rows_ids, cols_ids, grid, span_length;
+no id is a literal here.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ class IdLayout(Protocol):
     image_start: int
     codebook_size: int
     tokens_per_image: int
+    # with grid tokens (``grid_tokens`` true) also: row_end, rows_ids, cols_ids, grid, span_length(grid)
+
+
+def has_grid_tokens(layout: IdLayout) -> bool:
+    """Image spans state their grid (layouts without the attribute have a fixed grid)."""
+    return bool(getattr(layout, "grid_tokens", False))
+
+
+def span_of(layout: IdLayout, grid: tuple[int, int] | None = None) -> int:
+    """Tokens of an image span of ``grid`` (default the largest), begin- and end-image included."""
+    return layout.span_length(grid or layout.grid) if has_grid_tokens(layout) else layout.tokens_per_image + 2
 
 
 # ---------------------------------------------------------------- per-row state
@@ -66,10 +81,19 @@ class Situation:
     first: bool
     """The next token is the first one generated."""
     room: int
-    """Tokens the row may still append, capped at tokens_per_image + 2 (what ``ImageFits`` compares)."""
+    """Tokens the row may still append, capped at the longest span (what ``ImageFits`` compares)."""
+    rows: int = 0
+    """Grid tokens: the rows the open span stated (0: not yet)."""
+    cols: int = 0
+    """Grid tokens: the columns the open span stated (0: not yet)."""
+    done_rows: int = 0
+    """Grid tokens: rows of the open span ended by a row end; ``codes`` then counts the current row's codes."""
 
     def drawing(self, layout: IdLayout) -> bool:
-        """The next token is an image code (sampled with the image settings)."""
+        """The next token is chosen by the image (a code, or the grid a span states): sampled with the image
+        settings and guided."""
+        if has_grid_tokens(layout):
+            return self.in_image and self.done_rows < max(self.rows, 1) and self.codes < max(self.cols, 1)
         return self.in_image and self.codes < layout.tokens_per_image
 
 
@@ -80,7 +104,7 @@ class RowState:
     in_image: list[bool]
     """An image span is open (begin-image emitted, end-image not yet)."""
     codes: list[int]
-    """Image codes emitted in the currently open span."""
+    """Image codes emitted in the currently open span (with grid tokens: in its current row)."""
     length: list[int]
     """Tokens in the row so far (prompt + generated, padding excluded)."""
     finished: list[bool]
@@ -90,47 +114,67 @@ class RowState:
     max_new_tokens: int
     context: int
     """The model's maximum sequence length."""
+    grid: list[list[int]] | None = None
+    """Grid tokens: per row [rows stated, columns stated, rows ended] of the open span (None without them)."""
+    room_cap: int | None = None
+    """What ``situation`` caps the room at: the longest span (None: worked out from the layout)."""
 
     @classmethod
     def from_prompts(cls, prompts: Sequence[Sequence[int]], layout: IdLayout, max_new_tokens: int,
                      context: int) -> RowState:
         """State after reading each prompt; a prompt may end inside an open image span (continuation)."""
-        in_image, codes = [], []
-        for ids in prompts:
-            opened, n = False, 0
+        n = len(prompts)
+        gridded = has_grid_tokens(layout)
+        state = cls(in_image=[False] * n, codes=[0] * n, length=[len(p) for p in prompts], finished=[False] * n,
+                    step=0, max_new_tokens=max_new_tokens, context=context,
+                    grid=[[0, 0, 0] for _ in range(n)] if gridded else None)
+        for i, ids in enumerate(prompts):
             for t in ids:
-                if t == layout.boi:
-                    opened, n = True, 0
-                elif t == layout.eoi:
-                    opened, n = False, 0
-                elif opened:
-                    n += 1
-            in_image.append(opened)
-            codes.append(n)
-        return cls(in_image=in_image, codes=codes, length=[len(p) for p in prompts],
-                   finished=[False] * len(prompts), step=0, max_new_tokens=max_new_tokens, context=context)
+                state._read(i, int(t), layout)
+        return state
+
+    def _read(self, i: int, t: int, layout: IdLayout) -> None:
+        """Account for token ``t`` appended to row ``i`` (span bookkeeping only)."""
+        if t == layout.boi or t == layout.eoi:
+            self.in_image[i], self.codes[i] = t == layout.boi, 0
+            if self.grid is not None:
+                self.grid[i] = [0, 0, 0]
+        elif not self.in_image[i]:
+            return
+        elif layout.image_start <= t < layout.image_start + layout.codebook_size:
+            self.codes[i] += 1
+        elif self.grid is not None:
+            g = self.grid[i]
+            if t == layout.row_end:
+                g[2] += 1
+                self.codes[i] = 0
+            elif t in layout.rows_ids:
+                g[0] = layout.rows_ids.index(t) + 1
+            elif t in layout.cols_ids:
+                g[1] = layout.cols_ids.index(t) + 1
 
     def remaining(self, i: int) -> int:
         """How many more tokens row ``i`` may still append."""
         return min(self.context - self.length[i], self.max_new_tokens - self.step)
 
     def situation(self, i: int, layout: IdLayout) -> Situation:
-        return Situation(self.in_image[i], min(self.codes[i], layout.tokens_per_image), self.step == 0,
-                         max(0, min(self.remaining(i), layout.tokens_per_image + 2)))
+        if self.room_cap is None:
+            self.room_cap = span_of(layout)
+        room = max(0, min(self.remaining(i), self.room_cap))
+        if self.grid is None:
+            return Situation(self.in_image[i], min(self.codes[i], layout.tokens_per_image), self.step == 0, room)
+        rows, cols, done = self.grid[i]
+        return Situation(self.in_image[i], self.codes[i], self.step == 0, room, rows, cols, done)
 
     def situations(self, layout: IdLayout) -> list[Situation]:
         return [self.situation(i, layout) for i in range(len(self.length))]
 
     def update(self, tokens: Sequence[int], layout: IdLayout) -> None:
         """Record the token just appended to each unfinished row (finished rows are left as they are)."""
-        code_end = layout.image_start + layout.codebook_size
         for i, t in enumerate(tokens):
             if self.finished[i]:
                 continue
-            if t == layout.boi or t == layout.eoi:
-                self.in_image[i], self.codes[i] = t == layout.boi, 0
-            elif self.in_image[i] and layout.image_start <= t < code_end:
-                self.codes[i] += 1
+            self._read(i, t, layout)
             self.length[i] += 1
         self.step += 1
 
@@ -138,6 +182,27 @@ class RowState:
 # ---------------------------------------------------------------- the rules
 
 Rule = Callable[[Tensor, Situation], Tensor]
+
+
+def allowed_grids(layout: IdLayout, grids: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """The grids an image span may take: ``grids`` (each checked against the layout), or every one it holds."""
+    if not has_grid_tokens(layout):
+        return [tuple(layout.grid)]
+    H, W = layout.grid
+    if grids is None:
+        return [(h, w) for h in range(1, H + 1) for w in range(1, W + 1)]
+    out = sorted({(int(h), int(w)) for h, w in grids})
+    bad = [g for g in out if not (1 <= g[0] <= H and 1 <= g[1] <= W)]
+    if not out or bad:
+        raise ValueError(f"grids must be (rows, columns) within {H}x{W}, got {list(grids)}")
+    return out
+
+
+def _only_among(allowed: Tensor, tokens: Sequence[int]) -> Tensor:
+    """Only ``tokens`` (forced choices: allowed even if an earlier rule banned them)."""
+    out = torch.zeros_like(allowed)
+    out[list(tokens)] = True
+    return out
 
 
 def _only(allowed: Tensor, token: int) -> Tensor:
@@ -166,38 +231,64 @@ class BanIds:
 
 
 class ImageSpan(LayoutRule):
-    """Inside a span: image codes only, then end-image after exactly h·w codes. Outside: no codes, no end-image."""
+    """Inside a span: image codes only, then end-image after exactly h·w codes. Outside: no codes, no end-image.
+
+    With grid tokens: after begin-image a rows token, then a columns token, from ``grids`` (the allowed
+    (rows, columns); default every grid the layout holds), then each row's codes and its forced row end,
+    then the forced end-image. Outside a span no grid token appears."""
+
+    def __init__(self, layout: IdLayout, grids: Sequence[tuple[int, int]] | None = None):
+        super().__init__(layout)
+        self.grids = allowed_grids(layout, grids)
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
         codes = slice(L.image_start, L.image_start + L.codebook_size)
-        if row.in_image and row.codes >= L.tokens_per_image:
+        gridded = has_grid_tokens(L)
+        if not row.in_image:
+            allowed[codes] = False
+            allowed[L.eoi] = False
+            if gridded:
+                allowed[[L.row_end, *L.rows_ids, *L.cols_ids]] = False
+            return allowed
+        if gridded:
+            if row.rows == 0:
+                return _only_among(allowed, [L.rows_ids[h - 1] for h in sorted({h for h, _ in self.grids})])
+            if row.cols == 0:
+                return _only_among(allowed, [L.cols_ids[w - 1] for h, w in self.grids if h == row.rows])
+            if row.done_rows >= row.rows:
+                return _only(allowed, L.eoi)
+            if row.codes >= row.cols:
+                return _only(allowed, L.row_end)
+        elif row.codes >= L.tokens_per_image:
             return _only(allowed, L.eoi)
-        if row.in_image:
-            only_codes = torch.zeros_like(allowed)
-            only_codes[codes] = allowed[codes]
-            return only_codes
-        allowed[codes] = False
-        allowed[L.eoi] = False
-        return allowed
+        only_codes = torch.zeros_like(allowed)
+        only_codes[codes] = allowed[codes]
+        return only_codes
 
 
 class ImageFits(LayoutRule):
-    """Never open an image span that cannot be completed (h·w codes + begin + end) within the budget."""
+    """Never open an image span that cannot be completed (the longest allowed span) within the budget."""
+
+    def __init__(self, layout: IdLayout, grids: Sequence[tuple[int, int]] | None = None):
+        super().__init__(layout)
+        self.span = max(span_of(layout, g) for g in allowed_grids(layout, grids))
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
-        if not row.in_image and row.room < self.layout.tokens_per_image + 2:
+        if not row.in_image and row.room < self.span:
             allowed[self.layout.boi] = False
         return allowed
 
 
 class TextOnly(LayoutRule):
-    """Text mode: begin-image, end-image and image codes are never produced."""
+    """Text mode: begin-image, end-image, image codes and grid tokens are never produced."""
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         L = self.layout
         allowed[[L.boi, L.eoi]] = False
         allowed[L.image_start:L.image_start + L.codebook_size] = False
+        if has_grid_tokens(L):
+            allowed[[L.row_end, *L.rows_ids, *L.cols_ids]] = False
         return allowed
 
 
@@ -210,14 +301,15 @@ class ImageOnly(LayoutRule):
         return allowed
 
 
-def rules_for(modality: Modality, layout: IdLayout) -> list[Rule]:
-    """The rules for a modality, in the order they are applied."""
+def rules_for(modality: Modality, layout: IdLayout, grids: Sequence[tuple[int, int]] | None = None) -> list[Rule]:
+    """The rules for a modality, in the order they are applied; ``grids``: the (rows, columns) an image may
+    take where the layout has grid tokens (default: every grid it holds)."""
     rules: list[Rule] = [BanIds([layout.pad, layout.bos])]
     if modality == "text":
         rules.append(TextOnly(layout))
     elif modality == "image":
         rules.append(ImageOnly(layout))
-    rules += [ImageSpan(layout), ImageFits(layout)]
+    rules += [ImageSpan(layout, grids), ImageFits(layout, grids)]
     return rules
 
 

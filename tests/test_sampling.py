@@ -304,10 +304,11 @@ class FakeVocab(SimpleNamespace):
     """Characters map onto the 15 text ids; enough of the Vocabulary contract for generate()."""
 
     decode_document = Vocabulary.decode_document  # the real rules for reading generated ids back
+    _read_span = Vocabulary._read_span
 
     def __init__(self):
         layout = SimpleNamespace(**vars(L), vocab_size=V, text_start=5, text_end=L.image_start,
-                                 image_end=L.image_start + L.codebook_size)
+                                 image_end=L.image_start + L.codebook_size, grid_tokens=False)
         super().__init__(**vars(L), vocab_size=V, layout=layout)
 
     def encode_document(self, segments, bos=True, eos=True):

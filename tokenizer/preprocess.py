@@ -13,7 +13,8 @@
   "truncated", "too_large", "unreadable". Truncated files are refused (LOAD_TRUNCATED_IMAGES stays off).
 
 ``resize_center_crop`` resizes the short side and crops the centre; ``preprocess`` chains both and
-returns a float tensor; ``to_pil`` inverts it; ``image_grid`` lays images out in a sheet (used for
+returns a float tensor. Images that keep their aspect ratio instead (a vocabulary with grid tokens) get
+their code grid from ``aspect_grid`` and their pixels from ``preprocess_to_grid``; ``to_pil`` inverts it; ``image_grid`` lays images out in a sheet (used for
 every sample / reconstruction sheet in the project).
 """
 
@@ -41,7 +42,8 @@ MAX_PIXELS: int = 4096 * 4096
 # as EPS/PDF hand the file to external programs (Ghostscript), which must never see a data file.
 RASTER_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA")
 
-REASONS = ("missing", "empty_file", "not_an_image", "truncated", "too_large", "unreadable")
+REASONS = ("missing", "empty_file", "not_an_image", "truncated", "too_large", "unreadable", "too_small",
+           "extreme_aspect")
 
 WHITE = (255, 255, 255)
 
@@ -68,6 +70,8 @@ _ADVICE = {
     "truncated": "the file is incomplete (interrupted download or copy); re-create or remove it",
     "too_large": "refusing to decode it (possible decompression bomb); downscale the image or raise max_pixels",
     "unreadable": "the image data is damaged or uses an unsupported mode; re-save it as PNG/JPEG",
+    "too_small": "it is smaller than one image code; remove it or enlarge it",
+    "extreme_aspect": "the largest code grid cannot hold its shape; crop it closer to square or remove it",
 }
 
 
@@ -313,6 +317,36 @@ def preprocess(src: str | Path | bytes | Image.Image, size: int, max_pixels: int
     img = resize_center_crop(load_image(src, max_pixels, shrink_to=size), size)
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (S, S, 3) uint8
     return a.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)  # (3, S, S)
+
+
+def aspect_grid(width: int, height: int, max_grid: tuple[int, int], downsample: int,
+                where: str = "image") -> tuple[int, int]:
+    """The code grid (rows, columns) of a ``width`` x ``height`` image that keeps its aspect ratio: scaled to the
+    largest size that fits ``max_grid`` codes, each side rounded to whole codes (so the shape is off by at
+    most half a code per side). ImageError "too_small" for an image smaller than one code (``downsample``
+    pixels) on a side, "extreme_aspect" where its short side would be under half a code."""
+    H, W = max_grid
+    if min(width, height) < downsample:
+        raise ImageError("too_small", where, f"{width}x{height} px; one code is {downsample}x{downsample} px")
+    scale = min(W / width, H / height)  # codes per pixel
+    cols, rows = width * scale, height * scale
+    if min(cols, rows) < 0.5:
+        raise ImageError("extreme_aspect", where, f"{width}x{height} px in at most {H}x{W} codes (rows x columns) "
+                         f"would be {rows:.2f} x {cols:.2f} codes")
+    return min(H, max(1, round(rows))), min(W, max(1, round(cols)))
+
+
+def preprocess_to_grid(src: str | Path | bytes | Image.Image, max_grid: tuple[int, int], downsample: int,
+                       max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Any image -> float32 tensor (3, rows·downsample, cols·downsample) in [-1, 1], the whole image (no crop)
+    resized to its ``aspect_grid``."""
+    img = load_image(src, max_pixels, shrink_to=min(max_grid) * downsample)
+    rows, cols = aspect_grid(*img.size, max_grid, downsample, _describe(src))
+    size = (cols * downsample, rows * downsample)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (h, w, 3) uint8
+    return a.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def to_pil(t: torch.Tensor) -> Image.Image:

@@ -1,9 +1,10 @@
 """The merged vocabulary: special tokens, byte-level BPE text tokens and one token per image code.
 
-Layout of the ids (every range is read from ``layout.json``; none is written in code)::
+Layout of the ids (every range is read from ``layout.json``; none is written in code; see
+``vocab_layout``)::
 
-    [ special tokens | text BPE tokens | image codes ]
-      bos eos pad boi eoi   (text_vocab_size)   id = image_start + code, codebook_size of them
+    [ special tokens | text BPE tokens | image codes | grid tokens (optional) ]
+      bos eos pad boi eoi   (text_vocab_size)   id = image_start + code   <row_end> <rows_n> <cols_n>
 
 A vocabulary directory holds
 
@@ -23,7 +24,8 @@ splits ``<``, letters, digits and ``>`` apart, so no merge can ever join them; c
 Documents: ``encode_document([text | codes (h, w), ...])`` gives
 ``<s> text… <boi> id×(h·w) <eoi> text… </s>``; ``decode_document`` inverts it (adjacent text segments
 come back joined, empty ones vanish; see its docstring for malformed spans). ``image_span(codes)`` is
-one image's ``<boi> ids <eoi>``: the training data builds its documents from it.
+one image's ``<boi> ids <eoi>`` (with grid tokens ``<boi> <rows_h> <cols_w> (w ids <row_end>)×h <eoi>``,
+for any grid up to the layout's): the training data and the sampler's rules get image spans only from it.
 
 ``check_vocab_matches`` says whether a vocabulary belongs to an image tokenizer (its image range was
 built from that tokenizer's codebook and grid). The ``vocab build`` command lives in the data package
@@ -37,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,124 +46,10 @@ import torch
 
 from earlyfusion.checkpoint import MANIFEST, CheckpointError, atomic_dir, load_json, verify_dir
 
-TOKENIZER_FILE = "tokenizer.json"
-LAYOUT_FILE = "layout.json"
-HF_CONFIG_FILE = "tokenizer_config.json"
-FORMAT = "earlyfusion.vocab"
-VERSION = 1
-
-# role -> token text; the order here is the order of their ids at the start of the vocabulary
-SPECIAL_TOKENS: dict[str, str] = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "boi": "<boi>", "eoi": "<eoi>"}
-IMAGE_TOKEN_PREFIX = "<img_"
-MIN_IMAGE_TOKEN_DIGITS = 5
-BYTE_ALPHABET = 256  # byte-level BPE always holds every byte as a token
-
-
-def image_token(code: int, digits: int) -> str:
-    """The token text of image code ``code``: ``<img_00042>``."""
-    return f"{IMAGE_TOKEN_PREFIX}{code:0{digits}d}>"
-
-
-# ---------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class VocabLayout:
-    """Where everything lives in the merged id space (saved as ``layout.json``)."""
-
-    special_tokens: dict[str, str]
-    """Role ("bos", "eos", "pad", "boi", "eoi") -> token text."""
-    special_ids: dict[str, int]
-    """Role -> id."""
-    text_start: int
-    """First id of the text BPE range."""
-    text_vocab_size: int
-    """Number of text BPE ids (the 256 byte tokens included)."""
-    image_start: int
-    """Id of image code 0; image code c has id image_start + c."""
-    codebook_size: int
-    """Number of image codes (the image tokenizer's codebook)."""
-    grid: tuple[int, int]
-    """Code grid (h, w) of one image; an image span holds h*w codes."""
-    image_tokenizer_fingerprint: str
-    """``vq_fingerprint`` of the image tokenizer the image range was built for."""
-    image_token_digits: int = MIN_IMAGE_TOKEN_DIGITS
-    """Digits in the image token names (``<img_00042>``)."""
-
-    def __post_init__(self):
-        object.__setattr__(self, "grid", tuple(int(x) for x in self.grid))
-        problems = self.problems()
-        if problems:
-            raise ValueError("invalid vocabulary layout: " + "; ".join(problems))
-
-    # derived ranges
-    @property
-    def text_end(self) -> int:
-        return self.text_start + self.text_vocab_size
-
-    @property
-    def image_end(self) -> int:
-        return self.image_start + self.codebook_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.image_end
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def problems(self) -> list[str]:
-        """Every way the layout is inconsistent (empty list if it is fine)."""
-        out = []
-        if set(self.special_tokens) != set(SPECIAL_TOKENS) or set(self.special_ids) != set(SPECIAL_TOKENS):
-            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}")
-            return out
-        ids = sorted(self.special_ids.values())
-        if ids != list(range(len(ids))):
-            out.append(f"special ids must be 0..{len(ids) - 1} (got {self.special_ids})")
-        if len(set(self.special_tokens.values())) != len(self.special_tokens):
-            out.append("special token texts must be distinct")
-        if self.text_start != len(ids):
-            out.append(f"text range must start right after the special ids at {len(ids)} (got {self.text_start})")
-        if self.text_vocab_size < 1:
-            out.append(f"text_vocab_size must be positive (got {self.text_vocab_size})")
-        if self.image_start != self.text_end:
-            out.append(f"image range must start right after the text range at {self.text_end} (got {self.image_start})")
-        if self.codebook_size < 1:
-            out.append(f"codebook_size must be positive (got {self.codebook_size})")
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            out.append(f"grid must be two positive sizes (got {self.grid})")
-        if self.image_token_digits < len(str(max(self.codebook_size - 1, 0))):
-            out.append(f"image_token_digits {self.image_token_digits} too few for codebook_size {self.codebook_size}")
-        return out
-
-    def image_token(self, code: int) -> str:
-        return image_token(code, self.image_token_digits)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        return {"format": FORMAT, "version": VERSION, **d, "vocab_size": self.vocab_size,
-                "tokens_per_image": self.tokens_per_image}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = LAYOUT_FILE) -> VocabLayout:
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: not a vocabulary layout (format must be {FORMAT!r}); "
-                                  "is this a directory written by `earlyfusion vocab build`?")
-        if d.get("version") != VERSION:
-            raise CheckpointError(f"{where}: layout version {d.get('version')} is not {VERSION}; rebuild the vocabulary")
-        names = {f for f in cls.__dataclass_fields__}
-        try:
-            layout = cls(**{k: v for k, v in d.items() if k in names})
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from e
-        for derived in ("vocab_size", "tokens_per_image"):
-            if derived in d and d[derived] != getattr(layout, derived):
-                raise CheckpointError(f"{where}: {derived} {d[derived]} disagrees with the ranges ({getattr(layout, derived)})")
-        return layout
-
+from earlyfusion.tokenizer.vocab_layout import (  # noqa: F401 - re-exported
+    BYTE_ALPHABET, FORMAT, HF_CONFIG_FILE, IMAGE_TOKEN_PREFIX, LAYOUT_FILE,
+    MIN_IMAGE_TOKEN_DIGITS, ROW_END_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, VERSION, VocabLayout,
+    cols_token, image_token, rows_token)
 
 # ---------------------------------------------------------------- the vocabulary
 
@@ -182,6 +69,10 @@ class Vocabulary:
         self._text_tokenizer = _text_only(tokenizer)
         L = layout
         self.bos, self.eos, self.pad, self.boi, self.eoi = (L.special_ids[k] for k in ("bos", "eos", "pad", "boi", "eoi"))
+        # grid tokens (None / empty without them): row end, then rows 1..H, then columns 1..W
+        self.row_end = L.image_end if L.grid_tokens else None
+        self.rows_ids = list(range(L.image_end + 1, L.image_end + 1 + L.grid[0])) if L.grid_tokens else []
+        self.cols_ids = list(range(L.image_end + 1 + L.grid[0], L.vocab_size)) if L.grid_tokens else []
 
     # ------------------------------------------------------------ properties
     @property
@@ -202,7 +93,41 @@ class Vocabulary:
 
     @property
     def tokens_per_image(self) -> int:
+        """Codes in the largest image."""
         return self.layout.tokens_per_image
+
+    @property
+    def grid_tokens(self) -> bool:
+        """Image spans state their grid and break their rows, so images keep their aspect ratio."""
+        return self.layout.grid_tokens
+
+    def span_length(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens of one image span, ``<boi>`` and ``<eoi>`` included, for ``grid`` (default: the largest)."""
+        h, w = grid or self.layout.grid
+        return h * (w + 1) + 4 if self.layout.grid_tokens else h * w + 2
+
+    @property
+    def max_span(self) -> int:
+        """Tokens of the longest image span (what a document must have room for)."""
+        return self.span_length()
+
+    def check_grid(self, grid) -> tuple[int, int]:
+        """``grid`` as (rows, columns) if an image span can hold it; ValueError saying which grids can otherwise."""
+        H, W = self.layout.grid
+        try:
+            h, w = (int(x) for x in grid)
+        except (TypeError, ValueError):
+            raise ValueError(f"a code grid is two sizes (rows, columns), got {grid!r}") from None
+        if self.layout.grid_tokens:
+            if not (1 <= h <= H and 1 <= w <= W):
+                raise ValueError(f"this vocabulary holds code grids of 1..{H} rows and 1..{W} columns, got {h}x{w}")
+        elif (h, w) != (H, W):
+            raise ValueError(f"an image must be a code grid of shape ({H}, {W}) for this vocabulary, got {(h, w)}")
+        return h, w
+
+    def grid_of_size_ids(self, rows_id: int, cols_id: int) -> tuple[int, int]:
+        """The grid that a ``<rows_h> <cols_w>`` pair states."""
+        return self.rows_ids.index(rows_id) + 1, self.cols_ids.index(cols_id) + 1
 
     @property
     def text_start(self) -> int:
@@ -227,7 +152,8 @@ class Vocabulary:
     def __repr__(self) -> str:
         L = self.layout
         return (f"Vocabulary({len(L.special_ids)} special + {L.text_vocab_size} text + {L.codebook_size} image "
-                f"= {L.vocab_size} ids, grid {L.grid[0]}x{L.grid[1]})")
+                f"{f' + {L.grid_token_count} grid' if L.grid_tokens else ''} = {L.vocab_size} ids, "
+                f"grid {'up to ' if L.grid_tokens else ''}{L.grid[0]}x{L.grid[1]})")
 
     # ------------------------------------------------------------ text
     def encode_text(self, text: str) -> list[int]:
@@ -318,17 +244,25 @@ class Vocabulary:
         return [self.ids_to_codes(i) for i in ids]
 
     def image_span(self, codes) -> list[int]:
-        """``[boi, ids of the h*w codes in raster order, eoi]`` for one code grid (h, w)."""
-        h, w = self.layout.grid
+        """One image's span for its code grid (h, w): ``[boi, ids in raster order, eoi]``, or with grid tokens
+        ``[boi, rows_h, cols_w, (w ids, row_end) × h, eoi]``."""
         shape = tuple(codes.shape) if isinstance(codes, (torch.Tensor, np.ndarray)) else tuple(np.shape(codes))
-        if shape != (h, w):
-            raise ValueError(f"an image must be a code grid of shape ({h}, {w}) for this vocabulary, got {shape}")
+        if len(shape) != 2:
+            raise ValueError(f"an image must be a 2-d code grid (rows, columns), got shape {shape}")
+        h, w = self.check_grid(shape)
         if not isinstance(codes, (torch.Tensor, np.ndarray)):
             codes = np.asarray(codes)
             if codes.dtype.kind not in "iu":
                 raise ValueError(f"image codes must be integers, got {codes.dtype}")
-        ids = self.codes_to_ids(codes.reshape(-1))
-        return [self.boi, *(int(i) for i in ids.tolist()), self.eoi]
+        ids = [int(i) for i in self.codes_to_ids(codes.reshape(-1)).tolist()]
+        if not self.layout.grid_tokens:
+            return [self.boi, *ids, self.eoi]
+        span = [self.boi, self.rows_ids[h - 1], self.cols_ids[w - 1]]
+        for r in range(h):
+            span += ids[r * w:(r + 1) * w]
+            span.append(self.row_end)
+        span.append(self.eoi)
+        return span
 
     # ------------------------------------------------------------ documents
     def encode_document(self, segments: Sequence, bos: bool = True, eos: bool = True) -> list[int]:
@@ -350,15 +284,15 @@ class Vocabulary:
         """Ids -> segments: str (adjacent text joined) and LongTensor (h, w) per image.
 
         Rules: ``<s>`` and ``<pad>`` are dropped wherever they are; decoding stops at the first ``</s>``.
-        A well-formed image span is ``<boi>``, exactly h*w image ids, ``<eoi>``. Anything else is
-        malformed: a span cut short (by ``</s>``, a non-image id or the end of the ids), a span with more
-        than h*w codes, an ``<eoi>`` without ``<boi>``, image ids outside a span. ``strict=True`` raises
+        A well-formed image span is ``<boi>``, exactly h*w image ids, ``<eoi>`` (with grid tokens:
+        ``<boi> <rows_h> <cols_w>``, h rows of w image ids each ended by ``<row_end>``, ``<eoi>``). Anything
+        else is malformed: a span cut short (by ``</s>``, a non-image id or the end of the ids), a span with
+        more codes than its grid, an ``<eoi>`` without ``<boi>``, image or grid ids outside a span. ``strict=True`` raises
         ValueError naming the position; ``strict=False`` drops the malformed span (or stray ids) and
         goes on, reading the id that broke the span as if no span were open.
         """
         seq = [int(i) for i in _as_list(ids)]
         L = self.layout
-        n_img = L.tokens_per_image
         out: list = []
         text: list[int] = []
 
@@ -384,29 +318,22 @@ class Vocabulary:
             elif t == self.eos:
                 break
             elif t == self.boi:
-                j = i + 1
-                while j < n and L.image_start <= seq[j] < L.image_end and j - i - 1 < n_img:
-                    j += 1
-                got = j - i - 1
-                if got == n_img and j < n and seq[j] == self.eoi:
+                grid, j, why = self._read_span(seq, i)
+                if grid is not None:
                     flush_text()
-                    grid = torch.tensor(seq[i + 1:j], dtype=torch.long) - L.image_start
-                    out.append(grid.reshape(L.grid))
-                    i = j + 1
+                    out.append(grid)
                 else:
-                    if j >= n:
-                        why = "the ids end"
-                    elif got == n_img:
-                        why = f"id {seq[j]} where <eoi> must follow {n_img} codes"
-                    else:
-                        why = f"id {seq[j]}"
-                    bad(f"image span opened at {i} has {got} of {n_img} codes, then {why}", i)
-                    i = j  # drop the span; read the breaking id normally
+                    bad(f"image span opened at {i} {why}", i)
+                    # drop the span; read the breaking id normally
+                i = j
             elif t == self.eoi:
                 bad("<eoi> without an open image span", i)
                 i += 1
             elif L.image_start <= t < L.image_end:
                 bad(f"image id {t} outside an image span", i)
+                i += 1
+            elif L.image_end <= t < L.vocab_size:
+                bad(f"grid token {t} outside an image span", i)
                 i += 1
             elif L.text_start <= t < L.text_end:
                 text.append(t)
@@ -415,6 +342,41 @@ class Vocabulary:
                 raise ValueError(f"id {t} at position {i} is not in the vocabulary (size {L.vocab_size})")
         flush_text()
         return out
+
+    def _read_span(self, seq: list[int], i: int) -> tuple[torch.Tensor | None, int, str]:
+        """Read the image span opened by the ``<boi>`` at ``i``: (grid, index after ``<eoi>``, "") if it is
+        well formed, else (None, index of the id that broke it, why)."""
+        L, n = self.layout, len(seq)
+
+        def broke(j: int, expected: str) -> tuple[None, int, str]:
+            got = "where the ids end" if j >= n else f"got id {seq[j]}"
+            return None, j, f"wants {expected} at {j}, {got}"
+
+        j = i + 1
+        if L.grid_tokens:
+            if j >= n or seq[j] not in self.rows_ids:
+                return broke(j, "a rows token")
+            if j + 1 >= n or seq[j + 1] not in self.cols_ids:
+                return broke(j + 1, "a columns token")
+            h, w = self.grid_of_size_ids(seq[j], seq[j + 1])
+            j += 2
+        else:
+            h, w = L.grid
+        codes: list[int] = []
+        for r in range(h):
+            for _ in range(w):
+                if j >= n or not L.image_start <= seq[j] < L.image_end:
+                    return broke(j, f"image code {len(codes) + 1} of {h * w}")
+                codes.append(seq[j])
+                j += 1
+            if L.grid_tokens:
+                if j >= n or seq[j] != self.row_end:
+                    return broke(j, f"<row_end> after row {r + 1} of {h}")
+                j += 1
+        if j >= n or seq[j] != self.eoi:
+            return broke(j, f"<eoi> after {h * w} codes")
+        grid = torch.tensor(codes, dtype=torch.long).reshape(h, w) - L.image_start
+        return grid, j + 1, ""
 
     # ------------------------------------------------------------ files
     def save(self, directory: str | Path) -> None:
@@ -451,11 +413,12 @@ class Vocabulary:
 
     @classmethod
     def build(cls, texts: Iterable[str], *, codebook_size: int, grid: tuple[int, int], image_tokenizer_fingerprint: str,
-              text_vocab_size: int = 1024, min_frequency: int = 2) -> Vocabulary:
+              text_vocab_size: int = 1024, min_frequency: int = 2, grid_tokens: bool = False) -> Vocabulary:
         """Train a byte-level BPE on ``texts`` and merge it with the special and image tokens.
 
         ``text_vocab_size`` is an upper bound on the text ids (the 256 byte tokens included); a small
-        corpus stops with fewer merges, and the layout records the actual number.
+        corpus stops with fewer merges, and the layout records the actual number. ``grid_tokens``: add the
+        rows, columns and row-end tokens so that images of any grid up to ``grid`` keep their aspect ratio.
         """
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -481,7 +444,9 @@ class Vocabulary:
             special_tokens=dict(SPECIAL_TOKENS), special_ids=special_ids, text_start=len(specials),
             text_vocab_size=n_model - len(specials), image_start=n_model, codebook_size=codebook_size,
             grid=tuple(grid), image_tokenizer_fingerprint=image_tokenizer_fingerprint, image_token_digits=digits,
+            grid_tokens=bool(grid_tokens),
         )
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in layout.grid_token_names()])
         return cls(tok, layout, where="the newly built vocabulary")
 
 
@@ -539,11 +504,16 @@ def _check_agreement(tok, layout: VocabLayout, where: str) -> None:
         got = tok.token_to_id(name)
         if got != layout.image_start + code:
             fail(f"image token {name!r} has id {got} in the tokenizer, {layout.image_start + code} in the layout")
-    if tok.id_to_token(layout.image_end) is not None:
-        fail(f"the tokenizer has an id {layout.image_end} past the layout's end")
+    for k, name in enumerate(layout.grid_token_names()):
+        got = tok.token_to_id(name)
+        if got != layout.image_end + k:
+            fail(f"grid token {name!r} has id {got} in the tokenizer, {layout.image_end + k} in the layout")
+    if tok.id_to_token(layout.vocab_size) is not None:
+        fail(f"the tokenizer has an id {layout.vocab_size} past the layout's end")
     # no BPE token may spell a special or image token (the text-only tokenizer could then emit it)
     vocab = tok.get_vocab(with_added_tokens=False)
     id_of = {t: layout.special_ids[r] for r, t in layout.special_tokens.items()}
+    id_of.update({t: layout.image_end + k for k, t in enumerate(layout.grid_token_names())})
     for text, i in vocab.items():
         if id_of.get(text, i) != i or _IMAGE_TOKEN_RE.fullmatch(text):
             fail(f"BPE token {i} spells the reserved token {text!r}")

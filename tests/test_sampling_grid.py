@@ -1,0 +1,126 @@
+"""Decoding rules with grid tokens: every drawn image states a grid, has exactly that many rows of exactly that
+many codes each ended by a row end, then end-image; ``grids`` restricts the choice (one grid: forced); text
+never holds grid tokens; a span is never opened without room for the longest allowed grid."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from earlyfusion.sampling.generate import SamplingConfig, generate, sample_tokens
+from earlyfusion.sampling.processors import RowState, SamplerParams, allowed_grids
+from earlyfusion.tokenizer.vocab import Vocabulary
+
+FREE = SamplerParams(temperature=1.0)
+
+
+@pytest.fixture(autouse=True)
+def _eager_steps(monkeypatch):
+    from earlyfusion.model.decode_plan import PIN_ENV
+
+    monkeypatch.setenv(PIN_ENV, "eager")
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.build(["a wide picture: a red circle.", "a tall picture: a blue square."] * 10, codebook_size=6,
+                            grid=(3, 4), image_tokenizer_fingerprint="d" * 64, text_vocab_size=260, grid_tokens=True)
+
+
+class FakeDecoder(nn.Module):
+    """Deterministic logits from (previous token, position), biased towards image and grid ids."""
+
+    def __init__(self, V: int, context: int = 96, seed: int = 0, bias_ids=()):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.tok = nn.Parameter(torch.randn(V, V, generator=g) * 2)
+        self.pos = nn.Parameter(torch.randn(context, V, generator=g))
+        self.tok.data[:, list(bias_ids)] += 3.0
+        self.config = SimpleNamespace(max_seq_len=context, dim=8)
+
+    def new_cache(self, batch_size, max_len=None):
+        return SimpleNamespace(length=0, max_len=max_len, batch=batch_size)
+
+    def forward(self, tokens, *, positions=None, doc_ids=None, valid=None, cache=None):
+        cache.length += tokens.shape[1]
+        return self.tok[tokens] + self.pos[positions]
+
+
+def _decoder(vocab, seed=0, context=96):
+    return FakeDecoder(vocab.vocab_size, context, seed, [vocab.boi, *vocab.image_range])
+
+
+def _images(vocab, ids):
+    """The grids of a generated continuation (strict: any malformed span fails the test)."""
+    return [s for s in vocab.decode_document(ids) if isinstance(s, torch.Tensor)]
+
+
+def _run(vocab, dec, prompts, modality="image", max_new=None, seed=0, **kw):
+    max_new = max_new or vocab.max_span
+    return sample_tokens(dec, vocab, prompts, modality=modality, max_new_tokens=max_new, text=FREE, image=FREE,
+                         generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_image_mode_draws_well_formed_grids_of_any_size(vocab, seed):
+    out, reasons = _run(vocab, _decoder(vocab, seed), [[vocab.bos]] * 6, seed=seed)
+    shapes = set()
+    for ids in out:
+        grids = _images(vocab, ids)
+        assert len(grids) == 1 and ids[0] == vocab.boi and ids[-1] == vocab.eoi
+        assert len(ids) == vocab.span_length(tuple(grids[0].shape))
+        shapes.add(tuple(grids[0].shape))
+    assert reasons == ["image"] * 6
+    assert all(1 <= h <= 3 and 1 <= w <= 4 for h, w in shapes)
+
+
+def test_one_grid_is_forced_and_a_set_is_respected(vocab):
+    dec = _decoder(vocab, 1)
+    out, _ = _run(vocab, dec, [[vocab.bos]] * 5, grids=[(2, 3)])
+    assert all(tuple(_images(vocab, ids)[0].shape) == (2, 3) for ids in out)
+    allowed = {(1, 4), (3, 1)}
+    seen = set()
+    for seed in range(6):
+        out, _ = _run(vocab, _decoder(vocab, seed), [[vocab.bos]] * 4, seed=seed, grids=sorted(allowed))
+        seen |= {tuple(_images(vocab, ids)[0].shape) for ids in out}
+    assert seen <= allowed and len(seen) == 2
+
+
+def test_auto_mode_spans_complete_and_text_mode_has_no_grid_tokens(vocab):
+    grid_ids = {vocab.row_end, *vocab.rows_ids, *vocab.cols_ids}
+    for seed in range(4):
+        out, _ = _run(vocab, _decoder(vocab, seed, context=48), [[vocab.bos, *vocab.encode_text("a wide")]],
+                      modality="auto", max_new=40, seed=seed)
+        vocab.decode_document(out[0])  # strict: no malformed span, none cut off
+        text, _ = _run(vocab, _decoder(vocab, seed), [[vocab.bos]], modality="text", max_new=30, seed=seed)
+        assert not grid_ids & set(text[0]) and vocab.boi not in text[0]
+
+
+def test_no_span_opens_without_room_for_the_longest_allowed_grid(vocab):
+    # 3 free tokens after the prompt: even a 1x1 image (1·2 + 4 = 6 tokens) does not fit
+    prompt = [vocab.bos] + vocab.encode_text("a") * 5
+    out, _ = _run(vocab, _decoder(vocab, 2, context=len(prompt) + 3), [prompt], modality="auto", max_new=3)
+    assert vocab.boi not in out[0]
+    with pytest.raises(ValueError, match="within 3x4"):
+        allowed_grids(vocab, [(4, 4)])
+
+
+def test_prompt_ending_inside_a_span_is_continued(vocab):
+    code = vocab.image_start
+    prompt = [vocab.bos, vocab.boi, vocab.rows_ids[1], vocab.cols_ids[1], code, code, vocab.row_end, code]
+    state = RowState.from_prompts([prompt], vocab, 10, 96)
+    assert state.situation(0, vocab).rows == 2 and state.situation(0, vocab).done_rows == 1
+    out, _ = _run(vocab, _decoder(vocab, 3), [prompt], modality="image", max_new=3)
+    assert out[0] == [out[0][0], vocab.row_end, vocab.eoi] and out[0][0] in vocab.image_range
+
+
+def test_generate_with_guidance_and_stream(vocab):
+    pieces = []
+    cfg = SamplingConfig(modality="image", num_samples=3, cfg=2.0, seed=5)
+    samples = generate(_decoder(vocab, 4), vocab, ["a tall picture"], cfg, grids=[(3, 2)],
+                       stream=lambda i, p: pieces.append(p))
+    assert [tuple(s.segments[0].shape) for s in samples] == [(3, 2)] * 3
+    assert pieces.count("[image 1]") == 3
