@@ -4,8 +4,9 @@ A rule is a callable ``(allowed (V,) bool, row: Situation) -> allowed`` that nar
 produce next. Rules see a row only through its ``Situation``, a small hashable summary (inside an image
 span? how many codes so far? first generated token? how much room is left?), so a batch has only a
 handful of distinct situations at any step. ``Rules`` composes the rules of a modality and caches, per
-situation, the additive mask they produce (0 allowed, -inf forbidden): applying every rule to a batch
-costs one lookup and one add per step, whatever the number of rules. Masks are added to the raw (or
+situation, the additive mask they produce (0 allowed, -inf forbidden; situations with the same mask, such as
+every code position of an image, share one row of the table): applying every rule to a batch costs one
+lookup and one add per step, whatever the number of rules or codes per image. Masks are added to the raw (or
 CFG-mixed) logits *before* temperature, top-k and top-p, so a forbidden id can never be drawn whatever
 the sampling settings, and a forced id is drawn even if the model gave it -inf.
 
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -327,8 +329,9 @@ class Rules:
     def __init__(self, rules: Sequence[Rule], vocab_size: int, device: torch.device | str = "cpu"):
         self.rules, self.vocab_size, self.device = list(rules), vocab_size, device
         self._index: dict[Situation, int] = {}
-        self._forced: list[bool] = []  # per cached situation: exactly one id allowed
-        self._table = torch.empty(0, vocab_size, device=device)  # (situations seen, V) of 0 / -inf
+        self._by_mask: dict[bytes, int] = {}  # distinct masks: every code position of an image shares one
+        self._forced: list[bool] = []  # per distinct mask: exactly one id allowed
+        self._table = torch.empty(0, vocab_size, device=device)  # (distinct masks, V) of 0 / -inf
 
     def _row(self, row: Situation) -> int:
         k = self._index.get(row)
@@ -337,10 +340,14 @@ class Rules:
             n = int(allowed.sum())
             if n == 0:
                 raise RuntimeError(f"the decoding rules leave no id to generate in {row}; they contradict each other")
-            mask = torch.zeros(self.vocab_size).masked_fill_(~allowed, NEG_INF).to(self.device)
-            self._table = torch.cat([self._table, mask[None]])
-            self._forced.append(n == 1)
-            k = self._index[row] = len(self._index)
+            key = np.packbits(allowed.numpy()).tobytes()
+            k = self._by_mask.get(key)
+            if k is None:
+                mask = torch.zeros(self.vocab_size).masked_fill_(~allowed, NEG_INF).to(self.device)
+                self._table = torch.cat([self._table, mask[None]])
+                self._forced.append(n == 1)
+                k = self._by_mask[key] = len(self._by_mask)
+            self._index[row] = k
         return k
 
     def apply(self, logits: Tensor, rows: Sequence[Situation]) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from earlyfusion.sampling.generate import SamplingConfig, generate, sample_tokens
-from earlyfusion.sampling.processors import RowState, SamplerParams, allowed_grids
+from earlyfusion.sampling.processors import RowState, Rules, SamplerParams, Situation, allowed_grids, rules_for
 from earlyfusion.tokenizer.vocab import Vocabulary
 
 FREE = SamplerParams(temperature=1.0)
@@ -124,3 +124,20 @@ def test_generate_with_guidance_and_stream(vocab):
                        stream=lambda i, p: pieces.append(p))
     assert [tuple(s.segments[0].shape) for s in samples] == [(3, 2)] * 3
     assert pieces.count("[image 1]") == 3
+
+
+def test_rule_masks_are_shared_across_code_positions(vocab):
+    """A 32x32-code image must not grow one mask row per code position (1024 rows of the vocabulary)."""
+    big = SimpleNamespace(bos=0, eos=1, pad=2, boi=3, eoi=4, image_start=10, codebook_size=50, tokens_per_image=1024,
+                          grid=(32, 32))
+    rules = Rules(rules_for("image", big), 60)
+    rows = [Situation(True, c, False, 1026) for c in range(1025)] + [Situation(False, 0, True, 1026)]
+    for r in rows:
+        rules.apply(torch.zeros(1, 60), [r])
+    assert rules._table.shape[0] == 3  # codes, forced end-image, forced begin-image
+    gridded = Rules(rules_for("image", vocab), vocab.vocab_size)
+    state = RowState.from_prompts([[vocab.bos]], vocab, vocab.max_span, 96)
+    for t in vocab.image_span(torch.zeros(3, 4, dtype=torch.long)):
+        gridded.apply(torch.zeros(1, vocab.vocab_size), state.situations(vocab))
+        state.update([t], vocab)
+    assert gridded._table.shape[0] <= 6  # begin, rows, columns for 3 rows, codes, row end, end-image
