@@ -10,9 +10,15 @@ The training grids are the run's training images (``train --data`` as the run re
 the same images and tokenizer load the cached codes, anything else is encoded (and cached) once.
 Hub data sets among the sources are not compared (counted in the log).
 
+Grids of different shapes (a vocabulary with grid tokens: each image keeps its aspect ratio) are never
+copies of one another: a drawing is compared only with the training grids of its own shape
+(``best_overlap`` with ``drawn_grids`` / ``train_grids``; ``flatten_grids`` lays grids of any shape out as
+padded rows, as the code cache does).
+
 On the built-in shapes data a drawing may legitimately equal a training image (one-shape scenes are
 few, and a scene seen in training has exactly one image), so there only drawings of two-shape scenes
-absent from the training captions count (``novel_two_shape``).
+absent from the training captions count (``novel_two_shape``; a scene in a picture of another shape is
+another scene).
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ _COMPARE_ELEMENTS = 1 << 25
 @dataclass
 class TrainingGrids:
     codes: torch.Tensor
-    """LongTensor (N, h*w): one flattened code grid per training image."""
+    """LongTensor (N, L): one flattened code grid per training image (h*w codes, then the code cache's PAD_CODE up to
+    L)."""
     srcs: list[str]
     """The image file of each row."""
     captions: list[str]
     """The captions of the training image-caption pairs."""
+    grids: torch.Tensor | None = None
+    """LongTensor (N, 2): the (rows, columns) of each training grid."""
 
 
 class CodeRecorder:
@@ -72,19 +81,55 @@ def encode_drawings(vq, images) -> torch.Tensor:
     return torch.cat(out).flatten(1).long() if out else torch.zeros(0, 0, dtype=torch.long)
 
 
-def best_overlap(drawn: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_grids(grids, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code grids of any shapes (a sequence of (h, w) tensors) -> (LongTensor (n, length) of each grid's codes in
+    raster order padded with the code cache's PAD_CODE, LongTensor (n, 2) of their shapes); ``length`` defaults to
+    the largest h*w."""
+    from earlyfusion.training.data.codes import PAD_CODE
+
+    sizes = [int(g.shape[0]) * int(g.shape[1]) for g in grids]
+    length = max(sizes, default=0) if length is None else length
+    codes = torch.full((len(sizes), length), PAD_CODE, dtype=torch.long)
+    for i, (g, n) in enumerate(zip(grids, sizes)):
+        codes[i, :n] = g.reshape(-1).long()
+    return codes, torch.tensor([list(g.shape) for g in grids], dtype=torch.long).reshape(-1, 2)
+
+
+def best_overlap(drawn: torch.Tensor, train: torch.Tensor, drawn_grids: torch.Tensor | None = None,
+                 train_grids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each drawn grid (D, L), the fraction of codes equal to those of its closest training grid (N, L)
-    and that grid's row (the first on a tie). Grids of another length than the training ones never overlap."""
+    and that grid's row (the first on a tie). Grids of another length than the training ones never overlap.
+
+    With ``drawn_grids`` (D, 2) and ``train_grids`` (N, 2), rows are grids of those shapes padded with PAD_CODE
+    (``flatten_grids``): a drawing is compared only with training grids of its own shape (overlap 0 and row -1
+    when there is none), and the fraction is of its own h*w codes."""
+    from earlyfusion.training.data.codes import PAD_CODE
+
     D, L = drawn.shape
+    if (drawn_grids is None) != (train_grids is None):
+        raise ValueError("give the shapes of both the drawn and the training grids, or of neither")
     if len(train) == 0 or train.shape[1] != L or L == 0:
         return torch.zeros(D), torch.full((D,), -1, dtype=torch.long)
+    shaped = drawn_grids is not None
+    n_codes = drawn_grids.prod(1).double() if shaped else None
     step = max(1, _COMPARE_ELEMENTS // (len(train) * L))
     fractions, rows = [], []
     for i in range(0, D, step):
-        same = (drawn[i:i + step, None, :] == train[None, :, :]).sum(-1)  # (d, N) equal codes
+        d = drawn[i:i + step, None, :]
+        equal = d == train[None, :, :]  # (d, N, L)
+        if shaped:
+            equal &= d != PAD_CODE
+        same = equal.sum(-1)  # (d, N) equal codes
+        if shaped:  # another shape is never a copy, whatever its codes
+            other = (drawn_grids[i:i + step, None, :] != train_grids[None, :, :]).any(-1)  # (d, N)
+            same = same.masked_fill(other, -1)
         best, row = same.max(dim=1)
-        fractions.append(best.double() / L)
-        rows.append(row)
+        if shaped:
+            fractions.append(best.clamp(min=0).double() / n_codes[i:i + step].clamp(min=1))
+            rows.append(torch.where(best < 0, -1, row))
+        else:
+            fractions.append(best.double() / L)
+            rows.append(row)
     return torch.cat(fractions).float(), torch.cat(rows)
 
 
@@ -100,12 +145,13 @@ def copy_figures(overlap: torch.Tensor, counted: Sequence[bool]) -> dict:
 
 
 def novel_two_shape(captions: Sequence[str], training_captions: Sequence[str]) -> list[bool]:
-    """Per caption of the built-in grammar: whether it names two shapes in a scene no training caption names."""
-    from earlyfusion.training.shapes import parse_caption
+    """Per caption of the built-in grammar: whether it names two shapes in a scene (in a picture of its shape) no
+    training caption names."""
+    from earlyfusion.training.shapes import parse_picture
 
-    seen = {parse_caption(c) for c in training_captions}
-    scenes = [parse_caption(c) for c in captions]
-    return [s is not None and len(s) == 2 and s not in seen for s in scenes]
+    seen = {parse_picture(c) for c in training_captions}
+    scenes = [parse_picture(c) for c in captions]
+    return [s is not None and len(s[1]) == 2 and s not in seen for s in scenes]
 
 
 # ---------------------------------------------------------------- the training images
@@ -163,19 +209,20 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
         log.warning("copy rate: hub data set(s) %s not compared (only local training images are)", ", ".join(hub))
     vq_fp = check_vocab_matches(vocab, image_tokenizer, "training images")
     cache_root = resolve_cache_dir(cache_dir, list(sources))
-    codes, srcs = [], []
+    codes, grids, srcs = [], [], []
     for source, (paths, wheres) in images.items():
-        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root)
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, grid_tokens=vocab.grid_tokens)
         good = [i for i, r in enumerate(table.reasons) if not r]
         for i, r in enumerate(table.reasons):
             if r:
                 report.add(r, table.srcs[i])
         if good:
             codes.append(torch.from_numpy(table.codes[good].astype(np.int64)))
+            grids.append(torch.from_numpy(table.grids[good].astype(np.int64)))
             srcs += [table.srcs[i] for i in good]
     if report.total:
         log.warning("copy rate, training images: %s", report.summary())
     if not srcs:
         raise UserError(f"{', '.join(sources)}: no training images to compare the drawings with; "
                         "pass the run's training data with --train-data")
-    return TrainingGrids(codes=torch.cat(codes), srcs=srcs, captions=captions)
+    return TrainingGrids(codes=torch.cat(codes), srcs=srcs, captions=captions, grids=torch.cat(grids))

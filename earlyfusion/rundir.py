@@ -3,7 +3,8 @@
     LMRUN/
       vocab/                     copy of the merged vocabulary (tokenizer.json + layout.json)
       image_tokenizer/           copy of the VQ-VAE run it was trained with (config.json + model.safetensors)
-      checkpoints/step-XXXXXXXX/ model.safetensors + config.json (+ state.* for --resume), MANIFEST.json
+      checkpoints/step-XXXXXXXX/ model.safetensors + config.json (+ state.* for --resume), MANIFEST.json; with a
+                                 grid-token vocabulary config.json lists the code grids trained on (``trained_grids``)
       checkpoints/best/          the weights with the lowest held-out loss so far (never pruned)
       final.json                 {"checkpoint": "best"} when the run's model is checkpoints/best (`train --final best`)
       metrics.jsonl, samples/, loss_curves.png
@@ -38,6 +39,7 @@ IMPORTED_DIR = "imported"
 PERMUTATION = "permutation.json"
 BEST_DIR = "best"  # under CHECKPOINTS_DIR
 FINAL = "final.json"
+IMAGE_GRIDS = "image_grids"  # key of a checkpoint's config.json: the code grids [rows, columns] the run trained on
 
 @dataclass
 class Run:
@@ -121,6 +123,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     load_weights(ckpt / WEIGHTS, decoder)
     decoder.to(device).eval()
     return Run(decoder=decoder, vocab=vocab, vq=vq, config=config, path=ckpt)
+
+
+def trained_grids(run: Run) -> list[tuple[int, int]]:
+    """The code grids (rows, columns) of the images the run was trained on, sorted; empty when the run records none
+    (a fixed-grid vocabulary, whose every image is ``run.vocab.grid``, or a run written before grids were recorded).
+    CheckpointError when the record is not a list of grids the run's vocabulary can hold."""
+    raw = run.config.get(IMAGE_GRIDS)
+    if raw is None:
+        return []
+    try:
+        grids = sorted({run.vocab.check_grid(g) for g in raw})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run.path / CONFIG}: {IMAGE_GRIDS} {raw!r} is not a list of code grids of its "
+                              f"vocabulary ({e}); the file was altered, train the run again") from None
+    return grids
 
 
 def _build_in_file_dtype(dcfg: DecoderConfig, weights: Path) -> Decoder:

@@ -43,6 +43,11 @@ class SampleConfig(SamplingConfig):
     """Image file(s) to condition on, in order (repeatable)."""
     prompt_first: bool = False
     """Put --prompt before the images instead of after them."""
+    size: str = ""
+    """Draw images of this shape, WxH in pixels (e.g. 48x32): the code grid that keeps that aspect ratio within the
+    image tokenizer's largest grid (the same rule that fitted the training images), so the images come out at
+    that grid's size. Default: the model chooses among the grids it was trained on. Needs a vocabulary built with
+    --grid-tokens, and a size whose grid the model was trained on."""
     out: str = ""
     """Output directory (required for --modality image and auto; optional for text: writes sample-*.txt)."""
     temperature: float | None = None
@@ -70,6 +75,10 @@ class SampleConfig(SamplingConfig):
         check_not_file("out", self.out)
         if self.prompt_first and not self.image:
             raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
+        if self.size:
+            if self.modality == "text":
+                raise ValueError("--size sets the shape of drawn images; it cannot be used with --modality text")
+            parse_size(self.size, "--size")
 
     def resolved(self, run_defaults: dict) -> SamplingConfig:
         """The sampling options to use: what the user gave, else the run's default (``sampling_defaults`` in its
@@ -86,9 +95,53 @@ class SampleConfig(SamplingConfig):
         return SamplingConfig(**values)
 
 
+MAX_SIZE = 1 << 16
+
+
+def parse_size(text: str, option: str) -> tuple[int, int]:
+    """"WxH" -> (width, height) in pixels; ValueError naming ``option`` otherwise."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{option} must be WIDTHxHEIGHT in pixels (e.g. 48x32), got {text!r}") from None
+    if not (1 <= w <= MAX_SIZE and 1 <= h <= MAX_SIZE):
+        raise ValueError(f"{option} sides must be from 1 to {MAX_SIZE} pixels, got {text!r}")
+    return w, h
+
+
+def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
+    """The code grids drawn images may take: the one ``size`` (WxH) gives, or the grids the run was trained on
+    (None: any the vocabulary holds). UserError for a size the vocabulary or the model cannot draw."""
+    from earlyfusion.rundir import trained_grids
+    from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid
+
+    vocab, ds = run.vocab, run.vq.cfg.downsample
+    trained = trained_grids(run)
+    if not vocab.grid_tokens:
+        if size and parse_size(size, "--size") != (vocab.grid[1] * ds, vocab.grid[0] * ds):
+            raise UserError(f"--size {size}: this model draws only {vocab.grid[1] * ds}x{vocab.grid[0] * ds} images "
+                            "(its vocabulary has no grid tokens; build one with `earlyfusion vocab build "
+                            "--grid-tokens` and train on images of other shapes); drop --size")
+        return None
+    if not size:
+        return trained or None
+    w, h = parse_size(size, "--size")
+    try:
+        grid = aspect_grid(w, h, vocab.grid, ds, where=f"--size {size}")
+    except ImageError as e:
+        raise UserError(str(e)) from None
+    if trained and grid not in trained:
+        known = ", ".join(f"{c * ds}x{r * ds}" for r, c in trained)
+        raise UserError(f"--size {size} is a {grid[0]}x{grid[1]} code grid ({grid[1] * ds}x{grid[0] * ds} px), which "
+                        f"the model was not trained on; it was trained on {known}: choose one of those")
+    return [grid]
+
+
 def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
-    """Each image file → its (h, w) code grid with the run's image tokenizer."""
-    from earlyfusion.tokenizer.preprocess import preprocess
+    """Each image file → its (h, w) code grid with the run's image tokenizer (keeping its aspect ratio where the
+    vocabulary has grid tokens)."""
+    from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid
 
     vq, vocab = run.vq, run.vocab
     device = next(vq.parameters()).device
@@ -97,11 +150,17 @@ def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
-        pixels = preprocess(p, size)  # (3, S, S) in [-1, 1]
+        if vocab.grid_tokens:
+            pixels = preprocess_to_grid(p, vocab.grid, vq.cfg.downsample)  # (3, h·ds, w·ds)
+        else:
+            pixels = preprocess(p, size)  # (3, S, S) in [-1, 1]
         with torch.no_grad():
             codes = vq.encode(pixels[None].to(device))[0].cpu()  # (h, w)
-        if tuple(codes.shape) != tuple(vocab.grid):
-            raise UserError(f"--image {p}: encodes to a {tuple(codes.shape)} grid but the vocabulary expects {tuple(vocab.grid)}")
+        try:
+            vocab.check_grid(codes.shape)
+        except ValueError as e:
+            raise UserError(f"--image {p}: encodes to a {tuple(codes.shape)} code grid, which the vocabulary cannot "
+                            f"hold ({e})") from None
         grids.append(codes)
     return grids
 
@@ -181,6 +240,7 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sampling = cfg.resolved(run.config.get("sampling_defaults") or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{run.path / 'config.json'}: invalid sampling_defaults ({e}); fix or remove them") from None
+    grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
     segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
     out = _out_dir(cfg.out) if cfg.out else None
 
@@ -191,7 +251,8 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None)
+    samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None,
+                       grids=grids)
     dt = time.perf_counter() - t0
     n_tokens = sum(len(s.ids) for s in samples)
     n_images = sum(len(s.images) for s in samples)

@@ -4,6 +4,7 @@ never holds grid tokens; a span is never opened without room for the longest all
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -141,3 +142,39 @@ def test_rule_masks_are_shared_across_code_positions(vocab):
         gridded.apply(torch.zeros(1, vocab.vocab_size), state.situations(vocab))
         state.update([t], vocab)
     assert gridded._table.shape[0] <= 6  # begin, rows, columns for 3 rows, codes, row end, end-image
+
+
+def _run_like(vocab, grids=None):
+    config = {} if grids is None else {"image_grids": [list(g) for g in grids]}
+    return SimpleNamespace(vocab=vocab, vq=SimpleNamespace(cfg=SimpleNamespace(downsample=8)), config=config,
+                           path=Path("run"))
+
+
+def test_size_option_maps_to_a_trained_grid(vocab):
+    from earlyfusion.errors import UserError
+    from earlyfusion.sampling.cli import drawing_grids, parse_size
+
+    assert parse_size("48x32", "--size") == (48, 32) and parse_size("32X48", "--size") == (32, 48)
+    for bad in ("48", "48x", "x32", "0x32", "4.5x3", "48x32x2", "-8x8"):
+        with pytest.raises(ValueError, match="--size"):
+            parse_size(bad, "--size")
+    run = _run_like(vocab, [(3, 4), (2, 4)])  # grid up to 3x4, 8 px per code
+    assert drawing_grids(run, "") == [(2, 4), (3, 4)]
+    assert drawing_grids(run, "32x24") == [(3, 4)] and drawing_grids(run, "64x32") == [(2, 4)]
+    with pytest.raises(UserError, match="not trained on; it was trained on 32x16, 32x24"):
+        drawing_grids(run, "32x32")
+    with pytest.raises(UserError, match="extreme aspect"):
+        drawing_grids(run, "400x8")
+    assert drawing_grids(_run_like(vocab), "") is None  # no record: any grid the vocabulary holds
+    assert drawing_grids(_run_like(vocab), "8x24") == [(3, 1)]
+
+
+def test_size_option_on_a_fixed_grid_vocabulary():
+    from earlyfusion.errors import UserError
+    from earlyfusion.sampling.cli import drawing_grids
+
+    fixed = Vocabulary.build(["a"] * 5, codebook_size=6, grid=(4, 4), image_tokenizer_fingerprint="d" * 64,
+                             text_vocab_size=260)
+    assert drawing_grids(_run_like(fixed), "") is None and drawing_grids(_run_like(fixed), "32x32") is None
+    with pytest.raises(UserError, match="no grid tokens"):
+        drawing_grids(_run_like(fixed), "48x32")

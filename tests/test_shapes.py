@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from earlyfusion.errors import UserError
-from earlyfusion.training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, ShapesConfig, _placements,
-                             caption, generate_cmd, parse_caption, random_scene, recognise, render, render_array,
-                             shape_mask, shape_sizes)
+from earlyfusion.training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, SQUARE, TALL, WIDE, ShapeSpec,
+                             ShapesConfig, _placements, caption, generate_cmd, parse_caption, parse_picture, parse_sizes,
+                             picture_of, random_scene, recognise, render, render_array, shape_mask, shape_sizes)
 
 ALL_SINGLE = [frozenset([ShapeSpec(sh, c, sz, p)]) for sh in SHAPES for c in COLOURS for sz in SIZES for p in POSITIONS]
 
@@ -94,6 +94,74 @@ def test_caption_round_trip():
         assert parse_caption("  " + text.upper() + ". ") == scene  # tolerant of model-output noise
 
 
+def test_non_square_pictures_fill_the_canvas_and_say_their_shape():
+    scene = frozenset([ShapeSpec("square", "red", "large", "top left"), ShapeSpec("circle", "blue", "small", "bottom right")])
+    a = render_array(scene, (48, 32))
+    assert a.shape == (32, 48, 3)
+    assert np.array_equal(a, render_array(scene, (48, 32))) and np.array_equal(render_array(scene, (32, 32)),
+                                                                               render_array(scene, 32))
+    red = np.argwhere((a == COLOURS["red"]).all(-1))
+    blue = np.argwhere((a == COLOURS["blue"]).all(-1))
+    assert len(red) == shape_sizes(32)["large"] ** 2  # shapes are sized by the short side
+    assert red[:, 1].max() < 16 and blue[:, 1].min() >= 32  # the cells spread over the whole width
+    for top, left in _placements(48, 32).values():
+        assert 0 <= top and 0 <= left
+    assert (picture_of(48, 32), picture_of(32, 48), picture_of(32, 32)) == (WIDE, TALL, SQUARE)
+    text = "a large red square at the top left and a small blue circle at the bottom right"
+    assert caption(scene) == caption(scene, SQUARE) == text  # a square caption is as it always was
+    assert caption(scene, WIDE) == "a wide picture: " + text and caption(scene, TALL) == "a tall picture: " + text
+    for picture in (SQUARE, WIDE, TALL):
+        assert parse_picture(caption(scene, picture)) == (picture, scene)
+        assert parse_caption(caption(scene, picture)) == scene
+    assert parse_picture("  A WIDE picture:  " + text.upper() + ".") == (WIDE, scene)
+    for bad in ("a wide picture:", "a wide picture: hello", "a square picture: " + text, "a round picture: " + text):
+        assert parse_picture(bad) is None and parse_caption(bad) is None
+    with pytest.raises(ValueError, match="picture"):
+        caption(scene, "round")
+
+
+def test_sizes_are_parsed_and_bad_ones_refused():
+    assert parse_sizes("32x32,48x32") == [(32, 32), (48, 32)]
+    assert parse_sizes(" 64X16 , 16x64") == [(64, 16), (16, 64)]
+    assert ShapesConfig(out="x", sizes="48x32").canvases() == [(48, 32)]
+    assert ShapesConfig(out="x", image_size=16).canvases() == [(16, 16)]
+    for bad in ("", "0x32", "32x0", "abc", "32x", "32x32x32", "-32x32", "32.5x32", "2048x32", "32x36", "8x8",
+                "128x16", "32x32,32x32", ",".join(f"{32 + 8 * i}x40" for i in range(17))):
+        with pytest.raises(ValueError, match="sizes"):
+            ShapesConfig(out="x", sizes=bad)
+    with pytest.raises(ValueError, match="not both"):
+        ShapesConfig(out="x", sizes="48x32", image_size=16)
+
+
+def test_generate_on_several_canvas_sizes(tmp_path):
+    out, square = tmp_path / "sizes", tmp_path / "square"
+    cfg = dict(num_images=60, seed=4, num_interleaved=4, num_text=4)
+    generate_cmd(ShapesConfig(out=str(out), sizes="32x32,48x32,24x40", **cfg))
+    generate_cmd(ShapesConfig(out=str(square), **cfg))
+    seen = set()
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+        same_seed = [json.loads(line) for line in (square / split / "metadata.jsonl").read_text().splitlines()]
+        for row, other in zip(rows, same_seed):
+            img = Image.open(out / split / row["file_name"])
+            assert img.size in {(32, 32), (48, 32), (24, 40)}
+            seen.add(img.size)
+            picture, scene = parse_picture(row["text"])
+            assert picture == picture_of(*img.size) and recognise(img) == scene
+            assert scene == parse_caption(other["text"])  # the scenes of a one-size data set of the same seed
+    assert seen == {(32, 32), (48, 32), (24, 40)}
+    info = json.loads((out / "shapes.json").read_text())
+    assert info["canvases"] == [[32, 32], [48, 32], [24, 40]] and "image_size" not in info
+    assert json.loads((square / "shapes.json").read_text())["image_size"] == 32
+
+
+def test_one_square_size_is_the_square_data_set(tmp_path):
+    cfg = dict(num_images=20, num_interleaved=3, num_text=3, seed=2)
+    generate_cmd(ShapesConfig(out=str(tmp_path / "a"), image_size=16, **cfg))
+    generate_cmd(ShapesConfig(out=str(tmp_path / "b"), sizes="16x16", **cfg))
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+
+
 @pytest.mark.parametrize("text", ["", "hello", "a small red circle", "a tiny red circle at the top",
                                   "a small red circle at the top and", "a small red circle at the top and a large "
                                   "blue square at the top", "a small red circle at the middle", None])
@@ -111,6 +179,13 @@ def test_recognise_ground_truth():
         ss = scenes(n, size)
         acc = np.mean([recognise(render(s, size)) == s for s in ss])
         assert acc >= 0.99, (size, acc)
+    # pictures that are not square: every canvas size --sizes accepts the shape of
+    for canvas in ((48, 32), (32, 48), (64, 16), (16, 64), (40, 24)):
+        for scene in ALL_SINGLE[::7]:
+            assert recognise(render(scene, canvas)) == scene, (canvas, scene)
+        ss = scenes(60, sum(canvas))
+        acc = np.mean([recognise(render(s, canvas)) == s for s in ss])
+        assert acc >= 0.99, (canvas, acc)
 
 
 def test_recognise_degrades_gracefully():
@@ -232,6 +307,7 @@ def test_cli_end_to_end(tmp_path):
     ["--image-size", "100000"], ["--image-size", "12"], ["--seed", "-1"], ["--seed", str(2 ** 40)],
     ["--num-images", "1e9"], ["--num-images", "-3"], ["--num-images", "100000000"], ["--test-fraction", "nan"],
     ["--num-text", "-1"], ["--num-interleaved", "99999999999"],
+    ["--sizes", "0x32"], ["--sizes", "abc"], ["--sizes", "4096x32"], ["--sizes", "32x32,"],
 ])
 def test_bad_values_one_line_nothing_written(tmp_path, capsys, argv):
     from earlyfusion.cli import main

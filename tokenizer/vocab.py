@@ -224,6 +224,11 @@ class Vocabulary:
             return bool(lo <= int(ids) < hi)
         return [self.is_image_id(i) for i in ids]
 
+    def is_image_part(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool tensor: the ids an image span holds after its ``<boi>`` (codes, grid tokens, ``<eoi>``), the targets
+        that the image loss counts."""
+        return ((ids >= self.layout.image_start) & (ids < self.layout.vocab_size)) | (ids == self.eoi)
+
     def ids_to_codes(self, ids):
         """Inverse of ``codes_to_ids``; ValueError if any id is not an image id."""
         lo, hi = self.layout.image_start, self.layout.image_end

@@ -15,7 +15,8 @@ with other values is refused, and so is a new run into a directory that already 
 Validation scores held-out pairs every ``--eval-every`` steps; the weights with the lowest held-out loss are
 kept in LMRUN/checkpoints/best (``training.best``), and ``--final best`` makes them the run's model. At start the run
 checks that its context holds every image-caption pair of the data and says how many epochs its steps
-make (``training.sizing``).
+make (``training.sizing``); the longest image span (``Vocabulary.max_span``) is what one image needs. With a
+grid-token vocabulary each checkpoint's config.json lists the code grids trained on (``rundir.trained_grids``).
 
 Non-finite guard: a step whose loss or gradient norm is not finite is skipped (no update) and
 counted; more than ``max_nonfinite`` in a row stops the run, leaving the last good checkpoint. The
@@ -46,14 +47,14 @@ from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.rundir import (
-    BEST_DIR, CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches, resolve_checkpoint,
-    set_final, write_decoder,
+    BEST_DIR, CHECKPOINTS_DIR, CONFIG, IMAGE_GRIDS, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, check_vocab_matches,
+    resolve_checkpoint, set_final, write_decoder,
 )
 from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.best import BestModel, heldout_score
 from earlyfusion.training.data import (
-    IMAGE, TEXT, ContextTooShort, DataConfig, heldout_pairs, pair_overhead, training_batches,
+    IMAGE, TEXT, ContextTooShort, DataConfig, heldout_pairs, pair_overhead, span_words, training_batches,
 )
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
@@ -330,7 +331,7 @@ def train(cfg: TrainConfig) -> Path:
                                        max_seq_len=dcfg.max_seq_len, preset=cfg.preset, need=need, what=what))
 
     if context_len < pair_overhead(vocab):
-        raise too_short(pair_overhead(vocab), f"one image (<s> <boi> {vocab.tokens_per_image} codes <eoi> </s>)")
+        raise too_short(pair_overhead(vocab), f"one image (<s> {span_words(vocab)} </s>)")
     mp, why = mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -362,7 +363,7 @@ def train(cfg: TrainConfig) -> Path:
                                    batch_size=cfg.batch_size, seed=cfg.seed, fit_captions=True)
     except ContextTooShort as e:
         raise too_short(e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} tokens; "
-                                f"<s> <boi> {e.image_tokens} codes <eoi> caption </s>)") from None
+                                f"<s> {e.image} caption </s>)") from None
     if main:
         say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
     heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir)
@@ -414,9 +415,11 @@ def train(cfg: TrainConfig) -> Path:
             loop.save(step, write)
         accelerator.wait_for_everyone()
 
+    grids = {IMAGE_GRIDS: [list(g) for g in batches.data.grids]} if vocab.grid_tokens else {}
+
     def run_config(step: int, **extra) -> dict:
         return {"decoder": dcfg.to_dict(), "train": asdict(cfg), "step": step, "context_len": context_len,
-                "identity": identity, **extra}
+                "identity": identity, **grids, **extra}
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",

@@ -27,7 +27,7 @@ def _pair_documents(vocab, pairs, kind: str):
         segs = [p.caption, p.codes] if kind == "draw" else [p.codes, p.caption]
         ids = vocab.encode_document(segs)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        is_img = vocab.is_image_id(ids_t) | (ids_t == vocab.eoi)
+        is_img = vocab.is_image_part(ids_t)
         if kind == "draw":
             mod = torch.where(is_img, IMAGE, -1)
         else:

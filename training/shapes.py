@@ -7,6 +7,9 @@ Designed so that a tiny model can learn it on a CPU in minutes and an analytic j
 * deterministic rendering: each shape is drawn at the centre of its cell of a 3x3 grid, with a fixed
   pixel size per size class and hard edges (no anti-aliasing, no jitter), so every attribute tuple is
   exactly one pixel pattern; two shapes never share a cell or a colour and never overlap;
+* canvases of any listed size (``--sizes``, width x height): the 3x3 cells spread over the whole canvas, the shapes
+  sized by its short side; a caption of a picture that is not square starts by saying so ("a wide picture: ",
+  "a tall picture: "), a square one is as it always was;
 * ``caption`` lists shapes in position order, so the caption is a function of the image;
 * ``recognise`` reads the attributes back from pixels without any model (palette classification,
   connected components, template matching), so it can judge generated images.
@@ -58,6 +61,23 @@ BACKGROUND: tuple[int, int, int] = (240, 240, 240)
 
 MAX_SHAPES = 2  # shapes per image: 1 or 2, about half each
 
+# The shape of a picture, as a caption says it: a square picture's caption says nothing about it.
+SQUARE, WIDE, TALL = "square", "wide", "tall"
+PICTURES: tuple[str, ...] = (SQUARE, WIDE, TALL)
+PICTURE_PREFIX: dict[str, str] = {SQUARE: "", WIDE: "a wide picture: ", TALL: "a tall picture: "}
+
+
+def picture_of(width: int, height: int) -> str:
+    """SQUARE, WIDE (wider than tall) or TALL: what a caption says of a ``width`` x ``height`` picture."""
+    return SQUARE if width == height else WIDE if width > height else TALL
+
+
+def _canvas(size) -> tuple[int, int]:
+    """(width, height) of an image size given as one side (a square) or as (width, height)."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
 
 @dataclass(frozen=True, order=True)
 class ShapeSpec:
@@ -82,12 +102,15 @@ def _position_key(s: ShapeSpec) -> tuple:
     return (POSITIONS.index(s.position), s.shape, s.colour, s.size)
 
 
-def caption(specs) -> str:
-    """'a small red circle at the top left and a large blue square at the bottom' (position order)."""
+def caption(specs, picture: str = SQUARE) -> str:
+    """'a small red circle at the top left and a large blue square at the bottom' (position order); a picture that
+    is not square (``picture`` WIDE or TALL) starts with 'a wide picture: ' / 'a tall picture: '."""
     specs = sorted(specs, key=_position_key)
     if not specs:
         raise ValueError("a scene needs at least one shape")
-    return " and ".join(s.phrase() for s in specs)
+    if picture not in PICTURE_PREFIX:
+        raise ValueError(f"unknown picture shape {picture!r}; expected one of {', '.join(PICTURES)}")
+    return PICTURE_PREFIX[picture] + " and ".join(s.phrase() for s in specs)
 
 
 _PHRASE_RE = re.compile(
@@ -98,13 +121,26 @@ _PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
 
 
 def parse_caption(text: str) -> frozenset[ShapeSpec] | None:
-    """Invert ``caption``: the set of shapes a caption names, or None if it is not one of ours.
+    """Invert ``caption``: the set of shapes a caption names (whatever picture shape it states), or None if it is not
+    one of ours.
 
     Tolerates case, surrounding/repeated whitespace and a trailing full stop (model output).
     """
+    parsed = parse_picture(text)
+    return None if parsed is None else parsed[1]
+
+
+def parse_picture(text: str) -> tuple[str, frozenset[ShapeSpec]] | None:
+    """Invert ``caption`` whole: (the picture's shape, SQUARE when the caption states none; the shapes it names), or
+    None if it is not one of ours."""
     if not isinstance(text, str):
         return None
     norm = " ".join(text.lower().split()).rstrip(".").strip()
+    picture = SQUARE
+    for name, prefix in PICTURE_PREFIX.items():
+        if prefix and norm.startswith(prefix.strip()):
+            picture, norm = name, norm[len(prefix.strip()):].strip()
+            break
     if not norm:
         return None
     specs = []
@@ -115,7 +151,7 @@ def parse_caption(text: str) -> frozenset[ShapeSpec] | None:
         specs.append(ShapeSpec(m["shape"], m["colour"], m["size"], _PHRASE_TO_POSITION[m["where"]]))
     if len({s.position for s in specs}) != len(specs):
         return None  # two shapes in one cell: no image can show that
-    return frozenset(specs)
+    return picture, frozenset(specs)
 
 
 # ---------------------------------------------------------------- geometry and rendering
@@ -126,8 +162,8 @@ def shape_sizes(image_size: int) -> dict[str, int]:
     return {"small": max(3, image_size * 7 // 32), "large": max(5, image_size * 5 // 16)}
 
 
-def _cell_centre(index: int, image_size: int) -> float:
-    return (index + 0.5) * image_size / 3
+def _cell_centre(index: int, extent: int) -> float:
+    return (index + 0.5) * extent / 3
 
 
 @lru_cache(maxsize=64)
@@ -150,24 +186,27 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _placements(image_size: int) -> dict[tuple[str, str], tuple[int, int]]:
-    """(size, position) -> top-left pixel of the shape's box, centred in its grid cell."""
+def _placements(width: int, height: int | None = None) -> dict[tuple[str, str], tuple[int, int]]:
+    """(size, position) -> top-left pixel of the shape's box, centred in its grid cell, on a ``width`` x ``height``
+    canvas (square when ``height`` is None); shapes are sized by the short side."""
+    height = width if height is None else height
     out = {}
-    for size, side in shape_sizes(image_size).items():
+    for size, side in shape_sizes(min(width, height)).items():
         for p, pos in enumerate(POSITIONS):
             row, col = divmod(p, 3)
-            top = math.floor(_cell_centre(row, image_size) - side / 2 + 0.5)
-            left = math.floor(_cell_centre(col, image_size) - side / 2 + 0.5)
+            top = math.floor(_cell_centre(row, height) - side / 2 + 0.5)
+            left = math.floor(_cell_centre(col, width) - side / 2 + 0.5)
             out[size, pos] = (top, left)
     return out
 
 
-def render_array(specs, image_size: int = 32) -> np.ndarray:
-    """uint8 (image_size, image_size, 3) rendering of a scene."""
-    a = np.empty((image_size, image_size, 3), np.uint8)
+def render_array(specs, image_size: int | tuple[int, int] = 32) -> np.ndarray:
+    """uint8 (height, width, 3) rendering of a scene; ``image_size``: the side of a square, or (width, height)."""
+    width, height = _canvas(image_size)
+    a = np.empty((height, width, 3), np.uint8)
     a[:] = BACKGROUND
-    sides = shape_sizes(image_size)
-    places = _placements(image_size)
+    sides = shape_sizes(min(width, height))
+    places = _placements(width, height)
     for s in specs:
         side = sides[s.size]
         top, left = places[s.size, s.position]
@@ -176,8 +215,8 @@ def render_array(specs, image_size: int = 32) -> np.ndarray:
     return a
 
 
-def render(specs, image_size: int = 32) -> Image.Image:
-    """The image of a scene (RGB, image_size x image_size)."""
+def render(specs, image_size: int | tuple[int, int] = 32) -> Image.Image:
+    """The image of a scene (RGB; ``image_size``: the side of a square, or (width, height))."""
     return Image.fromarray(render_array(specs, image_size), "RGB")
 
 
@@ -237,19 +276,19 @@ def _templates(image_size: int) -> list[tuple[str, str, np.ndarray, np.ndarray]]
     return out
 
 
-def _best_template(pix: np.ndarray, image_size: int) -> tuple[str, str, float]:
+def _best_template(pix: np.ndarray, height: int, width: int) -> tuple[str, str, float]:
     """Template (shape, size) with the highest IoU against a component, aligned at the centroid ±1 px."""
-    n = image_size
-    comp = np.zeros((n + 2, n + 2), bool)  # one pixel of margin so shifted templates index safely
+    comp = np.zeros((height + 2, width + 2), bool)  # one pixel of margin so shifted templates index safely
     comp[pix[:, 0] + 1, pix[:, 1] + 1] = True
+    bound = np.array([height + 2, width + 2])
     centroid = pix.mean(0)
     best = ("square", "small", -1.0)
-    for shape, size, tpix, tcent in _templates(image_size):
+    for shape, size, tpix, tcent in _templates(min(height, width)):
         base = np.floor(centroid - tcent + 0.5).astype(np.int64) + 1
         for dr in (-1, 0, 1):
             for dc in (-1, 0, 1):
                 placed = tpix + base + (dr, dc)  # (N, 2)
-                inside = ((placed >= 0) & (placed < n + 2)).all(1)
+                inside = ((placed >= 0) & (placed < bound)).all(1)
                 inter = int(comp[placed[inside, 0], placed[inside, 1]].sum())
                 iou = inter / (len(pix) + len(placed) - inter)
                 if iou > best[2]:
@@ -263,21 +302,20 @@ def recognise(img: Image.Image) -> frozenset[ShapeSpec]:
     Each pixel is read as a blend of the background and one palette colour (the colour whose blend
     line it is nearest); it belongs to that colour if it is at least half of it, else to the
     background (so blurred edges split at the 50 % contour and areas survive blur); each 8-connected component of one colour that is not a speck is one shape: its
-    centroid gives the grid cell, the best-matching template (IoU) gives shape and size.
+    centroid gives the grid cell (thirds of each side), the best-matching template (IoU, at the size the
+    picture's short side gives) gives shape and size. Pictures of any shape are read as they are
+    (``picture_of(*img.size)`` says which a caption would state).
     """
     img = img.convert("RGB")
-    if img.width != img.height:
-        side = max(img.size)
-        img = img.resize((side, side), Image.Resampling.NEAREST)
-    n = img.width
-    a = np.asarray(img, np.float32) - _BG  # (n, n, 3) offsets from the background
+    w, h = img.size
+    a = np.asarray(img, np.float32) - _BG  # (h, w, 3) offsets from the background
     # Each pixel as a blend bg + alpha * (colour - bg): alpha and the distance off that line per colour.
-    alpha = np.einsum("hwk,ck->hwc", a, _DIRS) / _DIR_NORM2  # (n, n, C)
-    resid = np.linalg.norm(a[:, :, None, :] - alpha[..., None] * _DIRS, axis=-1)  # (n, n, C)
+    alpha = np.einsum("hwk,ck->hwc", a, _DIRS) / _DIR_NORM2  # (h, w, C)
+    resid = np.linalg.norm(a[:, :, None, :] - alpha[..., None] * _DIRS, axis=-1)  # (h, w, C)
     resid[(alpha < 0.5) | (alpha > 1.6)] = np.inf  # under half the colour: background (keeps blurred areas)
     label = resid.argmin(-1)
     label[resid.min(-1) > _MAX_COLOUR_DIST] = len(_PALETTE_NAMES)  # unknown -> background
-    min_area = 0.4 * min(len(t[2]) for t in _templates(n))
+    min_area = 0.4 * min(len(t[2]) for t in _templates(min(w, h)))
     found = []
     for ci, colour in enumerate(_PALETTE_NAMES):
         mask = label == ci
@@ -286,10 +324,10 @@ def recognise(img: Image.Image) -> frozenset[ShapeSpec]:
         for pix in _components(mask):
             if len(pix) < min_area:
                 continue  # a speck of noise
-            shape, size, _ = _best_template(pix, n)
+            shape, size, _ = _best_template(pix, h, w)
             cy, cx = pix.mean(0) + 0.5
-            row = min(2, max(0, int(cy * 3 // n)))
-            col = min(2, max(0, int(cx * 3 // n)))
+            row = min(2, max(0, int(cy * 3 // h)))
+            col = min(2, max(0, int(cx * 3 // w)))
             found.append(ShapeSpec(shape, colour, size, POSITIONS[3 * row + col]))
     return frozenset(found)
 
@@ -327,6 +365,36 @@ def _describe_attribute(rng: np.random.Generator) -> str:
 
 MAX_ITEMS = 10_000_000
 MAX_IMAGE_SIZE = 1024
+MAX_ASPECT = 4  # the long side of a canvas is at most this many times its short side
+MAX_SIZES = 16  # canvas sizes in one data set
+_SIZE_RE = re.compile(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", re.IGNORECASE)
+
+
+def _check_side(what: str, n: int) -> None:
+    if not 16 <= n <= MAX_IMAGE_SIZE or n % 8:
+        raise ValueError(f"{what} must be a multiple of 8 between 16 and {MAX_IMAGE_SIZE}, got {n}")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'32x32,48x32' -> [(32, 32), (48, 32)] (width, height); ValueError naming what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("--sizes needs at least one WIDTHxHEIGHT, e.g. 32x32,48x32")
+    out = []
+    for item in text.split(","):
+        m = _SIZE_RE.fullmatch(item)
+        if m is None:
+            raise ValueError(f"--sizes: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 48x32)")
+        w, h = int(m[1]), int(m[2])
+        _check_side(f"--sizes {w}x{h}: each side", w)
+        _check_side(f"--sizes {w}x{h}: each side", h)
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise ValueError(f"--sizes {w}x{h}: the long side may be at most {MAX_ASPECT} times the short side")
+        if (w, h) in out:
+            raise ValueError(f"--sizes lists {w}x{h} twice")
+        out.append((w, h))
+    if len(out) > MAX_SIZES:
+        raise ValueError(f"--sizes lists {len(out)} sizes; at most {MAX_SIZES}")
+    return out
 
 
 @dataclass
@@ -337,6 +405,12 @@ class ShapesConfig:
     """Image-caption pairs in total (train + test)."""
     image_size: int = 32
     """Image side in pixels (multiple of 8, at least 16; shape geometry scales with it)."""
+    sizes: str | None = None
+    """Canvas sizes WIDTHxHEIGHT, comma-separated (e.g. 32x32,48x32): each scene is drawn on one of them, chosen at
+    random, with the 3x3 cells spread over the canvas, and the caption of a canvas that is not square starts with
+    "a wide picture:" or "a tall picture:". For training a model on several aspect ratios (with a vocabulary built
+    by `vocab build --grid-tokens`). Each side a multiple of 8 from 16 to 1024, at most 4:1; unset = one square of
+    --image-size."""
     seed: int = 0
     """Random seed: the same seed writes byte-identical files."""
     test_fraction: float = 0.1
@@ -346,7 +420,15 @@ class ShapesConfig:
     num_text: int = 1000
     """Text-only lines in DIR/text.jsonl."""
 
+    def canvases(self) -> list[tuple[int, int]]:
+        """The (width, height) of every canvas the scenes are drawn on."""
+        return parse_sizes(self.sizes) if self.sizes is not None else [(self.image_size, self.image_size)]
+
     def __post_init__(self):
+        if self.sizes is not None:
+            parse_sizes(self.sizes)
+            if self.image_size != ShapesConfig.image_size:
+                raise ValueError("--sizes lists every canvas size; give it or --image-size, not both")
         if not 2 <= self.num_images <= MAX_ITEMS:
             raise ValueError(f"--num-images must be between 2 (one train and one test image) and {MAX_ITEMS}, got {self.num_images}")
         if not 16 <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % 8:
@@ -369,14 +451,16 @@ def _png(a: np.ndarray) -> bytes:
     return b.getvalue()
 
 
-def _write_split(root: Path, scenes: list[frozenset[ShapeSpec]], image_size: int) -> list[tuple[str, str]]:
+def _write_split(root: Path, scenes: list[frozenset[ShapeSpec]], canvases: list[tuple[int, int]]) -> list[tuple[str, str]]:
+    """Write one split: scene i on canvas ``canvases[i]`` (width, height), its caption stating a canvas that is not
+    square."""
     root.mkdir(parents=True)
     width = max(6, len(str(len(scenes) - 1)))
     rows = []
-    for i, scene in enumerate(progress(scenes, desc=f"writing {root.name}")):
+    for i, (scene, canvas) in enumerate(progress(list(zip(scenes, canvases)), desc=f"writing {root.name}")):
         name = f"{i:0{width}d}.png"
-        (root / name).write_bytes(_png(render_array(scene, image_size)))
-        rows.append((name, caption(scene)))
+        (root / name).write_bytes(_png(render_array(scene, canvas)))
+        rows.append((name, caption(scene, picture_of(*canvas))))
     with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
         for name, text in rows:
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
@@ -407,11 +491,16 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     """Write the data set into ``dest`` (must not exist); returns the counts written."""
     rng = np.random.default_rng(cfg.seed)
     scenes = [random_scene(rng) for _ in range(cfg.num_images)]
+    sizes = cfg.canvases()
+    if len(sizes) == 1:
+        canvases = sizes * cfg.num_images
+    else:  # a stream of its own: the scenes are those of a one-size data set of the same seed
+        canvases = [sizes[int(k)] for k in np.random.default_rng([cfg.seed, 3]).integers(len(sizes), size=cfg.num_images)]
     n_test = min(cfg.num_images - 1, max(1, round(cfg.num_images * cfg.test_fraction)))
     n_train = cfg.num_images - n_test
     dest.mkdir(parents=True)
-    train = _write_split(dest / "train", scenes[:n_train], cfg.image_size)
-    _write_split(dest / "test", scenes[n_train:], cfg.image_size)
+    train = _write_split(dest / "train", scenes[:n_train], canvases[:n_train])
+    _write_split(dest / "test", scenes[n_train:], canvases[n_train:])
     doc_rng = np.random.default_rng([cfg.seed, 1])
     with open(dest / "interleaved.jsonl", "w", encoding="utf-8") as f:
         for doc in _interleaved_docs(doc_rng, train, cfg.num_interleaved):
@@ -421,23 +510,32 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
         for _ in range(cfg.num_text):
             f.write(json.dumps({"text": _describe_attribute(text_rng)}) + "\n")
     counts = {"train": n_train, "test": n_test, "interleaved": cfg.num_interleaved, "text": cfg.num_text}
-    info = {"generator": "earlyfusion data shapes", "version": 1, "image_size": cfg.image_size, "seed": cfg.seed,
+    square = len(sizes) == 1 and sizes[0][0] == sizes[0][1]
+    info = {"generator": "earlyfusion data shapes", "version": 1, "image_size": sizes[0][0], "seed": cfg.seed,
             "counts": counts, "shapes": list(SHAPES), "colours": COLOURS, "sizes": list(SIZES),
             "positions": list(POSITIONS), "background": list(BACKGROUND)}
+    if not square:  # one square canvas: the file is as it always was
+        del info["image_size"]
+        info["canvases"] = [list(c) for c in sizes]
     (dest / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return counts
+
+
+def _sizes_text(sizes: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{w}x{h}" for w, h in sizes)
 
 
 def _check_room(cfg: ShapesConfig, parent: Path) -> None:
     """Estimate what the data set will take on disk (from a few rendered images) and refuse to start when the
     file system cannot hold it, instead of filling it."""
     rng = np.random.default_rng(cfg.seed)
-    sample = [len(_png(render_array(random_scene(rng), cfg.image_size))) for _ in range(8)]
+    sizes = cfg.canvases()
+    sample = [len(_png(render_array(random_scene(rng), sizes[i % len(sizes)]))) for i in range(8)]
     per_image = sum(sample) / len(sample) + 4096  # the file's block and its metadata line
     need = cfg.num_images * per_image + (cfg.num_interleaved + cfg.num_text) * 200
     free = shutil.disk_usage(parent).free
     if need > 0.9 * free:
-        raise UserError(f"--num-images {cfg.num_images} at {cfg.image_size} px needs about {need / 1e9:.2f} GB but "
+        raise UserError(f"--num-images {cfg.num_images} at {_sizes_text(sizes)} px needs about {need / 1e9:.2f} GB but "
                         f"{parent} has {free / 1e9:.2f} GB free; write fewer or smaller images, or elsewhere")
     if need > 1e9:
         print(f"writing about {need / 1e9:.1f} GB ({cfg.num_images} images)", flush=True)
@@ -463,7 +561,7 @@ def generate_cmd(cfg: ShapesConfig) -> int:
         os.replace(tmp / "data", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {counts['train']} train + {counts['test']} test images ({cfg.image_size}x{cfg.image_size}), "
+    print(f"wrote {counts['train']} train + {counts['test']} test images ({_sizes_text(cfg.canvases())}), "
           f"{counts['interleaved']} interleaved documents and {counts['text']} text lines to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0

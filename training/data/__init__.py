@@ -12,7 +12,7 @@ The modules, in the order the data flows through them:
   of the mixture; hub data sets; ``iter_image_text`` for the image tokenizer, ``iter_texts`` for the BPE;
 * ``augment``: ``Augment``, random crops / scale / flips of an image before encoding (``--augment-views``);
 * ``codes``: image codes computed once with ``datasets.map`` and cached on disk (K grids per image with
-  augmentation);
+  augmentation; with grid tokens each image keeps its aspect ratio and ``ImageTable`` its grid);
 * ``documents``: records -> token ids through the Vocabulary (reading / drawing / unconditional pairs,
   interleaved and text documents, the truncation rules, ``ContextTooShort``), and ``prepare`` that does
   all of the above;
@@ -25,9 +25,10 @@ The modules, in the order the data flows through them:
 """
 
 from .augment import NO_AUGMENT, Augment
-from .codes import ImageTable, default_cache_dir, encode_images, local_image_table
+from .codes import PAD_CODE, ImageTable, default_cache_dir, encode_images, local_image_table
 from .config import IGNORE, IMAGE, MAX_AUGMENT_VIEWS, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
-from .documents import DRAW, READ, UNCOND, ContextTooShort, Part, PreparedData, pair_document, pair_overhead, prepare
+from .documents import (DRAW, READ, UNCOND, ContextTooShort, Part, PreparedData, pair_document, pair_overhead, prepare,
+                        span_words)
 from .heldout import HeldoutPair, heldout_pairs
 from .packing import PackedBatches, ShardedBatches, training_batches
 from .records import METADATA_NAMES, SkipReport
@@ -38,8 +39,9 @@ __all__ = [
     "Augment", "NO_AUGMENT",
     "SkipReport", "METADATA_NAMES", "PartSpec", "parse_source", "resolve_sources",
     "iter_texts", "iter_image_text", "iter_dataset",
-    "ImageTable", "encode_images", "local_image_table", "default_cache_dir",
-    "Part", "PreparedData", "prepare", "pair_document", "pair_overhead", "ContextTooShort", "READ", "DRAW", "UNCOND",
+    "ImageTable", "PAD_CODE", "encode_images", "local_image_table", "default_cache_dir",
+    "Part", "PreparedData", "prepare", "pair_document", "pair_overhead", "span_words", "ContextTooShort",
+    "READ", "DRAW", "UNCOND",
     "PackedBatches", "ShardedBatches", "training_batches",
     "HeldoutPair", "heldout_pairs",
 ]

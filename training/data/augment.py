@@ -5,7 +5,9 @@ A small data set is memorised fast when every image is always the same grid of c
 image tokenizer sees it without augmentation (the same pixels as a run without augmentation), views
 1..K-1 are random square crops (a side between ``min_scale`` and 1 of the image's short side, at a
 random sub-pixel place) resampled to the tokenizer's size, mirrored left-right for half of them when ``flip`` is
-on. Training shows each image one view per epoch, every view once in K epochs (``packing``).
+on. Images that keep their aspect ratio (a vocabulary with grid tokens, ``max_grid``) keep it in every view: a
+crop has the image's own shape (each side between ``min_scale`` and 1 of the image's), so every view has the
+code grid of view 0. Training shows each image one view per epoch, every view once in K epochs (``packing``).
 
 Every view is a pure function of (seed, the image's bytes, view index) and the settings: the same
 seed gives the same grids wherever the data lies, and the settings are part of the code cache's key
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from earlyfusion.tokenizer.preprocess import load_image, preprocess
+from earlyfusion.tokenizer.preprocess import load_image, preprocess, preprocess_to_grid
 
 
 @dataclass(frozen=True)
@@ -51,25 +53,34 @@ class Augment:
         scale, left, top, coin = rng.random(4).tolist()
         return self.min_scale + (1.0 - self.min_scale) * scale, left, top, self.flip and coin < 0.5
 
-    def pixels(self, src: str | Path | bytes, size: int) -> list[torch.Tensor]:
+    def pixels(self, src: str | Path | bytes, size: int, max_grid: tuple[int, int] | None = None,
+               downsample: int = 1) -> list[torch.Tensor]:
         """The K views of an image file (path or bytes) as (3, size, size) tensors in [-1, 1]; view 0 is
-        ``preprocess(src)``. Raises ImageError for a bad image."""
-        out = [preprocess(src, size)]
+        ``preprocess(src)``. With ``max_grid`` (images that keep their aspect ratio) view 0 is
+        ``preprocess_to_grid(src, max_grid, downsample)`` and every view has its shape. Raises ImageError for a bad
+        image."""
+        out = [preprocess(src, size) if max_grid is None else preprocess_to_grid(src, max_grid, downsample)]
         if self.views == 1:
             return out
+        target = (out[0].shape[2], out[0].shape[1])  # (width, height) of every view
         data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
-        img = load_image(data, shrink_to=math.ceil(size / self.min_scale))
+        img = load_image(data, shrink_to=math.ceil(max(target) / self.min_scale))
         w, h = img.size
         for view in range(1, self.views):
             scale, left, top, mirror = self.params(data, view)
-            side = min(w, h) * scale
-            x, y = left * (w - side), top * (h - side)
+            if max_grid is None:
+                cw = ch = min(w, h) * scale
+            else:
+                cw, ch = w * scale, h * scale
+            x, y = left * (w - cw), top * (h - ch)
             # one resample of a sub-pixel box: small images get as many different crops as large ones
-            crop = img.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + side, y + side))
+            crop = img.resize(target, Image.Resampling.BICUBIC, box=(x, y, x + cw, y + ch))
             if mirror:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(preprocess(crop, size))  # (3, size, size): already the size, only converted
+            # already the size, only converted
+            out.append(preprocess(crop, size) if max_grid is None else preprocess_to_grid(crop, max_grid, downsample))
+            if out[-1].shape != out[0].shape:  # pragma: no cover - aspect_grid gives a grid its own size back
+                raise ValueError(f"augmented view of shape {tuple(out[-1].shape)}, not {tuple(out[0].shape)}")
         return out
-
 
 NO_AUGMENT = Augment(views=1, min_scale=1.0, flip=False, seed=0)

@@ -9,6 +9,12 @@ file lock makes several processes (accelerate launch) encode a source only once.
 
 With augmentation (``augment.Augment``, ``--augment-views K``) each image gets K code grids (view 0
 unaugmented), and the augmentation settings join the key: other settings are another cache entry.
+
+For a vocabulary with grid tokens (``grid_tokens``, which joins the key) images keep their aspect ratio: each is
+resized whole to its own code grid (``preprocess_to_grid``, at most the image tokenizer's grid), images of one
+grid are encoded together, and the table keeps every image's grid beside its codes (padded with -1 to the
+largest grid). Images smaller than one code or too far from square for the largest grid are skipped and
+counted ("too_small", "extreme_aspect") like other bad images.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import is_main_process, log
-from earlyfusion.tokenizer.preprocess import ImageError, preprocess
+from earlyfusion.tokenizer.preprocess import ImageError
 
 from .augment import NO_AUGMENT, Augment
 from .config import PIPELINE_VERSION
@@ -38,28 +44,59 @@ from .sources import parse_source
 ENCODE_BATCH = 256
 
 
+PAD_CODE = -1  # fills the codes past an image's own grid (grid tokens: rows are padded to the largest grid)
+
+
+def grid_codes(flat: np.ndarray, grid) -> np.ndarray:
+    """The (h, w) code grid held in a padded row of codes (its first h*w codes, raster order)."""
+    h, w = (int(x) for x in grid)
+    return flat[:h * w].reshape(h, w)
+
+
 @dataclass
 class ImageTable:
-    """Codes of a set of images: row i <-> ``srcs[i]``; ``reasons[i]`` is "" or why the image is unusable."""
+    """Codes of a set of images: row i <-> ``srcs[i]``; ``reasons[i]`` is "" or why the image is unusable.
+
+    ``image(i, view)`` is an image's code grid as an (h, w) array, ``grid(i)`` its (h, w)."""
 
     srcs: list[str]
-    codes: np.ndarray  # (N, h*w) int32: the images as they are (view 0)
+    codes: np.ndarray  # (N, L) int32: the images as they are (view 0), each h*w codes in raster order, then PAD_CODE
     reasons: list[str]
     cache_hit: bool = False
     seconds: float = 0.0
-    views: np.ndarray | None = None  # (N, K-1, h*w) int32: the augmented views 1..K-1, or None
+    views: np.ndarray | None = None  # (N, K-1, L) int32: the augmented views 1..K-1 (each of its image's grid), or None
+    grids: np.ndarray | None = None  # (N, 2) int32: (rows, columns) of each image; (0, 0) for an unusable one
 
     def __post_init__(self):
         self.index = {s: i for i, s in enumerate(self.srcs)}
+        if self.grids is None:
+            if self.srcs:
+                raise ValueError("an ImageTable of images needs their grids")
+            self.grids = np.zeros((0, 2), np.int32)
+
+    def grid(self, row: int) -> tuple[int, int]:
+        """(rows, columns) of the code grid of image ``row``."""
+        return tuple(int(x) for x in self.grids[row])
+
+    def image(self, row: int, view: int = 0) -> np.ndarray:
+        """The (h, w) int32 code grid of image ``row``: view 0 as it is, 1..K-1 augmented."""
+        return grid_codes(self.codes[row] if view == 0 else self.views[row, view - 1], self.grids[row])
+
+
+def grid_key(grid_tokens: bool) -> list:
+    """The grid-token mode's part of a cache key: nothing without it, so fixed-grid entries keep their keys."""
+    return ["grid_tokens"] if grid_tokens else []
 
 
 class _ImageEncoder:
     """The batched function given to ``datasets.map``: image sources -> codes, or the reason they failed."""
 
-    def __init__(self, image_tokenizer: str | Path, strict: bool, augment: Augment = NO_AUGMENT):
+    def __init__(self, image_tokenizer: str | Path, strict: bool, augment: Augment = NO_AUGMENT,
+                 grid_tokens: bool = False):
         self.image_tokenizer = image_tokenizer
         self.strict = strict
         self.augment = augment
+        self.grid_tokens = grid_tokens
         self._vq = None
 
     @property
@@ -72,33 +109,42 @@ class _ImageEncoder:
 
     def __call__(self, batch: dict) -> dict:
         vq = self.vq
-        size = vq.cfg.image_size
+        size, downsample = vq.cfg.image_size, vq.cfg.downsample
         n_codes = vq.cfg.tokens_per_image
+        max_grid = tuple(vq.cfg.grid_size) if self.grid_tokens else None
         srcs, wheres = batch["src"], batch["where"]
         K = self.augment.views
         reasons = [""] * len(srcs)
-        pixels, ok = [], []
+        grids = np.zeros((len(srcs), 2), np.int32)
+        by_grid: dict[tuple[int, int], tuple[list[int], list[torch.Tensor]]] = {}  # grid -> (rows, K pixels per row)
         for i, (src, where) in enumerate(zip(srcs, wheres)):
             if isinstance(src, dict):  # hub image column read with decode=False
                 src = src["bytes"] if src.get("bytes") is not None else src.get("path")
             try:
                 if src is None:
                     raise ImageError("missing", where, "no image")
-                pixels += self.augment.pixels(src, size)  # K x (3, S, S) in [-1, 1]
-                ok.append(i)
+                views = self.augment.pixels(src, size, max_grid, downsample)  # K x (3, h*ds, w*ds) in [-1, 1]
             except ImageError as e:
                 if self.strict:
                     raise UserError(f"{where}: bad record ({e}); fix or remove it, or run without --strict") from None
                 reasons[i] = e.reason
-        codes = np.zeros((len(srcs), K, n_codes), np.int32)
-        if pixels:
+                continue
+            grid = (views[0].shape[1] // downsample, views[0].shape[2] // downsample)
+            grids[i] = grid
+            rows, pixels = by_grid.setdefault(grid, ([], []))
+            rows.append(i)
+            pixels += views
+        codes = np.full((len(srcs), K, n_codes), PAD_CODE if self.grid_tokens else 0, np.int32)
+        for (h, w), (rows, pixels) in by_grid.items():
             with torch.inference_mode():
                 c = torch.cat([vq.encode(torch.stack(pixels[j:j + ENCODE_BATCH]))  # (b, h, w)
                                for j in range(0, len(pixels), ENCODE_BATCH)])
-            codes[ok] = c.reshape(len(ok), K, -1).to(torch.int32).numpy()
+            codes[rows, :, :h * w] = c.reshape(len(rows), K, h * w).to(torch.int32).numpy()
         out = {"codes": codes[:, 0], "reason": reasons}
         if K > 1:
             out["views"] = codes[:, 1:]
+        if self.grid_tokens:
+            out["grid"] = grids
         return out
 
 
@@ -163,9 +209,11 @@ def remove_stale_temporaries(cache_root: Path) -> None:
 
 
 def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, strict: bool = False,
-                  desc: str = "encoding images", augment: Augment = NO_AUGMENT) -> tuple[object, bool]:
-    """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, and ``views`` when ``augment`` is
-    active; whether the cache had them). ``key`` must hold the augmentation's own (``Augment.key``) when active."""
+                  desc: str = "encoding images", augment: Augment = NO_AUGMENT,
+                  grid_tokens: bool = False) -> tuple[object, bool]:
+    """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, ``views`` when ``augment`` is
+    active and ``grid`` with ``grid_tokens``; whether the cache had them). ``key`` must hold the augmentation's own
+    (``augment_key``) and the grid mode's (``grid_key``)."""
     import datasets
 
     name = f"codes-{key[:32]}"
@@ -181,13 +229,15 @@ def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, s
         if target.is_dir():  # another process finished it while we waited
             return datasets.load_from_disk(str(target)), True
         remove_stale_temporaries(cache_root)
-        encoder = _ImageEncoder(image_tokenizer, strict, augment)
+        encoder = _ImageEncoder(image_tokenizer, strict, augment, grid_tokens)
         h, w = encoder.vq.cfg.grid_size
         features = ds.features.copy()
         features["codes"] = datasets.List(datasets.Value("int32"), length=h * w)
         features["reason"] = datasets.Value("string")
         if augment.active:
             features["views"] = datasets.List(datasets.List(datasets.Value("int32"), length=h * w), length=augment.views - 1)
+        if grid_tokens:
+            features["grid"] = datasets.List(datasets.Value("int32"), length=2)
         with _quiet_datasets():
             out = ds.map(encoder, batched=True, batch_size=ENCODE_BATCH, features=features, new_fingerprint=key[:32],
                          desc=desc)
@@ -199,15 +249,20 @@ def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, s
     return out, False
 
 
-def table_from(ds, srcs: list[str], hit: bool, seconds: float) -> ImageTable:
-    """The ImageTable of an encoded data set (columns codes, reason) whose rows are ``srcs``."""
+def table_from(ds, srcs: list[str], hit: bool, seconds: float, grid: tuple[int, int]) -> ImageTable:
+    """The ImageTable of an encoded data set (columns codes, reason, and grid with grid tokens) whose rows are
+    ``srcs``; ``grid``: the image tokenizer's, every image's grid when the data set has no grid column."""
     if not len(ds):
         return ImageTable([], np.zeros((0, 0), np.int32), [], cache_hit=hit, seconds=seconds)
     data = ds.with_format("numpy")[:]
     codes = np.asarray(data["codes"], dtype=np.int32).reshape(len(srcs), -1)
     reasons = [str(r) for r in data["reason"]]
     views = np.asarray(data["views"], dtype=np.int32).reshape(len(srcs), -1, codes.shape[1]) if "views" in data else None
-    return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds, views=views)
+    if "grid" in data:
+        grids = np.asarray(data["grid"], dtype=np.int32).reshape(len(srcs), 2)
+    else:
+        grids = np.tile(np.asarray(grid, np.int32), (len(srcs), 1))
+    return ImageTable(srcs, codes, reasons, cache_hit=hit, seconds=seconds, views=views, grids=grids)
 
 
 def augment_key(augment: Augment) -> list:
@@ -216,9 +271,13 @@ def augment_key(augment: Augment) -> list:
 
 
 def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokenizer: str | Path, vq_fp: str,
-                      cache_root: Path, strict: bool = False, augment: Augment = NO_AUGMENT) -> ImageTable:
-    """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer, augmentation)."""
+                      cache_root: Path, strict: bool = False, augment: Augment = NO_AUGMENT,
+                      grid_tokens: bool = False) -> ImageTable:
+    """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer, augmentation,
+    grid mode). ``grid_tokens``: images keep their aspect ratio (a vocabulary with grid tokens)."""
     import datasets
+
+    from earlyfusion.tokenizer.vqvae import read_vq_config
 
     t0 = time.perf_counter()
     srcs = list(dict.fromkeys(paths))
@@ -227,12 +286,12 @@ def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokeniz
     first_where = {}
     for p, w in zip(paths, wheres):
         first_where.setdefault(p, w)
-    key = cache_key(vq_fp, _stat_key(srcs), *augment_key(augment))
+    key = cache_key(vq_fp, _stat_key(srcs), *augment_key(augment), *grid_key(grid_tokens))
     ds = datasets.Dataset.from_dict({"src": srcs, "where": [first_where[s] for s in srcs]})
-    out, hit = encode_images(ds, key, image_tokenizer, cache_root, strict, augment=augment)
+    out, hit = encode_images(ds, key, image_tokenizer, cache_root, strict, augment=augment, grid_tokens=grid_tokens)
     if list(out["src"]) != srcs:  # a hash collision or a hand-edited cache: never use wrong codes
         raise UserError(f"{cache_root}: image-code cache entry does not match the data; delete the cache directory")
-    return table_from(out, srcs, hit, time.perf_counter() - t0)
+    return table_from(out, srcs, hit, time.perf_counter() - t0, read_vq_config(image_tokenizer).grid_size)
 
 
 def default_cache_dir(sources: Sequence[str]) -> Path:

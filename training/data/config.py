@@ -9,7 +9,7 @@ from earlyfusion.options import check_not_file, check_number
 from .augment import NO_AUGMENT, Augment
 
 PIPELINE_VERSION = 1  # part of every image-code cache key and of the resume signature
-TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image code or <eoi>; no target
+TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image code, <eoi> or grid token; no target
 IGNORE = -100  # the target of a position that gets no loss
 MAX_AUGMENT_VIEWS = 64  # code grids per image: the cache grows with it
 DEFAULT_AUGMENT_SCALE = 0.8

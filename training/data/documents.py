@@ -10,9 +10,12 @@
   * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
     they are); text records are ``<s> text </s>``. Both are assembled once, here.
 
-Too long for the context (T = ``context_len``): a pair's caption is cut to T - (h*w + 4) tokens (both
-orders then fit); with ``fit_captions`` (the trainer) a caption that does not fit is an error instead
-(``ContextTooShort``), raised before any image is encoded. Other documents: if ``<s>`` plus their
+Image spans come from the vocabulary (``Vocabulary.image_span`` with each image's own grid), and so does
+every image length (``span_length``, ``max_span``): with grid tokens an image states its grid and ends each row.
+
+Too long for the context (T = ``context_len``): a pair's caption is cut to T - (``max_span`` + 2) tokens (both
+orders then fit, whatever grid the image has); with ``fit_captions`` (the trainer) a caption that does not fit
+is an error instead (``ContextTooShort``), raised before any image is encoded. Other documents: if ``<s>`` plus their
 image spans alone exceed T the record is skipped ("too_long"); otherwise text is cut from the end of each text segment in order, keeping room
 for every image that follows, and the document ends without ``</s>``. Truncations are counted
 (``PreparedData.truncated``); under ``strict`` they are errors.
@@ -34,7 +37,8 @@ from earlyfusion.logs import log
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
 from .augment import NO_AUGMENT, Augment
-from .codes import ImageTable, augment_key, cache_key, encode_images, local_image_table, resolve_cache_dir, table_from
+from .codes import (ImageTable, augment_key, cache_key, encode_images, grid_codes, grid_key, local_image_table,
+                    resolve_cache_dir, table_from)
 from .config import DataConfig
 from .records import SkipReport, interleaved_records, pair_records, text_records
 from .sources import Kind, PartSpec, load_hub, resolve_sources
@@ -42,9 +46,18 @@ from .sources import Kind, PartSpec, load_hub, resolve_sources
 READ, DRAW, UNCOND = 0, 1, 2  # the three documents a pair can become
 
 
-def pair_overhead(vocab) -> int:
-    """Tokens of a pair document besides its caption: ``<s> <boi> h*w codes <eoi> </s>``."""
-    return vocab.tokens_per_image + 4
+def pair_overhead(vocab, grid: tuple[int, int] | None = None) -> int:
+    """Tokens of a pair document besides its caption: ``<s>``, the image span of ``grid`` (default: the largest),
+    ``</s>``."""
+    return vocab.span_length(grid) + 2
+
+
+def span_words(vocab) -> str:
+    """The largest image span in words, for messages: ``<boi> 16 codes <eoi>``."""
+    if not vocab.grid_tokens:
+        return f"<boi> {vocab.tokens_per_image} codes <eoi>"
+    h, w = vocab.grid
+    return f"<boi> <rows_{h}> <cols_{w}> {h}x{w} codes with {h} <row_end> <eoi>"
 
 
 class ContextTooShort(UserError):
@@ -53,11 +66,11 @@ class ContextTooShort(UserError):
     ``need`` is the shortest context that holds the longest pair document, ``where`` names its record.
     """
 
-    def __init__(self, need: int, context_len: int, where: str, caption_tokens: int, image_tokens: int):
+    def __init__(self, need: int, context_len: int, where: str, caption_tokens: int, image: str):
         self.need, self.context_len, self.where = need, context_len, where
-        self.caption_tokens, self.image_tokens = caption_tokens, image_tokens
+        self.caption_tokens, self.image = caption_tokens, image
         super().__init__(f"context of {context_len} tokens cannot hold one image with its caption: {where} has a caption "
-                         f"of {caption_tokens} tokens, and <s> <boi> {image_tokens} codes <eoi> caption </s> needs "
+                         f"of {caption_tokens} tokens, and <s> {image} caption </s> needs "
                          f"{need}; raise --context-len to {need} or shorten the caption")
 
 
@@ -68,10 +81,12 @@ class Part:
     kind: Kind
     name: str
     weight: float
-    codes: np.ndarray | None = None  # pairs: (N, h*w) int32, the images as they are
+    codes: np.ndarray | None = None  # pairs: (N, L) int32, the images as they are (``ImageTable.codes`` rows)
     captions: list[np.ndarray] = field(default_factory=list)  # pairs: caption text ids (may be empty)
     docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text: document ids (int32)
-    views: np.ndarray | None = None  # pairs with augmentation: (N, K-1, h*w) int32, the augmented views
+    views: np.ndarray | None = None  # pairs with augmentation: (N, K-1, L) int32, the augmented views
+    grids: np.ndarray | None = None  # (rows, columns) int32: pairs (N, 2), each image's; interleaved (M, 2), every
+    # image's in the documents
 
     def __len__(self) -> int:
         return len(self.codes) if self.kind == "pairs" else len(self.docs)
@@ -81,14 +96,20 @@ class Part:
         """Code grids per pair: 1, or K with augmentation."""
         return 1 if self.views is None else 1 + self.views.shape[1]
 
+    def grid(self, item: int) -> tuple[int, int]:
+        """(rows, columns) of a pair's image (every view has it)."""
+        return tuple(int(x) for x in self.grids[item])
+
     def image(self, item: int, view: int = 0) -> np.ndarray:
-        """The (h*w,) codes of a pair's image: view 0 as it is, 1..K-1 augmented."""
-        return self.codes[item] if view == 0 else self.views[item, view - 1]
+        """The (h, w) code grid of a pair's image: view 0 as it is, 1..K-1 augmented."""
+        return grid_codes(self.codes[item] if view == 0 else self.views[item, view - 1], self.grids[item])
 
     def tokens(self, vocab) -> int:
         """Tokens of one pass over the part (every pair once, with its caption)."""
         if self.kind == "pairs":
-            return sum(len(c) for c in self.captions) + len(self) * pair_overhead(vocab)
+            grids, counts = np.unique(self.grids.reshape(-1, 2), axis=0, return_counts=True)
+            return sum(len(c) for c in self.captions) + sum(int(n) * pair_overhead(vocab, tuple(g))
+                                                            for g, n in zip(grids.tolist(), counts))
         return sum(len(d) for d in self.docs)
 
 
@@ -102,7 +123,9 @@ class PreparedData:
     images_encoded: int = 0
     seconds: float = 0.0
     longest_pair: int = 0
-    """Tokens of the longest pair document before any cut (its caption in full); 0 without pairs."""
+    """Tokens of the longest pair document before any cut (its caption in full, the largest image); 0 without pairs."""
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    """The distinct code grids (rows, columns) of the images in the parts, sorted."""
 
     def summary(self) -> str:
         parts = ", ".join(f"{len(p)} {p.kind} ({p.weight:.2f})" for p in self.parts)
@@ -116,8 +139,8 @@ class PreparedData:
 
 
 def image_ids(vocab, codes: np.ndarray) -> np.ndarray:
-    """``<boi> codes <eoi>`` (int64) for the flat (h*w,) codes of one image, as the vocabulary writes it."""
-    return np.asarray(vocab.image_span(codes.reshape(vocab.grid)), np.int64)
+    """One image's span (int64) for its (h, w) code grid, as the vocabulary writes it."""
+    return np.asarray(vocab.image_span(codes), np.int64)
 
 
 def pair_document(vocab, codes: np.ndarray, caption: np.ndarray, variant: int) -> np.ndarray:
@@ -140,7 +163,6 @@ class _Builder:
         self.v = vocab
         self.T = context_len
         self.strict = strict
-        self.span = vocab.tokens_per_image + 2
         self.truncated: Counter = Counter()
 
     def note_truncated(self, kind: str, where: str, detail: str) -> None:
@@ -150,25 +172,26 @@ class _Builder:
         self.truncated[kind] += 1
 
     def caption(self, ids: list[int], where: str) -> np.ndarray:
-        cap = self.T - (self.span + 2)
+        cap = self.T - pair_overhead(self.v)
         if len(ids) > cap:
             self.note_truncated("pairs", where, f"caption of {len(ids)} tokens")
             ids = ids[:cap]
         return np.asarray(ids, np.int32)
 
     def document(self, pieces: list[tuple[str, object]], where: str, kind: str, report: SkipReport) -> np.ndarray | None:
-        """pieces: ("t", text ids) | ("i", codes (h*w,)) -> document ids, or None if skipped."""
+        """pieces: ("t", text ids) | ("i", codes (h, w)) -> document ids, or None if skipped."""
         v = self.v
         n_img = sum(k == "i" for k, _ in pieces)
+        img_tokens = sum(v.span_length(x.shape) for k, x in pieces if k == "i")
         n_text = sum(len(x) for k, x in pieces if k == "t")
         budget = None
-        if 2 + n_img * self.span + n_text > self.T:
-            need = 1 + n_img * self.span
+        if 2 + img_tokens + n_text > self.T:
+            need = 1 + img_tokens
             if need > self.T:
                 report.add("too_long", where, f"{n_img} image(s) need {need} tokens > --context-len {self.T}")
                 return None
             budget = self.T - need
-            self.note_truncated(kind, where, f"document of {2 + n_img * self.span + n_text} tokens")
+            self.note_truncated(kind, where, f"document of {2 + img_tokens + n_text} tokens")
         out: list[np.ndarray] = [np.asarray([v.bos], np.int32)]
         for k, x in pieces:
             if k == "t":
@@ -208,7 +231,7 @@ def _longest_pair(vocab, recs, ids: list[list[int]]) -> tuple[int, str, int]:
 def _check_fit(longest: tuple[int, str, int], context_len: int, vocab) -> None:
     need, where, caption = longest
     if need > context_len:
-        raise ContextTooShort(need, context_len, where, caption, vocab.tokens_per_image)
+        raise ContextTooShort(need, context_len, where, caption, span_words(vocab))
 
 
 def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, vocab, builder: _Builder,
@@ -227,7 +250,8 @@ def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, v
     sel = np.asarray(rows, np.int64)
     codes = table.codes[sel] if rows else np.zeros((0, vocab.tokens_per_image), np.int32)
     views = table.views[sel] if table.views is not None and rows else None
-    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps, views=views)
+    grids = table.grids[sel] if rows else np.zeros((0, 2), np.int32)
+    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps, views=views, grids=grids)
 
 
 def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
@@ -241,14 +265,15 @@ def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _
         good.append((where, segs))
     flat = [x for _, segs in good for k, x in segs if k == "t"]
     encoded = iter(vocab.encode_texts(flat))
-    docs = []
+    docs, grids = [], []
     for where, segs in good:
-        pieces = [("t", next(encoded)) if k == "t" else ("i", table.codes[table.index[x]]) for k, x in segs]
+        pieces = [("t", next(encoded)) if k == "t" else ("i", table.image(table.index[x])) for k, x in segs]
         d = builder.document(pieces, where, "interleaved", report)
         if d is not None:
             docs.append(d)
+            grids += [x.shape for k, x in pieces if k == "i"]
     report.ok(len(docs))
-    return Part("interleaved", spec.location, spec.weight, docs=docs)
+    return Part("interleaved", spec.location, spec.weight, docs=docs, grids=np.asarray(grids, np.int32).reshape(-1, 2))
 
 
 def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,
@@ -281,12 +306,19 @@ def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: st
     longest = _longest_pair(vocab, recs, ids)
     if fit:
         _check_fit(longest, builder.T, vocab)
-    key = cache_key(vq_fp, ds._fingerprint, cfg.image_column, cfg.split, *augment_key(augment))
+    key = cache_key(vq_fp, ds._fingerprint, cfg.image_column, cfg.split, *augment_key(augment),
+                    *grid_key(vocab.grid_tokens))
     t0 = time.perf_counter()
-    out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict, augment=augment)
-    table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0)
+    out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict, augment=augment,
+                             grid_tokens=vocab.grid_tokens)
+    table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0, vocab.grid)
     part = _pairs_part(spec, recs, ids, table, vocab, builder, report)
     return part, 0 if hit else len(ds), len(ds) if hit else 0, longest[0]
+
+
+def _grids_of(parts: list[Part]) -> list[tuple[int, int]]:
+    """The distinct grids of the images the parts use: the pairs' images and those of the interleaved documents."""
+    return sorted({(int(h), int(w)) for p in parts if p.grids is not None for h, w in p.grids.tolist()})
 
 
 def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len: int, seed: int = 0,
@@ -304,7 +336,7 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
     vq_fp = check_vocab_matches(vocab, image_tokenizer, "--data images") if has_images else ""
     if has_images and context_len < pair_overhead(vocab):
         raise UserError(f"--context-len {context_len} cannot hold one image document "
-                        f"(<s> <boi> {vocab.tokens_per_image} codes <eoi> </s> = {pair_overhead(vocab)} tokens)")
+                        f"(<s> {span_words(vocab)} </s> = {pair_overhead(vocab)} tokens)")
     cache_root = resolve_cache_dir(cfg.cache_dir, cfg.sources)
     builder = _Builder(vocab, context_len, cfg.strict)
     parts: list[Part] = []
@@ -343,7 +375,8 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
         _check_fit(longest, context_len, vocab)  # before any image is encoded
     tables: dict[str, ImageTable] = {}
     for source, (paths, wheres) in images_by_source.items():
-        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, cfg.strict, augment)
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, cfg.strict, augment,
+                                  grid_tokens=vocab.grid_tokens)
         tables[source] = table
         cached += len(table.srcs) if table.cache_hit else 0
         encoded += 0 if table.cache_hit else len(table.srcs)
@@ -370,7 +403,8 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
         parts.append(part)
     if not parts:
         raise UserError(f"--data {' '.join(cfg.sources)}: no usable records at all ({report.summary()})")
-    data = PreparedData(parts, report, builder.truncated, cached, encoded, time.perf_counter() - t0, longest[0])
+    data = PreparedData(parts, report, builder.truncated, cached, encoded, time.perf_counter() - t0, longest[0],
+                        _grids_of(parts))
     if report.total:
         for reason, examples in sorted(report.examples.items()):
             log.warning("skipped %d record(s) (%s), e.g. %s", report.counts[reason], reason, examples[0])

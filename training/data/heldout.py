@@ -11,7 +11,7 @@ import torch
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
-from earlyfusion.tokenizer.preprocess import preprocess, to_pil
+from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid, to_pil
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
 from .codes import local_image_table, resolve_cache_dir
@@ -23,9 +23,9 @@ from .sources import parse_source
 class HeldoutPair:
     caption: str
     codes: torch.Tensor
-    """LongTensor (h, w)."""
+    """LongTensor (h, w): the image's own grid (any grid up to the vocabulary's with grid tokens)."""
     pixels: torch.Tensor
-    """(3, S, S) float in [-1, 1], the image as the image tokenizer saw it."""
+    """(3, h·downsample, w·downsample) float in [-1, 1], the image as the image tokenizer saw it."""
     path: str
     where: str
 
@@ -63,19 +63,22 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
         if limit:
             recs = recs[:limit - len(out)]
         cache_root = resolve_cache_dir(cache_dir, [str(path)])
-        table = local_image_table([p for _, p, _ in recs], [w for w, _, _ in recs], image_tokenizer, vq_fp, cache_root, strict)
-        size = None
+        table = local_image_table([p for _, p, _ in recs], [w for w, _, _ in recs], image_tokenizer, vq_fp, cache_root,
+                                  strict, grid_tokens=vocab.grid_tokens)
+        vq_cfg = None
         for where, p, text in recs:
             row = table.index[p]
             if table.reasons[row]:
                 report.add(table.reasons[row], where)
                 continue
-            if size is None:
+            if vq_cfg is None:
                 from earlyfusion.tokenizer.vqvae import read_vq_config
 
-                size = read_vq_config(image_tokenizer).image_size
-            codes = torch.from_numpy(table.codes[row].astype(np.int64)).reshape(vocab.grid)
-            out.append(HeldoutPair(caption=text, codes=codes, pixels=preprocess(p, size), path=p, where=where))
+                vq_cfg = read_vq_config(image_tokenizer)
+            codes = torch.from_numpy(table.image(row).astype(np.int64))
+            pixels = (preprocess_to_grid(p, vocab.grid, vq_cfg.downsample) if vocab.grid_tokens
+                      else preprocess(p, vq_cfg.image_size))
+            out.append(HeldoutPair(caption=text, codes=codes, pixels=pixels, path=p, where=where))
             report.ok()
         if limit and len(out) >= limit:
             break

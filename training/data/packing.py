@@ -14,8 +14,8 @@ as targets): it trains only the caption, and unconditional image modelling is le
 caption-dropped examples.
 
 Batches (``PackedBatches``) are dicts of (B, T) tensors: tokens, targets (IGNORE = no loss), positions,
-doc_ids (int64) and modality (int8: TEXT 0, IMAGE 1 for an image code or ``<eoi>``, NO_TARGET -1) of
-the target token. All randomness (mixture choice, reading/drawing, condition dropout, epoch shuffles)
+doc_ids (int64) and modality (int8: TEXT 0, IMAGE 1 for an image code, ``<eoi>`` or a grid token, NO_TARGET
+-1) of the target token. All randomness (mixture choice, reading/drawing, condition dropout, epoch shuffles)
 comes from one seeded ``torch.Generator`` plus per-(part, epoch) permutation seeds; a pair with K
 augmented code grids (``--augment-views``) shows grid (o + epoch) mod K, o a per-(seed, part, pair)
 offset, so every grid is used once in K epochs and the generator's draws are those of a run without
@@ -38,7 +38,7 @@ import torch
 from earlyfusion.errors import UserError
 
 from .config import IGNORE, IMAGE, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
-from .documents import DRAW, READ, UNCOND, PreparedData, pair_document, prepare
+from .documents import DRAW, READ, UNCOND, PreparedData, pair_document, pair_overhead, prepare
 from .records import SkipReport
 
 LOOKAHEAD = 16
@@ -72,7 +72,7 @@ class PackedBatches:
         self._cum = list(np.cumsum(w / w.sum()))
         for p in data.parts:
             longest = max((len(d) for d in p.docs), default=0) if p.kind != "pairs" else \
-                max((len(c) for c in p.captions), default=0) + vocab.tokens_per_image + 4
+                max((len(c) for c in p.captions), default=0) + pair_overhead(vocab)
             if longest > context_len:
                 raise ValueError(f"{p.name}: a document of {longest} tokens exceeds context_len {context_len}; "
                                  "prepare the data with the same context length")
@@ -131,9 +131,10 @@ class PackedBatches:
     def _untrained_prefix(self, desc: tuple[int, int, int, int]) -> int:
         """How many leading targets of the document get no loss: the image span of a reading example without
         ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none."""
-        p, _, variant, _ = desc
-        if variant == READ and not self.reading_image_loss and self.data.parts[p].kind == "pairs":
-            return self.vocab.tokens_per_image + 2
+        p, item, variant, _ = desc
+        part = self.data.parts[p]
+        if variant == READ and not self.reading_image_loss and part.kind == "pairs":
+            return self.vocab.span_length(part.grid(item))
         return 0
 
     def _row(self) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
@@ -170,7 +171,7 @@ class PackedBatches:
                 doc_ids[r, o:o + n] = k
                 o += n
             positions[r, o:] = torch.arange(T - o)
-        is_image = v.is_image_id(targets) | (targets == v.eoi)
+        is_image = v.is_image_part(targets)
         modality = torch.where(targets == IGNORE, NO_TARGET, torch.where(is_image, IMAGE, TEXT)).to(torch.int8)
         self.batches += 1
         return {"tokens": tokens, "targets": targets, "positions": positions, "doc_ids": doc_ids, "modality": modality}

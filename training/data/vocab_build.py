@@ -1,5 +1,6 @@
 """``earlyfusion vocab build``: a byte-level BPE on the texts of the data, merged with the special tokens and
-one token per image code of the image tokenizer (``tokenizer.vocab.Vocabulary.build``)."""
+one token per image code of the image tokenizer (``tokenizer.vocab.Vocabulary.build``), and with ``--grid-tokens``
+the tokens that let images keep their aspect ratio (rows, columns, row end)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ class VocabBuildConfig:
     """Train the BPE on at most this many texts (0 = all)."""
     strict: bool = False
     """Fail on the first bad data record instead of skipping and counting it."""
+    grid_tokens: bool = False
+    """Let images keep their aspect ratio: add tokens for an image's rows and columns and a row-end token, so that
+    every image is resized whole to its own code grid (up to the image tokenizer's) and its span states that grid
+    (<boi> <rows_h> <cols_w>, h rows of w codes each ended by <row_end>, <eoi>). The decoder then learns each image's
+    shape and can draw any of the grids it was trained on. Use it for data whose images are not square; off, every
+    image is centre-cropped to a square and spans are the fixed grid (fewer tokens per image)."""
 
     def __post_init__(self):
         if not BYTE_ALPHABET <= self.text_vocab_size <= MAX_TEXT_VOCAB:
@@ -46,6 +53,7 @@ class VocabBuildConfig:
 
 def build_cmd(cfg: VocabBuildConfig) -> int:
     """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
+    from earlyfusion.tokenizer.vq_config import VQConfig
     from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
 
     t0 = time.perf_counter()
@@ -54,6 +62,9 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
         raise UserError(f"--out {out} exists and is not a vocabulary directory; choose a new directory "
                         "(an existing vocabulary there would be replaced)")
     vq_cfg = read_vq_config(cfg.image_tokenizer)
+    if cfg.grid_tokens and not isinstance(vq_cfg, VQConfig):
+        raise UserError(f"--image-tokenizer {cfg.image_tokenizer} takes only {vq_cfg.image_size}x{vq_cfg.image_size} "
+                        "images, so its images cannot keep their aspect ratio; leave out --grid-tokens")
     fingerprint = vq_fingerprint(cfg.image_tokenizer)
     report = SkipReport(strict=cfg.strict)
     texts: list[str] = []
@@ -66,17 +77,23 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
                         f"text lines); {report.summary()}")
     vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
                              image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
-                             min_frequency=cfg.min_frequency)
+                             min_frequency=cfg.min_frequency, grid_tokens=cfg.grid_tokens)
     vocab.save(out)
     L = vocab.layout
     n_chars = sum(len(t) for t in texts)
     n_tokens = sum(len(ids) for ids in vocab.encode_texts(texts[:10000]))
     n_chars_sample = sum(len(t) for t in texts[:10000])
     print(f"vocabulary: {len(L.special_ids)} special [0, {L.text_start}) + {L.text_vocab_size} text BPE "
-          f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end}) "
-          f"= {L.vocab_size} ids")
-    print(f"image: {L.grid[0]}x{L.grid[1]} codes per image ({L.tokens_per_image} tokens + <boi>/<eoi>), "
-          f"image tokenizer {fingerprint[:12]}")
+          f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end})"
+          + (f" + {L.grid_token_count} grid tokens [{L.image_end}, {L.vocab_size})" if L.grid_tokens else "")
+          + f" = {L.vocab_size} ids")
+    if L.grid_tokens:
+        print(f"image: any grid from 1x1 to {L.grid[0]}x{L.grid[1]} codes (rows x columns), the aspect ratio kept; "
+              f"the largest image is {vocab.max_span} tokens (<boi> <rows> <cols>, a <row_end> after each row, <eoi>), "
+              f"image tokenizer {fingerprint[:12]}")
+    else:
+        print(f"image: {L.grid[0]}x{L.grid[1]} codes per image ({L.tokens_per_image} tokens + <boi>/<eoi>), "
+              f"image tokenizer {fingerprint[:12]}")
     print(f"text: BPE trained on {len(texts)} texts ({n_chars} characters), "
           f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
     print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
