@@ -18,6 +18,14 @@ the parsed scene's (every attribute of every shape right), and the drawings are 
 ``training.shapes.recognise``, an analytic recogniser that does not depend on the model (its accuracy on
 ground-truth images is tested), giving the text->image figures. For any other captions, exact match
 compares the words and there is no text->image judge (``t2i_exact_match`` is None).
+
+On a ``data photos`` set (recognised by its photos.json) eval reads its ``val`` split when there is one: new
+crops of the training photographs, so that reading and drawing can be scored by photograph
+(``earlyfusion.photo_judge``): ``photo_caption_accuracy`` (the greedy caption names the crop's photograph),
+``photo_drawn_accuracy`` (a classifier trained on the real training crops takes the drawing for a crop of the
+captioned photograph), beside that classifier's accuracy on the real crops (``photo_judge_real_accuracy``, the
+ceiling) and on the image tokenizer's reconstructions of them (``photo_judge_recon_accuracy``, the ceiling for
+anything drawn in its codes). They are None for other data, and for photographs the training split lacks.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.photo_judge import load_split, photo_of_caption, pil_batch, read_photos_info, train_judge
 from earlyfusion.runtime import mixed_precision
 from earlyfusion.sampling.generate import DEFAULT_CFG
 from earlyfusion.scores import cider_d, corpus_bleu, exact_match, tokenize
@@ -50,6 +59,11 @@ class EvalConfig:
     """Run directory of `earlyfusion train` (or one of its checkpoints/step-… directories)."""
     data: str
     """Data directory: the built-in data (its test split is used) or an imagefolder directory with captions."""
+    split: str = "auto"
+    """Split folder of --data to evaluate: auto = `val` for a `data photos` set that has one (new crops of the
+    training photographs, which the which-photograph figures need), else `test`. Name another (test, val, ...)
+    to choose it; a photos set's `test` split measures photographs never trained on, with no which-photograph
+    figures."""
     json: bool = False
     """Print every figure as one JSON object on the last line."""
     limit: int = 0
@@ -80,6 +94,8 @@ class EvalConfig:
         check_number("seed", self.seed, 0, MAX_SEED)
         check_not_file("out", self.out)
         check_not_file("images-out", self.images_out)
+        if not self.split.strip() or any(c in self.split for c in "/\\") or self.split in (".", ".."):
+            raise ValueError(f"--split must name a split folder of --data (auto, test, val, ...), got {self.split!r}")
         if isinstance(self.train_data, str):
             self.train_data = [self.train_data]
         if any(not isinstance(s, str) or not s.strip() for s in self.train_data):
@@ -115,19 +131,19 @@ def _attribute_scores(truths, preds) -> dict[str, float]:
 # ---------------------------------------------------------------- what went wrong with the data
 
 
-def _no_pairs(data: Path) -> UserError:
+def _no_pairs(data: Path, split: str) -> UserError:
     """Why a data directory gave no held-out pairs, as one line."""
     from earlyfusion.training.data import SkipReport
     from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
 
     head = f"{data}: no held-out image-caption pairs"
-    if (data / "test").is_dir():
-        root = data / "test"
+    if (data / split).is_dir():
+        root = data / split
     else:
         others = sorted(d.name for d in data.iterdir() if d.is_dir() and d.name in SPLIT_DIRS)
         if others:
-            return UserError(f"{head}: it has no 'test' folder (found: {', '.join(others)}); eval reads DIR/test, "
-                             "or a folder of captioned images itself")
+            return UserError(f"{head}: it has no '{split}' folder (found: {', '.join(others)}); eval reads "
+                             f"DIR/{split} (choose another with --split), or a folder of captioned images itself")
         root = data
     if not has_images_or_metadata(root):
         return UserError(f"{head}: {root} holds no images (an empty split); pass the built-in data directory or an "
@@ -211,6 +227,75 @@ def _copies(run, reference: TrainingGrids | None, drawn: list, recorder: CodeRec
     return figures, per
 
 
+# ---------------------------------------------------------------- which photograph (data photos)
+
+PHOTO_KEYS = ("photo_pairs", "photo_caption_accuracy", "photo_drawn_accuracy", "photo_judge_real_accuracy",
+              "photo_judge_recon_accuracy")
+JUDGE_SEED = 0  # one judge for every eval of a data set, whatever --seed the drawings use
+
+
+def _eval_split(choice: str, data: Path, photos: dict | None) -> str:
+    if choice != "auto":
+        return choice
+    if photos is None:
+        return "test"
+    if (data / "val").is_dir():
+        return "val"
+    log.info("%s is a photos data set without a val split: no which-photograph figures; write one with "
+             "`earlyfusion data photos --val-crops N`", data)
+    return "test"
+
+
+@torch.no_grad()
+def _reconstructions(vq, pairs, batch_size: int) -> torch.Tensor:
+    """The image tokenizer's decoding of each pair's codes, rounded to 8 bits as a saved image is: (N, 3, H, W)."""
+    out = [vq.decode(torch.stack([p.codes for p in pairs[i:i + batch_size]]).long()).float().cpu()
+           for i in range(0, len(pairs), batch_size)]
+    return torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().div(127.5).sub(1)
+
+
+def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str], drawn: list,
+                   batch_size: int) -> tuple[dict, list[dict]]:
+    """Which-photograph accuracy of the readings and, by a judge trained on the real training crops, of the
+    drawings (None where there is nothing to judge), and per drawing the photograph the judge saw in it."""
+    figures = dict.fromkeys(PHOTO_KEYS)
+    if photos is None:
+        return figures, [{} for _ in drawn]
+    captions = photos["captions"]
+    train = set((photos.get("split") or {}).get("train") or ())
+    truth = [photo_of_caption(p.caption, captions) for p in pairs]
+    known = [i for i, t in enumerate(truth) if t in train]
+    if not known:
+        log.info("none of the evaluated crops is of a training photograph: no which-photograph figures (evaluate "
+                 "the val split)")
+        return figures, [{} for _ in drawn]
+    labels = [truth[i] for i in known]
+    real = [pairs[i] for i in known]
+    size = drawn[0].size[0]
+    images, names, skipped = load_split(data / "train", {n: captions[n] for n in sorted(train) if n in captions}, size)
+    if skipped:
+        log.warning("photo judge: %d row(s) of %s skipped (another caption, or not a readable image)", skipped,
+                    data / "train")
+    if len(set(names)) < 2:
+        log.warning("photo judge: %s holds crops of fewer than two photographs: no judge of the drawings",
+                    data / "train")
+        judge = None
+    else:
+        judge = train_judge(images, names, seed=JUDGE_SEED)
+    figures["photo_pairs"] = len(known)
+    figures["photo_caption_accuracy"] = sum(photo_of_caption(reads[i], captions) == truth[i] for i in known) / len(known)
+    per = [{} for _ in drawn]
+    if judge is not None:
+        seen = judge.predict(pil_batch([drawn[i] for i in known]))
+        figures["photo_drawn_accuracy"] = sum(s == t for s, t in zip(seen, labels)) / len(known)
+        if real[0].pixels is not None:
+            figures["photo_judge_real_accuracy"] = judge.accuracy(torch.stack([p.pixels for p in real]), labels)
+        figures["photo_judge_recon_accuracy"] = judge.accuracy(_reconstructions(run.vq, real, batch_size), labels)
+        for i, s in zip(known, seen):
+            per[i] = {"judged_photo": s}
+    return figures, per
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -229,12 +314,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out) if cfg.out else root / "eval"
     images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
     _check_images_out(images_out)
-    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer", limit=cfg.limit)
+    photos = read_photos_info(data)
+    split = _eval_split(cfg.split, data, photos)
+    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer", split=split,
+                                   limit=cfg.limit)
     if not pairs:
-        raise _no_pairs(data)
+        raise _no_pairs(data, split)
     t0 = time.perf_counter()
     reference = _reference(cfg, run)
-    figures: dict = {"pairs": len(pairs), "step": run.config.get("step")}
+    figures: dict = {"pairs": len(pairs), "step": run.config.get("step"), "split": split}
     figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
 
     images = torch.stack([p.pixels for p in pairs]) if pairs[0].pixels is not None else None
@@ -265,6 +353,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     copies, per_image = _copies(run, reference, drawn, recorder, captions, grammar)
     figures.update(copies)
+    which, judged = _photo_figures(data, photos, run, pairs, reads, drawn, cfg.batch_size)
+    figures.update(which)
+    per_image = [a | b for a, b in zip(per_image, judged)]
     about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
              "seed": cfg.seed, "image_temperature": cfg.image_temperature}
     write_drawn(images_out, drawn, captions, per_image, about)

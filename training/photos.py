@@ -8,11 +8,15 @@ filtering; grayscale photographs become RGB. The caption names the photograph ("
 photograph"), one fixed caption per photograph.
 
 Train and test crops come from different photographs (``TEST_PHOTOS`` by default), so the test split
-measures how a model does on photographs it has never seen. The layout is the imagefolder one that
-``earlyfusion data shapes`` writes: ``DIR/train`` and ``DIR/test``, each with PNG files and a
-``metadata.jsonl`` of ``{"file_name", "text"}``, plus ``DIR/photos.json`` describing the set (and
-``DIR/MANIFEST.json``, every file's size and checksum, from the crash-safe write). Each crop is
-a pure function of (seed, photograph name, crop index): the same options write byte-identical files.
+measures how a model does on photographs it has never seen. The val split holds new crops of the
+training photographs (a random stream of their own, never the square of a train crop), so that
+which-photograph accuracy can be measured on images not trained on (``earlyfusion eval`` does). The
+layout is the imagefolder one that ``earlyfusion data shapes`` writes: ``DIR/train``, ``DIR/test`` and
+``DIR/val``, each with PNG files and a ``metadata.jsonl`` of ``{"file_name", "text"}``, plus
+``DIR/photos.json`` describing the set (and ``DIR/MANIFEST.json``, every file's size and checksum,
+from the crash-safe write). Each crop is a pure function of (seed, photograph name, split, crop index):
+the same options write byte-identical files, and the val split leaves the train and test files as
+they are without it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import shutil
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +35,7 @@ from PIL import Image
 
 from earlyfusion.checkpoint import atomic_dir
 from earlyfusion.errors import UserError
-from earlyfusion.logs import progress
+from earlyfusion.logs import log, progress
 from earlyfusion.options import MAX_SEED, check_number
 from earlyfusion.training.shapes import _png
 
@@ -60,6 +65,7 @@ TEST_PHOTOS: tuple[str, ...] = ("camera", "chelsea", "coffee", "brick")
 
 MARKER = "photos.json"  # written into DIR; identifies the data set (and lets a rerun replace it)
 MAX_CROPS = 100_000
+VAL_STREAM = 1  # the val crops' random stream: seeded apart from the train and test crops'
 
 
 def caption(name: str) -> str:
@@ -96,10 +102,14 @@ class PhotosConfig:
     """Comma-separated photographs whose crops form DIR/test (held out); the others form DIR/train."""
     photos: str = ",".join(PHOTOS)
     """Comma-separated photographs to use at all (the default lists every one that loads offline)."""
+    val_crops: int = 20
+    """New crops of each training photograph written to DIR/val, none showing the square of a train crop:
+    what `eval` measures which-photograph accuracy on. Raise it for a tighter figure; 0 = no val split."""
 
     def __post_init__(self):
         check_number("image-size", self.image_size, 8, 512)
         check_number("crops-per-photo", self.crops_per_photo, 1, MAX_CROPS)
+        check_number("val-crops", self.val_crops, 0, MAX_CROPS)
         check_number("seed", self.seed, 0, MAX_SEED)
         check_number("min-scale", self.min_scale, 0, 1)
         check_number("max-scale", self.max_scale, 0, 1)
@@ -157,41 +167,93 @@ def crop_boxes(rng: np.random.Generator, height: int, width: int, n: int, image_
     return out
 
 
-def photo_crops(cfg: PhotosConfig, name: str, photo: np.ndarray) -> list[np.ndarray]:
-    """The crops of one photograph, uint8 (image_size, image_size, 3) each: a pure function of (seed, name, index)."""
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+def _boxes(cfg: PhotosConfig, name: str, shape: tuple[int, ...], n: int, *stream: int) -> list[tuple[int, int, int, bool]]:
+    """``n`` crop boxes of a photograph of ``shape`` from the random stream (seed, name, *stream)."""
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode()), *stream])
+    return crop_boxes(rng, shape[0], shape[1], n, cfg.image_size, cfg.min_scale, cfg.max_scale)
+
+
+def val_boxes(cfg: PhotosConfig, name: str, shape: tuple[int, ...]) -> list[tuple[int, int, int, bool]]:
+    """Up to ``cfg.val_crops`` boxes for the val split: drawn from their own stream, skipping every square that a
+    train crop of the photograph (or an earlier val crop) shows. Fewer when the scale range leaves too few
+    squares (a square photograph at --min-scale 1 has one); the caller reports the shortfall."""
+    seen = {b[:3] for b in _boxes(cfg, name, shape, cfg.crops_per_photo)}
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode()), VAL_STREAM])
+    out: list[tuple[int, int, int, bool]] = []
+    for _ in range(50 * cfg.val_crops + 200):  # tries; ample unless the free squares are nearly exhausted
+        if len(out) == cfg.val_crops:
+            break
+        box = crop_boxes(rng, shape[0], shape[1], 1, cfg.image_size, cfg.min_scale, cfg.max_scale)[0]
+        if box[:3] not in seen:
+            seen.add(box[:3])
+            out.append(box)
+    return out
+
+
+def render_crops(cfg: PhotosConfig, photo: np.ndarray, boxes: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+    """The crops (top, left, side, mirrored) of a photograph, resized: uint8 (image_size, image_size, 3) each."""
     img = Image.fromarray(photo, "RGB")
     out = []
-    for top, left, side, mirror in crop_boxes(rng, photo.shape[0], photo.shape[1], cfg.crops_per_photo, cfg.image_size,
-                                              cfg.min_scale, cfg.max_scale):
+    for top, left, side, mirror in boxes:
         c = img.crop((left, top, left + side, top + side)).resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
         a = np.asarray(c)
         out.append(np.ascontiguousarray(a[:, ::-1]) if cfg.flip and mirror else a)
     return out
 
 
+def photo_crops(cfg: PhotosConfig, name: str, photo: np.ndarray) -> list[np.ndarray]:
+    """The train or test crops of one photograph: a pure function of (seed, name, index)."""
+    return render_crops(cfg, photo, _boxes(cfg, name, photo.shape, cfg.crops_per_photo))
+
+
+def _write_split(root: Path, crops: Iterable[tuple[str, list[np.ndarray]]], bar) -> int:
+    """One split folder: ``<photograph>-<index>.png`` per crop and its metadata.jsonl; returns the number written."""
+    root.mkdir()
+    rows = []
+    for name, images in crops:
+        for i, a in enumerate(images):
+            file = f"{name}-{i:05d}.png"
+            (root / file).write_bytes(_png(a))
+            rows.append({"file_name": file, "text": caption(name)})
+            bar.update(1)
+    with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return len(rows)
+
+
 def generate(cfg: PhotosConfig, dest: Path) -> dict:
     """Write the data set into the (empty) directory ``dest``; returns the number of crops per split."""
     counts = {}
-    bar = progress(total=cfg.crops_per_photo * sum(len(v) for v in cfg.split.values()), desc="cropping photographs")
+    val_names = cfg.split["train"] if cfg.val_crops else ()
+    total = cfg.crops_per_photo * sum(len(v) for v in cfg.split.values()) + cfg.val_crops * len(val_names)
+    bar = progress(total=total, desc="cropping photographs")
+    photos = {n: load_photo(n) for names in cfg.split.values() for n in names}
     for split, names in cfg.split.items():
-        root = dest / split
-        root.mkdir()
-        rows = []
-        for name in names:
-            for i, a in enumerate(photo_crops(cfg, name, load_photo(name))):
-                file = f"{name}-{i:05d}.png"
-                (root / file).write_bytes(_png(a))
-                rows.append({"file_name": file, "text": caption(name)})
-                bar.update(1)
-        with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        counts[split] = len(rows)
+        counts[split] = _write_split(dest / split, ((n, photo_crops(cfg, n, photos[n])) for n in names), bar)
+    val = {}
+
+    def val_crops():  # one photograph's crops at a time, counting any shortfall
+        for name in val_names:
+            crops = render_crops(cfg, photos[name], val_boxes(cfg, name, photos[name].shape))
+            val[name] = len(crops)
+            if len(crops) < cfg.val_crops:
+                bar.update(cfg.val_crops - len(crops))
+                log.warning("val: only %d of %d crops of %s show a square that no train crop shows; wrote those "
+                            "(widen --min-scale/--max-scale for more)", len(crops), cfg.val_crops, name)
+            yield name, crops
+
+    if val_names:
+        counts["val"] = _write_split(dest / "val", val_crops(), bar)
+        if not counts["val"]:  # no free squares at all: no val split rather than an empty one
+            shutil.rmtree(dest / "val")
+            del counts["val"]
     bar.close()
     info = {"generator": "earlyfusion data photos", "version": 1, "image_size": cfg.image_size, "seed": cfg.seed,
             "crops_per_photo": cfg.crops_per_photo, "min_scale": cfg.min_scale, "max_scale": cfg.max_scale,
             "flip": cfg.flip, "split": {k: list(v) for k, v in cfg.split.items()},
-            "captions": {n: caption(n) for names in cfg.split.values() for n in names}, "counts": counts}
+            "captions": {n: caption(n) for names in cfg.split.values() for n in names}, "counts": counts,
+            "val": {"photos": list(val_names), "crops_per_photo": cfg.val_crops, "crops": val,
+                    "about": "new crops of the training photographs, none showing the square of a train crop"}}
     (dest / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return counts
 
@@ -201,7 +263,7 @@ def _check_room(cfg: PhotosConfig, parent: Path) -> None:
     name = cfg.split["train"][0]
     sample = photo_crops(PhotosConfig(**{**vars(cfg), "crops_per_photo": min(4, cfg.crops_per_photo)}), name, load_photo(name))
     per_image = sum(len(_png(a)) for a in sample) / len(sample) + 4096  # the file's block and its metadata line
-    n = cfg.crops_per_photo * sum(len(v) for v in cfg.split.values())
+    n = cfg.crops_per_photo * sum(len(v) for v in cfg.split.values()) + cfg.val_crops * len(cfg.split["train"])
     need, free = n * per_image, shutil.disk_usage(parent).free
     if need > 0.9 * free:
         raise UserError(f"{n} crops at {cfg.image_size} px need about {need / 1e9:.2f} GB but {parent} has "
@@ -221,7 +283,8 @@ def generate_cmd(cfg: PhotosConfig) -> int:
     with atomic_dir(out) as tmp:  # a previous photos data set is replaced only once the new one is complete
         counts = generate(cfg, tmp)
     split = cfg.split
+    val = f", and {counts['val']} val crops of the training photographs" if "val" in counts else ""
     print(f"wrote {counts['train']} train crops of {len(split['train'])} photographs and {counts['test']} test crops of "
-          f"{len(split['test'])} others ({', '.join(split['test'])}), {cfg.image_size}x{cfg.image_size}, to {out} "
+          f"{len(split['test'])} others ({', '.join(split['test'])}){val}, {cfg.image_size}x{cfg.image_size}, to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0
