@@ -243,6 +243,8 @@ def render(results: dict) -> str:
               "sampling + VQ decode of one image (batch 1) and of "
               f"{n} images in one batch. Median of {img['iters']} runs.", ""]
 
+    L += _render_scale(results)
+
     tok = results.get("image_tokenizer")
     if tok:
         L += ["## Image tokenizer", "", "| Encode images/s | Decode images/s |", "|---|---|",
@@ -251,6 +253,63 @@ def render(results: dict) -> str:
     if results.get("gpu_note"):
         L += ["## GPU", "", results["gpu_note"], ""]
     return "\n".join(L)
+
+
+def _render_scale(results: dict) -> list[str]:
+    """The image-scale sections: packed training at long contexts and batched image generation with CFG."""
+    L: list[str] = []
+    packed = results.get("train_packed")
+    if packed:
+        it = next(iter(packed.values()))
+        L += _table_head(f"Training at image scale: packed documents, {it['precision']}", [
+            "Preset", "Batch × context", "Documents per row", "Filled", "Ours tok/s", "Peer tok/s", "Ours ÷ peer",
+            "Ours GFLOP/s (documents)", "Ours GFLOP/s (whole row)", "Matmul GFLOP/s alongside",
+            "Ours ÷ ceiling (documents)", "Ours ÷ ceiling (whole row)", "Peer ÷ ceiling (documents)",
+            "Mask builds per forward", "Logit parity"])
+        for r in packed.values():
+            L.append(f"| `{r['preset']}` | {r['batch']} × {r['seq_len']} | {_fmt(r['docs_per_row'])} | "
+                     f"{r['fill']:.0%} | {_fmt(r['ours_tokens_per_s'])} | {_fmt(r.get('peer_tokens_per_s'))} | "
+                     f"{_fmt(r.get('speedup'))} | {_fmt(r['ours_gflops'])} | {_fmt(r['ours_dense_gflops'])} | "
+                     f"{_fmt(r.get('matmul_gflops_alongside'))} | {_fmt(r.get('ours_ceiling_fraction_alongside'))} | "
+                     f"{_fmt(r.get('ours_dense_ceiling_fraction_alongside'))} | "
+                     f"{_fmt(r.get('peer_ceiling_fraction_alongside'))} | {r['mask_builds_per_forward']} "
+                     f"({r['n_layers']} layers) | {_fmt(r.get('parity_max_abs_logit_diff'), 2)} |")
+        L += ["", f"Rows packed as training packs them: whole documents, first fit, positions restarting per document, "
+              f"`doc_ids` given to `Decoder.forward` (the block-diagonal causal mask); two thirds of the documents a "
+              f"captioned image of {it['codes_per_image']} codes ({it['grid'][0]}×{it['grid'][1]}), the rest text, "
+              f"over a {it['vocab_size']}-id vocabulary. tok/s counts every row position (padding too). Model flops "
+              "per token = 6N + 12·L·H·Q·T: the documents column takes T = Σd²/Σd over the row's documents (the "
+              "attention the mask leaves), the whole-row column T = the context (what a dense masked attention "
+              "computes). The peer (transformers' Chameleon, default attention) gets the same rows with the "
+              "restarting `position_ids`, from which it builds its own packed-sequence mask; logit parity = max "
+              "|difference| on one packed row. Mask builds: calls of `causal_mask` in one of our forwards. "
+              f"Forward + backward + fused AdamW step, median of {it['iters']} timed steps after warm-up, ours, "
+              "the peer and the matmul ceiling alternating.", ""]
+    img = results.get("image_scale")
+    if img:
+        n = img["num_samples"]
+        L += _table_head(f"Image generation at image scale: {n} images, CFG {img['cfg_scale']}, {img['precision']}", [
+            "Codes per image", "Ours images/s (steps)", "Peer `generate()` images/s", "Ours ÷ peer",
+            "Peer on 1 thread images/s (ours ÷ it)", "Ours s / batch", "Peer s / batch"])
+        for r in img["grids"].values():
+            one = (f"{_fmt(r['peer_1thread_images_per_s'])} ({_fmt(r['speedup_vs_peer_1thread'])})"
+                   if "peer_1thread_images_per_s" in r else "—")
+            L.append(f"| {r['codes_per_image']} | {_fmt(r['ours_images_per_s'])} ({r['plan']}) | "
+                     f"{_fmt(r['peer_images_per_s'])} | {_fmt(r['speedup'])} | {one} | {_fmt(r['ours_s'])} | "
+                     f"{_fmt(r['peer_s'])} |")
+        L += ["", f"`{img['preset']}` decoder, random weights, the same on both sides; {n} samples of one "
+              f"{img['prompt_len']}-token caption drawn in one batch, code grids only (no VQ decode). Ours = "
+              "`sampling.generate.sample_tokens` with the settings of `earlyfusion sample --modality image --cfg "
+              f"{img['cfg_scale']} --num-samples {n}`: [cond; uncond] rows (uncond = `[bos]`) in one batch and one "
+              "forward per step, logits mixed on image codes only, the decoding rules forcing begin-image, h·w codes "
+              "and end-image. Peer = `generate(do_sample=True, guidance_scale=S, negative_prompt_ids=[bos] per row, "
+              "min_new_tokens = max_new_tokens = h·w + 2)` with the same temperature and top-k and nothing else "
+              "restricted: its classifier-free guidance (`UnbatchedClassifierFreeGuidanceLogitsProcessor`) runs the "
+              "unconditional rows as a second, separate forward per step with its own cache, and mixes "
+              "log-softmaxed scores on every token. Steps: how our per-token steps ran (`model.decode_plan`'s timed "
+              "choice); where that is one thread, the peer is also timed on one thread. Median of "
+              f"{img['iters']} runs after warm-up, alternating.", ""]
+    return L
 
 
 # ---------------------------------------------------------------- main

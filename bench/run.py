@@ -15,7 +15,12 @@ One run on one machine measures:
   GB/s = weight bytes × decode steps/s against the copy ceiling;
 * image generation for the demo shape (``small`` decoder, ``default`` image tokenizer: 4×4 codes):
   seconds per image with and without batched classifier-free guidance, and images/s at 8 samples;
-* the image tokenizer: encode and decode images/s.
+* the image tokenizer: encode and decode images/s;
+* the decoder at image scale (``bench_scale.py``; ``--no-image-scale`` skips it): training tokens/s of ``small``
+  at contexts 1024 and 4096 on packed rows (captioned 16×16-code images and text, several documents per row,
+  ``doc_ids`` given: the block-diagonal causal mask), ours vs the peer (given the restarting ``position_ids``) and
+  the matmul ceiling timed alongside; and images/s of 8 images drawn in one batch with CFG at 64 and 256 codes per
+  image, ours vs the peer's ``generate()`` with its own classifier-free guidance on the same weights.
 
 Random weights throughout: speed does not depend on what the weights are, and image mode always emits
 exactly h·w codes. Timed iterations follow warm-up iterations; ours and the peer alternate so that load
@@ -48,6 +53,7 @@ from bench_decode import (bench_decode, bench_image_generation, bench_image_toke
 from bench_machine import (CopyCeiling, MatmulCeiling, alternate, busy_processes, copy_gbps,  # noqa: E402,F401
                            cpu_busy_fraction, load_average, log, machine_info, matmul_gflops, matvec_gbps)
 from bench_models import layout_for, text_prompts  # noqa: E402
+from bench_scale import bench_image_scale, bench_packed_train  # noqa: E402
 from bench_train import bench_train  # noqa: E402
 from bench_report import INTERFACE_KEYS, _fmt_load, interface, render  # noqa: E402,F401 - INTERFACE_KEYS: the keys callers read
 
@@ -164,11 +170,33 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
             f"{results['image_generation']['s_per_image_nocfg']:.2f} s without")
         log("image tokenizer ...")
         results["image_tokenizer"] = bench_image_tokenizer("default", batch=64, warmup=1, iters=2 if quick else 3)
+    if not args.no_image_scale:
+        image_scale(results, quick, matmul_alongside)
     results["load_after"] = _fmt_load(load_average())
     results["busy_after"] = busy_processes()
     results["others_cpu_after"] = cpu_busy_fraction()
     results["interface"] = interface(results)
     return results
+
+
+def image_scale(results: dict, quick: bool, ceiling: MatmulCeiling) -> None:
+    """The decoder at image scale: packed training at long contexts, batched image generation with CFG."""
+    # `small` only: one `base` training step at context 4096 takes far longer than a bench round should here.
+    packed_settings = {1024: (2, 1, 3), 4096: (1, 1, 3)}  # context: (batch, warmup, iters)
+    results["train_packed"] = {}
+    for seq_len, (b, w, it) in packed_settings.items():
+        log(f"packed training small at context {seq_len} ...")
+        r = bench_packed_train("small", seq_len=seq_len, batch=b, warmup=w, iters=1 if quick else it, ceiling=ceiling)
+        results["train_packed"][f"small_{seq_len}"] = r
+        log(f"  ours {r['ours_tokens_per_s']:.0f} tok/s, peer {r['peer_tokens_per_s']:.0f} tok/s ({r['speedup']:.2f}×), "
+            f"{r['ours_gflops']:.1f} GFLOP/s counting documents = {r['ours_ceiling_fraction_alongside']:.2f} of the "
+            f"matmul alongside; mask built {r['mask_builds_per_forward']}× per forward")
+    log("image generation at 64 and 256 codes per image, 8 images with CFG ...")
+    results["image_scale"] = bench_image_scale("small", grids=((8, 8), (16, 16)), num_samples=8, warmup=1,
+                                               iters=1 if quick else 3)
+    for name, r in results["image_scale"]["grids"].items():
+        log(f"  {name}: ours {r['ours_images_per_s']:.2f} images/s, peer {r['peer_images_per_s']:.2f} "
+            f"({r['speedup']:.2f}×)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shorter decodes (a rough figure in ~2 min)")
     p.add_argument("--skip-images", action="store_true", help="skip image generation and the image tokenizer")
+    p.add_argument("--no-image-scale", action="store_true",
+                   help="skip the image-scale sections: packed training at contexts 1024 and 4096, and 8 images with "
+                        "CFG at 64 and 256 codes per image (a few minutes)")
     p.add_argument("--no-compile", action="store_true",
                    help="do not measure training and the sampler with --compile (torch.compile; needs a C++ compiler, ~20 s per preset and mode)")
     p.add_argument("--no-bf16", action="store_true",
@@ -202,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {**results["interface"], "machine": results["machine"], "ceilings": results["ceilings"],
                "train": results["train"], "train_bf16": results.get("train_bf16"), "decode": results["decode"],
                "image_generation": results.get("image_generation"), "image_tokenizer": results.get("image_tokenizer"),
+               "train_packed": results.get("train_packed"), "image_scale": results.get("image_scale"),
                "load_before": results["load_before"], "load_after": results["load_after"],
                "others_cpu_before": results.get("others_cpu_before"), "others_cpu_after": results.get("others_cpu_after"),
                "busy_processes": sorted(set(results["busy_before"] + results["busy_after"]))}

@@ -129,3 +129,33 @@ def test_bf16_rows_and_pinned_modes_run(bench):
     for k in ("ours", "mode_eager", "bf16_ours", "ours_raw", "peer"):
         assert positive(d[f"b1_{k}_tokens_per_s"]), k
     assert d["b1_plan_eager"] == "eager" and d["b1_fastest_mode"] in ("ours", "mode_eager", "bf16_ours")
+
+
+def test_image_scale_tiny(bench):
+    """Packed training (several documents per row, the mask built once per forward, the peer on the same packed
+    rows giving the same logits) and batched image generation with CFG, ours and the peer, at toy sizes."""
+    r = bench.bench_packed_train("tiny", seq_len=64, batch=2, grid=(3, 3), codebook_size=32, warmup=0, iters=1,
+                                 ceiling=bench.MatmulCeiling(64))
+    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ours_gflops", "ours_dense_gflops", "speedup",
+              "ours_ceiling_fraction_alongside", "peer_ceiling_fraction_alongside"):
+        assert positive(r[k]), (k, r[k])
+    assert r["docs_per_row"] > 1 and 0 < r["fill"] <= 1
+    assert r["attention_len"] < r["seq_len"] and r["ours_gflops"] < r["ours_dense_gflops"]
+    assert r["mask_builds_per_forward"] == 1 < r["n_layers"]
+    assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer masks the same documents
+    g = bench.bench_image_scale("tiny", grids=((2, 2), (3, 3)), num_samples=2, prompt_len=3, codebook_size=32,
+                                warmup=0, iters=1)
+    assert set(g["grids"]) == {"2x2", "3x3"}
+    for name, x in g["grids"].items():
+        assert x["new_tokens"] == x["codes_per_image"] + 2
+        for k in ("ours_images_per_s", "peer_images_per_s", "speedup"):
+            assert positive(x[k]), (name, k, x[k])
+    results = {"argv": "", "machine": {**bench.machine_info(2), "fast_bf16": False}, "load_before": "0",
+               "load_after": "0", "busy_before": [], "busy_after": [],
+               "settings": {"decode_batches": [1], "image_prompt_len": 3},
+               "ceilings": {"matmul_gflops": 10.0, "matmul_n": 64, "copy_gbps": 5.0, "copy_mb": 1, "repeats": 1},
+               "train": {}, "decode": {}, "train_packed": {"tiny_64": r}, "image_scale": g}
+    results["interface"] = bench.interface(results)
+    assert set(results["interface"]) == set(bench.INTERFACE_KEYS) | {"bf16_available"}  # no new interface keys
+    text = bench.render(results)
+    assert "Training at image scale" in text and "Image generation at image scale" in text
