@@ -69,16 +69,24 @@ class CodeRecorder:
 
 
 @torch.no_grad()
-def encode_drawings(vq, images) -> torch.Tensor:
-    """LongTensor (n, h*w): the code grids the image tokenizer reads in PIL images (for drawings that did not come
-    through a ``CodeRecorder``)."""
-    from earlyfusion.tokenizer.preprocess import preprocess
+def encode_drawings(vq, images, vocab=None) -> list[torch.Tensor]:
+    """The (h, w) code grids the image tokenizer reads in PIL images (for drawings that did not come through a
+    ``CodeRecorder``); with a grid-token ``vocab`` each image keeps its aspect ratio, as training read images."""
+    from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid
 
-    size = vq.cfg.image_size
     device = next(vq.parameters()).device
-    out = [vq.encode(torch.stack([preprocess(im, size) for im in images[i:i + 64]]).to(device)).cpu()
-           for i in range(0, len(images), 64)]
-    return torch.cat(out).flatten(1).long() if out else torch.zeros(0, 0, dtype=torch.long)
+    if vocab is not None and vocab.grid_tokens:
+        pixels = [preprocess_to_grid(im, vocab.grid, vq.cfg.downsample) for im in images]
+    else:
+        pixels = [preprocess(im, vq.cfg.image_size) for im in images]
+    grids: list = [None] * len(pixels)
+    for shape in dict.fromkeys(tuple(p.shape) for p in pixels):
+        idx = [i for i, p in enumerate(pixels) if tuple(p.shape) == shape]
+        for j in range(0, len(idx), 64):
+            part = idx[j:j + 64]
+            for i, g in zip(part, vq.encode(torch.stack([pixels[i] for i in part]).to(device)).cpu()):
+                grids[i] = g.long()
+    return grids
 
 
 def flatten_grids(grids, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from earlyfusion.checkpoint import atomic_dir, save_json
-from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_figures, encode_drawings,
+from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_figures, encode_drawings, flatten_grids,
                                 novel_two_shape, recorded_sources, training_grids)
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
@@ -216,15 +216,40 @@ def _copies(run, reference: TrainingGrids | None, drawn: list, recorder: CodeRec
     if reference is None:
         return copy_figures(torch.zeros(0), []) | {"copy_reference_images": 0}, [{} for _ in drawn]
     if len(recorder.grids) == len(drawn):
-        grids = torch.stack(recorder.grids).flatten(1)  # (n, h*w): the codes the sampler chose
+        grids = recorder.grids  # the (h, w) codes the sampler chose
     else:  # drawings that did not come from the sampler: their codes as the image tokenizer reads them
-        grids = encode_drawings(run.vq, drawn)
-    overlap, rows = best_overlap(grids, reference.codes)
+        grids = encode_drawings(run.vq, drawn, run.vocab)
+    if run.vocab.grid_tokens:  # grids of several shapes: each compared with the training grids of its own shape
+        codes, shapes = flatten_grids(grids, reference.codes.shape[1])
+        overlap, rows = best_overlap(codes, reference.codes, shapes, reference.grids)
+    else:
+        overlap, rows = best_overlap(torch.stack(grids).flatten(1), reference.codes)
     counted = novel_two_shape(captions, reference.captions) if grammar else [True] * len(drawn)
     figures = copy_figures(overlap, counted) | {"copy_reference_images": len(reference.srcs)}
     per = [{"best_overlap": round(float(o), 6), "closest_training_image": reference.srcs[r] if r >= 0 else None,
             "counted": c} for o, r, c in zip(overlap, rows.tolist(), counted)]
     return figures, per
+
+
+def _picture_figures(captions: list[str], reads: list[str], drawn: list, scenes: list) -> dict:
+    """Built-in data of several picture shapes: whether readings and drawings get the picture's shape (square, wide,
+    tall) right, and the exact matches again per shape, the shape included."""
+    from earlyfusion.training.shapes import parse_picture, picture_of
+
+    truth = [parse_picture(c) for c in captions]
+    read = [parse_picture(r) for r in reads]
+    seen = [(picture_of(*img.size), s) for img, s in zip(drawn, scenes)]
+    n = len(truth)
+    figures = {"caption_picture": sum(r is not None and r[0] == t[0] for r, t in zip(read, truth)) / n,
+               "t2i_picture": sum(d[0] == t[0] for d, t in zip(seen, truth)) / n, "by_picture": {}}
+    for picture in sorted({t[0] for t in truth}):
+        idx = [i for i, t in enumerate(truth) if t[0] == picture]
+        figures["by_picture"][picture] = {
+            "pairs": len(idx),
+            "caption_exact_match": sum(read[i] == truth[i] for i in idx) / len(idx),
+            "t2i_exact_match": sum(seen[i] == truth[i] for i in idx) / len(idx),
+            "t2i_picture": sum(seen[i][0] == picture for i in idx) / len(idx)}
+    return figures
 
 
 # ---------------------------------------------------------------- which photograph (data photos)
@@ -300,7 +325,7 @@ def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str]
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from earlyfusion.rundir import load_run
+    from earlyfusion.rundir import load_run, trained_grids
     from earlyfusion.training import data as data_mod
     from earlyfusion.training import shapes
     from earlyfusion.training.vq_train import evaluate_tokenizer
@@ -325,25 +350,30 @@ def evaluate(cfg: EvalConfig) -> dict:
     figures: dict = {"pairs": len(pairs), "step": run.config.get("step"), "split": split}
     figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
 
-    images = torch.stack([p.pixels for p in pairs]) if pairs[0].pixels is not None else None
-    if images is not None:
-        tok = evaluate_tokenizer(run.vq, images)
+    images = [p.pixels for p in pairs] if pairs[0].pixels is not None else None
+    if images is not None:  # one tensor when every image has one shape, else the images (grid tokens)
+        same = len({tuple(im.shape) for im in images}) == 1
+        tok = evaluate_tokenizer(run.vq, torch.stack(images) if same else images)
         figures.update({"psnr": tok["psnr"], "ssim": tok["ssim"], "codebook_usage": tok["codebook_usage"]})
 
     reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
     captions = [p.caption for p in pairs]
     recorder = CodeRecorder(run.vq)
     drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
-                        batch_size=cfg.batch_size, image_temperature=cfg.image_temperature)
+                        batch_size=cfg.batch_size, image_temperature=cfg.image_temperature,
+                        grids=trained_grids(run) or None)
     truths = [shapes.parse_caption(c) for c in captions]
     grammar = all(t is not None for t in truths)
     if grammar:
         read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
-        draw_scores = _attribute_scores(truths, [shapes.recognise(img) for img in drawn])
+        scenes = [shapes.recognise(img) for img in drawn]
+        draw_scores = _attribute_scores(truths, scenes)
         figures["caption_exact_match"] = read_scores.pop("exact_match")
         figures["t2i_exact_match"] = draw_scores.pop("exact_match")
         figures.update({f"caption_{k}": v for k, v in read_scores.items()})
         figures.update({f"t2i_{k}": v for k, v in draw_scores.items()})
+        if run.vocab.grid_tokens:
+            figures.update(_picture_figures(captions, reads, drawn, scenes))
     else:
         log.info("captions are not in the built-in grammar: no text->image judge; the drawings are in %s", images_out)
         figures["caption_exact_match"] = exact_match(reads, captions)

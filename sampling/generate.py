@@ -373,8 +373,9 @@ def caption_images(decoder, vocab, codes: Sequence[Tensor], *, max_new_tokens: i
 
 
 def draw_captions(decoder, vocab, vq, captions: Sequence[str], *, cfg: float = DEFAULT_CFG, seed: int = 0,
-                  image_temperature: float | None = None, device=None) -> list:
-    """One image (PIL) per caption, sampled with classifier-free guidance (drawing); temperature None = the default."""
+                  image_temperature: float | None = None, device=None, grids=None) -> list:
+    """One image (PIL) per caption, sampled with classifier-free guidance (drawing); temperature None = the default;
+    ``grids`` as for ``generate``."""
     extra = {} if image_temperature is None else {"image_temperature": image_temperature}
     config = SamplingConfig(modality="image", cfg=cfg, seed=seed, **extra)  # validated like any other
-    return [s.images[0] for s in generate(decoder, vocab, list(captions), config, vq=vq)]
+    return [s.images[0] for s in generate(decoder, vocab, list(captions), config, vq=vq, grids=grids)]

@@ -295,6 +295,17 @@ def test_two_aspect_ratios_end_to_end(tmp_path, capsys):
     wide = next(p for p in sorted((data / "test").glob("*.png")) if Image.open(p).size == (48, 32))
     capsys.readouterr()
     run_cli("sample", "--checkpoint", lm, "--image", wide, "--max-new-tokens", 8, "--temperature", 0)
+    # eval: the picture's shape in readings and drawings, and every figure per shape
+    capsys.readouterr()
+    run_cli("eval", "--checkpoint", lm, "--data", data, "--json", "--image-temperature", 1.0)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures["by_picture"]) == {"square", WIDE}
+    for k in ("caption_picture", "t2i_picture"):
+        assert 0.0 <= figures[k] <= 1.0
+    assert sum(f["pairs"] for f in figures["by_picture"].values()) == figures["pairs"]
+    drawn = [json.loads(line) for line in (lm / "eval" / "drawn" / "metadata.jsonl").read_text().splitlines()]
+    assert {Image.open(lm / "eval" / "drawn" / d["file_name"]).size for d in drawn} <= {(16, 16), (16, 12)}
+    assert figures["copy_rate"] is not None and figures["psnr"] > 0
     # strict data with an image too small for one code: one line, exit 2
     (tmp_path / "tiny").mkdir()
     Image.new("RGB", (3, 3)).save(tmp_path / "tiny" / "a.png")

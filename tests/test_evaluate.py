@@ -115,7 +115,8 @@ def test_eval_scores_what_is_read_and_drawn(monkeypatch, tiny_pipeline, tmp_path
         seen[:] = [p.caption for p in pairs]
         return ["an unparseable caption"] + [p.caption.upper() + "." for p in pairs[1:]]  # parse_caption tolerates case/stop
 
-    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0):
+    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0,
+                    grids=None):
         scenes = [shapes.parse_caption(c) for c in captions]
         scenes[-1] = scenes[0]  # the last drawing shows the first caption's scene
         return [shapes.render(s, vq.cfg.image_size) for s in scenes]
@@ -323,7 +324,8 @@ def test_novel_two_shape():
 def _copy_oracle(grids_of):
     """A drawer that 'draws' the code grids ``grids_of(captions)`` through the sampler's path: vq.decode."""
 
-    def draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0):
+    def draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0,
+                    grids=None):
         from earlyfusion.tokenizer.preprocess import to_pil
 
         grids = grids_of(captions)

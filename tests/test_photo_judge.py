@@ -178,7 +178,8 @@ def test_eval_photo_figures_follow_an_oracle(monkeypatch, tiny_pipeline, judged_
     def oracle_read(decoder, vocab, pairs, batch_size=64, device="cpu"):
         return ["a crop of the photograph"] + [p.caption.upper() for p in pairs[1:]]
 
-    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0):
+    def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0,
+                    grids=None):
         return [Image.open(judged_photos / "val" / r["file_name"]).convert("RGB") for r in _meta(judged_photos, "val")]
 
     monkeypatch.setattr(E, "read_captions", oracle_read)

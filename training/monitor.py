@@ -85,14 +85,15 @@ def read_captions(decoder, vocab, pairs, batch_size: int = 64, device="cpu") -> 
 
 
 def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size: int = 64, device="cpu",
-                image_temperature: float = 0.0):
-    """One image per caption (PIL), sampled with classifier-free guidance (greedy codes by default)."""
+                image_temperature: float = 0.0, grids=None):
+    """One image per caption (PIL), sampled with classifier-free guidance (greedy codes by default); ``grids``: the
+    (rows, columns) an image may take with grid tokens (the model chooses; default any the vocabulary holds)."""
     from earlyfusion.sampling.generate import draw_captions
 
     out = []
     for i in progress(range(0, len(captions), batch_size), desc="drawing"):
         out.extend(draw_captions(decoder, vocab, vq, captions[i:i + batch_size], cfg=cfg, seed=seed + i, device=device,
-                                 image_temperature=image_temperature))
+                                 image_temperature=image_temperature, grids=grids))
     return out
 
 
@@ -104,7 +105,8 @@ def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, sc
     from its caption, with the caption and the model's reading."""
     if not rows:
         return
-    w, h = rows[0][0].size
+    w = max(max(o.width, g.width) for o, g, _, _ in rows)  # images of several shapes keep theirs
+    h = max(max(o.height, g.height) for o, g, _, _ in rows)
     W, H = w * scale, h * scale
     text_w = 430
     sheet = Image.new("RGB", (2 * W + 3 * 4 + text_w, len(rows) * (H + 4) + 20), "white")
@@ -113,8 +115,8 @@ def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, sc
     draw.text((W + 8, 4), "drawn from caption", fill="black")
     for r, (orig, gen, truth, read) in enumerate(rows):
         y = 20 + r * (H + 4)
-        sheet.paste(orig.resize((W, H), Image.NEAREST), (4, y))
-        sheet.paste(gen.resize((W, H), Image.NEAREST), (W + 8, y))
+        sheet.paste(orig.resize((orig.width * scale, orig.height * scale), Image.NEAREST), (4, y))
+        sheet.paste(gen.resize((gen.width * scale, gen.height * scale), Image.NEAREST), (W + 8, y))
         draw.text((2 * W + 14, y + 4), f"caption: {truth}", fill="black")
         draw.text((2 * W + 14, y + 22), f"read:    {read}", fill="darkgreen" if read.strip() == truth.strip() else "red")
     path.parent.mkdir(parents=True, exist_ok=True)

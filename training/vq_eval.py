@@ -135,26 +135,41 @@ def code_stats(counts: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: VQVAE, images: torch.Tensor, batch_size: int = 64) -> dict:
+def _batches(images, batch_size: int):
+    """Batches of ``images``: slices of one (N, 3, H, W) tensor, or stacks of same-shape images from a sequence of
+    (3, H, W) tensors (images of several shapes, as with grid tokens)."""
+    if isinstance(images, torch.Tensor):
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size]
+        return
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for im in images:
+        by_shape.setdefault(tuple(im.shape), []).append(im)
+    for group in by_shape.values():
+        for i in range(0, len(group), batch_size):
+            yield torch.stack(group[i:i + batch_size])
+
+
+def evaluate_tokenizer(model: VQVAE, images, batch_size: int = 64) -> dict:
     """Reconstruction quality and code statistics of ``model`` on ``images``.
 
-    images: (N, 3, S, S) float in [-1, 1] or uint8. Returns psnr (dB, mean over images, pixels in
+    images: (N, 3, S, S) float in [-1, 1] or uint8, or a sequence of (3, H, W) images of any shapes (each a multiple
+    of the downsampling; encoded in batches of one shape). Returns psnr (dB, mean over images, pixels in
     [0, 1]), psnr_global (from the mean squared error over the whole set), ssim, codebook_usage
     (fraction of codebook entries used over the whole set), perplexity (of the code distribution),
     images_per_s (encode + decode), num_images.
     """
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"expected images (N, 3, S, S) with N >= 1, got {tuple(images.shape)}")
+    if len(images) == 0 or (isinstance(images, torch.Tensor) and images.ndim != 4):
+        raise ValueError(f"expected images (N, 3, S, S) with N >= 1, got {tuple(getattr(images, 'shape', ()))}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     K = model.cfg.codebook_size
     counts = torch.zeros(K, dtype=torch.long)
-    psnrs, ssims, sq = [], [], 0.0
+    psnrs, ssims, sq, values = [], [], 0.0, 0
     seconds = 0.0
     try:
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
+        for chunk in _batches(images, batch_size):
             x = to_pixels(chunk) if chunk.dtype == torch.uint8 else chunk.float()
             x = x.to(device)
             t0 = time.perf_counter()
@@ -167,11 +182,12 @@ def evaluate_tokenizer(model: VQVAE, images: torch.Tensor, batch_size: int = 64)
             psnrs.append(psnr(a, b).cpu())
             ssims.append(ssim(a, b).cpu())
             sq += float((a.double() - b.double()).square().sum())
+            values += a.numel()
             counts += torch.bincount(codes.flatten().cpu(), minlength=K)
     finally:
         model.train(was_training)
     n = len(images)
-    mse = sq / images[0].numel() / n
+    mse = sq / values
     usage, ppl = code_stats(counts)
     return {
         "psnr": float(torch.cat(psnrs).mean()),
