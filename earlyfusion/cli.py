@@ -27,9 +27,9 @@ import typing
 from collections.abc import Iterator
 
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
-    (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text)",
+    (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text; --sizes for non-square pictures)",
      "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
-    (("data", "photos"), "crop the photographs that ship with scikit-image into an imagefolder (test crops from other photographs)",
+    (("data", "photos"), "crop the photographs that ship with scikit-image into an imagefolder (test: other photographs; val: new crops of the training ones)",
      "earlyfusion.training.photos:PhotosConfig", "earlyfusion.training.photos:generate_cmd"),
     (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "earlyfusion.training.vq_train:VQTrainConfig", "earlyfusion.training.vq_train:train_cmd"),
     (("tokenizer", "eval"), "evaluate an image tokenizer: PSNR, SSIM, codebook usage, perplexity, speed",
