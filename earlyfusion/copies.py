@@ -72,13 +72,11 @@ class CodeRecorder:
 def encode_drawings(vq, images, vocab=None) -> list[torch.Tensor]:
     """The (h, w) code grids the image tokenizer reads in PIL images (for drawings that did not come through a
     ``CodeRecorder``); with a grid-token ``vocab`` each image keeps its aspect ratio, as training read images."""
-    from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid
+    from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
     device = next(vq.parameters()).device
-    if vocab is not None and vocab.grid_tokens:
-        pixels = [preprocess_to_grid(im, vocab.grid, vq.cfg.downsample) for im in images]
-    else:
-        pixels = [preprocess(im, vq.cfg.image_size) for im in images]
+    max_grid = vocab.grid if vocab is not None and vocab.grid_tokens else None
+    pixels = [preprocess_for_codes(im, vq.cfg.image_size, vq.cfg.downsample, max_grid) for im in images]
     grids: list = [None] * len(pixels)
     for shape in dict.fromkeys(tuple(p.shape) for p in pixels):
         idx = [i for i, p in enumerate(pixels) if tuple(p.shape) == shape]

@@ -141,19 +141,16 @@ def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
 def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
     """Each image file → its (h, w) code grid with the run's image tokenizer (keeping its aspect ratio where the
     vocabulary has grid tokens)."""
-    from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid
+    from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
     vq, vocab = run.vq, run.vocab
     device = next(vq.parameters()).device
-    size = vq.cfg.image_size
     grids = []
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
-        if vocab.grid_tokens:
-            pixels = preprocess_to_grid(p, vocab.grid, vq.cfg.downsample)  # (3, h·ds, w·ds)
-        else:
-            pixels = preprocess(p, size)  # (3, S, S) in [-1, 1]
+        pixels = preprocess_for_codes(p, vq.cfg.image_size, vq.cfg.downsample,
+                                      vocab.grid if vocab.grid_tokens else None)  # (3, h·ds, w·ds) in [-1, 1]
         with torch.no_grad():
             codes = vq.encode(pixels[None].to(device))[0].cpu()  # (h, w)
         try:

@@ -349,6 +349,15 @@ def preprocess_to_grid(src: str | Path | bytes | Image.Image, max_grid: tuple[in
     return a.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
 
 
+def preprocess_for_codes(src: str | Path | bytes | Image.Image, image_size: int, downsample: int,
+                         max_grid: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Any image -> the pixels the image tokenizer encodes: the centre square (``preprocess``, image_size a side), or
+    with ``max_grid`` (a vocabulary with grid tokens) the whole image at its own grid (``preprocess_to_grid``)."""
+    if max_grid is None:
+        return preprocess(src, image_size, max_pixels)
+    return preprocess_to_grid(src, max_grid, downsample, max_pixels)
+
+
 def to_pil(t: torch.Tensor) -> Image.Image:
     """Tensor (3, H, W) in [-1, 1] -> RGB PIL image (values outside the range are clipped)."""
     if t.dim() != 3 or t.shape[0] != 3:

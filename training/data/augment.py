@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from earlyfusion.tokenizer.preprocess import load_image, preprocess, preprocess_to_grid
+from earlyfusion.tokenizer.preprocess import load_image, preprocess_for_codes
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,11 @@ class Augment:
 
     def pixels(self, src: str | Path | bytes, size: int, max_grid: tuple[int, int] | None = None,
                downsample: int = 1) -> list[torch.Tensor]:
-        """The K views of an image file (path or bytes) as (3, size, size) tensors in [-1, 1]; view 0 is
-        ``preprocess(src)``. With ``max_grid`` (images that keep their aspect ratio) view 0 is
-        ``preprocess_to_grid(src, max_grid, downsample)`` and every view has its shape. Raises ImageError for a bad
+        """The K views of an image file (path or bytes) as tensors in [-1, 1]; view 0 is
+        ``preprocess_for_codes(src, size, downsample, max_grid)``: (3, size, size), or with ``max_grid`` (images that
+        keep their aspect ratio) the image at its own grid, a shape every view has. Raises ImageError for a bad
         image."""
-        out = [preprocess(src, size) if max_grid is None else preprocess_to_grid(src, max_grid, downsample)]
+        out = [preprocess_for_codes(src, size, downsample, max_grid)]
         if self.views == 1:
             return out
         target = (out[0].shape[2], out[0].shape[1])  # (width, height) of every view
@@ -78,7 +78,7 @@ class Augment:
             if mirror:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             # already the size, only converted
-            out.append(preprocess(crop, size) if max_grid is None else preprocess_to_grid(crop, max_grid, downsample))
+            out.append(preprocess_for_codes(crop, size, downsample, max_grid))
             if out[-1].shape != out[0].shape:  # pragma: no cover - aspect_grid gives a grid its own size back
                 raise ValueError(f"augmented view of shape {tuple(out[-1].shape)}, not {tuple(out[0].shape)}")
         return out

@@ -34,7 +34,7 @@ import numpy as np
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
-from earlyfusion.tokenizer.vocab import check_vocab_matches
+from earlyfusion.tokenizer.vocab import ROW_END_TOKEN, check_vocab_matches, cols_token, rows_token
 
 from .augment import NO_AUGMENT, Augment
 from .codes import (ImageTable, augment_key, cache_key, encode_images, grid_codes, grid_key, local_image_table,
@@ -57,7 +57,7 @@ def span_words(vocab) -> str:
     if not vocab.grid_tokens:
         return f"<boi> {vocab.tokens_per_image} codes <eoi>"
     h, w = vocab.grid
-    return f"<boi> <rows_{h}> <cols_{w}> {h}x{w} codes with {h} <row_end> <eoi>"
+    return f"<boi> {rows_token(h)} {cols_token(w)} {h}x{w} codes with {h} {ROW_END_TOKEN} <eoi>"
 
 
 class ContextTooShort(UserError):

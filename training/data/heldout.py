@@ -11,7 +11,7 @@ import torch
 
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
-from earlyfusion.tokenizer.preprocess import preprocess, preprocess_to_grid, to_pil
+from earlyfusion.tokenizer.preprocess import preprocess_for_codes, to_pil
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
 from .codes import local_image_table, resolve_cache_dir
@@ -76,8 +76,8 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
 
                 vq_cfg = read_vq_config(image_tokenizer)
             codes = torch.from_numpy(table.image(row).astype(np.int64))
-            pixels = (preprocess_to_grid(p, vocab.grid, vq_cfg.downsample) if vocab.grid_tokens
-                      else preprocess(p, vq_cfg.image_size))
+            pixels = preprocess_for_codes(p, vq_cfg.image_size, vq_cfg.downsample,
+                                          vocab.grid if vocab.grid_tokens else None)
             out.append(HeldoutPair(caption=text, codes=codes, pixels=pixels, path=p, where=where))
             report.ok()
         if limit and len(out) >= limit:
