@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from earlyfusion.model.attention_plan import attention_plan
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import Decoder, DecoderConfig
 from earlyfusion.runtime import autocast
@@ -21,7 +22,8 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
                 peer: bool = True, ceiling: MatmulCeiling | None = None, compile: bool = True,
                 precision: str = "no") -> dict:
     """tokens/s of forward + backward + AdamW step, ours (eager and, with ``compile``, as ``train --compile``
-    runs it) vs the peer (same weights, batch, loss, fused AdamW). "best" is the faster of our two modes.
+    runs it; attention by the kernel ``model.attention_plan`` picks, as training does) vs the peer (same
+    weights, batch, loss, fused AdamW). "best" is the faster of our two modes.
 
     ``precision``: "no" (fp32) or "bf16" (every forward under ``torch.autocast`` bf16, as ``train
     --mixed-precision bf16`` runs it; weights, optimizer and loss stay fp32). ``ceiling``: a matmul timed in the
@@ -35,6 +37,7 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
         torch.manual_seed(0)
         ours, hf, parity = Decoder(DecoderConfig.from_preset(preset, vocab_size, max_seq_len=max(seq_len, 16))), None, None
     cfg = ours.config
+    plan = attention_plan(ours, batch, seq_len, precision=precision, packed=False)  # as training chooses it
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -72,7 +75,7 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
     out = {"preset": preset, "precision": "bf16" if precision == "bf16" else "fp32", "batch": batch,
            "seq_len": seq_len, "vocab_size": vocab_size, "iters": iters, "params": cfg.num_params(),
            "flop_params": flop_params(cfg), "flops_per_token": fpt, "parity_max_abs_logit_diff": parity,
-           "compile_s": compile_s}
+           "compile_s": compile_s, "attention": plan.describe()}
     for k, ts in times.items():
         tps = n_tokens / median(ts)
         out[f"{k}_tokens_per_s"] = tps

@@ -47,6 +47,7 @@ for _path in (ROOT, ROOT / "bench"):  # run as a script (``python bench/run.py``
         sys.path.insert(0, str(_path))
 
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
+from earlyfusion.runtime import keep_freed_memory  # noqa: E402
 
 from bench_decode import (bench_decode, bench_image_generation, bench_image_tokenizer,  # noqa: E402,F401 - the bench's API
                           ours_raw_fn, ours_sampler_fn)
@@ -103,6 +104,7 @@ def profile_decoder(preset: str = "small", batch: int = 1, new_tokens: int = 64,
 
 def run(args: argparse.Namespace, argv_text: str) -> dict:
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every command does (earlyfusion.runtime.use_all_cores), for ours and the peer alike
     quick = args.quick
     presets = [p for p in args.presets.split(",") if p]
     results: dict = {"argv": argv_text, "machine": machine_info(args.threads),
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--threads must be at least 1")
     if args.profile:
         torch.set_num_threads(args.threads)
+        keep_freed_memory()
         print(profile_decoder(args.profile_preset))
         return 0
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)

@@ -38,6 +38,14 @@ from earlyfusion.errors import build_config
 QK_NORM_EPS = 1e-5
 INIT_STD = 0.02
 
+# How a forward pass without a KV cache computes attention (``Decoder.set_attention``; ``model/attention_plan.py``
+# times the two and keeps the faster): "library" is torch's scaled_dot_product_attention, "blocked" is
+# ``blocked_attention``.
+ATTENTION_KERNELS = ("library", "blocked")
+# Queries per block of ``blocked_attention``: a block sees only the keys up to its last query, so smaller blocks
+# skip more of the causal triangle but make more, smaller products.
+QUERY_BLOCK = 128
+
 
 def llama_hidden_dim(dim: int, multiple_of: int = 64) -> int:
     """SwiGLU width with the parameter count of a 4·dim GELU MLP: 8·dim/3, rounded up to ``multiple_of``."""
@@ -240,6 +248,76 @@ def causal_mask(B: int, T: int, start: int, device: torch.device, *, doc_ids: Te
     return allowed[:, None]  # (B, 1, T, S)
 
 
+def _allowed(mask: Tensor | None, start: int, end: int, device: torch.device) -> Tensor:
+    """(…, end - start, end) bool: which of keys [0, end) the queries [start, end) may see."""
+    if mask is None:
+        return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(diagonal=start)
+    return mask[:, :, start:end, :end]
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``blocked_attention``'s arithmetic with a backward pass written out, so that the key and value gradients
+    come out in the keys' own layout (autograd's product backward gives the key gradient transposed, which the
+    QK-norm and RoPE backward kernels then read with gathers) and accumulate across blocks in fp32."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block: int) -> Tensor:
+        T, scale = q.shape[2], q.shape[-1] ** -0.5
+        acc = torch.promote_types(q.dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
+        outs, weights = [], []
+        for start in range(0, T, block):
+            end = min(start + block, T)
+            scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).to(acc) * scale
+            scores = scores.masked_fill(~_allowed(mask, start, end, q.device), float("-inf"))
+            p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H, end - start, end)
+            outs.append(p @ v[:, :, :end])
+            weights.append(p)
+        ctx.block, ctx.has_mask = block, mask is not None
+        ctx.save_for_backward(q, k, v, *weights)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, *weights = ctx.saved_tensors
+        T, scale, block = q.shape[2], q.shape[-1] ** -0.5, ctx.block
+        grad_out = grad_out.to(v.dtype)
+        dq = torch.empty_like(q)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for i, start in enumerate(range(0, T, block)):
+            end = min(start + block, T)
+            p, go = weights[i], grad_out[:, :, start:end]
+            dv[:, :, :end] += p.transpose(-1, -2) @ go
+            dp, pf = (go @ v[:, :, :end].transpose(-1, -2)).to(acc), p.to(acc)
+            ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True)) * scale).to(q.dtype)
+            dq[:, :, start:end] = ds @ k[:, :, :end]
+            dk[:, :, :end] += ds.transpose(-1, -2) @ q[:, :, start:end]
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block: int = QUERY_BLOCK) -> Tensor:
+    """Causal attention, written out: for each block of ``block`` queries, scores against the keys up to the
+    block's last query (the keys after it are masked for every query of the block, so they are never computed),
+    softmax in fp32, then the weighted sum of values; the backward pass likewise, block by block.
+
+    q (B, H, T, hd), k/v (B, KV, T, hd) with H a multiple of KV; ``mask`` (B, 1, T, T) bool (True = may attend)
+    restricts further (packed documents, padding) and must itself be causal, as ``causal_mask`` makes it; None
+    means plain causal attention. Under autocast the products run in its dtype and the softmax in fp32. On a CPU
+    with fast bf16 products but no AMX, this trains faster in bf16 than the library kernel, whose bf16 path is no
+    faster than its fp32 one; in fp32 it is usually slower. The same arithmetic as
+    ``F.scaled_dot_product_attention`` up to rounding."""
+    H = q.shape[1]
+    if k.shape[1] != H:  # grouped-query heads: each key/value head serves H / KV query heads
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _BlockedAttention.apply(q, k, v, mask, block)
+
+
 class KVCache:
     """Keys and values for incremental decoding, allocated once.
 
@@ -307,6 +385,7 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
         self.proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.qk_norm = HeadNorm(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
+        self.kernel = "library"  # for forward passes without a KV cache: one of ATTENTION_KERNELS
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
@@ -324,7 +403,10 @@ class Attention(nn.Module):
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
+        if kv is None and self.kernel == "blocked":  # without a cache, attention is causal (``Decoder._mask``)
+            y = blocked_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, dim)
 
 
@@ -396,6 +478,19 @@ class Decoder(nn.Module):
         for block in self.layers:
             nn.init.normal_(block.attn.proj.weight, 0.0, out_std)
             nn.init.normal_(block.mlp.down.weight, 0.0, out_std)
+
+    @property
+    def attention_kernel(self) -> str:
+        """How forward passes without a KV cache compute attention: one of ``ATTENTION_KERNELS``."""
+        return self.layers[0].attn.kernel
+
+    def set_attention(self, kernel: str) -> None:
+        """Compute attention of forward passes without a KV cache with ``kernel`` ("library" or "blocked");
+        decoding with a cache always uses the library kernel. A compiled forward recompiles once for a change."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+        for block in self.layers:
+            block.attn.kernel = kernel
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -46,6 +46,8 @@ def test_training_runs_in_the_chosen_precision(tiny_pipeline, tmp_path, monkeypa
         run_cli(*tiny_train_argv(tiny_pipeline, out, 12))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision:")]
     assert len(lines) == 1 and (("bf16 autocast" in lines[0]) is (forced == "1")), lines
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
+    assert len(chosen) == 1 and ("library" in chosen[0] or "blocked" in chosen[0]), chosen
     from safetensors.torch import load_file
 
     from earlyfusion.checkpoint import latest_good

@@ -43,6 +43,7 @@ from earlyfusion.checkpoint import (
 )
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
+from earlyfusion.model.attention_plan import attention_plan
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig
 from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
@@ -402,11 +403,14 @@ def train(cfg: TrainConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     forward = compiled(model, dynamic=False) if cfg.compile else model  # packed rows: always the same shape
+    # a resumed run keeps the kernel it started with (the two kernels round differently)
+    attention = attention_plan(raw_model, micro, context_len, precision=mp, packed=True,
+                               kernel=state.get("attention") if ckpt is not None else None)
     writer = _tensorboard(out) if main else None
 
     def save_checkpoint(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
-                 "best": best.state_dict(), **loop.counters(step)}
+                 "best": best.state_dict(), "attention": attention.kernel, **loop.counters(step)}
         if main:
             def write(tmp: Path) -> None:
                 write_decoder(tmp, raw_model, run_config(step))
@@ -425,6 +429,7 @@ def train(cfg: TrainConfig) -> Path:
     log.info("decoder %s: %.2fM parameters, context %d, vocab %d, %d process(es), %s",
              cfg.preset or f"of {init}", n_params / 1e6, context_len, vocab.vocab_size, world, mp)
     log.info(f"precision: {why}")  # after every check that can refuse the run: an error stays one line
+    log.info("attention: %s", attention.describe())
     if image_ids is None:
         log.info("training all %d parameters", n_params)
     else:

@@ -1,0 +1,131 @@
+"""How training computes attention: chosen by timing on the machine at hand.
+
+Two kernels compute a training forward's causal attention (``model.decoder.ATTENTION_KERNELS``): torch's
+``scaled_dot_product_attention`` ("library") and ``blocked_attention`` ("blocked": products, then an fp32
+softmax, a block of queries at a time). Which is faster depends on the CPU and the precision: on a CPU with
+AVX512-BF16 but no AMX, the library's bf16 path was no faster than its fp32 one while the blocked kernel's bf16
+products ran at twice the fp32 speed, so blocked halved bf16 attention there; in fp32 the library kernel won.
+No constant decides: ``attention_plan`` times one layer's attention, forward and backward, for each kernel on
+the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that load from other
+processes falls on both, and sets the faster on the decoder; a resumed run keeps the kernel it started with. The kernels are timed eagerly, a few
+milliseconds each; under ``--compile`` inductor fuses the blocked kernel's masking and softmax, which only
+widens its lead.
+
+Only CPUs are timed: on a GPU the library kernel (flash or memory-efficient attention) is kept. The blocked
+kernel keeps each block's softmax for the backward pass, about (rows × heads × length² / 2) values per layer,
+so it is a candidate only up to ``BLOCKED_MAX_LEN`` tokens. ``EARLYFUSION_ATTENTION`` set to a kernel's name
+pins the choice, for reproducible timings and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from earlyfusion.model.decoder import ATTENTION_KERNELS, Decoder, blocked_attention, causal_mask
+from earlyfusion.runtime import autocast
+
+PIN_ENV = "EARLYFUSION_ATTENTION"
+BLOCKED_MAX_LEN = 2048
+WARMUP = 2  # untimed calls per kernel
+ROUNDS = 7  # timed calls per kernel, one per round
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    kernel: str
+    """One of ``ATTENTION_KERNELS``."""
+    ms: dict[str, float] | None = None
+    """Median milliseconds of one layer's attention, forward and backward, per kernel timed (None: not timed)."""
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.ms:
+            timed = ", ".join(f"{k} {t:.1f}" for k, t in self.ms.items())
+            return f"{self.kernel} (one layer's attention forward + backward, ms: {timed})"
+        return f"{self.kernel} ({self.why})"
+
+
+def _pinned() -> str | None:
+    want = os.environ.get(PIN_ENV, "").strip()
+    if not want:
+        return None
+    if want not in ATTENTION_KERNELS:
+        raise ValueError(f"{PIN_ENV}={want!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+    return want
+
+
+def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim: int, *, precision: str,
+                 packed: bool, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds of one attention layer's forward + backward for each kernel, on random inputs of this shape
+    (``packed``: rows of two documents each, masked like packed training rows) under ``precision``'s autocast."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn(rows, heads, length, head_dim, generator=g).to(device, dtype).requires_grad_()
+
+    q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
+    grad = torch.randn(rows, n_heads, length, head_dim, generator=g).to(device, dtype)
+    mask = None
+    if packed:
+        doc_ids = (torch.arange(length, device=device) >= length // 2).long().expand(rows, length)
+        mask = causal_mask(rows, length, 0, torch.device(device), doc_ids=doc_ids)
+
+    def library() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_heads != n_kv_heads)
+
+    kernels = {"library": library, "blocked": lambda: blocked_attention(q, k, v, mask)}
+
+    def run(fn) -> float:
+        t0 = time.perf_counter()
+        with autocast(precision, torch.device(device).type):
+            out = fn()
+        out.backward(grad)
+        q.grad = k.grad = v.grad = None
+        return time.perf_counter() - t0
+
+    for fn in kernels.values():
+        for _ in range(WARMUP):
+            run(fn)
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(ROUNDS):
+        for name, fn in kernels.items():
+            times[name].append(run(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, packed: bool,
+                   kernel: str | None = None) -> AttentionPlan:
+    """Choose, set on ``decoder`` (``Decoder.set_attention``) and return the attention kernel for training forwards
+    of ``rows`` × ``length`` tokens under ``precision`` ("bf16" or "no"); the timing is remembered on the decoder.
+    ``kernel``: the kernel a resumed run started with, kept so that it continues exactly (None: choose)."""
+    device = next(decoder.parameters()).device
+    pinned = _pinned()
+    if kernel is not None:
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+        plan = AttentionPlan(kernel, why="the kernel this run started with")
+    elif pinned is not None:
+        plan = AttentionPlan(pinned, why=f"{PIN_ENV}={pinned}")
+    elif device.type != "cpu":
+        plan = AttentionPlan("library", why=f"the library's kernels on {device.type}")
+    elif length > BLOCKED_MAX_LEN:
+        plan = AttentionPlan("library", why=f"sequences of {length} tokens are longer than the blocked kernel's "
+                                            f"{BLOCKED_MAX_LEN}")
+    else:
+        plans = decoder.__dict__.setdefault("_earlyfusion_attention_plans", {})
+        key = (rows, length, precision, packed, torch.get_num_threads())
+        if key not in plans:
+            c = decoder.config
+            medians = time_kernels(rows, length, c.n_heads, c.n_kv_heads, c.head_dim, precision=precision,
+                                   packed=packed, device=device)
+            plans[key] = AttentionPlan(min(medians, key=medians.get), {n: t * 1e3 for n, t in medians.items()})
+        plan = plans[key]
+    decoder.set_attention(plan.kernel)
+    return plan
