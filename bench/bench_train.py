@@ -13,6 +13,7 @@ from earlyfusion.model.attention_plan import attention_plan
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import Decoder, DecoderConfig
 from earlyfusion.runtime import autocast
+from earlyfusion.training.lm_loss import TokenLosses
 
 from bench_machine import MatmulCeiling, alternate, log, median, timed
 from bench_models import build_pair, check_parity, faster_mode, flop_params, flops_per_token, layout_for
@@ -42,30 +43,30 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
     tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    def step_fn(model: torch.nn.Module, logits_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step_fn(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as training
         model.train()
 
         def step() -> None:
             with autocast(precision, "cpu"):
-                logits = logits_of()  # (B, T, V)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+                loss = loss_of()  # mean next-token cross-entropy, fp32
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         return step
 
-    fns = {"ours": step_fn(ours, lambda: ours(x))}
+    losses_of = TokenLosses(ours)  # ours: the decoder and its loss in one module, as training runs them
+    fns = {"ours": step_fn(ours, lambda: losses_of(x, y)[0].mean())}
     compile_s = None
     if compile:
-        forward = compiled(ours, dynamic=False)
-        fns["ours_compiled"] = step_fn(ours, lambda: forward(x))
+        forward = compiled(losses_of, dynamic=False)
+        fns["ours_compiled"] = step_fn(ours, lambda: forward(x, y)[0].mean())
         log(f"  train {preset}: compiling the training step (torch.compile, once)")
         compile_s = timed(fns["ours_compiled"])
     if hf is not None:
-        fns["peer"] = step_fn(hf, lambda: hf(input_ids=x).logits)
+        fns["peer"] = step_fn(hf, lambda: F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.reshape(-1)))
     if ceiling is not None:
         fns["ceiling"] = ceiling
     times = alternate(fns, warmup, iters)

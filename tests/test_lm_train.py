@@ -83,9 +83,9 @@ def _poison_lm_loss(monkeypatch, bad) -> None:
     real = lm_train.lm_loss
     calls = {"n": 0}
 
-    def poisoned(logits, *a, **k):
+    def poisoned(losses, *a, **k):
         calls["n"] += 1
-        loss, stats = real(logits, *a, **k)
+        loss, stats = real(losses, *a, **k)
         if bad(calls["n"]):
             loss = loss * torch.tensor(float("nan"))
             stats = {**stats, "sum_all": float("nan")}

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from earlyfusion.checkpoint import (
     MANIFEST, copy_dir, latest_good, load_json, load_state, load_weights, save_state, sha256_file,
@@ -55,8 +54,9 @@ from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.best import BestModel, heldout_score
 from earlyfusion.training.data import (
-    IMAGE, TEXT, ContextTooShort, DataConfig, heldout_pairs, pair_overhead, span_words, training_batches,
+    ContextTooShort, DataConfig, heldout_pairs, pair_overhead, span_words, training_batches,
 )
+from earlyfusion.training.lm_loss import TokenLosses, lm_loss
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
@@ -173,33 +173,7 @@ class TrainConfig:
             check_not_file(name.replace("_", "-"), getattr(self, name))  # the data options are validated by DataConfig
 
 
-# ---------------------------------------------------------------- loss
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor, z_weight: float, denom: float | None = None):
-    """Next-token loss over both modalities + z-loss.
-
-    logits (B,T,V) fp32, targets (B,T) with -100 = no loss, modality (B,T) of the target token.
-    Returns (loss to backprop, stats of summed per-modality losses and counts). ``denom`` overrides the
-    number of target tokens the mean is taken over (the global count under data parallelism).
-    """
-    B, T, V = logits.shape
-    flat = logits.reshape(-1, V).float()
-    tgt = targets.reshape(-1)
-    mask = tgt != -100
-    ce = F.cross_entropy(flat, tgt.clamp(min=0), reduction="none") * mask  # (B*T,)
-    lse = torch.logsumexp(flat, dim=-1)
-    z = (lse.square() * mask).sum()
-    n = mask.sum().clamp(min=1) if denom is None else denom
-    loss = (ce.sum() + z_weight * z) / n
-    mod = modality.reshape(-1)
-    with torch.no_grad():
-        stats = {
-            "sum_text": (ce * (mod == TEXT)).sum().item(), "n_text": int(((mod == TEXT) & mask).sum()),
-            "sum_image": (ce * (mod == IMAGE)).sum().item(), "n_image": int(((mod == IMAGE) & mask).sum()),
-            "sum_all": ce.sum().item(), "sum_z": z.item(), "n_all": int(mask.sum()),
-        }
-    return loss, stats
+# ---------------------------------------------------------------- schedule and optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -402,7 +376,8 @@ def train(cfg: TrainConfig) -> Path:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    forward = compiled(model, dynamic=False) if cfg.compile else model  # packed rows: always the same shape
+    losses_of = TokenLosses(model)
+    forward = compiled(losses_of, dynamic=False) if cfg.compile else losses_of  # packed rows: always the same shape
     # a resumed run keeps the kernel it started with (the two kernels round differently)
     attention = attention_plan(raw_model, micro, context_len, precision=mp, packed=True,
                                kernel=state.get("attention") if ckpt is not None else None)
@@ -451,11 +426,11 @@ def train(cfg: TrainConfig) -> Path:
             last = i + micro >= per_proc
             with (accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()):
                 with autocast(mp, accelerator.device.type):
-                    logits, hidden = forward(mb["tokens"], positions=mb["positions"], doc_ids=mb["doc_ids"], return_hidden=True)
+                    losses = forward(mb["tokens"], mb["targets"], positions=mb["positions"], doc_ids=mb["doc_ids"])
                 # grads are averaged over processes, so scale the global-token mean by world size
-                loss, stats = lm_loss(logits, mb["targets"], mb["modality"], cfg.z_loss, denom=n_global / world)
+                loss, stats = lm_loss(losses, mb["targets"], mb["modality"], cfg.z_loss, denom=n_global / world)
                 accelerator.backward(loss)
-            out_norm = max(out_norm, hidden.detach().float().norm(dim=-1).mean().item())
+            out_norm = max(out_norm, stats["out_norm"])
             for k in totals:
                 totals[k] += stats[k]
         if world > 1:
