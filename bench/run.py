@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
     bf16_alongside = MatmulCeiling(n, torch.bfloat16) if bf16 else None
 
     train_settings = {  # preset: (batch, seq_len, warmup, iters)
-        "tiny": (4, 64, 1, 3), "small": (8, 256, 2, 5), "base": (4, 256, 1, 3)}
+        "tiny": (4, 64, 1, 3), "small": (8, 256, 2, 5), "base": (4, 256, 1, 5)}
     # preset: (prompt_len, new_tokens, warmup, iters). A small-model round is short and a shared machine's speed
     # swings from round to round: more rounds give a steadier median; raise iters if the figures disagree run to run.
     decode_settings = {"tiny": (16, 32, 1, 3), "small": (16, 128, 1, 11), "base": (16, 48, 1, 5)}
