@@ -167,7 +167,10 @@ def render(results: dict) -> str:
               f"{ceil['matmul_n']}² matmul (in the table's precision) timed in the same alternating rounds (the same share of a shared CPU); "
               "best ceiling: the best matmul at the start of the run. Logit parity: max |difference| "
               "of the two models' logits on one batch (its image-logit masking is a no-op with an empty "
-              "vocabulary_map).", ""]
+              "vocabulary_map). Our attention kernel, as `model.attention_plan` chose it for the shape and precision "
+              "(training chooses the same way): "
+              + "; ".join(f"`{n}` {r['attention']}" for n, r in results[key].items() if r.get("attention")) + ".",
+              ""]
 
     if results.get("decode"):
         L += _table_head("Decoding (KV cache, greedy)", [
