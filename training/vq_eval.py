@@ -57,9 +57,11 @@ class VQEvalConfig:
 
 
 def load_images(data: str, size: int, *, split: str = "train", image_column: str = "image", text_column: str = "text",
-                strict: bool = False, limit: int = 0):
-    """All images of a split as uint8 (N, 3, size, size), plus the SkipReport of records that were skipped."""
-    from earlyfusion.tokenizer.preprocess import ImageError, preprocess
+                strict: bool = False, limit: int = 0, max_grid: tuple[int, int] | None = None, downsample: int = 1):
+    """All images of a split as uint8 (N, 3, size, size), plus the SkipReport of records that were skipped. With
+    ``max_grid`` each image is instead resized whole to the largest grid of ``downsample``-pixel codes that keeps
+    its shape (as a vocabulary with grid tokens encodes it), and the images come as a list of (3, h, w)."""
+    from earlyfusion.tokenizer.preprocess import ImageError, preprocess_for_codes
     from earlyfusion.training.data import SkipReport, iter_image_text
 
     report = SkipReport(strict=strict)
@@ -67,7 +69,7 @@ def load_images(data: str, size: int, *, split: str = "train", image_column: str
     for i, (img, _text) in enumerate(iter_image_text(data, image_column=image_column, text_column=text_column,
                                                      split=split, report=report, strict=strict, shrink_to=size)):
         try:
-            t = preprocess(img, size)  # (3, size, size) in [-1, 1]
+            t = preprocess_for_codes(img, size, downsample, max_grid)  # (3, size, size) or (3, h, w) in [-1, 1]
         except ImageError as e:
             report.add(e.reason, f"{data} [{split}] record {i}", str(e))  # raises in strict mode
             continue
@@ -78,7 +80,7 @@ def load_images(data: str, size: int, *, split: str = "train", image_column: str
         raise UserError(f"{data}: no usable images in split {split!r}"
                         + (f" ({report.summary()})" if report.total else "")
                         + "; pass a directory from `earlyfusion data shapes`, an imagefolder directory or a hub data set name")
-    return torch.stack(rows), report
+    return (rows if max_grid is not None else torch.stack(rows)), report
 
 
 def to_pixels(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -205,8 +207,9 @@ def evaluate_tokenizer(model: VQVAE, images, batch_size: int = 64) -> dict:
 
 
 @torch.no_grad()
-def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor, path: Path, scale: int = 4) -> None:
-    """PNG: a row of originals over a row of their reconstructions (nearest-upscaled ``scale``×)."""
+def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor | list[torch.Tensor], path: Path, scale: int = 4) -> None:
+    """PNG: a row of originals over a row of their reconstructions (nearest-upscaled ``scale``×); a list of images
+    of several shapes is encoded one by one, each at its own shape."""
     from PIL import Image
 
     from earlyfusion.tokenizer.preprocess import image_grid, to_pil
@@ -215,16 +218,17 @@ def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor, path: Path, scal
     model.eval()
     try:
         device = next(model.parameters()).device
-        x = to_pixels(images_u8).to(device)
-        rec = model.decode(model.encode(x)).cpu()
+        if isinstance(images_u8, torch.Tensor):
+            rec = list(model.decode(model.encode(to_pixels(images_u8).to(device))).cpu())
+        else:
+            rec = [model.decode(model.encode(to_pixels(t[None]).to(device)))[0].cpu() for t in images_u8]
     finally:
         model.train(was_training)
-    size = images_u8.shape[-1] * scale
 
     def big(t):
-        return to_pil(t).resize((size, size), Image.NEAREST)
+        return to_pil(t).resize((t.shape[-1] * scale, t.shape[-2] * scale), Image.NEAREST)
 
-    tiles = [big(t) for t in to_pixels(images_u8)] + [big(t) for t in rec]
+    tiles = [big(to_pixels(t)) for t in images_u8] + [big(t) for t in rec]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     image_grid(tiles, ncols=len(images_u8)).save(tmp)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -127,6 +128,11 @@ class VQTrainConfig:
     gan_start_step: int = 500
     """Step at which the discriminator and the GAN loss switch on (reconstructions collapse if it starts before
     the autoencoder reconstructs well)."""
+    keep_aspect: bool = False
+    """Train on each image resized whole to the largest code grid that keeps its shape, as a vocabulary built with
+    --grid-tokens encodes it (in random square crops the size of the shortest side in the batch), instead of on
+    its centre square. Use it for images of several shapes: a tokenizer trained on centre squares sees the
+    pictures at another scale than the one it will encode."""
     split: str = "train"
     """Split of --data to train on."""
     image_column: str = "image"
@@ -209,6 +215,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def crops(images: list[torch.Tensor], step: int, seed: int, align: int) -> torch.Tensor:
+    """(B, 3, c, c) uint8: a random c × c crop of each image, c the shortest side among them, at offsets that are
+    multiples of ``align`` (the downsampling: each crop's patches are ones the encoder sees when it encodes the
+    whole image); the offsets are a pure function of (seed, step), so a resumed run crops as the uninterrupted one."""
+    c = min(min(t.shape[-2:]) for t in images)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7)
+    out = []
+    for t in images:
+        top = align * int(torch.randint(0, (t.shape[-2] - c) // align + 1, (1,), generator=g))
+        left = align * int(torch.randint(0, (t.shape[-1] - c) // align + 1, (1,), generator=g))
+        out.append(t[:, top:top + c, left:left + c])
+    return torch.stack(out)
+
+
 def batch_indices(step: int, seed: int, n: int, batch_size: int) -> torch.Tensor:
     """Global batch of a step: consecutive slices of per-epoch permutations (the tail of an epoch is dropped)."""
     per_epoch = n // batch_size
@@ -264,7 +284,8 @@ def train(cfg: VQTrainConfig) -> Path:
 
     vq_cfg = cfg.model_config()
     images, report = load_images(cfg.data, vq_cfg.image_size, split=cfg.split, image_column=cfg.image_column,
-                                 text_column=cfg.text_column, strict=cfg.strict)
+                                 text_column=cfg.text_column, strict=cfg.strict, downsample=vq_cfg.downsample,
+                                 max_grid=vq_cfg.grid_size if cfg.keep_aspect else None)
     n = len(images)
     batch_size = cfg.batch_size
     if n < batch_size:
@@ -274,9 +295,12 @@ def train(cfg: VQTrainConfig) -> Path:
         log.warning("only %d training images: batch size lowered from %d to %d", n, cfg.batch_size, batch_size)
     per_proc = batch_size // world
     sheet_images = images[:SHEET_IMAGES]
+    if cfg.keep_aspect:
+        shapes = Counter(f"{t.shape[-1]}x{t.shape[-2]}" for t in images)
+        log.info("keeping each image's shape (WxH px: count): %s", ", ".join(f"{k}: {v}" for k, v in shapes.most_common()))
     identity = {"model": vq_cfg.to_dict(), "data": source_key(cfg.data), "split": cfg.split,
                 "image_column": cfg.image_column, "num_images": n, "seed": cfg.seed, "batch_size": batch_size,
-                "losses": cfg.losses()}
+                "losses": cfg.losses(), **({"keep_aspect": True} if cfg.keep_aspect else {})}
     perceptual = PerceptualLoss.from_file(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
 
     set_seed(cfg.seed)
@@ -347,7 +371,8 @@ def train(cfg: VQTrainConfig) -> Path:
         model.train()
         lr = loop.set_lr(optimizer, lr_at(step, cfg))
         idx = batch_indices(step, cfg.seed, n, batch_size)[rank * per_proc:(rank + 1) * per_proc]
-        x = to_pixels(images[idx]).to(device)  # (b, 3, S, S)
+        batch = crops([images[i] for i in idx], step, cfg.seed, vq_cfg.downsample) if cfg.keep_aspect else images[idx]
+        x = to_pixels(batch).to(device)  # (b, 3, S, S)
         snapshot = {k: v.detach().clone() for k, v in quant_buffers.items()}
         gan_on = gan is not None and step >= cfg.gan_start_step
         extra = {}
