@@ -264,10 +264,13 @@ class _BlockedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block: int) -> Tensor:
         T, scale = q.shape[2], q.shape[-1] ** -0.5
         acc = torch.promote_types(q.dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
+        # scores in fp32 even under bf16 autocast (bf16 scores would perturb the attention weights by a few per cent,
+        # where the library kernel accumulates them in fp32); this product is one of the kernel's six per block
+        qa, ka = q.to(acc), k.to(acc)
         outs, weights = [], []
         for start in range(0, T, block):
             end = min(start + block, T)
-            scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).to(acc) * scale
+            scores = (qa[:, :, start:end] @ ka[:, :, :end].transpose(-1, -2)) * scale
             scores = scores.masked_fill(~_allowed(mask, start, end, q.device), float("-inf"))
             p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H, end - start, end)
             outs.append(p @ v[:, :, :end])
@@ -303,7 +306,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bloc
 
     q (B, H, T, hd), k/v (B, KV, T, hd) with H a multiple of KV; ``mask`` (B, 1, T, T) bool (True = may attend)
     restricts further (packed documents, padding) and must itself be causal, as ``causal_mask`` makes it; None
-    means plain causal attention. Under autocast the products run in its dtype and the softmax in fp32. On a CPU
+    means plain causal attention. Under autocast the scores and the softmax are fp32 and the other products run in
+the autocast dtype. On a CPU
     with fast bf16 products but no AMX, this trains faster in bf16 than the library kernel, whose bf16 path is no
     faster than its fp32 one; in fp32 it is usually slower. The same arithmetic as
     ``F.scaled_dot_product_attention`` up to rounding."""
