@@ -4,12 +4,12 @@ Two kernels compute a training forward's causal attention (``model.decoder.ATTEN
 ``scaled_dot_product_attention`` ("library") and ``blocked_attention`` ("blocked": products, then an fp32
 softmax, a block of queries at a time). Which is faster depends on the CPU and the precision: on a CPU with
 AVX512-BF16 but no AMX, the library's bf16 path was no faster than its fp32 one while the blocked kernel's bf16
-products ran at twice the fp32 speed, so blocked halved bf16 attention there; in fp32 the library kernel won.
-No constant decides: ``attention_plan`` times one layer's attention, forward and backward, for each kernel on
-the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that load from other
-processes falls on both, and sets the faster on the decoder; a resumed run keeps the kernel it started with. The kernels are timed eagerly, a few
-milliseconds each; under ``--compile`` inductor fuses the blocked kernel's masking and softmax, which only
-widens its lead.
+products ran at twice the fp32 speed, so blocked cut bf16 attention by a third or more there; in fp32 the two
+were within noise. No constant decides: ``attention_plan`` times one layer's attention, forward and backward,
+for each kernel on the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that
+load from other processes falls on both, and sets the faster on the decoder; a resumed run keeps the kernel it
+started with. The kernels are timed eagerly, a few milliseconds each; under ``--compile`` inductor fuses the
+blocked kernel's masking and softmax, which only widens its lead.
 
 Only CPUs are timed: on a GPU the library kernel (flash or memory-efficient attention) is kept. The blocked
 kernel keeps each block's softmax for the backward pass, about (rows × heads × length² / 2) values per layer,
@@ -106,12 +106,11 @@ def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, 
     of ``rows`` × ``length`` tokens under ``precision`` ("bf16" or "no"); the timing is remembered on the decoder.
     ``kernel``: the kernel a resumed run started with, kept so that it continues exactly (None: choose)."""
     device = next(decoder.parameters()).device
-    pinned = _pinned()
     if kernel is not None:
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         plan = AttentionPlan(kernel, why="the kernel this run started with")
-    elif pinned is not None:
+    elif (pinned := _pinned()) is not None:
         plan = AttentionPlan(pinned, why=f"{PIN_ENV}={pinned}")
     elif device.type != "cpu":
         plan = AttentionPlan("library", why=f"the library's kernels on {device.type}")

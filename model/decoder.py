@@ -275,7 +275,7 @@ class _BlockedAttention(torch.autograd.Function):
             p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H, end - start, end)
             outs.append(p @ v[:, :, :end])
             weights.append(p)
-        ctx.block, ctx.has_mask = block, mask is not None
+        ctx.block = block
         ctx.save_for_backward(q, k, v, *weights)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
