@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyfusion.model.decoder import ATTENTION_KERNELS, Decoder, blocked_attention, causal_mask
+from earlyfusion.model.decoder import ATTENTION_KERNELS, Decoder, causal_mask
+from earlyfusion.model.kernels import blocked_attention
 from earlyfusion.runtime import autocast
 
 PIN_ENV = "EARLYFUSION_ATTENTION"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyfusion.errors import build_config
+from earlyfusion.model.kernels import blocked_attention, embed
 
 # Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
 QK_NORM_EPS = 1e-5
@@ -42,9 +43,6 @@ INIT_STD = 0.02
 # times the two and keeps the faster): "library" is torch's scaled_dot_product_attention, "blocked" is
 # ``blocked_attention``.
 ATTENTION_KERNELS = ("library", "blocked")
-# Queries per block of ``blocked_attention``: a block sees only the keys up to its last query, so smaller blocks
-# skip more of the causal triangle but make more, smaller products.
-QUERY_BLOCK = 128
 
 
 def llama_hidden_dim(dim: int, multiple_of: int = 64) -> int:
@@ -188,12 +186,27 @@ class Linear(nn.Module):
     when exporting. ``model/compile.py`` gives compiled decode steps a subclass with their own product.
     """
 
+    # Set by ``use_row_products`` (the sampler's "eager-rows" decode step): a decode step's product of a few rows of
+    # one token each runs as one matrix-vector product per row, spread across threads, where the library's
+    # few-row matrix product costs about one matrix-vector product per row on one thread.
+    row_products = False
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.row_products and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled():
+            return torch.bmm(x, self.weight.expand(x.shape[0], *self.weight.shape))  # (rows, 1, out)
         return x @ self.weight
+
+
+def use_row_products(module: nn.Module, on: bool) -> None:
+    """Whether the ``Linear``s under ``module`` compute inference products of several one-token rows row by row
+    (``Linear.row_products``); the arithmetic is the same either way."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.row_products = on
 
 
 class HeadNorm(nn.Module):
@@ -215,7 +228,7 @@ class HeadNorm(nn.Module):
 def rope_table(head_dim: int, max_len: int, theta: float) -> Tensor:
     """(max_len, 2, head_dim) fp32: [:, 0] = cos, [:, 1] = signed sin, rotate-half convention.
 
-    The sin row holds ``cat(-sin, sin)`` so that ``rotate_half(x) * sin == roll(x, head_dim/2) * row``.
+    The sin row holds ``cat(-sin, sin)`` so that ``rotate_half(x) * sin == swap_halves(x) * row``.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
     angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
@@ -227,7 +240,10 @@ def rope_table(head_dim: int, max_len: int, theta: float) -> Tensor:
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """x (B, T, heads, head_dim); rope = (cos, signed sin), each (B or 1, T, 1, head_dim)."""
     cos, sin = rope
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    first, second = x.chunk(2, dim=-1)
+    # the halves swapped by concatenation rather than ``roll``: torch.compile turns roll's backward into a scalar
+    # gather loop, and a concatenation's into vector copies
+    return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), sin)
 
 
 def causal_mask(B: int, T: int, start: int, device: torch.device, *, doc_ids: Tensor | None = None,
@@ -246,80 +262,6 @@ def causal_mask(B: int, T: int, start: int, device: torch.device, *, doc_ids: Te
         allowed = allowed & keys
     allowed = allowed | (k_pos[None, :] == q_pos[:, None])
     return allowed[:, None]  # (B, 1, T, S)
-
-
-def _allowed(mask: Tensor | None, start: int, end: int, device: torch.device) -> Tensor:
-    """(…, end - start, end) bool: which of keys [0, end) the queries [start, end) may see."""
-    if mask is None:
-        return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(diagonal=start)
-    return mask[:, :, start:end, :end]
-
-
-class _BlockedAttention(torch.autograd.Function):
-    """``blocked_attention``'s arithmetic with a backward pass written out, so that the key and value gradients
-    come out in the keys' own layout (autograd's product backward gives the key gradient transposed, which the
-    QK-norm and RoPE backward kernels then read with gathers) and accumulate across blocks in fp32."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block: int) -> Tensor:
-        T, scale = q.shape[2], q.shape[-1] ** -0.5
-        acc = torch.promote_types(q.dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
-        # scores in fp32 even under bf16 autocast (bf16 scores would perturb the attention weights by a few per cent,
-        # where the library kernel accumulates them in fp32); this product is one of the kernel's six per block
-        qa, ka = q.to(acc), k.to(acc)
-        outs, weights = [], []
-        for start in range(0, T, block):
-            end = min(start + block, T)
-            scores = (qa[:, :, start:end] @ ka[:, :, :end].transpose(-1, -2)) * scale
-            scores = scores.masked_fill(~_allowed(mask, start, end, q.device), float("-inf"))
-            p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H, end - start, end)
-            outs.append(p @ v[:, :, :end])
-            weights.append(p)
-        ctx.block = block
-        ctx.save_for_backward(q, k, v, *weights)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, *weights = ctx.saved_tensors
-        T, scale, block = q.shape[2], q.shape[-1] ** -0.5, ctx.block
-        grad_out = grad_out.to(v.dtype)
-        dq = torch.empty_like(q)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for i, start in enumerate(range(0, T, block)):
-            end = min(start + block, T)
-            p, go = weights[i], grad_out[:, :, start:end]
-            dv[:, :, :end] += p.transpose(-1, -2) @ go
-            dp, pf = (go @ v[:, :, :end].transpose(-1, -2)).to(acc), p.to(acc)
-            ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True)) * scale).to(q.dtype)
-            dq[:, :, start:end] = ds @ k[:, :, :end]
-            dk[:, :, :end] += ds.transpose(-1, -2) @ q[:, :, start:end]
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
-
-
-def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block: int = QUERY_BLOCK) -> Tensor:
-    """Causal attention, written out: for each block of ``block`` queries, scores against the keys up to the
-    block's last query (the keys after it are masked for every query of the block, so they are never computed),
-    softmax in fp32, then the weighted sum of values; the backward pass likewise, block by block.
-
-    q (B, H, T, hd), k/v (B, KV, T, hd) with H a multiple of KV; ``mask`` (B, 1, T, T) bool (True = may attend)
-    restricts further (packed documents, padding) and must itself be causal, as ``causal_mask`` makes it; None
-    means plain causal attention. Under autocast the scores and the softmax are fp32 and the other products run in
-the autocast dtype. On a CPU
-    with fast bf16 products but no AMX, this trains faster in bf16 than the library kernel, whose bf16 path is no
-    faster than its fp32 one; in fp32 it is usually slower. The same arithmetic as
-    ``F.scaled_dot_product_attention`` up to rounding."""
-    H = q.shape[1]
-    if k.shape[1] != H:  # grouped-query heads: each key/value head serves H / KV query heads
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    with torch.autocast(q.device.type, enabled=False):
-        return _BlockedAttention.apply(q, k, v, mask, block)
 
 
 class KVCache:
@@ -557,7 +499,7 @@ class Decoder(nn.Module):
         else:
             mask, is_causal = cache.attention_mask(T, valid)
 
-        x = self.tok_emb(tokens)  # (B, T, dim)
+        x = embed(self.tok_emb.weight, tokens)  # (B, T, dim)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, is_causal, None if cache is None else cache.layers[i], start)
         if cache is not None:

@@ -1,4 +1,4 @@
-"""Training attention (model/decoder.py ``blocked_attention``, model/attention_plan.py) and the allocator policy
+"""Training attention (model/kernels.py ``blocked_attention``, model/attention_plan.py) and the allocator policy
 (earlyfusion/runtime.py ``keep_freed_memory``)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from earlyfusion.model import attention_plan as plan_mod
 from earlyfusion.model.attention_plan import PIN_ENV, attention_plan
-from earlyfusion.model.decoder import Decoder, DecoderConfig, blocked_attention, causal_mask
+from earlyfusion.model.decoder import Decoder, DecoderConfig, causal_mask
+from earlyfusion.model.kernels import blocked_attention
 from earlyfusion.runtime import keep_freed_memory
 
 V = 61

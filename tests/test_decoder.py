@@ -373,3 +373,26 @@ def test_config_json_round_trip():
         DecoderConfig.from_dict({**d, "n_head": 4})
     with pytest.raises(UserError):
         DecoderConfig.from_dict({**d, "dim": 255})
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_embedding_gradient_sums_the_rows_of_repeated_tokens(compile):
+    """``embed``'s backward (an index_add, opaque to torch.compile) gives F.embedding's gradient, repeated tokens
+    summed, eager and compiled."""
+    import torch.nn.functional as F
+
+    from earlyfusion.model.kernels import embed
+
+    weight = torch.randn(11, 6, dtype=torch.float64)
+    tokens = torch.tensor([[1, 3, 3, 0], [10, 3, 1, 1]])
+    upstream = torch.randn(2, 4, 6, dtype=torch.float64)
+    fn = torch.compile(embed, dynamic=False) if compile else embed
+    w = weight.clone().requires_grad_()
+    out = fn(w, tokens)
+    (out * upstream).sum().backward()
+    ref = weight.clone().requires_grad_()
+    (F.embedding(tokens, ref) * upstream).sum().backward()
+    assert torch.equal(out.detach(), F.embedding(tokens, weight))
+    assert torch.allclose(w.grad, ref.grad, atol=1e-12)
+    assert torch.allclose(w.grad[3], upstream[0, 1] + upstream[0, 2] + upstream[1, 1], atol=1e-12)
+    assert torch.all(w.grad[[2, 4, 5, 6, 7, 8, 9]] == 0)
