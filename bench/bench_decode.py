@@ -18,8 +18,8 @@ from bench_machine import CopyCeiling, alternate, log, median, timed
 from bench_models import VOCAB_FOR_PRESET, BenchLayout, build_pair, faster_mode, layout_for, text_prompts, weight_bytes
 
 # Pinned step modes timed beside the two a user gets (eager / --compile, each the timed choice): result key -> mode
-PINNED_MODES = {"mode_eager": "eager", "mode_eager_1": "eager-1", "mode_compiled_rowwise": "compiled-rowwise",
-                "mode_compiled_library": "compiled-library"}
+PINNED_MODES = {"mode_eager": "eager", "mode_eager_1": "eager-1", "mode_eager_rows": "eager-rows",
+                "mode_compiled_rowwise": "compiled-rowwise", "mode_compiled_library": "compiled-library"}
 
 
 @contextmanager
@@ -128,7 +128,8 @@ def bench_decode(preset: str, *, batches: tuple[int, ...], prompt_len: int, new_
             log(f"  decode {preset} batch {B}: timing the step modes for --compile (compiles two, once)")
             out[f"b{B}_compile_s"] = timed(fns["ours_compiled"])
         for key, mode in PINNED_MODES.items():
-            if (mode == "eager-1" and threads == 1) or (mode.startswith("compiled") and not compile):
+            if ((mode in ("eager-1", "eager-rows") and threads == 1) or (mode == "eager-rows" and B == 1)
+                    or (mode.startswith("compiled") and not compile)):
                 continue
             fns[key] = ours_sampler_fn(ours, layout, prompts, new_tokens, compile=mode.startswith("compiled"), mode=mode)
         if bf16:

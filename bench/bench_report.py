@@ -212,7 +212,8 @@ def render(results: dict) -> str:
 
     if results.get("decode"):
         cols = [("ours", "eager (timed)"), ("ours_compiled", "`--compile` (timed)"), ("mode_eager", "eager, all threads"),
-                ("mode_eager_1", "eager, 1 thread"), ("mode_compiled_rowwise", "compiled, row-wise"),
+                ("mode_eager_1", "eager, 1 thread"), ("mode_eager_rows", "eager, row by row"),
+                ("mode_compiled_rowwise", "compiled, row-wise"),
                 ("mode_compiled_library", "compiled, library"), ("bf16_ours", "bf16 eager (timed)"),
                 ("bf16_ours_compiled", "bf16 `--compile` (timed)")]
         shown = [(k, t) for k, t in cols if any(f"b{B}_{k}_tokens_per_s" in r for r in results["decode"].values()

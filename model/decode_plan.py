@@ -8,6 +8,9 @@ batch of ``rows`` rows on a CPU:
 
 * ``eager``: the decoder's own forward on every intra-op thread;
 * ``eager-1``: the same on one thread (only when more than one is set);
+* ``eager-rows``: the decoder's forward on every thread with each projection computed row by row
+  (``model.decoder.use_row_products``), so that the rows' products run in parallel (only for several rows
+  and threads; classifier-free guidance samples two rows per image);
 * with ``compile``: ``compiled-rowwise`` (few-row products as reductions over a transposed weight copy)
   and ``compiled-library`` (library products), both on every thread.
 
@@ -26,15 +29,17 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from earlyfusion.model.compile import decode_step
+from earlyfusion.model.decoder import use_row_products
 from earlyfusion.runtime import intra_op_threads
 
-MODES = ("eager", "eager-1", "compiled-rowwise", "compiled-library")
+MODES = ("eager", "eager-1", "eager-rows", "compiled-rowwise", "compiled-library")
 PIN_ENV = "EARLYFUSION_DECODE_STEP"
 WARMUP_STEPS = 2  # per candidate, before timing (a compiled candidate compiles on its first)
 TIMED_ROUNDS = 6  # timed steps per candidate, one per round
@@ -56,10 +61,21 @@ class DecodePlan:
 
     def step_fn(self, decoder: torch.nn.Module) -> Callable:
         """The callable for one step: the decoder, or its compiled step with current weight copies. Call it right
-        before stepping: a compiled plan sets the decoder's projections to its kind of product."""
+        before stepping: each plan sets the decoder's projections to its kind of product."""
+        use_row_products(decoder, self.mode == "eager-rows")
         if not self.compiled:
             return decoder
         return decode_step(decoder, rowwise=self.mode == "compiled-rowwise")
+
+    @contextmanager
+    def stepping(self, decoder: torch.nn.Module) -> Iterator[Callable]:
+        """The step callable (``step_fn``), on the plan's threads; afterwards the caller's thread count and the
+        decoder's usual products come back, also when a step fails."""
+        try:
+            with intra_op_threads(self.threads):
+                yield self.step_fn(decoder)
+        finally:
+            use_row_products(decoder, False)
 
     def describe(self) -> str:
         timed = ""
@@ -68,13 +84,15 @@ class DecodePlan:
         return f"{self.mode} on {self.threads} thread(s){timed}"
 
 
-def candidates(device_type: str, compile: bool, threads: int) -> list[DecodePlan]:
-    """The plans worth timing for this device, ``compile`` setting and thread count."""
+def candidates(device_type: str, compile: bool, threads: int, rows: int) -> list[DecodePlan]:
+    """The plans worth timing for this device, ``compile`` setting, thread count and batch of ``rows`` rows."""
     if device_type != "cpu":
         return [DecodePlan("compiled-library" if compile else "eager", threads)]
     out = [DecodePlan("eager", threads)]
     if threads > 1:
         out.append(DecodePlan("eager-1", 1))
+        if rows > 1:
+            out.append(DecodePlan("eager-rows", threads))
     if compile:
         out += [DecodePlan("compiled-rowwise", threads), DecodePlan("compiled-library", threads)]
     return out
@@ -108,10 +126,9 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     def step(plan: DecodePlan) -> float:
         # step_fn sets the projections' kind of product for this plan (the compiled candidates share the decoder's
         # modules), so it is called before every timed step, outside the timer
-        fn = plan.step_fn(decoder)
         # positions wrap inside the model's context (a short-context model still times as many steps)
         pos = torch.full((rows, 1), cache.length % context, dtype=torch.long, device=device)
-        with intra_op_threads(plan.threads):
+        with plan.stepping(decoder) as fn:
             t0 = time.perf_counter()
             fn(token, positions=pos, cache=cache)
             return time.perf_counter() - t0
@@ -131,7 +148,7 @@ def decode_plan(decoder: torch.nn.Module, rows: int, *, compile: bool,
     """The step to run for ``rows`` rows: pinned by ``EARLYFUSION_DECODE_STEP``, remembered from an earlier call,
     or timed now (``on_timing`` is told once before a timing that compiles)."""
     device = next(decoder.parameters()).device
-    options = candidates(device.type, compile, torch.get_num_threads())
+    options = candidates(device.type, compile, torch.get_num_threads(), rows)
     pinned = _pinned(options)
     if pinned is not None:
         return pinned

@@ -28,7 +28,7 @@ from torch import Tensor
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log
 from earlyfusion.model.decode_plan import decode_plan
-from earlyfusion.runtime import autocast, intra_op_threads, mixed_precision
+from earlyfusion.runtime import autocast, mixed_precision
 from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, allowed_grids,
                                              check_sampler_settings, has_grid_tokens, rules_for, sample_next, span_of)
 
@@ -254,10 +254,9 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
     rules = Rules(rules_for(modality, layout, grids), logits.shape[-1], device)
     plan = decode_plan(decoder, R, compile=compile, on_timing=log.info)
-    step_fn = plan.step_fn(decoder)
     out: list[list[int]] = [[] for _ in range(N)]
     reasons = ["length"] * N
-    with intra_op_threads(plan.threads):
+    with plan.stepping(decoder) as step_fn:
         for step in range(steps):
             situations = state.situations(layout)
             drawing = [s.drawing(layout) for s in situations]

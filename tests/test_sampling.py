@@ -489,7 +489,8 @@ def test_decode_plan_keeps_the_fastest_candidate_once(decoder, monkeypatch):
         assert dp.decode_plan(decoder, 1, compile=False).mode == "eager-1" and len(calls) == 1  # remembered
         assert dp.decode_plan(decoder, 3, compile=False).mode == "eager" and len(calls) == 2
         plan = dp.decode_plan(decoder, 5, compile=True)
-        assert calls[-1] == (5, ["eager", "eager-1", "compiled-rowwise", "compiled-library"])
+        assert calls[1] == (3, ["eager", "eager-1", "eager-rows"])  # several rows: products row by row too
+        assert calls[-1] == (5, ["eager", "eager-1", "eager-rows", "compiled-rowwise", "compiled-library"])
         assert plan.mode == "compiled-library" and plan.threads == 2
         torch.set_num_threads(1)  # one thread: no single-thread candidate to time
         plan = dp.decode_plan(decoder, 1, compile=False)
@@ -508,7 +509,8 @@ def test_decode_plan_times_real_steps(decoder, monkeypatch):
     torch.set_num_threads(2)
     try:
         plan = dp.decode_plan(_fresh(decoder), 2, compile=False)
-        assert set(plan.step_ms) == {"eager", "eager-1"} and all(0 < t < 1e4 for t in plan.step_ms.values())
+        assert set(plan.step_ms) == {"eager", "eager-1", "eager-rows"} and all(0 < t < 1e4 for t in plan.step_ms.values())
+        assert not any(getattr(m, "row_products", False) for m in decoder.modules())  # timing left them as they were
         assert plan.step_ms[plan.mode] == min(plan.step_ms.values())
         assert "ms per step" in plan.describe()
         from earlyfusion.model.decoder import Decoder, DecoderConfig
@@ -550,6 +552,39 @@ def test_each_compiled_candidate_is_timed_with_its_own_kind_of_product(decoder, 
     medians = dp.time_plans(_fresh(decoder), 2, plans)
     assert set(medians) == {"compiled-rowwise", "compiled-library"}
     assert seen == {"compiled-rowwise": {True}, "compiled-library": {False}}
+
+
+def test_row_by_row_products_give_the_same_tokens_and_are_undone_after_sampling(decoder, monkeypatch):
+    """The "eager-rows" step computes each one-token row's product on its own: the same numbers as the library's
+    few-row product (to rounding), the same greedy tokens, and the decoder's projections are back to their usual
+    products once sampling ends; products with gradients or of several tokens per row never take that path."""
+    from earlyfusion.model import decode_plan as dp
+    from earlyfusion.model.decoder import Linear, use_row_products
+
+    lin = Linear(8, 5)
+    torch.nn.init.normal_(lin.weight)
+    x = torch.randn(3, 1, 8)
+    with torch.no_grad():
+        plain = lin(x)
+        use_row_products(lin, True)
+        assert torch.allclose(lin(x), plain, atol=1e-6)
+        assert lin(torch.randn(3, 2, 8)).shape == (3, 2, 5)
+    y = lin(x.requires_grad_())  # with gradients: the usual product (and its backward)
+    y.sum().backward()
+    assert torch.allclose(x.grad, lin.weight.sum(1).expand(3, 1, 8))
+
+    prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7], [L.bos, 3, 3]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv(dp.PIN_ENV, "eager")
+        plain = _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
+        monkeypatch.setenv(dp.PIN_ENV, "eager-rows")
+        assert _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == plain
+        assert not any(getattr(m, "row_products", False) for m in decoder.modules())
+    finally:
+        torch.set_num_threads(before)
+        _fresh(decoder)
 
 
 def test_steps_run_on_the_planned_threads_and_the_setting_is_restored(decoder, monkeypatch):
