@@ -124,8 +124,8 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     decoder(token.expand(rows, prefill), positions=torch.arange(prefill, device=device).expand(rows, prefill), cache=cache)
 
     def step(plan: DecodePlan) -> float:
-        # step_fn sets the projections' kind of product for this plan (the compiled candidates share the decoder's
-        # modules), so it is called before every timed step, outside the timer
+        # ``stepping`` sets the projections' kind of product for this plan (the candidates share the decoder's
+        # modules) before every timed step, outside the timer, and puts them back after it
         # positions wrap inside the model's context (a short-context model still times as many steps)
         pos = torch.full((rows, 1), cache.length % context, dtype=torch.long, device=device)
         with plan.stepping(decoder) as fn:
