@@ -22,8 +22,8 @@ QUERY_BLOCK = 128
 @torch.library.custom_op("earlyfusion::embedding_grad", mutates_args=())
 def embedding_grad(grad: Tensor, tokens: Tensor, num_rows: int) -> Tensor:
     """The embedding table's gradient (num_rows, dim): each row of ``grad`` (…, dim) added into the row its token
-    names. An opaque op so that torch.compile calls ``index_add_`` (under a millisecond for a ``base`` batch on
-    two cores) instead of its own lowering, which adds element by element with atomics (about 50 ms)."""
+    names. An opaque op so that torch.compile calls ``index_add_`` instead of its own lowering, which adds element
+    by element with atomics and is many times slower on a CPU."""
     flat = grad.reshape(-1, grad.shape[-1])
     return flat.new_zeros(num_rows, flat.shape[1]).index_add_(0, tokens.reshape(-1), flat)
 
@@ -54,7 +54,7 @@ def embed(weight: Tensor, tokens: Tensor) -> Tensor:
     """``F.embedding(tokens, weight)`` whose backward sums rows with ``embedding_grad``."""
     if torch.is_grad_enabled() and weight.requires_grad:
         return _Embed.apply(weight, tokens)
-    return F.embedding(tokens, weight)  # no backward to shape: skip the autograd.Function's ~20 µs per call
+    return F.embedding(tokens, weight)  # no backward to shape: spare decode steps the autograd.Function's overhead
 
 
 def _allowed(mask: Tensor | None, start: int, end: int, device: torch.device) -> Tensor:
@@ -119,9 +119,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bloc
     q (B, H, T, hd), k/v (B, KV, T, hd) with H a multiple of KV; ``mask`` (B, 1, T, T) bool (True = may attend)
     restricts further (packed documents, padding) and must itself be causal, as ``causal_mask`` makes it; None
     means plain causal attention. Under autocast the scores and the softmax are fp32 and the other products run in
-the autocast dtype. On a CPU
-    with fast bf16 products but no AMX, this trains faster in bf16 than the library kernel, whose bf16 path is no
-    faster than its fp32 one; in fp32 it is usually slower. The same arithmetic as
+    the autocast dtype. On a CPU with fast bf16 products but no AMX, this trains faster in bf16 than the library
+    kernel, whose bf16 path is no faster than its fp32 one; in fp32 it is usually slower. The same arithmetic as
     ``F.scaled_dot_product_attention`` up to rounding."""
     H = q.shape[1]
     if k.shape[1] != H:  # grouped-query heads: each key/value head serves H / KV query heads
