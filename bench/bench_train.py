@@ -38,7 +38,8 @@ def bench_train(preset: str, *, batch: int, seq_len: int, warmup: int, iters: in
         torch.manual_seed(0)
         ours, hf, parity = Decoder(DecoderConfig.from_preset(preset, vocab_size, max_seq_len=max(seq_len, 16))), None, None
     cfg = ours.config
-    plan = attention_plan(ours, batch, seq_len, precision=precision, packed=False)  # as training chooses it
+    # as training chooses it: timed compiled where the compiled step is measured (the mode the targets use)
+    plan = attention_plan(ours, batch, seq_len, precision=precision, packed=False, compile=compile)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]

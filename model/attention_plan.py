@@ -8,8 +8,9 @@ products ran at twice the fp32 speed, so blocked cut bf16 attention by a third o
 were within noise. No constant decides: ``attention_plan`` times one layer's attention, forward and backward,
 for each kernel on the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that
 load from other processes falls on both, and sets the faster on the decoder; a resumed run keeps the kernel it
-started with. The kernels are timed eagerly, a few milliseconds each; under ``--compile`` inductor fuses the
-blocked kernel's masking and softmax, which only widens its lead.
+started with. The kernels are timed as the run will call them: eagerly, or, for a run under ``--compile``, each
+through torch.compile (inductor fuses the blocked kernel's masking and softmax, the library kernel is one call
+either way), because eager timings can rank the two the other way round from what the compiled step runs at.
 
 Only CPUs are timed: on a GPU the library kernel (flash or memory-efficient attention) is kept. The blocked
 kernel keeps each block's softmax for the backward pass, about (rows × heads × length² / 2) values per layer,
@@ -61,9 +62,11 @@ def _pinned() -> str | None:
 
 
 def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim: int, *, precision: str,
-                 packed: bool, device: torch.device | str = "cpu") -> dict[str, float]:
+                 packed: bool, compile: bool = False, device: torch.device | str = "cpu") -> dict[str, float]:
     """Median seconds of one attention layer's forward + backward for each kernel, on random inputs of this shape
-    (``packed``: rows of two documents each, masked like packed training rows) under ``precision``'s autocast."""
+    (``packed``: rows of two documents each, masked like packed training rows) under ``precision``'s autocast;
+    ``compile``: each kernel through torch.compile (compiled before it is timed), as a ``--compile`` run calls it.
+    Where compiling fails, the kernels are timed eagerly (the run's own compile then reports the failure)."""
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -77,20 +80,27 @@ def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim
         doc_ids = (torch.arange(length, device=device) >= length // 2).long().expand(rows, length)
         mask = causal_mask(rows, length, 0, torch.device(device), doc_ids=doc_ids)
 
-    def library() -> torch.Tensor:
+    def library(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_heads != n_kv_heads)
 
-    kernels = {"library": library, "blocked": lambda: blocked_attention(q, k, v, mask)}
+    kernels = {"library": library, "blocked": blocked_attention}
 
     def run(fn) -> float:
         t0 = time.perf_counter()
         with autocast(precision, torch.device(device).type):
-            out = fn()
+            out = fn(q, k, v, mask)
         out.backward(grad)
         q.grad = k.grad = v.grad = None
         return time.perf_counter() - t0
 
+    if compile:
+        try:
+            kernels = {name: torch.compile(fn, dynamic=False) for name, fn in kernels.items()}
+            for fn in kernels.values():
+                run(fn)  # compiles
+        except Exception:  # noqa: BLE001 - no compiler here: the run's own compile says so to the user
+            kernels = {"library": library, "blocked": blocked_attention}
     for fn in kernels.values():
         for _ in range(WARMUP):
             run(fn)
@@ -102,9 +112,10 @@ def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim
 
 
 def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, packed: bool,
-                   kernel: str | None = None) -> AttentionPlan:
+                   compile: bool = False, kernel: str | None = None) -> AttentionPlan:
     """Choose, set on ``decoder`` (``Decoder.set_attention``) and return the attention kernel for training forwards
-    of ``rows`` × ``length`` tokens under ``precision`` ("bf16" or "no"); the timing is remembered on the decoder.
+    of ``rows`` × ``length`` tokens under ``precision`` ("bf16" or "no"), compiled (``compile``) or eager; the
+    timing is remembered on the decoder.
     ``kernel``: the kernel a resumed run started with, kept so that it continues exactly (None: choose)."""
     device = next(decoder.parameters()).device
     if kernel is not None:
@@ -120,11 +131,11 @@ def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, 
                                             f"{BLOCKED_MAX_LEN}")
     else:
         plans = decoder.__dict__.setdefault("_earlyfusion_attention_plans", {})
-        key = (rows, length, precision, packed, torch.get_num_threads())
+        key = (rows, length, precision, packed, compile, torch.get_num_threads())
         if key not in plans:
             c = decoder.config
             medians = time_kernels(rows, length, c.n_heads, c.n_kv_heads, c.head_dim, precision=precision,
-                                   packed=packed, device=device)
+                                   packed=packed, compile=compile, device=device)
             plans[key] = AttentionPlan(min(medians, key=medians.get), {n: t * 1e3 for n, t in medians.items()})
         plan = plans[key]
     decoder.set_attention(plan.kernel)

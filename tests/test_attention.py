@@ -122,6 +122,27 @@ def test_plan_keeps_the_faster_kernel_and_remembers_it(monkeypatch):
     assert calls == ["bf16", "no"] and model.attention_kernel == "blocked"
 
 
+def test_plan_times_compiled_kernels_for_a_compiled_run(monkeypatch):
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs["compile"])
+        return {"library": 0.010, "blocked": 0.020} if kwargs["compile"] else {"library": 0.020, "blocked": 0.010}
+
+    monkeypatch.setattr(plan_mod, "time_kernels", fake)
+    model = make("library")
+    assert attention_plan(model, 2, 64, precision="bf16", packed=True).kernel == "blocked"
+    assert attention_plan(model, 2, 64, precision="bf16", packed=True, compile=True).kernel == "library"
+    assert seen == [False, True] and model.attention_kernel == "library"
+
+
+def test_plan_real_compiled_timing_runs(monkeypatch):
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    ms = plan_mod.time_kernels(1, 32, 2, 2, 8, precision="bf16", packed=True, compile=True)
+    assert set(ms) == {"library", "blocked"} and all(t > 0 for t in ms.values())
+
+
 def test_plan_real_timing_runs(monkeypatch):
     monkeypatch.delenv(PIN_ENV, raising=False)
     plan = attention_plan(make("library"), 2, 32, precision="no", packed=False)

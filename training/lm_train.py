@@ -379,7 +379,7 @@ def train(cfg: TrainConfig) -> Path:
     losses_of = TokenLosses(model)
     forward = compiled(losses_of, dynamic=False) if cfg.compile else losses_of  # packed rows: always the same shape
     # a resumed run keeps the kernel it started with (the two kernels round differently)
-    attention = attention_plan(raw_model, micro, context_len, precision=mp, packed=True,
+    attention = attention_plan(raw_model, micro, context_len, precision=mp, packed=True, compile=cfg.compile,
                                kernel=state.get("attention") if ckpt is not None else None)
     writer = _tensorboard(out) if main else None
 
