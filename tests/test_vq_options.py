@@ -15,8 +15,10 @@ from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae,
 from earlyfusion.training.vq_losses import (Adversarial, PatchDiscriminator, PerceptualLoss, adaptive_weight,
                                             hinge_d_loss)
 
-# a photograph-style model small enough for tests: 32 px, 4x downsampling, attention at the lowest resolution
-SMALL = dict(image_size=32, downsample=4, width=16, sets={"latent_dim": 16, "kmeans_iters": 2, "decoder_res_blocks": 1})
+# a photograph-style model small enough for tests: 32 px, 4x downsampling, a whole-image encoder with attention at
+# the lowest resolution (the architecture of the published shapes)
+SMALL = dict(image_size=32, downsample=4, width=16, sets={"latent_dim": 16, "kmeans_iters": 2, "decoder_res_blocks": 1,
+                                                         "encoder_reach": None, "attention": True})
 
 
 def _small(**kw) -> VQConfig:
@@ -31,8 +33,10 @@ def _small(**kw) -> VQConfig:
 def test_presets_have_the_published_shapes():
     assert VQ_PRESETS["default"] == VQConfig() and VQ_PRESETS["default"].grid_size == (4, 4)
     p = VQ_PRESETS["photo64"]
-    assert p.image_size == 64 and p.grid_size == (8, 8) and p.attention and p.encoder_reach is None
-    assert resolve_vq_config("photo64", downsample=4).grid_size == (16, 16)
+    assert p.image_size == 64 and p.grid_size == (8, 8) and not p.attention and p.encoder_reach == 1
+    p16 = resolve_vq_config("photo64", downsample=4)
+    assert p16.grid_size == (16, 16) and p16.patch_size == 4 and p16.channels == (128,)  # one patch per code
+    assert VQ_PRESETS["photo256"].attention and VQ_PRESETS["chameleon512"].encoder_reach is None
     v = VQ_PRESETS["photo256"]
     assert (v.image_size, v.downsample, v.grid_size, v.codebook_size, v.codebook_dim) == (256, 16, (16, 16), 16384, 8)
     c = VQ_PRESETS["chameleon512"]
@@ -50,8 +54,8 @@ def test_options_override_and_rederive_levels():
     assert cfg.channels == (64, 64, 128, 128, 256, 256)  # the preset's multipliers (1, 1, 2, 2, 4), the last repeated
     assert (cfg.res_blocks, cfg.decoder_res_blocks) == (1, 2)
     assert resolve_vq_config("photo256", downsample=4).channels == (128, 128, 256)
-    p = resolve_vq_config("photo64", downsample=2)
-    assert p.patch_size == 2 and p.channels == (128,)  # the patch stem never exceeds the downsampling
+    p = resolve_vq_config("photo256", downsample=2)
+    assert p.patch_size == 1 and p.channels == (128, 128)
     # the local-encoder presets keep one patch per code
     d = resolve_vq_config("default", downsample=4, image_size=16)
     assert d.patch_size == 4 and d.grid_size == (4, 4) and d.encoder_reach == 0
@@ -62,8 +66,8 @@ def test_set_is_typed_from_the_dataclass():
                       "codebook-size=12"])
     assert got == {"attention": False, "channels": (32, 64), "encoder_reach": None, "ema_decay": 0.9, "quantizer": "fsq",
                    "codebook_size": 12}
-    cfg = resolve_vq_config("photo64", sets=parse_sets(["channels=32,64", "norm_groups=8", "ema_decay=0.95"]))
-    assert cfg.channels == (32, 64) and cfg.ema_decay == 0.95
+    cfg = resolve_vq_config("photo64", sets=parse_sets(["channels=32", "norm_groups=8", "ema_decay=0.95"]))
+    assert cfg.channels == (32,) and cfg.ema_decay == 0.95
 
 
 @pytest.mark.parametrize("items, match", [

@@ -286,7 +286,7 @@ def test_resume_with_other_identity_or_only_corrupted_checkpoints_is_refused(dat
 
 def test_preset_recipes_fill_only_what_was_not_given(data, tmp_path):
     photo = VQTrainConfig(data=str(data), out=str(tmp_path / "a"), preset="photo64")
-    assert (photo.steps, photo.batch_size, photo.lr) == (1000, 32, 2e-3)
+    assert (photo.steps, photo.batch_size, photo.lr) == (3000, 32, 2e-3)
     default = VQTrainConfig(data=str(data), out=str(tmp_path / "b"))
     assert (default.steps, default.batch_size, default.lr) == (1800, 128, 3e-3)  # what the demo trains with
     mine = VQTrainConfig(data=str(data), out=str(tmp_path / "c"), preset="photo64", steps=7, lr=1e-3)
@@ -298,7 +298,8 @@ def test_photo_preset_at_another_size_trains_and_evaluates(data, tmp_path, capsy
     train(_cfg(data, run, steps=4, preset="photo64", image_size=16, downsample=4, width=16,
                overrides=["latent_dim=16", "codebook_size=32", "decoder_res_blocks=1"]))
     cfg = json.loads((run / "config.json").read_text())
-    assert (cfg["image_size"], cfg["downsample"], cfg["attention"], cfg["grid"]) == (16, 4, True, [4, 4])
+    assert (cfg["image_size"], cfg["downsample"], cfg["attention"], cfg["grid"]) == (16, 4, False, [4, 4])
+    assert (cfg["encoder_reach"], cfg["patch_size"]) == (1, 4)
     capsys.readouterr()
     assert eval_cmd(VQEvalConfig(checkpoint=str(run), data=str(data), json=True)) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -63,7 +63,7 @@ SHEETS_DIR = "sheets"
 SHEET_IMAGES = 8
 RECIPE = {"steps": 1800, "batch_size": 128, "lr": 3e-3}
 """Training defaults of the presets not in RECIPES."""
-RECIPES: dict[str, dict] = {"photo64": {"steps": 1000, "batch_size": 32, "lr": 2e-3}}
+RECIPES: dict[str, dict] = {"photo64": {"steps": 3000, "batch_size": 32, "lr": 2e-3}}
 """Per-preset training defaults (an option given on the command line wins)."""
 
 
@@ -99,7 +99,7 @@ class VQTrainConfig:
     """FIELD=VALUE: set any image tokenizer config field (e.g. --set attention=true --set channels=64,128); applied after
     the options above. config.json of the run lists the fields."""
     steps: int | None = None
-    """Optimizer steps (default: the preset's recipe, 1800; photo64: 1000); raise it when the reconstructions still
+    """Optimizer steps (default: the preset's recipe, 1800; photo64: 3000); raise it when the reconstructions still
     improve at the end (see metrics.jsonl)."""
     batch_size: int | None = None
     """Global batch size (images per optimizer step, over all processes; default: the preset's recipe, 128; photo64:
