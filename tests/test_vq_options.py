@@ -48,7 +48,7 @@ def test_no_options_is_the_preset_itself():
         assert resolve_vq_config(name) == cfg
 
 
-def test_options_override_and_rederive_levels():
+def test_options_override_and_rederive_levels(monkeypatch):
     cfg = resolve_vq_config("photo256", image_size=128, downsample=32, codebook_size=4096, codebook_dim=16, width=64, depth=1)
     assert cfg.grid_size == (4, 4) and cfg.codebook_size == 4096 and cfg.codebook_dim == 16
     assert cfg.channels == (64, 64, 128, 128, 256, 256)  # the preset's multipliers (1, 1, 2, 2, 4), the last repeated
@@ -56,6 +56,9 @@ def test_options_override_and_rederive_levels():
     assert resolve_vq_config("photo256", downsample=4).channels == (128, 128, 256)
     p = resolve_vq_config("photo256", downsample=2)
     assert p.patch_size == 1 and p.channels == (128, 128)
+    monkeypatch.setitem(VQ_PRESETS, "stem4", replace(VQ_PRESETS["photo256"], patch_size=4, channels=(128, 128, 256)))
+    p = resolve_vq_config("stem4", downsample=2)
+    assert p.patch_size == 2 and p.channels == (128,)  # the patch stem never exceeds the downsampling
     # the local-encoder presets keep one patch per code
     d = resolve_vq_config("default", downsample=4, image_size=16)
     assert d.patch_size == 4 and d.grid_size == (4, 4) and d.encoder_reach == 0

@@ -24,9 +24,9 @@ VQ_PRESETS: dict[str, VQConfig] = {
     "default": VQConfig(),
     # photographs at 64 px -> 8x8 codes (16x16 with downsample 4), trained on a CPU in minutes: each code sees its
     # own patch and the eight around it, and the pixel decoder (residual conv stages) sees every code. Trained on a
-    # few photographs, a whole-image encoder with attention learns those photographs: on unseen ones it
-    # reconstructed worse, at a third (16x16) to a fifth (8x8) of this encoder's training speed. For the whole-image
-    # encoder: --set encoder_reach=none attention=true
+    # few photographs, a whole-image encoder with attention learns those photographs: it reconstructs unseen ones
+    # no better and trains several times slower on a CPU. For the whole-image encoder: --set encoder_reach=none
+    # attention=true
     "photo64": VQConfig(image_size=64, downsample=8, patch_size=8, channels=(128,), encoder_reach=1,
                         res_blocks=1, decoder_res_blocks=2, latent_dim=64, codebook_size=1024, codebook_dim=8,
                         ema_decay=0.8, norm_groups=16, attention=False),
