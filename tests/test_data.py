@@ -381,6 +381,25 @@ def test_heldout_pairs(world):
     assert D.heldout_pairs([str(world.data / "text.jsonl")], vocab=world.vocab, image_tokenizer=world.vq) == []
 
 
+def test_training_validates_on_a_validation_split_when_there_is_one(world, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(world.data, data)
+    shutil.rmtree(data / "val", ignore_errors=True)
+    assert D.validation_split(data) == "test"
+    test_rows = (data / "test" / "metadata.jsonl").read_text().splitlines()
+    shutil.copytree(data / "test", data / "val")
+    (data / "val" / "metadata.jsonl").write_text("\n".join(test_rows[:2]) + "\n")
+    assert D.validation_split(data) == "val"
+    chosen = D.heldout_pairs([str(data)], vocab=world.vocab, image_tokenizer=world.vq, split=None,
+                             cache_dir=str(tmp_path / "c"))
+    assert len(chosen) == 2 and all("/val/" in p.path for p in chosen)
+    # an explicit split is read as given: eval's test figures stay on the test split
+    test = D.heldout_pairs([str(data)], vocab=world.vocab, image_tokenizer=world.vq, cache_dir=str(tmp_path / "c"))
+    assert len(test) == len(test_rows) and all("/test/" in p.path for p in test)
+
+
 def test_iter_texts_reads_every_part(world):
     texts = list(D.iter_texts([str(world.data)]))
     n_train = len((world.data / "train" / "metadata.jsonl").read_text().splitlines())

@@ -15,7 +15,7 @@ from earlyfusion.tokenizer.preprocess import preprocess_for_codes, to_pil
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
 from .codes import local_image_table, resolve_cache_dir
-from .records import SkipReport, has_images_or_metadata, pair_records, split_root
+from .records import SkipReport, has_images_or_metadata, pair_records, split_root, validation_split
 from .sources import parse_source
 
 
@@ -36,12 +36,13 @@ class HeldoutPair:
 
 
 def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path, cache_dir: str | None = None,
-                  split: str = "test", text_column: str = "text", limit: int = 0, strict: bool = False) -> list[HeldoutPair]:
+                  split: str | None = "test", text_column: str = "text", limit: int = 0, strict: bool = False
+                  ) -> list[HeldoutPair]:
     """Captioned images of the held-out split of every local data directory in ``sources``.
 
-    ``DIR/test`` when present; a plain imagefolder without split folders is used as is (then the
-    pairs are not held out from training, a warning says so). Files, hub names and directories that
-    have other splits but not ``split`` contribute nothing.
+    ``DIR/split`` when present (``split=None``: each directory's ``validation_split``, as training validates); a
+    plain imagefolder without split folders is used as is (then the pairs are not held out from training, a
+    warning says so). Files, hub names and directories that have other splits but not the split contribute nothing.
     """
     report = SkipReport(strict=strict)
     out: list[HeldoutPair] = []
@@ -51,13 +52,14 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
         if not path.is_dir():
             continue
         try:
-            root = split_root(path, split)
+            root = split_root(path, split or validation_split(path))
         except UserError:
             continue
         if not has_images_or_metadata(root):
             continue
         if root == path:
-            log.warning("%s has no '%s' folder: validation uses its own (training) images", path, split)
+            log.warning("%s has no '%s' folder: validation uses its own (training) images", path,
+                        split or validation_split(path))
         vq_fp = vq_fp or check_vocab_matches(vocab, image_tokenizer, "held-out pairs")
         recs = [(w, str(p), t) for w, p, t in pair_records(root, text_column, report) if t and t.strip()]
         if limit:

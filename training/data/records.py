@@ -34,6 +34,8 @@ from earlyfusion.tokenizer.preprocess import is_image_file
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 SPLIT_DIRS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+VALIDATION_DIRS = ("validation", "valid", "val", "dev")
+"""Split folders meant for choosing a model (training's validation), checked in this order."""
 PARAGRAPH = "\n\n"  # joins consecutive texts of an interleaved record (OBELICS texts are paragraphs)
 _BOM = b"\xef\xbb\xbf"
 
@@ -230,6 +232,16 @@ def split_root(data: Path, split: str) -> Path:
         raise UserError(f"{data}: no '{split}' split folder (found: {', '.join(others)}); "
                         f"pick one of them with the split option or point at the folder itself")
     return data
+
+
+def validation_split(data: Path) -> str:
+    """The split a training run validates on: DIR's validation folder (``VALIDATION_DIRS``) when it has one, else
+    ``test``. Choosing the run's best model on a validation split leaves the test split's figures unbiased; a
+    photos data set's test split holds other photographs, whose captions the model cannot know."""
+    for name in VALIDATION_DIRS:
+        if (data / name).is_dir():
+            return name
+    return "test"
 
 
 def has_images_or_metadata(root: Path) -> bool:
