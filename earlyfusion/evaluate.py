@@ -70,8 +70,10 @@ class EvalConfig:
     """Evaluate at most this many held-out pairs (0 = all)."""
     cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale for the drawing evaluation (the sampler's default)."""
-    image_temperature: float = 0.0
-    """Image-code temperature for the drawing evaluation; 0 = greedy (as the reading evaluation is greedy)."""
+    image_temperature: float | None = None
+    """Image-code temperature for the drawing evaluation; 0 = greedy. Unset = greedy for captions in the built-in
+    data's grammar (one right picture per caption, judged exactly) and 1.0 for other captions, which describe many
+    pictures: greedy decoding draws the same picture for every crop of a photograph, a flat mode of them."""
     batch_size: int = 64
     """Pairs per batch (validation loss, reading and drawing)."""
     seed: int = 0
@@ -90,7 +92,8 @@ class EvalConfig:
         check_number("limit", self.limit, 0)
         check_number("batch-size", self.batch_size, 1, MAX_BATCH)
         check_number("cfg", self.cfg, 0)
-        check_number("image-temperature", self.image_temperature, 0)
+        if self.image_temperature is not None:
+            check_number("image-temperature", self.image_temperature, 0)
         check_number("seed", self.seed, 0, MAX_SEED)
         check_not_file("out", self.out)
         check_not_file("images-out", self.images_out)
@@ -358,12 +361,13 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
     captions = [p.caption for p in pairs]
-    recorder = CodeRecorder(run.vq)
-    drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
-                        batch_size=cfg.batch_size, image_temperature=cfg.image_temperature,
-                        grids=trained_grids(run) or None)
     truths = [shapes.parse_caption(c) for c in captions]
     grammar = all(t is not None for t in truths)
+    temperature = cfg.image_temperature if cfg.image_temperature is not None else (0.0 if grammar else 1.0)
+    figures["image_temperature"] = temperature
+    recorder = CodeRecorder(run.vq)
+    drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
+                        batch_size=cfg.batch_size, image_temperature=temperature, grids=trained_grids(run) or None)
     if grammar:
         read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
         scenes = [shapes.recognise(img) for img in drawn]
@@ -387,7 +391,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     figures.update(which)
     per_image = [a | b for a, b in zip(per_image, judged)]
     about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
-             "seed": cfg.seed, "image_temperature": cfg.image_temperature}
+             "seed": cfg.seed, "image_temperature": temperature}
     write_drawn(images_out, drawn, captions, per_image, about)
     figures["images_out"] = str(images_out)
     figures["drawn_images"] = len(drawn)

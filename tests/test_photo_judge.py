@@ -168,6 +168,7 @@ def test_eval_reports_which_photograph_on_the_val_split(capsys, tiny_pipeline, j
     fig = _eval_json(capsys, "--checkpoint", tiny_pipeline.lm, "--data", tiny_pipeline.data, "--out", tmp_path / "s",
                      "--limit", 2, "--cfg", 0)
     assert fig["split"] == "test" and all(fig[k] is None for k in PHOTO_KEYS)
+    assert fig["image_temperature"] == 0.0  # captions of the built-in grammar: greedy drawings, judged exactly
 
 
 def test_eval_photo_figures_follow_an_oracle(monkeypatch, tiny_pipeline, judged_photos, tmp_path):
@@ -178,8 +179,11 @@ def test_eval_photo_figures_follow_an_oracle(monkeypatch, tiny_pipeline, judged_
     def oracle_read(decoder, vocab, pairs, batch_size=64, device="cpu"):
         return ["a crop of the photograph"] + [p.caption.upper() for p in pairs[1:]]
 
+    temperatures = []
+
     def oracle_draw(decoder, vocab, vq, captions, cfg, seed, batch_size=64, device="cpu", image_temperature=0.0,
                     grids=None):
+        temperatures.append(image_temperature)
         return [Image.open(judged_photos / "val" / r["file_name"]).convert("RGB") for r in _meta(judged_photos, "val")]
 
     monkeypatch.setattr(E, "read_captions", oracle_read)
@@ -187,6 +191,11 @@ def test_eval_photo_figures_follow_an_oracle(monkeypatch, tiny_pipeline, judged_
     fig = E.evaluate(E.EvalConfig(checkpoint=str(tiny_pipeline.lm), data=str(judged_photos), out=str(tmp_path)))
     assert fig["photo_caption_accuracy"] == pytest.approx(39 / 40)
     assert fig["photo_drawn_accuracy"] == pytest.approx(fig["photo_judge_real_accuracy"])
+    # a caption names many crops of its photograph: drawn by sampling unless asked otherwise
+    assert temperatures == [1.0] and fig["image_temperature"] == 1.0
+    fig = E.evaluate(E.EvalConfig(checkpoint=str(tiny_pipeline.lm), data=str(judged_photos), out=str(tmp_path / "g"),
+                                  image_temperature=0.0))
+    assert temperatures == [1.0, 0.0] and fig["image_temperature"] == 0.0
 
 
 @pytest.mark.parametrize("argv", [["--split", ""], ["--split", "../x"], ["--split", ".."]])
@@ -197,6 +206,6 @@ def test_bad_split(capsys, tmp_path, argv):
 
 
 def test_missing_split_names_it(capsys, tiny_pipeline):
-    rc, err = cli_status(capsys, ["eval", "--checkpoint", tiny_pipeline.lm, "--data", tiny_pipeline.data, "--split", "val"])
+    rc, err = cli_status(capsys, ["eval", "--checkpoint", tiny_pipeline.lm, "--data", tiny_pipeline.data, "--split", "dev"])
     assert_one_line_error(rc, err)
-    assert "no 'val' folder" in err and "--split" in err
+    assert "no 'dev' folder" in err and "--split" in err

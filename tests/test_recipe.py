@@ -97,7 +97,8 @@ def test_best_is_the_step_with_the_lowest_heldout_loss(tiny_pipeline: TinyPipeli
     saved = json.loads((out / "checkpoints" / "best" / "config.json").read_text())
     assert saved["step"] == best["step"] and saved["heldout"]["loss_image"] == best["val_loss_image"]
     assert _same_weights(out / "checkpoints" / "best", out / "checkpoints" / f"step-{best['step']:08d}")
-    assert not (out / "final.json").exists()  # --final last (the default): the run's model is the last step's
+    # --final best (the default): the run's model is the best one
+    assert json.loads((out / "final.json").read_text()) == {"checkpoint": "best"}
 
 
 class _ScriptedValidation:

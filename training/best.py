@@ -9,7 +9,8 @@ more than ``HELDOUT_RISE`` above its minimum, the log says so once: from then on
 its training data.
 
 The best-so-far (step, score, whether the log has said so) is part of every checkpoint's state, so a
-resumed run keeps it; ``--final best`` makes ``checkpoints/best`` the run's model (``rundir.set_final``).
+resumed run keeps it; ``--final best`` (the default) makes ``checkpoints/best`` the run's model
+(``rundir.set_final``).
 """
 
 from __future__ import annotations
@@ -80,5 +81,5 @@ class BestModel:
         self.warned = True
         return (f"held-out loss has turned up: {score:.3f} at step {step} is {100 * (score / self.score - 1):.0f}% above "
                 f"its minimum {self.score:.3f} at step {self.step}, so the model is memorising its training data; "
-                f"{self.dir} keeps the step-{self.step} weights (--final best makes them the run's model; fewer --steps, "
+                f"{self.dir} keeps the step-{self.step} weights (the run's model unless --final last; fewer --steps, "
                 "--augment-views or --dropout make a run learn longer)")

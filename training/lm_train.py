@@ -13,7 +13,7 @@ shape, data, seed, batch size, context length) is recorded in each checkpoint's 
 with other values is refused, and so is a new run into a directory that already holds one.
 
 Validation scores held-out pairs every ``--eval-every`` steps; the weights with the lowest held-out loss are
-kept in LMRUN/checkpoints/best (``training.best``), and ``--final best`` makes them the run's model. At start the run
+kept in LMRUN/checkpoints/best (``training.best``) and are the run's model unless ``--final last``. At start the run
 checks that its context holds every image-caption pair of the data and says how many epochs its steps
 make (``training.sizing``); the longest image span (``Vocabulary.max_span``) is what one image needs. With a
 grid-token vocabulary each checkpoint's config.json lists the code grids trained on (``rundir.trained_grids``).
@@ -121,9 +121,10 @@ class TrainConfig:
     eval_every: int = 400
     """Validation loss per modality (and a sample sheet) every K steps; 0 = only at the end. The weights with the
     lowest held-out loss (reading + drawing) are kept in LMRUN/checkpoints/best."""
-    final: Literal["last", "best"] = "last"
-    """The run's model (what sample, eval and --init-from load from LMRUN): last = the last step's weights, best = those
-    with the lowest held-out loss (LMRUN/checkpoints/best). Use best when the data is small enough to be memorised."""
+    final: Literal["last", "best"] = "best"
+    """The run's model (what sample, eval and --init-from load from LMRUN): best = the weights with the lowest held-out
+    loss (LMRUN/checkpoints/best; the last step's when there are no held-out pairs), last = the last step's weights
+    whatever the held-out loss did. On a small data set the last weights have often memorised it."""
     resume: bool = False
     """Continue from the newest good checkpoint in --out (exactly: same losses as an uninterrupted run)."""
     max_nonfinite: int = 5
@@ -341,9 +342,14 @@ def train(cfg: TrainConfig) -> Path:
                                 f"<s> {e.image} caption </s>)") from None
     if main:
         say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
-    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir)
+    # validated on each data directory's validation split when it has one (a photos set's val), else its test split
+    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir,
+                            split=None)
     if not heldout:
         log.info("no held-out pairs: validation skipped")
+    elif main:
+        log.info("validation: %d held-out pairs (%s)", len(heldout),
+                 ", ".join(sorted({str(Path(p.path).parent) for p in heldout}))[:200])
     # built before the seed is set: building a module draws from the RNG that dropout uses after it
     vq = load_vq(vq_dir) if heldout and main else None
 
@@ -522,8 +528,7 @@ def _finish(out: Path, final: str, best: BestModel) -> None:
         return
     set_final(out, None)
     if final == "best":
-        log.warning("--final best: no held-out loss was measured (no held-out pairs), so the run's model is the last "
-                    "step's")
+        log.info("no held-out loss was measured (no held-out pairs): the run's model is the last step's")
     log.info("finished: %s (checkpoint %s)", out, last)
     if best.step is not None and last is not None and best.step != int(last.name.rpartition("-")[2]):
         log.info("lowest held-out loss %.3f was at step %d: %s (--final best makes it the run's model)", best.score,

@@ -57,5 +57,6 @@ def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) ->
     name, most = max(passes, key=lambda x: x[1])
     if most > MANY_EPOCHS:
         log.warning("%s is seen about %.0f times (more than %d): a data set this small is memorised long before the "
-                    "run ends; fewer --steps, --augment-views K or --final best (with --eval-every) help", name, most,
+                    "run ends; fewer --steps or --augment-views K help (the run's model is the one with the lowest held-out "
+                    "loss unless --final last)", name, most,
                     MANY_EPOCHS)
