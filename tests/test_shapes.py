@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -213,7 +214,7 @@ def test_recognise_degrades_gracefully():
 
 def test_config_validation():
     for bad in (dict(num_images=1), dict(image_size=20), dict(image_size=8), dict(test_fraction=0.0),
-                dict(test_fraction=1.0), dict(num_text=-1), dict(val_fraction=-0.1), dict(val_fraction=0.9)):
+                dict(test_fraction=1.0), dict(num_text=-1), dict(val_fraction=-0.1), dict(val_fraction=1.5)):
         with pytest.raises(ValueError):
             ShapesConfig(out="x", **bad)
 
@@ -229,8 +230,8 @@ def tree_digest(root):
 def test_generate_layout_and_contents(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert generate_cmd(ShapesConfig(out=str(out), num_images=40, seed=3, num_interleaved=12, num_text=15)) == 0
-    assert "34 train + 2 val + 4 test" in capsys.readouterr().out
-    for split, n in (("train", 34), ("val", 2), ("test", 4)):
+    assert "36 train + 2 val + 4 test" in capsys.readouterr().out
+    for split, n in (("train", 36), ("val", 2), ("test", 4)):
         rows = [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
         assert len(rows) == n and len(list((out / split).glob("*.png"))) == n
         for row in rows:
@@ -247,13 +248,17 @@ def test_generate_layout_and_contents(tmp_path, capsys):
                 assert (out / i).is_file()
     texts = [json.loads(line)["text"] for line in (out / "text.jsonl").read_text().splitlines()]
     assert len(texts) == 15 and all(isinstance(t, str) and t for t in texts)
-    assert json.loads((out / "shapes.json").read_text())["counts"] == {"train": 34, "val": 2, "test": 4,
+    assert json.loads((out / "shapes.json").read_text())["counts"] == {"train": 36, "val": 2, "test": 4,
                                                                        "interleaved": 12, "text": 15}
-    # the test pairs do not depend on the val split: choosing a model on val leaves them as they were
+    # train and test do not depend on the val split: adding one leaves every other file as it was
     generate_cmd(ShapesConfig(out=str(tmp_path / "noval"), num_images=40, seed=3, num_interleaved=12, num_text=15,
                               val_fraction=0))
     assert not (tmp_path / "noval" / "val").exists()
-    assert tree_digest(tmp_path / "noval" / "test") == tree_digest(out / "test")
+    shutil.rmtree(out / "val")
+    info = json.loads((out / "shapes.json").read_text())
+    del info["counts"]["val"]
+    (out / "shapes.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    assert tree_digest(tmp_path / "noval") == tree_digest(out)
 
 
 def test_generate_deterministic_and_replaces(tmp_path):
@@ -276,11 +281,11 @@ def test_datasets_imagefolder_loads_it(tmp_path):
     out = tmp_path / "shapes"
     generate_cmd(ShapesConfig(out=str(out), num_images=20, num_interleaved=2, num_text=2))
     ds = datasets.load_dataset("imagefolder", data_dir=str(out / "train"), split="train", cache_dir=str(tmp_path / "c"))
-    assert len(ds) == 17 and set(ds.column_names) == {"image", "text"}
+    assert len(ds) == 18 and set(ds.column_names) == {"image", "text"}
     assert recognise(ds[0]["image"]) == parse_caption(ds[0]["text"])
     both = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "c2"))
     # the root works too: train/validation/test splits
-    assert (len(both["train"]), len(both["validation"]), len(both["test"])) == (17, 1, 2)
+    assert (len(both["train"]), len(both["validation"]), len(both["test"])) == (18, 1, 2)
 
 
 def test_cli_options(tmp_path):

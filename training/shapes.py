@@ -402,7 +402,7 @@ class ShapesConfig:
     out: str
     """Output directory (created; a previous shapes data set there is replaced)."""
     num_images: int = 10000
-    """Image-caption pairs in total (train + val + test)."""
+    """Image-caption pairs in train + test (the val split comes on top)."""
     image_size: int = 32
     """Image side in pixels (multiple of 8, at least 16; shape geometry scales with it)."""
     sizes: str | None = None
@@ -416,8 +416,9 @@ class ShapesConfig:
     test_fraction: float = 0.1
     """Fraction of the pairs written to DIR/test (held out; what eval scores)."""
     val_fraction: float = 0.05
-    """Fraction of the pairs written to DIR/val (held out; what training validates on and keeps its best model by,
-    so that choosing the model never looks at the test pairs); 0 = no val split (training then validates on test)."""
+    """Pairs written to DIR/val, as a fraction of --num-images, on top of them (held out; what training validates on
+    and keeps its best model by, so that choosing the model never looks at the test pairs; the train and test pairs
+    are the same whatever it is); 0 = no val split (training then validates on test)."""
     num_interleaved: int = 1000
     """Interleaved documents (OBELICS-style texts/images lists) in DIR/interleaved.jsonl."""
     num_text: int = 1000
@@ -441,9 +442,8 @@ class ShapesConfig:
             raise ValueError(f"--num-interleaved and --num-text must be at most {MAX_ITEMS}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
-        if not 0.0 <= self.val_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1.0:
-            raise ValueError(f"--val-fraction must be at least 0 and leave room for training pairs beside "
-                             f"--test-fraction {self.test_fraction}, got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.num_interleaved < 0 or self.num_text < 0:
             raise ValueError("--num-interleaved and --num-text must be >= 0")
 
@@ -503,14 +503,15 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     else:  # a stream of its own: the scenes are those of a one-size data set of the same seed
         canvases = [sizes[int(k)] for k in np.random.default_rng([cfg.seed, 3]).integers(len(sizes), size=cfg.num_images)]
     n_test = min(cfg.num_images - 1, max(1, round(cfg.num_images * cfg.test_fraction)))
-    # the test pairs are the last ones whatever the val split takes: they do not change with --val-fraction
-    n_val = min(cfg.num_images - n_test - 1, round(cfg.num_images * cfg.val_fraction))
-    n_train = cfg.num_images - n_test - n_val
+    n_train = cfg.num_images - n_test
     dest.mkdir(parents=True)
     train = _write_split(dest / "train", scenes[:n_train], canvases[:n_train])
-    if n_val:
-        _write_split(dest / "val", scenes[n_train:n_train + n_val], canvases[n_train:n_train + n_val])
-    _write_split(dest / "test", scenes[n_train + n_val:], canvases[n_train + n_val:])
+    _write_split(dest / "test", scenes[n_train:], canvases[n_train:])
+    n_val = round(cfg.num_images * cfg.val_fraction)
+    if n_val:  # streams of their own, after the others: train and test do not depend on the val split
+        val_rng = np.random.default_rng([cfg.seed, 4])
+        val_canvases = [sizes[int(k)] for k in val_rng.integers(len(sizes), size=n_val)]
+        _write_split(dest / "val", [random_scene(val_rng) for _ in range(n_val)], val_canvases)
     doc_rng = np.random.default_rng([cfg.seed, 1])
     with open(dest / "interleaved.jsonl", "w", encoding="utf-8") as f:
         for doc in _interleaved_docs(doc_rng, train, cfg.num_interleaved):
@@ -519,7 +520,9 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     with open(dest / "text.jsonl", "w", encoding="utf-8") as f:
         for _ in range(cfg.num_text):
             f.write(json.dumps({"text": _describe_attribute(text_rng)}) + "\n")
-    counts = {"train": n_train, "val": n_val, "test": n_test, "interleaved": cfg.num_interleaved, "text": cfg.num_text}
+    counts = {"train": n_train, "test": n_test, "interleaved": cfg.num_interleaved, "text": cfg.num_text}
+    if n_val:
+        counts["val"] = n_val
     square = len(sizes) == 1 and sizes[0][0] == sizes[0][1]
     info = {"generator": "earlyfusion data shapes", "version": 1, "image_size": sizes[0][0], "seed": cfg.seed,
             "counts": counts, "shapes": list(SHAPES), "colours": COLOURS, "sizes": list(SIZES),
@@ -571,7 +574,7 @@ def generate_cmd(cfg: ShapesConfig) -> int:
         os.replace(tmp / "data", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    val = f" + {counts['val']} val" if counts["val"] else ""
+    val = f" + {counts['val']} val" if counts.get("val") else ""
     print(f"wrote {counts['train']} train{val} + {counts['test']} test images ({_sizes_text(cfg.canvases())}), "
           f"{counts['interleaved']} interleaved documents and {counts['text']} text lines to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
