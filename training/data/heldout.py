@@ -51,15 +51,15 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
         path = Path(parse_source(spec)[0]).expanduser()
         if not path.is_dir():
             continue
+        name = split or validation_split(path)
         try:
-            root = split_root(path, split or validation_split(path))
+            root = split_root(path, name)
         except UserError:
             continue
         if not has_images_or_metadata(root):
             continue
         if root == path:
-            log.warning("%s has no '%s' folder: validation uses its own (training) images", path,
-                        split or validation_split(path))
+            log.warning("%s has no '%s' folder: validation uses its own (training) images", path, name)
         vq_fp = vq_fp or check_vocab_matches(vocab, image_tokenizer, "held-out pairs")
         recs = [(w, str(p), t) for w, p, t in pair_records(root, text_column, report) if t and t.strip()]
         if limit:
