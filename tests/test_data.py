@@ -541,8 +541,54 @@ def test_flips_only_mirror(world):
     views = Augment(views=12, min_scale=1.0, flip=True, seed=0).pixels(src, 16)
     mirrored = [torch.equal(v, views[0].flip(-1)) for v in views[1:]]
     assert all(m or torch.equal(v, views[0]) for m, v in zip(mirrored, views[1:]))
-    assert any(mirrored) and not all(mirrored)
+    assert mirrored == [view % 2 == 1 for view in range(1, 12)]  # the odd-numbered views
     assert all(torch.equal(v, views[0]) for v in Augment(views=5, min_scale=1.0, flip=False, seed=0).pixels(src, 16))
+
+
+def test_mirror_caption_exchanges_whole_words():
+    from earlyfusion.training.data.augment import Augment, parse_swap
+
+    a = Augment(views=2, min_scale=1.0, flip=True, seed=0, swap=parse_swap("left:right,east:West"))
+    assert a.mirror_caption("a red circle at the top left and a blue square on the right") == \
+        "a red circle at the top right and a blue square on the left"
+    assert a.mirror_caption("Left of the leftmost house, facing east") == "Right of the leftmost house, facing west"
+    assert a.mirror_caption("") == "" and Augment(2, 1.0, True, 0).mirror_caption("on the left") == "on the left"
+    assert parse_swap("none") == () and parse_swap(" left : right ") == (("left", "right"),)
+    for bad in ("left", "left:right:up", "left:left", "left:right,right:up", "left:1", "le ft:right"):
+        with pytest.raises(ValueError, match="augment-flip-words"):
+            parse_swap(bad)
+    with pytest.raises(ValueError, match="augment-flip-words"):
+        D.DataConfig(["x"], augment_flip_words="left")
+
+
+def test_mirrored_views_show_mirrored_captions_and_key_the_resume(world, tmp_path):
+    """With crops of the whole image, view 1 is the mirror image and its documents carry the caption with left and
+    right exchanged; view 0 keeps the caption; without words to exchange, both show the caption."""
+    train = world.data / "train"
+    captions = {json.loads(line)["file_name"]: json.loads(line)["text"]
+                for line in (train / "metadata.jsonl").read_text().splitlines()}
+    assert any("left" in c or "right" in c for c in captions.values())
+    kw = dict(augment_views=2, augment_scale=1.0, augment_flip=True, cache_dir=str(tmp_path / "c"))
+    b = world.batches([str(train)], context_len=64, batch_size=4, seed=1, reading_ratio=1.0, **kw)
+    part = b.data.parts[0]
+    assert part.mirrored == (False, True)
+    v = world.vocab
+    swapped = 0
+    for i in range(len(part)):
+        text, mirrored_text = v.decode_text(part.caption(i, 0).tolist()), v.decode_text(part.caption(i, 1).tolist())
+        want = " ".join({"left": "right", "right": "left"}.get(w, w) for w in text.split())
+        assert mirrored_text == want and text in captions.values()
+        swapped += text != mirrored_text
+    assert swapped > 0
+    # every drawn document carries the caption of the view it shows
+    for _ in range(2 * len(part)):
+        (p, item, variant, view), doc = b._draw()
+        assert doc.tolist() == D.pair_document(v, part.image(item, view), part.caption(item, view), variant).tolist()
+    plain = world.batches([str(train)], context_len=64, batch_size=4, seed=1, augment_flip_words="none", **kw)
+    assert plain.data.parts[0].mirror_captions is None
+    assert all(np.array_equal(plain.data.parts[0].caption(i, 1), part.caption(i, 0)) for i in range(len(part)))
+    with pytest.raises(UserError, match="resume"):
+        plain.load_state_dict(json.loads(json.dumps(b.state_dict())))
 
 
 def test_augmentation_settings_key_the_code_cache(world, tmp_path):

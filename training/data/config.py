@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from earlyfusion.options import check_not_file, check_number
 
-from .augment import NO_AUGMENT, Augment
+from .augment import NO_AUGMENT, Augment, parse_swap
 
 PIPELINE_VERSION = 1  # part of every image-code cache key and of the resume signature
 TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image code, <eoi> or grid token; no target
@@ -54,15 +54,20 @@ class DataConfig:
     """Smallest crop side of an augmented view, as a fraction of the image's short side (0.1 to 1); unset = 0.8.
     Keep it near 1 when captions describe sizes or places within the frame."""
     augment_flip: bool = False
-    """Mirror half of the augmented views left-right. Only for data whose captions stay true when mirrored (no
-    left/right, no text in the images)."""
+    """Mirror half of the augmented views left-right, exchanging the words of --augment-flip-words in their captions.
+    For data whose captions stay true of the mirrored picture once those words are exchanged (no text in the
+    images, nothing else that a mirror changes)."""
+    augment_flip_words: str = "left:right"
+    """Word pairs exchanged in the caption of a mirrored view (with --augment-flip), comma-separated: left:right turns
+    "a cat on the left" into "a cat on the right". none = captions unchanged."""
 
     def augment(self, seed: int) -> Augment:
         """The augmentation these options ask for, its views a function of ``seed``."""
         if self.augment_views == 1:
             return NO_AUGMENT
         scale = DEFAULT_AUGMENT_SCALE if self.augment_scale is None else self.augment_scale
-        return Augment(views=self.augment_views, min_scale=scale, flip=self.augment_flip, seed=seed)
+        return Augment(views=self.augment_views, min_scale=scale, flip=self.augment_flip, seed=seed,
+                       swap=parse_swap(self.augment_flip_words) if self.augment_flip else ())
 
     def __post_init__(self):
         if isinstance(self.sources, str):
@@ -75,6 +80,7 @@ class DataConfig:
         check_number("augment-views", self.augment_views, 1, MAX_AUGMENT_VIEWS)
         if self.augment_views == 1 and (self.augment_scale is not None or self.augment_flip):
             raise ValueError("--augment-scale and --augment-flip shape augmented views; give --augment-views K > 1 too")
+        parse_swap(self.augment_flip_words)  # a bad pair fails here, with or without --augment-flip
         if self.augment_scale is not None:
             check_number("augment-scale", self.augment_scale, 0.1, 1)
         for name in ("image_column", "text_column", "split"):

@@ -85,6 +85,8 @@ class Part:
     captions: list[np.ndarray] = field(default_factory=list)  # pairs: caption text ids (may be empty)
     docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text: document ids (int32)
     views: np.ndarray | None = None  # pairs with augmentation: (N, K-1, L) int32, the augmented views
+    mirror_captions: list[np.ndarray] | None = None  # pairs with mirrored views whose captions change: their captions
+    mirrored: tuple[bool, ...] = ()  # with mirror_captions: whether each view (0..K-1) is mirrored
     grids: np.ndarray | None = None  # (rows, columns) int32: pairs (N, 2), each image's; interleaved (M, 2), every
     # image's in the documents
 
@@ -103,6 +105,12 @@ class Part:
     def image(self, item: int, view: int = 0) -> np.ndarray:
         """The (h, w) code grid of a pair's image: view 0 as it is, 1..K-1 augmented."""
         return grid_codes(self.codes[item] if view == 0 else self.views[item, view - 1], self.grids[item])
+
+    def caption(self, item: int, view: int = 0) -> np.ndarray:
+        """The caption ids a pair's image shows with view ``view``: the mirrored caption for a mirrored view."""
+        if self.mirror_captions is not None and self.mirrored[view]:
+            return self.mirror_captions[item]
+        return self.captions[item]
 
     def tokens(self, vocab) -> int:
         """Tokens of one pass over the part (every pair once, with its caption)."""
@@ -235,23 +243,31 @@ def _check_fit(longest: tuple[int, str, int], context_len: int, vocab) -> None:
 
 
 def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, vocab, builder: _Builder,
-                report: SkipReport) -> Part:
-    """recs (where, image source, caption) with their caption ids -> the pairs whose image is good."""
-    rows, caps = [], []
-    for (where, path, _), cap in zip(recs, ids):
+                report: SkipReport, augment: Augment = NO_AUGMENT) -> Part:
+    """recs (where, image source, caption) with their caption ids -> the pairs whose image is good; with mirrored
+    views whose captions change (``augment.swap``), each pair's mirrored caption too."""
+    good = []
+    for i, ((where, path, _), cap) in enumerate(zip(recs, ids)):
         row = table.index[path]
         reason = table.reasons[row]
         if reason:
             report.add(reason, where)
             continue
-        rows.append(row)
-        caps.append(builder.caption(cap, where))
-    report.ok(len(rows))
+        good.append((i, row, builder.caption(cap, where)))
+    report.ok(len(good))
+    rows = [row for _, row, _ in good]
     sel = np.asarray(rows, np.int64)
     codes = table.codes[sel] if rows else np.zeros((0, vocab.tokens_per_image), np.int32)
     views = table.views[sel] if table.views is not None and rows else None
     grids = table.grids[sel] if rows else np.zeros((0, 2), np.int32)
-    return Part("pairs", spec.location, spec.weight, codes=codes, captions=caps, views=views, grids=grids)
+    part = Part("pairs", spec.location, spec.weight, codes=codes, captions=[c for _, _, c in good], views=views,
+                grids=grids)
+    if views is not None and augment.flip and augment.swap:
+        texts = [augment.mirror_caption(recs[i][2]) if recs[i][2] and recs[i][2].strip() else "" for i, _, _ in good]
+        cap = builder.T - pair_overhead(vocab)  # cut as the caption was (already counted if it was)
+        part.mirror_captions = [np.asarray(m[:cap], np.int32) for m in vocab.encode_texts(texts)]
+        part.mirrored = tuple(augment.mirrored(v) for v in range(part.n_views))
+    return part
 
 
 def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
@@ -312,7 +328,7 @@ def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: st
     out, hit = encode_images(srcs, key, image_tokenizer, cache_root, cfg.strict, augment=augment,
                              grid_tokens=vocab.grid_tokens)
     table = table_from(out.remove_columns(["src"]), wheres, hit, time.perf_counter() - t0, vocab.grid)
-    part = _pairs_part(spec, recs, ids, table, vocab, builder, report)
+    part = _pairs_part(spec, recs, ids, table, vocab, builder, report, augment)
     return part, 0 if hit else len(ds), len(ds) if hit else 0, longest[0]
 
 
@@ -391,7 +407,7 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
             cached += n_old
             longest = max(longest, (n_tokens, spec.location, 0))
         elif spec.kind == "pairs":
-            part = _pairs_part(spec, *recs, tables[spec.source], vocab, builder, report)
+            part = _pairs_part(spec, *recs, tables[spec.source], vocab, builder, report, augment)
         elif spec.kind == "interleaved":
             part = _interleaved_part(spec, recs, tables[spec.source], vocab, builder, report)
         else:

@@ -105,7 +105,7 @@ class PackedBatches:
         part = self.data.parts[p]
         if part.kind != "pairs":
             return part.docs[item]
-        return pair_document(self.vocab, part.image(item, view), part.captions[item], variant)
+        return pair_document(self.vocab, part.image(item, view), part.caption(item, view), variant)
 
     def _view(self, p: int, item: int) -> int:
         """Which code grid of a pair this epoch shows (0 without augmentation); draws nothing from the generator."""
@@ -186,6 +186,10 @@ class PackedBatches:
         views = [p.n_views for p in self.data.parts]
         if any(k > 1 for k in views):  # absent without augmentation: such runs keep their signature
             sig.append(["views", views])
+        mirrors = [p.mirrored for p in self.data.parts if p.mirror_captions is not None]
+        if mirrors:  # captions of mirrored views exchange words: which views, and the captions they get
+            sig.append(["mirror", mirrors, hashlib.sha256(b"".join(c.tobytes() for p in self.data.parts
+                                                                     for c in p.mirror_captions or [])).hexdigest()])
         return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
 
     def state_dict(self) -> dict:
