@@ -15,6 +15,9 @@ copies of one another: a drawing is compared only with the training grids of its
 (``best_overlap`` with ``drawn_grids`` / ``train_grids``; ``flatten_grids`` lays grids of any shape out as
 padded rows, as the code cache does).
 
+A run trained with augmented views (``--augment-views``) saw more grids than its images: those views join the
+training grids (from the same code cache), and the captions of mirrored views join the training captions.
+
 On the built-in shapes data a drawing may legitimately equal a training image (one-shape scenes are
 few, and a scene seen in training has exactly one image), so there only drawings of two-shape scenes
 absent from the training captions count (``novel_two_shape``; a scene in a picture of another shape is
@@ -180,14 +183,17 @@ def recorded_sources(config: dict) -> tuple[list[str], dict]:
 
 def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path, split: str = "train",
                    text_column: str = "text", cache_dir: str | None = None,
-                   allow_outside_paths: bool = False) -> TrainingGrids:
+                   allow_outside_paths: bool = False, augment=None) -> TrainingGrids:
     """The code grids of every local training image of ``sources`` (image-caption pairs and the images of
-    interleaved documents), as training read them. UserError when a source cannot be read or none has images."""
+    interleaved documents), as training read them, with the augmented views of ``augment`` (an ``Augment``; the
+    run's) as training saw them. UserError when a source cannot be read or none has images."""
     from earlyfusion.tokenizer.vocab import check_vocab_matches
     from earlyfusion.training.data import SkipReport, local_image_table, resolve_sources
+    from earlyfusion.training.data.augment import NO_AUGMENT
     from earlyfusion.training.data.codes import resolve_cache_dir
     from earlyfusion.training.data.records import interleaved_records, pair_records
 
+    augment = augment or NO_AUGMENT
     report = SkipReport()
     images: dict[str, tuple[list[str], list[str]]] = {}  # per --data entry, as training groups them
     captions: list[str] = []
@@ -205,6 +211,8 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
                 wheres.append(where)
                 if text:
                     captions.append(text)
+                    if augment.active and augment.flip and augment.swap:
+                        captions.append(augment.mirror_caption(text))  # what training showed with mirrored views
         else:
             for where, segs in interleaved_records(Path(spec.location), report, allow_outside_paths):
                 for kind, x in segs:
@@ -217,15 +225,19 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
     cache_root = resolve_cache_dir(cache_dir, list(sources))
     codes, grids, srcs = [], [], []
     for source, (paths, wheres) in images.items():
-        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, grid_tokens=vocab.grid_tokens)
+        table = local_image_table(paths, wheres, image_tokenizer, vq_fp, cache_root, augment=augment,
+                                  grid_tokens=vocab.grid_tokens)
         good = [i for i, r in enumerate(table.reasons) if not r]
         for i, r in enumerate(table.reasons):
             if r:
                 report.add(r, table.srcs[i])
         if good:
-            codes.append(torch.from_numpy(table.codes[good].astype(np.int64)))
-            grids.append(torch.from_numpy(table.grids[good].astype(np.int64)))
-            srcs += [table.srcs[i] for i in good]
+            for view in range(augment.views if table.views is not None else 1):
+                rows = table.codes[good] if view == 0 else table.views[good, view - 1]
+                codes.append(torch.from_numpy(rows.astype(np.int64)))
+                grids.append(torch.from_numpy(table.grids[good].astype(np.int64)))
+                srcs += [table.srcs[i] if view == 0 else f"{table.srcs[i]} (augmented view {view}"
+                         f"{', mirrored' if augment.mirrored(view) else ''})" for i in good]
     if report.total:
         log.warning("copy rate, training images: %s", report.summary())
     if not srcs:

@@ -195,12 +195,30 @@ def write_drawn(path: Path, images: list, captions: list[str], extra: list[dict]
         save_json(tmp / DRAWN_MARKER, {**about, "images": len(rows)})
 
 
+def _recorded_augment(config: dict):
+    """The augmentation the run trained with (its augmented views are training grids too); none when it records
+    none or options this version cannot read."""
+    from earlyfusion.training.data import DataConfig
+    from earlyfusion.training.data.augment import NO_AUGMENT
+
+    train = config.get("train") or {}
+    data = train.get("data") or {}
+    names = ("augment_views", "augment_scale", "augment_flip", "augment_flip_words")
+    try:
+        options = DataConfig(["recorded"], **{k: data[k] for k in names if k in data})
+        return options.augment(int(train.get("seed") or 0))
+    except (TypeError, ValueError) as e:
+        log.warning("copy rate: the run's augmentation options cannot be read (%s); its augmented views are not "
+                    "compared", e)
+        return NO_AUGMENT
+
+
 def _reference(cfg: EvalConfig, run) -> TrainingGrids | None:
     """The training grids for the copy rate; None (with a warning) when the run's recorded data cannot be read."""
     sources, data = recorded_sources(run.config)
     options = {"vocab": run.vocab, "image_tokenizer": run.path.parent.parent / "image_tokenizer",
                "split": data.get("split") or "train", "text_column": data.get("text_column") or "text",
-               "allow_outside_paths": bool(data.get("allow_outside_paths"))}
+               "allow_outside_paths": bool(data.get("allow_outside_paths")), "augment": _recorded_augment(run.config)}
     if cfg.train_data:
         return training_grids(cfg.train_data, **options)
     if not sources:

@@ -591,6 +591,31 @@ def test_mirrored_views_show_mirrored_captions_and_key_the_resume(world, tmp_pat
         plain.load_state_dict(json.loads(json.dumps(b.state_dict())))
 
 
+def test_copy_reference_holds_the_augmented_views_training_saw(world, tmp_path):
+    """eval's copy rate compares drawings with every grid a run trained on: with augmented views those views too,
+    and the captions of mirrored views join the training captions (a scene seen mirrored is not novel)."""
+    from earlyfusion.copies import training_grids
+    from earlyfusion.evaluate import _recorded_augment
+    from earlyfusion.training.data.augment import NO_AUGMENT
+
+    train = str(world.data / "train")
+    options = {"augment_views": 3, "augment_scale": 1.0, "augment_flip": True, "augment_flip_words": "left:right"}
+    cfg = world.cfg([train], cache_dir=str(tmp_path / "c"), **options)
+    part = D.prepare(cfg, world.vocab, world.vq, context_len=64, seed=5).parts[0]
+    augment = _recorded_augment({"train": {"seed": 5, "data": options}})
+    assert augment == cfg.augment(5) and _recorded_augment({}) == NO_AUGMENT
+    ref = training_grids([train], vocab=world.vocab, image_tokenizer=world.vq, cache_dir=str(tmp_path / "c"),
+                         augment=augment)
+    assert len(ref.codes) == len(ref.srcs) == 3 * len(part)
+    trained = {g.tobytes() for g in _grids(part).reshape(-1, part.codes.shape[1]).astype(np.int64)}
+    assert {row.numpy().tobytes() for row in ref.codes} == trained
+    assert sum("mirrored" in s for s in ref.srcs) == len(part)  # view 1 of each image
+    texts = [json.loads(line)["text"] for line in (world.data / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert {augment.mirror_caption(t) for t in texts} <= set(ref.captions) and set(texts) <= set(ref.captions)
+    plain = training_grids([train], vocab=world.vocab, image_tokenizer=world.vq, cache_dir=str(tmp_path / "c"))
+    assert len(plain.codes) == len(part) and set(plain.captions) == set(texts)
+
+
 def test_augmentation_settings_key_the_code_cache(world, tmp_path):
     n = len(list((world.data / "train").glob("*.png")))
     cache = str(tmp_path / "cache")
