@@ -260,6 +260,43 @@ def test_epoch_estimate_matches_the_batches_and_warns_when_many(tiny_pipeline: T
 # ---------------------------------------------------------------- augmentation through the trainer
 
 
+def test_unset_augment_views_is_sized_to_the_passes():
+    from earlyfusion.training.data import DataConfig
+    from earlyfusion.training.data.config import MANY_PASSES
+
+    unset = DataConfig(sources=["x"])
+    few, many = unset.sized_to_passes(MANY_PASSES), unset.sized_to_passes(MANY_PASSES + 1)
+    assert (few.augment_views, few.augment_flip) == (1, False) and few.augment(0).active is False
+    assert (many.augment_views, many.augment_scale, many.augment_flip) == (2, 1.0, True)
+    assert many.augment(3).mirrored(1) and many.augment(3).swap == (("left", "right"),)
+    assert DataConfig(sources=["x"], augment_views=1).sized_to_passes(1e9).augment_views == 1  # a given value stays
+    assert DataConfig(sources=["x"], augment_views=3).sized_to_passes(0).augment_views == 3
+
+
+def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(tiny_pipeline: TinyPipeline, tmp_path,
+                                                                             capsys, monkeypatch, caplog):
+    from earlyfusion.training.data import config as data_config
+
+    monkeypatch.setattr(data_config, "MANY_PASSES", 0)  # any run repeats its pairs "too often"
+    out = tmp_path / "lm"
+    with caplog.at_level("INFO"):
+        run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--cache-dir", tmp_path / "cache"))
+    assert any("mirror image" in r.getMessage() for r in caplog.records)
+    data = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["train"]["data"]
+    assert (data["augment_views"], data["augment_scale"], data["augment_flip"]) == (2, 1.0, True)
+    # the same command resumes (the same decision); an explicit other choice is refused
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 8, "--cache-dir", tmp_path / "cache", "--resume"))
+    assert [r["step"] for r in _rows(out)] == list(range(1, 9))
+    rc, err = cli_status(capsys, tiny_train_argv(tiny_pipeline, out, 12, "--augment-views", 1, "--cache-dir",
+                                                 tmp_path / "cache", "--resume"))
+    assert_one_line_error(rc, err)
+    assert "augment_views 2 (now 1)" in err
+    monkeypatch.setattr(data_config, "MANY_PASSES", 10 ** 9)
+    run_cli(*tiny_train_argv(tiny_pipeline, tmp_path / "few", 2, "--cache-dir", tmp_path / "cache"))
+    data = json.loads((tmp_path / "few" / "checkpoints" / "step-00000002" / "config.json").read_text())["train"]["data"]
+    assert (data["augment_views"], data["augment_flip"]) == (1, False)
+
+
 def test_training_with_augmented_views_and_its_identity(tiny_pipeline: TinyPipeline, tmp_path, capsys):
     out = tmp_path / "lm"
     run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--augment-views", 3, "--augment-flip",

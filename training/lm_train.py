@@ -54,13 +54,13 @@ from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.best import BestModel, heldout_score
 from earlyfusion.training.data import (
-    ContextTooShort, DataConfig, heldout_pairs, pair_overhead, span_words, training_batches,
+    ContextTooShort, DataConfig, PackedBatches, heldout_pairs, pair_overhead, span_words, training_batches,
 )
 from earlyfusion.training.lm_loss import TokenLosses, lm_loss
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
-from earlyfusion.training.sizing import context_error, say_epochs
+from earlyfusion.training.sizing import context_error, pair_passes, say_epochs
 
 MIN_CONTEXT = 8
 """The shortest --context-len accepted (the trainer also checks that one image document fits)."""
@@ -319,27 +319,55 @@ def train(cfg: TrainConfig) -> Path:
     micro = cfg.micro_batch_size or per_proc
     if per_proc % micro:
         raise UserError(f"per-process batch {per_proc} must be divisible by --micro-batch-size {micro}")
-    identity = {"preset": cfg.preset, "decoder": dcfg.to_dict(), "data": data_identity(cfg.data), "seed": cfg.seed,
-                "batch_size": cfg.batch_size, "context_len": context_len, "trainable": cfg.trainable,
-                "init_from": None if init is None else str(init.resolve()),
-                "init_weights": None if init is None else weights_fingerprint(init)}
-    if init is not None:
-        del identity["preset"]  # the shape is the run's: "decoder" records it, given with --preset or not
-
     out = Path(cfg.out)
     loop = TrainLoop(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
                      main=main, desc="train")
     ckpt = loop.resume_point(cfg.resume)
-    if ckpt is not None:
-        saved = load_json(ckpt / "config.json")
-        check_identity(saved.get("identity") or {"decoder": saved["decoder"]}, identity, ckpt)
-    try:
-        batches = training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, fit_captions=True)
-    except ContextTooShort as e:
-        raise too_short(e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} tokens; "
-                                f"<s> {e.image} caption </s>)") from None
+    saved = load_json(ckpt / "config.json") if ckpt is not None else None
+    recorded = ((saved or {}).get("identity") or {}).get("data") or {}
+    if cfg.data.augment_views is None and "augment_views" in recorded:  # a resumed run keeps what it was sized with
+        cfg.data = replace(cfg.data, augment_views=recorded["augment_views"], augment_scale=recorded.get("augment_scale"),
+                           augment_flip=bool(recorded.get("augment_flip")))
+
+    def run_identity() -> dict:
+        """The options a resumed run must share (recorded in every checkpoint)."""
+        identity = {"preset": cfg.preset, "decoder": dcfg.to_dict(), "data": data_identity(cfg.data), "seed": cfg.seed,
+                    "batch_size": cfg.batch_size, "context_len": context_len, "trainable": cfg.trainable,
+                    "init_from": None if init is None else str(init.resolve()),
+                    "init_weights": None if init is None else weights_fingerprint(init)}
+        if init is not None:
+            del identity["preset"]  # the shape is the run's: "decoder" records it, given with --preset or not
+        return identity
+
+    def check_resume() -> None:
+        """Refuse a checkpoint of a run with other options (before any data is read where the options are known)."""
+        if ckpt is not None:
+            check_identity(saved.get("identity") or {"decoder": saved["decoder"]}, run_identity(), ckpt)
+
+    def batch_stream() -> PackedBatches:
+        try:
+            return training_batches(cfg.data, vocab=vocab, image_tokenizer=vq_dir, context_len=context_len,
+                                    batch_size=cfg.batch_size, seed=cfg.seed, fit_captions=True)
+        except ContextTooShort as e:
+            raise too_short(e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} tokens; "
+                                    f"<s> {e.image} caption </s>)") from None
+
+    sized = cfg.data.augment_views is None
+    if not sized:
+        check_resume()
+    cfg.data.augment_views = cfg.data.augment_views or 1
+    batches = batch_stream()
+    if sized:  # --augment-views unset: mirrored views when the pairs would be seen too often
+        passes = pair_passes(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
+        cfg.data = replace(cfg.data, augment_views=None).sized_to_passes(passes)
+        if cfg.data.augment_views > 1:
+            log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as its "
+                     "mirror image (captions with %s exchanged); --augment-views 1 turns this off", passes,
+                     cfg.data.augment_flip_words)
+            batches = batch_stream()
+        check_resume()
+    identity = run_identity()
     if main:
         say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
     # validated on each data directory's validation split when it has one (a photos set's val), else its test split

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from earlyfusion.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
+from earlyfusion.training.data.config import MANY_PASSES
 
-MANY_EPOCHS = 20
+MANY_EPOCHS = MANY_PASSES
 """More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
 memorised (held-out loss turns up) before the run ends."""
 
@@ -49,6 +50,12 @@ def epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> lis
     return [(p.name, docs * p.weight / total / max(len(p), 1)) for p in data.parts]
 
 
+def pair_passes(data, vocab, *, steps: int, batch_size: int, context_len: int) -> float:
+    """The most passes the run makes over a part of image-caption pairs (0 without one)."""
+    passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
+    return max((n for p, (_, n) in zip(data.parts, passes) if p.kind == "pairs"), default=0.0)
+
+
 def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> None:
     """Log how many passes over each part of the data the run makes; warn when one is past MANY_EPOCHS."""
     passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
@@ -57,6 +64,6 @@ def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) ->
     name, most = max(passes, key=lambda x: x[1])
     if most > MANY_EPOCHS:
         log.warning("%s is seen about %.0f times (more than %d): a data set this small is memorised long before the "
-                    "run ends; fewer --steps or --augment-views K help (the run's model is the one with the lowest held-out "
-                    "loss unless --final last)", name, most,
+                    "run ends; fewer --steps or more --augment-views help (the run's model is the one with the lowest "
+                    "held-out loss unless --final last)", name, most,
                     MANY_EPOCHS)

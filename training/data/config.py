@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from earlyfusion.options import check_not_file, check_number
 
@@ -13,6 +13,9 @@ TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image cod
 IGNORE = -100  # the target of a position that gets no loss
 MAX_AUGMENT_VIEWS = 64  # code grids per image: the cache grows with it
 DEFAULT_AUGMENT_SCALE = 0.8
+MANY_PASSES = 20
+"""Passes over a data set's image-caption pairs beyond which it is memorised before a run ends: the run's warning, and
+where an unset --augment-views adds mirrored views."""
 
 
 @dataclass
@@ -45,11 +48,13 @@ class DataConfig:
     allow_outside_paths: bool = False
     """Accept image paths in metadata / interleaved files that point outside their data directory (absolute paths,
     '..'); off, such records are skipped and counted, so a data file cannot make the pipeline read elsewhere."""
-    augment_views: int = 1
+    augment_views: int | None = None
     """Code grids cached per training image: 1 = the image as it is; K > 1 adds K-1 randomly cropped and rescaled
-    versions (encoded once, cached), and training shows each image-caption pair one of its K grids per epoch. Raise
-    it (4-8) when a small data set is memorised (held-out image loss rising while the training loss falls).
-    Interleaved documents keep their images unaugmented."""
+    versions (encoded once, cached), and training shows each image-caption pair one of its K grids per epoch.
+    Unset = sized to the data: when the run would show its image-caption pairs more than 20 times, 2 (each image and
+    its mirror image, --augment-flip at --augment-scale 1), else 1. Raise it (4-8) when a small data set is still
+    memorised (held-out image loss rising while the training loss falls); 1 turns augmentation off. Interleaved
+    documents keep their images unaugmented."""
     augment_scale: float | None = None
     """Smallest crop side of an augmented view, as a fraction of the image's short side (0.1 to 1); unset = 0.8.
     Keep it near 1 when captions describe sizes or places within the frame."""
@@ -63,11 +68,21 @@ class DataConfig:
 
     def augment(self, seed: int) -> Augment:
         """The augmentation these options ask for, its views a function of ``seed``."""
-        if self.augment_views == 1:
+        if (self.augment_views or 1) == 1:  # unset: the trainer sizes it (``sized_to_passes``); 1 until then
             return NO_AUGMENT
         scale = DEFAULT_AUGMENT_SCALE if self.augment_scale is None else self.augment_scale
         return Augment(views=self.augment_views, min_scale=scale, flip=self.augment_flip, seed=seed,
                        swap=parse_swap(self.augment_flip_words) if self.augment_flip else ())
+
+    def sized_to_passes(self, passes: float) -> DataConfig:
+        """These options with ``augment_views`` decided when it is unset: the image and its mirror image (two views,
+        whole images, captions' --augment-flip-words exchanged) when the pairs are seen more than MANY_PASSES times
+        (``passes``), else none. Set options are kept as they are."""
+        if self.augment_views is not None:
+            return self
+        if passes > MANY_PASSES:
+            return replace(self, augment_views=2, augment_scale=1.0, augment_flip=True)
+        return replace(self, augment_views=1)
 
     def __post_init__(self):
         if isinstance(self.sources, str):
@@ -77,8 +92,9 @@ class DataConfig:
         check_number("reading-ratio", self.reading_ratio, 0, 1)
         check_number("cond-dropout", self.cond_dropout, 0, 1, hi_open=True)
         check_not_file("cache-dir", self.cache_dir)
-        check_number("augment-views", self.augment_views, 1, MAX_AUGMENT_VIEWS)
-        if self.augment_views == 1 and (self.augment_scale is not None or self.augment_flip):
+        if self.augment_views is not None:
+            check_number("augment-views", self.augment_views, 1, MAX_AUGMENT_VIEWS)
+        if (self.augment_views or 1) == 1 and (self.augment_scale is not None or self.augment_flip):
             raise ValueError("--augment-scale and --augment-flip shape augmented views; give --augment-views K > 1 too")
         parse_swap(self.augment_flip_words)  # a bad pair fails here, with or without --augment-flip
         if self.augment_scale is not None:
