@@ -3,8 +3,10 @@ held-out loss (LMRUN/best, --final, resume), the epochs a run makes, and augment
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,28 @@ def test_resume_keeps_the_best_so_far(tiny_pipeline: TinyPipeline, tmp_path, mon
     assert any("resumed" in line for line in said)
     assert not [line for line in said if "turned up" in line]  # said once, before the kill
     assert [r["val_loss"] for r in _rows(out) if "val_loss" in r] == [3.0, 2.0, 2.5, 2.1]
+
+
+def test_resume_on_other_heldout_pairs_chooses_the_best_again(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, said):
+    """A data directory whose held-out pairs changed (its val split gone: validation moves to test) between a run and
+    its resume: the scores do not compare, so the best-so-far is dropped (said) and the next validation is the best."""
+    from earlyfusion.training.lm_train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_pipeline.data, data, ignore=shutil.ignore_patterns(".earlyfusion-cache"))
+    p = dataclasses.replace(tiny_pipeline, data=data)
+    out = tmp_path / "lm"
+    undo = _die_after_checkpoint(monkeypatch, 12)
+    _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5])
+    with pytest.raises(_Killed):
+        train(_cfg(p, out))
+    undo()
+    shutil.rmtree(data / "val")
+    _ScriptedValidation(monkeypatch, [2.1])
+    said.clear()
+    train(_cfg(p, out, resume=True))
+    assert any("other held-out pairs" in line and "val" in line and "test" in line for line in said)
+    assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 16
 
 
 def test_exact_resume_with_dropout_across_validations(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ directory that pruning, which keeps the newest step-* ones, never touches). The 
 more than ``HELDOUT_RISE`` above its minimum, the log says so once: from then on the run is memorising
 its training data.
 
-The best-so-far (step, score, whether the log has said so) is part of every checkpoint's state, so a
-resumed run keeps it; ``--final best`` (the default) makes ``checkpoints/best`` the run's model
+The best-so-far (step, score, whether the log has said so, and which held-out pairs scored it) is part of
+every checkpoint's state, so a resumed run keeps it, unless its held-out pairs are others (a data directory
+that gained a val split, say): scores of other pairs do not compare, so the choice starts again; ``--final best`` (the default) makes ``checkpoints/best`` the run's model
 (``rundir.set_final``).
 """
 
@@ -32,22 +33,35 @@ def heldout_score(val: dict) -> float:
     return val["loss_text"] + val["loss_image"]
 
 
+def _describe(heldout: list | None) -> str:
+    return "none" if not heldout else ", ".join(map(str, heldout))[:200]
+
+
 class BestModel:
     """Tracks the lowest held-out score of a run and keeps its weights in ``out/checkpoints/best``."""
 
-    def __init__(self, out: Path, main: bool):
+    def __init__(self, out: Path, main: bool, heldout: list | None = None):
         self.dir = Path(out) / CHECKPOINTS_DIR / BEST_DIR
         self.main = main
+        self.heldout = heldout  # what identifies the held-out pairs the scores come from (JSON)
         self.step: int | None = None
         self.score = math.inf
         self.warned = False
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "score": self.score if self.step is not None else None, "warned": self.warned}
+        return {"step": self.step, "score": self.score if self.step is not None else None, "warned": self.warned,
+                "heldout": self.heldout}
 
     def load_state_dict(self, state: dict | None) -> None:
-        """Restore the best-so-far of a checkpoint (None: a checkpoint written before it was tracked)."""
+        """Restore the best-so-far of a checkpoint (None: a checkpoint written before it was tracked); a best-so-far
+        scored on other held-out pairs is dropped, with a line in the log."""
         state = state or {}
+        if state.get("step") is not None and state.get("heldout", self.heldout) != self.heldout:
+            if self.main:
+                log.warning("the best model so far (step %d) was scored on other held-out pairs (%s; now %s): its score "
+                            "does not compare, so the run's model is chosen again from the next validation",
+                            state["step"], _describe(state.get("heldout")), _describe(self.heldout))
+            state = {}
         self.step = state.get("step")
         self.score = math.inf if self.step is None else float(state["score"])
         self.warned = bool(state.get("warned", False))

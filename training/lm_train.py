@@ -395,7 +395,9 @@ def train(cfg: TrainConfig) -> Path:
         freeze_to_image_head(model)
     optimizer = make_optimizer(model, cfg)
 
-    best = BestModel(out, main)
+    # the held-out pairs as the best model's scores depend on them: their splits and how many (not paths: data may move)
+    best = BestModel(out, main, heldout=sorted({Path(p.path).parent.name for p in heldout}) + [len(heldout)]
+                     if heldout else None)
     if ckpt is not None:
         load_weights(ckpt / "model.safetensors", model)
         state = load_state(ckpt, "state")
