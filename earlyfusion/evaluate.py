@@ -177,6 +177,20 @@ def drawn_file_names(captions: list[str]) -> list[str]:
     return names
 
 
+def sheet_rows(captions: list[str], n: int = 16) -> list[int]:
+    """Which pairs the sheet shows: up to ``n``, spread over the distinct captions (the first pair of each caption in
+    order, then the second of each, ...), so that a split of few captions (a photograph each) shows them all."""
+    by_caption: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        by_caption.setdefault(c, []).append(i)
+    rows: list[int] = []
+    for k in range(max((len(v) for v in by_caption.values()), default=0)):
+        rows += [v[k] for v in by_caption.values() if k < len(v)]
+        if len(rows) >= n:
+            break
+    return rows[:n]
+
+
 def _check_images_out(path: Path) -> None:
     """Refuse a folder that holds anything but what an earlier eval wrote there (before any work is done)."""
     if path.is_dir() and any(path.iterdir()) and not (path / DRAWN_MARKER).is_file():
@@ -415,8 +429,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     figures["drawn_images"] = len(drawn)
     save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])
     figures["readings"] = str(out / "readings.json")
-    originals = [_decode_codes(run.vq, p.codes) for p in pairs[:16]]
-    _sheet([(o, g, p.caption, r) for o, g, p, r in zip(originals, drawn[:16], pairs[:16], reads[:16])], out / "sheet.png")
+    rows = sheet_rows(captions)
+    _sheet([(_decode_codes(run.vq, pairs[i].codes), drawn[i], pairs[i].caption, reads[i]) for i in rows],
+           out / "sheet.png")
     figures["eval_seconds"] = time.perf_counter() - t0
     device_type = next(run.decoder.parameters()).device.type
     figures["sampling_precision"] = "bf16" if mixed_precision("auto", device_type)[0] == "bf16" else "fp32"

@@ -276,6 +276,17 @@ def test_drawn_file_names_are_sanitised_and_unique():
 # ---------------------------------------------------------------- copies
 
 
+def test_sheet_rows_spread_over_the_captions():
+    from earlyfusion.evaluate import sheet_rows
+
+    assert sheet_rows([f"c{i}" for i in range(40)]) == list(range(16))  # distinct captions: the first 16
+    photos = ["astronaut"] * 20 + ["coins"] * 20 + ["moon"] * 3
+    rows = sheet_rows(photos)
+    assert rows[:3] == [0, 20, 40] and len(rows) == 16 and len(set(rows)) == 16
+    assert {photos[i] for i in rows} == {"astronaut", "coins", "moon"}
+    assert sheet_rows(["a", "a"], n=16) == [0, 1] and sheet_rows([]) == []
+
+
 def test_best_overlap_and_copy_figures_by_hand():
     from earlyfusion.copies import best_overlap, copy_figures
 
