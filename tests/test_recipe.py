@@ -306,6 +306,7 @@ def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(ti
     with caplog.at_level("INFO"):
         run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--cache-dir", tmp_path / "cache"))
     assert any("mirror image" in r.getMessage() for r in caplog.records)
+    assert any("each of its 2 grids per image" in r.getMessage() for r in caplog.records)
     data = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["train"]["data"]
     assert (data["augment_views"], data["augment_scale"], data["augment_flip"]) == (2, 1.0, True)
     # the same command resumes (the same decision); an explicit other choice is refused
