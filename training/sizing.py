@@ -59,9 +59,12 @@ def pair_passes(data, vocab, *, steps: int, batch_size: int, context_len: int) -
 def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> None:
     """Log how many passes over each part of the data the run makes; warn when one is past MANY_EPOCHS."""
     passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
+    views = {name: p.n_views if p.kind == "pairs" else 1 for p, (name, _) in zip(data.parts, passes)}
     log.info("%d steps of %d x %d tokens make about %s", steps, batch_size, context_len,
-             ", ".join(f"{n:.1f} epochs of {name}" for name, n in passes))
-    name, most = max(passes, key=lambda x: x[1])
+             ", ".join(f"{n:.1f} epochs of {name}" + (f" (each of its {views[name]} grids per image {n / views[name]:.1f} "
+                                                      "times)" if views[name] > 1 else "") for name, n in passes))
+    # a pair shown as K grids repeats each grid 1/K as often: what memorising depends on
+    name, most = max(((name, n / views[name]) for name, n in passes), key=lambda x: x[1])
     if most > MANY_EPOCHS:
         log.warning("%s is seen about %.0f times (more than %d): a data set this small is memorised long before the "
                     "run ends; fewer --steps or more --augment-views help (the run's model is the one with the lowest "
