@@ -362,9 +362,11 @@ def train(cfg: TrainConfig) -> Path:
         passes = pair_passes(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
         cfg.data = replace(cfg.data, augment_views=None).sized_to_passes(passes)
         if cfg.data.augment_views > 1:
+            swap = cfg.data.augment(cfg.seed).swap
             log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as its "
-                     "mirror image (captions with %s exchanged); --augment-views 1 turns this off", passes,
-                     cfg.data.augment_flip_words)
+                     "mirror image (%s); --augment-views 1 turns this off", passes,
+                     "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged" if swap
+                     else "captions unchanged")
             batches = batch_stream()
         check_resume()
     identity = run_identity()
