@@ -211,7 +211,7 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
                 wheres.append(where)
                 if text:
                     captions.append(text)
-                    if augment.active and augment.flip and augment.swap:
+                    if augment.mirrors_captions:
                         captions.append(augment.mirror_caption(text))  # what training showed with mirrored views
         else:
             for where, segs in interleaved_records(Path(spec.location), report, allow_outside_paths):

@@ -18,7 +18,7 @@ The first time a (decoder, rows, compile, precision, threads) combination is sam
 each candidate for a few steps on a scratch KV cache — compiling the compiled ones — interleaved so that load
 from other processes falls on all of them, and keeps the fastest median step (timed twice when it compiles,
 each candidate keeping its faster median: in the pass that compiles, a newly compiled graph of a model that
-already holds others has run 20-30 % slower than it runs afterwards, enough to lose to eager); later calls reuse the choice
+already holds others can run slower than it does afterwards, enough to lose to eager); later calls reuse the choice
 (kept on the decoder, so it lives as long as the model). Eager is always a candidate, so ``--compile`` is
 never slower than eager beyond timing noise. On a GPU nothing is timed: ``compile`` means the compiled step.
 

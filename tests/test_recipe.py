@@ -187,19 +187,29 @@ def _die_after_checkpoint(monkeypatch, at: int):
     return lambda: monkeypatch.setattr(TrainLoop, "save", real_save)
 
 
-def test_resume_keeps_the_best_so_far(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, said):
+def _killed_then_resumed(p: TinyPipeline, out: Path, monkeypatch, said, between) -> None:
+    """A run killed after its step-12 checkpoint, validating 3.0, 2.0, 2.5 at steps 4, 8, 12; ``between()``; then
+    resumed, validating once more at step 16 (2.1: above step 8's 2.0), with ``said`` cleared before the resume."""
     from earlyfusion.training.lm_train import train
 
-    out = tmp_path / "lm"
     undo = _die_after_checkpoint(monkeypatch, 12)
     _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5])
     with pytest.raises(_Killed):
-        train(_cfg(tiny_pipeline, out))
+        train(_cfg(p, out))
     undo()
-    assert not (out / "final.json").exists()
-    _ScriptedValidation(monkeypatch, [2.1])  # the resumed run validates once more, at step 16: above step 8's 2.0
+    between()
+    _ScriptedValidation(monkeypatch, [2.1])
     said.clear()
-    train(_cfg(tiny_pipeline, out, resume=True))
+    train(_cfg(p, out, resume=True))
+
+
+def test_resume_keeps_the_best_so_far(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, said):
+    out = tmp_path / "lm"
+
+    def killed() -> None:
+        assert not (out / "final.json").exists()
+
+    _killed_then_resumed(tiny_pipeline, out, monkeypatch, said, between=killed)
     assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 8
     assert _same_weights(out / "checkpoints" / "best", out / "checkpoints" / "step-00000008")
     assert json.loads((out / "final.json").read_text()) == {"checkpoint": "best"}
@@ -211,21 +221,11 @@ def test_resume_keeps_the_best_so_far(tiny_pipeline: TinyPipeline, tmp_path, mon
 def test_resume_on_other_heldout_pairs_chooses_the_best_again(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch, said):
     """A data directory whose held-out pairs changed (its val split gone: validation moves to test) between a run and
     its resume: the scores do not compare, so the best-so-far is dropped (said) and the next validation is the best."""
-    from earlyfusion.training.lm_train import train
-
     data = tmp_path / "data"
     shutil.copytree(tiny_pipeline.data, data, ignore=shutil.ignore_patterns(".earlyfusion-cache"))
     p = dataclasses.replace(tiny_pipeline, data=data)
     out = tmp_path / "lm"
-    undo = _die_after_checkpoint(monkeypatch, 12)
-    _ScriptedValidation(monkeypatch, [3.0, 2.0, 2.5])
-    with pytest.raises(_Killed):
-        train(_cfg(p, out))
-    undo()
-    shutil.rmtree(data / "val")
-    _ScriptedValidation(monkeypatch, [2.1])
-    said.clear()
-    train(_cfg(p, out, resume=True))
+    _killed_then_resumed(p, out, monkeypatch, said, between=lambda: shutil.rmtree(data / "val"))
     assert any("other held-out pairs" in line and "val" in line and "test" in line for line in said)
     assert json.loads((out / "checkpoints" / "best" / "config.json").read_text())["step"] == 16
 

@@ -356,11 +356,10 @@ def train(cfg: TrainConfig) -> Path:
     sized = cfg.data.augment_views is None
     if not sized:
         check_resume()
-    cfg.data.augment_views = cfg.data.augment_views or 1
-    batches = batch_stream()
-    if sized:  # --augment-views unset: mirrored views when the pairs would be seen too often
+    batches = batch_stream()  # unset --augment-views: no augmentation while the passes are counted
+    if sized:  # mirrored views when the pairs would be seen too often
         passes = pair_passes(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
-        cfg.data = replace(cfg.data, augment_views=None).sized_to_passes(passes)
+        cfg.data = cfg.data.sized_to_passes(passes)
         if cfg.data.augment_views > 1:
             swap = cfg.data.augment(cfg.seed).swap
             log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as its "

@@ -52,6 +52,11 @@ class Augment:
         # "odd": which views are mirrored (a rule older caches, which mirrored at random, did not follow)
         return ["augment", self.views, round(self.min_scale, 6), self.flip, self.seed] + (["odd"] if self.flip else [])
 
+    @property
+    def mirrors_captions(self) -> bool:
+        """Whether some views show a caption of their own: mirrored views with words to exchange."""
+        return self.active and self.flip and bool(self.swap)
+
     def mirrored(self, view: int) -> bool:
         """Whether view ``view`` is mirrored: the odd-numbered views when flipping, so that half of the augmented
         views are, and a view's caption can be chosen without the image."""

@@ -262,7 +262,7 @@ def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, v
     grids = table.grids[sel] if rows else np.zeros((0, 2), np.int32)
     part = Part("pairs", spec.location, spec.weight, codes=codes, captions=[c for _, _, c in good], views=views,
                 grids=grids)
-    if views is not None and augment.flip and augment.swap:
+    if views is not None and augment.mirrors_captions:
         texts = [augment.mirror_caption(recs[i][2]) if recs[i][2] and recs[i][2].strip() else "" for i, _, _ in good]
         cap = builder.T - pair_overhead(vocab)  # cut as the caption was (already counted if it was)
         part.mirror_captions = [np.asarray(m[:cap], np.int32) for m in vocab.encode_texts(texts)]
