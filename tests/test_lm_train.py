@@ -74,6 +74,47 @@ def test_resume_falls_back_past_corrupted_checkpoint(tiny_pipeline: TinyPipeline
     assert latest_good(out / "checkpoints").name == "step-00000008"
 
 
+def test_image_token_noise_touches_only_codes_being_drawn():
+    """Only image codes with a target (a picture being drawn) are replaced, by image codes, at about the rate
+    asked; the draw depends on (seed, step) alone; a rate of 0 changes nothing."""
+    import torch
+
+    from earlyfusion.training.lm_train import noisy_image_codes
+
+    image_ids = range(100, 164)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 200, (8, 512), generator=g)
+    targets = torch.where(torch.rand(tokens.shape, generator=g) < 0.3, -100, tokens.roll(-1, 1))
+    noisy = noisy_image_codes(tokens, targets, image_ids, 0.25, seed=3, step=7)
+    drawn = (tokens >= 100) & (tokens < 164) & (targets != -100)
+    changed = noisy != tokens
+    assert not (changed & ~drawn).any()
+    assert ((noisy[changed] >= 100) & (noisy[changed] < 164)).all()
+    rate = changed.sum().item() / drawn.sum().item()
+    assert 0.2 < rate < 0.25  # a drawn code may be replaced by itself (1 in 64)
+    assert torch.equal(noisy, noisy_image_codes(tokens, targets, image_ids, 0.25, seed=3, step=7))
+    assert not torch.equal(noisy, noisy_image_codes(tokens, targets, image_ids, 0.25, seed=3, step=8))
+    assert torch.equal(noisy_image_codes(tokens, targets, image_ids, 0.0, seed=3, step=7), tokens)
+
+
+def test_image_token_noise_trains_differently_and_resumes_exactly(tiny_pipeline: TinyPipeline, tmp_path, capsys):
+    plain, noisy = tmp_path / "plain", tmp_path / "noisy"
+    run_cli(*tiny_train_argv(tiny_pipeline, plain, 8))
+    run_cli(*tiny_train_argv(tiny_pipeline, noisy, 8, "--image-token-noise", 0.3))
+    assert [loss for _, loss in _losses(noisy)] != [loss for _, loss in _losses(plain)]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(noisy, resumed)
+    (step_dirs(resumed / "checkpoints")[0] / "model.safetensors").write_bytes(b"\0" * 10)  # back to step 4
+    run_cli(*tiny_train_argv(tiny_pipeline, resumed, 8, "--image-token-noise", 0.3), "--resume")
+    assert _losses(resumed) == _losses(noisy)
+    run_cli(*tiny_train_argv(tiny_pipeline, resumed, 8), "--resume")  # unset: what the run started with
+    assert _losses(resumed) == _losses(noisy)
+    rc, err = _cli(capsys, *tiny_train_argv(tiny_pipeline, resumed, 12, "--image-token-noise", 0), "--resume")
+    assert rc == 2 and "image_token_noise 0.3 (now 0.0)" in err, err
+    rc, err = _cli(capsys, *tiny_train_argv(tiny_pipeline, tmp_path / "bad", 4, "--image-token-noise", 1))
+    assert rc == 2 and "image-token-noise" in err, err
+
+
 def _poison_lm_loss(monkeypatch, bad) -> None:
     """Make the decoder's loss NaN on the calls for which ``bad(call number)`` is true."""
     import torch

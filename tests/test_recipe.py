@@ -295,10 +295,13 @@ def test_unset_augment_views_is_sized_to_the_passes():
     assert many.augment(3).mirrored(1) and many.augment(3).swap == (("left", "right"),)
     assert DataConfig(sources=["x"], augment_views=1).sized_to_passes(1e9).augment_views == 1  # a given value stays
     assert DataConfig(sources=["x"], augment_views=3).sized_to_passes(0).augment_views == 3
+    from earlyfusion.training.sizing import SIZED_IMAGE_TOKEN_NOISE, sized_image_token_noise
+    assert sized_image_token_noise(MANY_PASSES) == 0 and sized_image_token_noise(MANY_PASSES + 1) == SIZED_IMAGE_TOKEN_NOISE
 
 
 def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(tiny_pipeline: TinyPipeline, tmp_path,
                                                                              capsys, monkeypatch, caplog):
+    from earlyfusion.training import sizing
     from earlyfusion.training.data import config as data_config
 
     monkeypatch.setattr(data_config, "MANY_PASSES", 0)  # any run repeats its pairs "too often"
@@ -309,6 +312,9 @@ def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(ti
     assert any("each of its 2 grids per image" in r.getMessage() for r in caplog.records)
     data = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["train"]["data"]
     assert (data["augment_views"], data["augment_scale"], data["augment_flip"]) == (2, 1.0, True)
+    assert any("random codes" in r.getMessage() for r in caplog.records)
+    identity = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["identity"]
+    assert identity["image_token_noise"] == sizing.SIZED_IMAGE_TOKEN_NOISE > 0
     # the same command resumes (the same decision); an explicit other choice is refused
     run_cli(*tiny_train_argv(tiny_pipeline, out, 8, "--cache-dir", tmp_path / "cache", "--resume"))
     assert [r["step"] for r in _rows(out)] == list(range(1, 9))
@@ -318,8 +324,9 @@ def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(ti
     assert "augment_views 2 (now 1)" in err
     monkeypatch.setattr(data_config, "MANY_PASSES", 10 ** 9)
     run_cli(*tiny_train_argv(tiny_pipeline, tmp_path / "few", 2, "--cache-dir", tmp_path / "cache"))
-    data = json.loads((tmp_path / "few" / "checkpoints" / "step-00000002" / "config.json").read_text())["train"]["data"]
-    assert (data["augment_views"], data["augment_flip"]) == (1, False)
+    few = json.loads((tmp_path / "few" / "checkpoints" / "step-00000002" / "config.json").read_text())
+    assert (few["train"]["data"]["augment_views"], few["train"]["data"]["augment_flip"]) == (1, False)
+    assert few["identity"]["image_token_noise"] == 0
 
 
 def test_training_with_augmented_views_and_its_identity(tiny_pipeline: TinyPipeline, tmp_path, capsys):

@@ -54,13 +54,13 @@ from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.best import BestModel, heldout_score
 from earlyfusion.training.data import (
-    ContextTooShort, DataConfig, PackedBatches, heldout_pairs, pair_overhead, span_words, training_batches,
+    IGNORE, ContextTooShort, DataConfig, PackedBatches, heldout_pairs, pair_overhead, span_words, training_batches,
 )
 from earlyfusion.training.lm_loss import TokenLosses, lm_loss
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
-from earlyfusion.training.sizing import context_error, pair_passes, say_epochs
+from earlyfusion.training.sizing import context_error, pair_passes, say_epochs, sized_image_token_noise
 
 MIN_CONTEXT = 8
 """The shortest --context-len accepted (the trainer also checks that one image document fits)."""
@@ -112,6 +112,12 @@ class TrainConfig:
     """z-loss weight on logsumexp(logits)^2 (Chameleon)."""
     dropout: float | None = None
     """Dropout after attention and MLP; unset = the preset's value."""
+    image_token_noise: float | None = None
+    """Fraction of the image codes of pictures being drawn (caption first) replaced in the input by a random image
+    code; the targets stay the true codes, and pictures being read keep theirs. The model then cannot finish a
+    picture by recalling the exact codes it has drawn so far and has to follow the caption. Unset = 0.1 when the run
+    would show its image-caption pairs more than 20 times (drawings of new captions then come out as copies of
+    training images without it), else 0; a resumed run keeps what it started with."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     checkpoint_every: int = 400
@@ -169,6 +175,8 @@ class TrainConfig:
             check_number(name.replace("_", "-"), getattr(self, name), 0)
         if self.dropout is not None:
             check_number("dropout", self.dropout, 0, 1, hi_open=True)
+        if self.image_token_noise is not None:
+            check_number("image-token-noise", self.image_token_noise, 0, 1, hi_open=True)
         check_number("seed", self.seed, 0, MAX_SEED)
         for name in ("out", "init_from"):
             check_not_file(name.replace("_", "-"), getattr(self, name))  # the data options are validated by DataConfig
@@ -180,6 +188,19 @@ class TrainConfig:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The LR of a step: linear warmup, then cosine decay to min_lr_ratio·lr."""
     return warmup_cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+
+
+def noisy_image_codes(tokens: torch.Tensor, targets: torch.Tensor, image_ids: range, rate: float, *, seed: int,
+                      step: int) -> torch.Tensor:
+    """``tokens`` with each image code that has a target (an image being drawn) replaced, with probability
+    ``rate``, by a uniformly drawn image code. The image of a reading example has no targets unless
+    ``reading_image_loss``, so its caption is still read from the true picture. The draw is a function of
+    (seed, step) alone: every process and a resumed run make the same one."""
+    g = torch.Generator().manual_seed(seed * 1000003 + step)
+    code = (tokens >= image_ids.start) & (tokens < image_ids.stop) & (targets != IGNORE)
+    hit = code & (torch.rand(tokens.shape, generator=g) < rate)
+    return torch.where(hit, torch.randint(image_ids.start, image_ids.stop, tokens.shape, generator=g,
+                                          dtype=tokens.dtype), tokens)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -329,12 +350,14 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.data.augment_views is None and "augment_views" in recorded:  # a resumed run keeps what it was sized with
         cfg.data = replace(cfg.data, augment_views=recorded["augment_views"], augment_scale=recorded.get("augment_scale"),
                            augment_flip=bool(recorded.get("augment_flip")))
+    if cfg.image_token_noise is None and saved is not None and "identity" in saved:
+        cfg.image_token_noise = saved["identity"].get("image_token_noise", 0.0)
 
     def run_identity() -> dict:
         """The options a resumed run must share (recorded in every checkpoint)."""
         identity = {"preset": cfg.preset, "decoder": dcfg.to_dict(), "data": data_identity(cfg.data), "seed": cfg.seed,
                     "batch_size": cfg.batch_size, "context_len": context_len, "trainable": cfg.trainable,
-                    "init_from": None if init is None else str(init.resolve()),
+                    "image_token_noise": cfg.image_token_noise, "init_from": None if init is None else str(init.resolve()),
                     "init_weights": None if init is None else weights_fingerprint(init)}
         if init is not None:
             del identity["preset"]  # the shape is the run's: "decoder" records it, given with --preset or not
@@ -353,20 +376,27 @@ def train(cfg: TrainConfig) -> Path:
             raise too_short(e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} tokens; "
                                     f"<s> {e.image} caption </s>)") from None
 
-    sized = cfg.data.augment_views is None
-    if not sized:
+    size_views, size_noise = cfg.data.augment_views is None, cfg.image_token_noise is None
+    if not (size_views or size_noise):
         check_resume()
     batches = batch_stream()  # unset --augment-views: no augmentation while the passes are counted
-    if sized:  # mirrored views when the pairs would be seen too often
+    if size_views or size_noise:  # regularised when the pairs would be seen too often
         passes = pair_passes(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
-        cfg.data = cfg.data.sized_to_passes(passes)
-        if cfg.data.augment_views > 1:
-            swap = cfg.data.augment(cfg.seed).swap
-            log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as its "
-                     "mirror image (%s); --augment-views 1 turns this off", passes,
-                     "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged" if swap
-                     else "captions unchanged")
-            batches = batch_stream()
+        if size_noise:
+            cfg.image_token_noise = sized_image_token_noise(passes)
+            if cfg.image_token_noise:
+                log.info("the image-caption pairs would be seen about %.0f times: %.0f%% of the codes of each picture "
+                         "being drawn are replaced by random codes in its input; --image-token-noise 0 turns this off",
+                         passes, 100 * cfg.image_token_noise)
+        if size_views:
+            cfg.data = cfg.data.sized_to_passes(passes)
+            if cfg.data.augment_views > 1:
+                swap = cfg.data.augment(cfg.seed).swap
+                log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as "
+                         "its mirror image (%s); --augment-views 1 turns this off", passes,
+                         "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged" if swap
+                         else "captions unchanged")
+                batches = batch_stream()
         check_resume()
     identity = run_identity()
     if main:
@@ -453,6 +483,9 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         lr = loop.set_lr(optimizer, lr_at(step, cfg))
         batch = next(batches)  # the global batch, identical on every process
+        if cfg.image_token_noise:
+            batch = dict(batch, tokens=noisy_image_codes(batch["tokens"], batch["targets"], vocab.image_range, cfg.image_token_noise,
+                                                         seed=cfg.seed, step=step))
         n_global = max(int((batch["targets"] != -100).sum()), 1)
         rows = slice(rank * per_proc, (rank + 1) * per_proc)
         local = {k: v[rows] for k, v in batch.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from earlyfusion.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
+from earlyfusion.training.data import config as data_config
 from earlyfusion.training.data.config import MANY_PASSES
 
 MANY_EPOCHS = MANY_PASSES
@@ -54,6 +55,17 @@ def pair_passes(data, vocab, *, steps: int, batch_size: int, context_len: int) -
     """The most passes the run makes over a part of image-caption pairs (0 without one)."""
     passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
     return max((n for p, (_, n) in zip(data.parts, passes) if p.kind == "pairs"), default=0.0)
+
+
+SIZED_IMAGE_TOKEN_NOISE = 0.1
+"""--image-token-noise of a run whose pairs repeat more than MANY_PASSES times, when it is unset."""
+
+
+def sized_image_token_noise(passes: float) -> float:
+    """--image-token-noise when unset: SIZED_IMAGE_TOKEN_NOISE for a run that shows its image-caption pairs more
+    than MANY_PASSES times (``passes``), where drawings of new captions otherwise come out as training images,
+    else none."""
+    return SIZED_IMAGE_TOKEN_NOISE if passes > data_config.MANY_PASSES else 0.0
 
 
 def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> None:
