@@ -79,7 +79,7 @@ def test_image_token_noise_touches_only_codes_being_drawn():
     asked; the draw depends on (seed, step) alone; a rate of 0 changes nothing."""
     import torch
 
-    from earlyfusion.training.lm_train import noisy_image_codes
+    from earlyfusion.training.data import noisy_image_codes
 
     image_ids = range(100, 164)
     g = torch.Generator().manual_seed(0)

@@ -54,7 +54,8 @@ from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training.best import BestModel, heldout_score
 from earlyfusion.training.data import (
-    IGNORE, ContextTooShort, DataConfig, PackedBatches, heldout_pairs, pair_overhead, span_words, training_batches,
+    ContextTooShort, DataConfig, PackedBatches, heldout_pairs, noisy_image_codes, pair_overhead, span_words,
+    training_batches,
 )
 from earlyfusion.training.lm_loss import TokenLosses, lm_loss
 from earlyfusion.training.loop import (
@@ -190,19 +191,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
-def noisy_image_codes(tokens: torch.Tensor, targets: torch.Tensor, image_ids: range, rate: float, *, seed: int,
-                      step: int) -> torch.Tensor:
-    """``tokens`` with each image code that has a target (an image being drawn) replaced, with probability
-    ``rate``, by a uniformly drawn image code. The image of a reading example has no targets unless
-    ``reading_image_loss``, so its caption is still read from the true picture. The draw is a function of
-    (seed, step) alone: every process and a resumed run make the same one."""
-    g = torch.Generator().manual_seed(seed * 1000003 + step)
-    code = (tokens >= image_ids.start) & (tokens < image_ids.stop) & (targets != IGNORE)
-    hit = code & (torch.rand(tokens.shape, generator=g) < rate)
-    return torch.where(hit, torch.randint(image_ids.start, image_ids.stop, tokens.shape, generator=g,
-                                          dtype=tokens.dtype), tokens)
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the parameters that train; weight decay on matrices only, and none under --trainable image-head
     (the frozen rows of the output layer must not decay)."""
@@ -309,7 +297,7 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from earlyfusion.training.monitor import loss_curves_png, sample_sheet, validation_losses
+    from earlyfusion.training.monitor import loss_curves_png, sample_sheet, tensorboard_writer, validation_losses
 
     init, vocab_dir, vq_dir = _init_source(cfg)
     vocab = Vocabulary.load(vocab_dir)
@@ -448,7 +436,7 @@ def train(cfg: TrainConfig) -> Path:
     # a resumed run keeps the kernel it started with (the two kernels round differently)
     attention = attention_plan(raw_model, micro, context_len, precision=mp, packed=True, compile=cfg.compile,
                                kernel=state.get("attention") if ckpt is not None else None)
-    writer = _tensorboard(out) if main else None
+    writer = tensorboard_writer(out) if main else None
 
     def save_checkpoint(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
@@ -601,14 +589,6 @@ def _finish(out: Path, final: str, best: BestModel) -> None:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: JSONL logging only
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def train_cmd(cfg: TrainConfig) -> int:

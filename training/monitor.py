@@ -195,3 +195,10 @@ def loss_curves_png(metrics_path: Path, png: Path, size=(720, 420)) -> None:
     img.save(png)
 
 
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer into RUN/tensorboard, or None where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: JSONL logging only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -37,7 +37,7 @@ from earlyfusion.checkpoint import atomic_dir
 from earlyfusion.errors import UserError
 from earlyfusion.logs import log, progress
 from earlyfusion.options import MAX_SEED, check_number
-from earlyfusion.training.shapes import _png
+from earlyfusion.training.shapes import png_bytes
 
 # name -> (skimage.data function, what the caption calls it); only photographs stored in the wheel itself
 PHOTOS: dict[str, tuple[str, str]] = {
@@ -213,7 +213,7 @@ def _write_split(root: Path, crops: Iterable[tuple[str, list[np.ndarray]]], bar)
     for name, images in crops:
         for i, a in enumerate(images):
             file = f"{name}-{i:05d}.png"
-            (root / file).write_bytes(_png(a))
+            (root / file).write_bytes(png_bytes(a))
             rows.append({"file_name": file, "text": caption(name)})
             bar.update(1)
     with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
@@ -262,7 +262,7 @@ def _check_room(cfg: PhotosConfig, parent: Path) -> None:
     """Refuse to start when the file system cannot hold the data set (estimated from a few crops)."""
     name = cfg.split["train"][0]
     sample = photo_crops(PhotosConfig(**{**vars(cfg), "crops_per_photo": min(4, cfg.crops_per_photo)}), name, load_photo(name))
-    per_image = sum(len(_png(a)) for a in sample) / len(sample) + 4096  # the file's block and its metadata line
+    per_image = sum(len(png_bytes(a)) for a in sample) / len(sample) + 4096  # the file's block and its metadata line
     n = cfg.crops_per_photo * sum(len(v) for v in cfg.split.values()) + cfg.val_crops * len(cfg.split["train"])
     need, free = n * per_image, shutil.disk_usage(parent).free
     if need > 0.9 * free:

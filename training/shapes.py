@@ -451,7 +451,8 @@ class ShapesConfig:
 MARKER = "shapes.json"  # written into DIR; identifies the built-in data set (and lets us replace it)
 
 
-def _png(a: np.ndarray) -> bytes:
+def png_bytes(a: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as the PNG file the built-in data sets write."""
     b = io.BytesIO()
     Image.fromarray(a, "RGB").save(b, "PNG", optimize=False, compress_level=6)
     return b.getvalue()
@@ -465,7 +466,7 @@ def _write_split(root: Path, scenes: list[frozenset[ShapeSpec]], canvases: list[
     rows = []
     for i, (scene, canvas) in enumerate(progress(list(zip(scenes, canvases)), desc=f"writing {root.name}")):
         name = f"{i:0{width}d}.png"
-        (root / name).write_bytes(_png(render_array(scene, canvas)))
+        (root / name).write_bytes(png_bytes(render_array(scene, canvas)))
         rows.append((name, caption(scene, picture_of(*canvas))))
     with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
         for name, text in rows:
@@ -543,7 +544,7 @@ def _check_room(cfg: ShapesConfig, parent: Path) -> None:
     file system cannot hold it, instead of filling it."""
     rng = np.random.default_rng(cfg.seed)
     sizes = cfg.canvases()
-    sample = [len(_png(render_array(random_scene(rng), sizes[i % len(sizes)]))) for i in range(8)]
+    sample = [len(png_bytes(render_array(random_scene(rng), sizes[i % len(sizes)]))) for i in range(8)]
     per_image = sum(sample) / len(sample) + 4096  # the file's block and its metadata line
     need = cfg.num_images * per_image + (cfg.num_interleaved + cfg.num_text) * 200
     free = shutil.disk_usage(parent).free

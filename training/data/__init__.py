@@ -30,7 +30,7 @@ from .config import IGNORE, IMAGE, MAX_AUGMENT_VIEWS, NO_TARGET, PIPELINE_VERSIO
 from .documents import (DRAW, READ, UNCOND, ContextTooShort, Part, PreparedData, pair_document, pair_overhead, prepare,
                         span_words)
 from .heldout import HeldoutPair, heldout_pairs
-from .packing import PackedBatches, ShardedBatches, training_batches
+from .packing import PackedBatches, ShardedBatches, noisy_image_codes, training_batches
 from .records import METADATA_NAMES, SkipReport, validation_split
 from .sources import PartSpec, iter_dataset, iter_image_text, iter_texts, parse_source, resolve_sources
 
@@ -42,6 +42,6 @@ __all__ = [
     "ImageTable", "PAD_CODE", "encode_images", "local_image_table", "default_cache_dir",
     "Part", "PreparedData", "prepare", "pair_document", "pair_overhead", "span_words", "ContextTooShort",
     "READ", "DRAW", "UNCOND",
-    "PackedBatches", "ShardedBatches", "training_batches",
+    "PackedBatches", "ShardedBatches", "training_batches", "noisy_image_codes",
     "HeldoutPair", "heldout_pairs", "validation_split",
 ]

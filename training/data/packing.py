@@ -22,6 +22,9 @@ offset, so every grid is used once in K epochs and the generator's draws are tho
 augmentation; ``state_dict()``
 is plain JSON, and a fresh ``PackedBatches`` given it continues with identical batches. Every process
 builds the same global batch; ``sharded(rank, world)`` yields one process's rows of it.
+
+``noisy_image_codes`` corrupts a batch's inputs for training (``--image-token-noise``): some codes of each picture
+being drawn become random codes, the targets stay true.
 """
 
 from __future__ import annotations
@@ -248,3 +251,16 @@ def training_batches(cfg: DataConfig, *, vocab, image_tokenizer: str | Path, con
     data = prepare(cfg, vocab, image_tokenizer, context_len=context_len, seed=seed, fit_captions=fit_captions)
     return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
                          cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed)
+
+
+def noisy_image_codes(tokens: torch.Tensor, targets: torch.Tensor, image_ids: range, rate: float, *, seed: int,
+                      step: int) -> torch.Tensor:
+    """``tokens`` with each image code that has a target (an image being drawn) replaced, with probability
+    ``rate``, by a uniformly drawn image code. The image of a reading example has no targets unless
+    ``reading_image_loss``, so its caption is still read from the true picture. The draw is a function of
+    (seed, step) alone: every process and a resumed run make the same one."""
+    g = torch.Generator().manual_seed(seed * 1000003 + step)
+    code = (tokens >= image_ids.start) & (tokens < image_ids.stop) & (targets != IGNORE)
+    hit = code & (torch.rand(tokens.shape, generator=g) < rate)
+    return torch.where(hit, torch.randint(image_ids.start, image_ids.stop, tokens.shape, generator=g,
+                                          dtype=tokens.dtype), tokens)
