@@ -382,7 +382,7 @@ def train(cfg: TrainConfig) -> Path:
                 swap = cfg.data.augment(cfg.seed).swap
                 log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as "
                          "its mirror image (%s); --augment-views 1 turns this off", passes,
-                         "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged" if swap
+                         "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged where they occur" if swap
                          else "captions unchanged")
                 batches = batch_stream()
         check_resume()
