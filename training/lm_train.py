@@ -334,12 +334,14 @@ def train(cfg: TrainConfig) -> Path:
                      main=main, desc="train")
     ckpt = loop.resume_point(cfg.resume)
     saved = load_json(ckpt / "config.json") if ckpt is not None else None
-    recorded = ((saved or {}).get("identity") or {}).get("data") or {}
-    if cfg.data.augment_views is None and "augment_views" in recorded:  # a resumed run keeps what it was sized with
-        cfg.data = replace(cfg.data, augment_views=recorded["augment_views"], augment_scale=recorded.get("augment_scale"),
-                           augment_flip=bool(recorded.get("augment_flip")))
-    if cfg.image_token_noise is None and saved is not None and "identity" in saved:
-        cfg.image_token_noise = saved["identity"].get("image_token_noise", 0.0)
+    recorded = (saved or {}).get("identity")  # a resumed run keeps what the unset options were sized to
+    recorded_data = (recorded or {}).get("data") or {}
+    if cfg.data.augment_views is None and "augment_views" in recorded_data:
+        cfg.data = replace(cfg.data, augment_views=recorded_data["augment_views"],
+                           augment_scale=recorded_data.get("augment_scale"),
+                           augment_flip=bool(recorded_data.get("augment_flip")))
+    if cfg.image_token_noise is None and recorded is not None:
+        cfg.image_token_noise = recorded.get("image_token_noise", 0.0)  # none in checkpoints from before the option
 
     def run_identity() -> dict:
         """The options a resumed run must share (recorded in every checkpoint)."""
@@ -472,8 +474,9 @@ def train(cfg: TrainConfig) -> Path:
         lr = loop.set_lr(optimizer, lr_at(step, cfg))
         batch = next(batches)  # the global batch, identical on every process
         if cfg.image_token_noise:
-            batch = dict(batch, tokens=noisy_image_codes(batch["tokens"], batch["targets"], vocab.image_range, cfg.image_token_noise,
-                                                         seed=cfg.seed, step=step))
+            noisy = noisy_image_codes(batch["tokens"], batch["targets"], vocab.image_range, cfg.image_token_noise,
+                                      seed=cfg.seed, step=step)
+            batch = dict(batch, tokens=noisy)
         n_global = max(int((batch["targets"] != -100).sum()), 1)
         rows = slice(rank * per_proc, (rank + 1) * per_proc)
         local = {k: v[rows] for k, v in batch.items()}

@@ -12,9 +12,8 @@ from __future__ import annotations
 from earlyfusion.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
 from earlyfusion.training.data import config as data_config
-from earlyfusion.training.data.config import MANY_PASSES
 
-MANY_EPOCHS = MANY_PASSES
+MANY_EPOCHS = data_config.MANY_PASSES
 """More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
 memorised (held-out loss turns up) before the run ends."""
 
