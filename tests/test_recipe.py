@@ -276,9 +276,9 @@ def test_epoch_estimate_matches_the_batches_and_warns_when_many(tiny_pipeline: T
     monkeypatch.setattr(sizing.log, "info", lambda msg, *a: infos.append(msg % a))
     sizing.say_epochs(b.data, vocab, steps=steps, batch_size=4, context_len=128)
     assert len(infos) == 1 and "epochs of" in infos[0] and not warnings
-    many = int(steps * (sizing.MANY_EPOCHS + 1) / max(est.values())) + 1
+    many = int(steps * (sizing.MANY_PASSES + 1) / max(est.values())) + 1
     sizing.say_epochs(b.data, vocab, steps=many, batch_size=4, context_len=128)
-    assert len(warnings) == 1 and f"more than {sizing.MANY_EPOCHS}" in warnings[0]
+    assert len(warnings) == 1 and f"more than {sizing.MANY_PASSES}" in warnings[0]
 
 
 # ---------------------------------------------------------------- augmentation through the trainer
@@ -286,33 +286,31 @@ def test_epoch_estimate_matches_the_batches_and_warns_when_many(tiny_pipeline: T
 
 def test_unset_augment_views_is_sized_to_the_passes():
     from earlyfusion.training.data import DataConfig
-    from earlyfusion.training.data.config import MANY_PASSES
+    from earlyfusion.training.sizing import MANY_PASSES, repeats_too_often
 
+    assert not repeats_too_often(MANY_PASSES) and repeats_too_often(MANY_PASSES + 1)
     unset = DataConfig(sources=["x"])
-    few, many = unset.sized_to_passes(MANY_PASSES), unset.sized_to_passes(MANY_PASSES + 1)
+    few, many = unset.sized(False), unset.sized(True)
     assert (few.augment_views, few.augment_flip) == (1, False) and few.augment(0).active is False
     assert (many.augment_views, many.augment_scale, many.augment_flip) == (2, 1.0, True)
     assert many.augment(3).mirrored(1) and many.augment(3).swap == (("left", "right"),)
-    assert DataConfig(sources=["x"], augment_views=1).sized_to_passes(1e9).augment_views == 1  # a given value stays
-    assert DataConfig(sources=["x"], augment_views=3).sized_to_passes(0).augment_views == 3
-    from earlyfusion.training.sizing import SIZED_IMAGE_TOKEN_NOISE, sized_image_token_noise
-    assert sized_image_token_noise(MANY_PASSES) == 0 and sized_image_token_noise(MANY_PASSES + 1) == SIZED_IMAGE_TOKEN_NOISE
+    assert DataConfig(sources=["x"], augment_views=1).sized(True).augment_views == 1  # a given value stays
+    assert DataConfig(sources=["x"], augment_views=3).sized(False).augment_views == 3
 
 
 def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(tiny_pipeline: TinyPipeline, tmp_path,
                                                                              capsys, monkeypatch, caplog):
     from earlyfusion.training import sizing
-    from earlyfusion.training.data import config as data_config
 
-    monkeypatch.setattr(data_config, "MANY_PASSES", 0)  # any run repeats its pairs "too often"
+    monkeypatch.setattr(sizing, "MANY_PASSES", 0)  # any run repeats its pairs "too often"
     out = tmp_path / "lm"
     with caplog.at_level("INFO"):
         run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--cache-dir", tmp_path / "cache"))
-    assert any("mirror image" in r.getMessage() for r in caplog.records)
+    sized = [r.getMessage() for r in caplog.records if "would be seen about" in r.getMessage()]
+    assert len(sized) == 1 and "mirror image" in sized[0] and "random codes" in sized[0]  # one line says both
     assert any("each of its 2 grids per image" in r.getMessage() for r in caplog.records)
     data = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["train"]["data"]
     assert (data["augment_views"], data["augment_scale"], data["augment_flip"]) == (2, 1.0, True)
-    assert any("random codes" in r.getMessage() for r in caplog.records)
     identity = json.loads((out / "checkpoints" / "step-00000004" / "config.json").read_text())["identity"]
     assert identity["image_token_noise"] == sizing.SIZED_IMAGE_TOKEN_NOISE > 0
     # the same command resumes (the same decision); an explicit other choice is refused
@@ -322,7 +320,7 @@ def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(ti
                                                  tmp_path / "cache", "--resume"))
     assert_one_line_error(rc, err)
     assert "augment_views 2 (now 1)" in err
-    monkeypatch.setattr(data_config, "MANY_PASSES", 10 ** 9)
+    monkeypatch.setattr(sizing, "MANY_PASSES", 10 ** 9)
     run_cli(*tiny_train_argv(tiny_pipeline, tmp_path / "few", 2, "--cache-dir", tmp_path / "cache"))
     few = json.loads((tmp_path / "few" / "checkpoints" / "step-00000002" / "config.json").read_text())
     assert (few["train"]["data"]["augment_views"], few["train"]["data"]["augment_flip"]) == (1, False)

@@ -61,7 +61,7 @@ from earlyfusion.training.lm_loss import TokenLosses, lm_loss
 from earlyfusion.training.loop import (
     TrainLoop, check_identity, source_key, warmup_cosine_lr,
 )
-from earlyfusion.training.sizing import context_error, pair_passes, say_epochs, sized_image_token_noise
+from earlyfusion.training.sizing import SIZED_IMAGE_TOKEN_NOISE, context_error, pair_passes, repeats_too_often, say_epochs
 
 MIN_CONTEXT = 8
 """The shortest --context-len accepted (the trainer also checks that one image document fits)."""
@@ -372,28 +372,28 @@ def train(cfg: TrainConfig) -> Path:
     batches = batch_stream()  # unset --augment-views: no augmentation while the passes are counted
     if size_views or size_noise:  # regularised when the pairs would be seen too often
         passes = pair_passes(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
-        if size_noise:
-            cfg.image_token_noise = sized_image_token_noise(passes)
-            if cfg.image_token_noise:
-                log.info("the image-caption pairs would be seen about %.0f times: %.0f%% of the codes of each picture "
-                         "being drawn are replaced by random codes in its input; --image-token-noise 0 turns this off",
-                         passes, 100 * cfg.image_token_noise)
+        repeats, added = repeats_too_often(passes), {}  # the option that turns it off -> what was added
         if size_views:
-            cfg.data = cfg.data.sized_to_passes(passes)
+            cfg.data = cfg.data.sized(repeats)
             if cfg.data.augment_views > 1:
-                swap = cfg.data.augment(cfg.seed).swap
-                log.info("the image-caption pairs would be seen about %.0f times: each image is shown as itself and as "
-                         "its mirror image (%s); --augment-views 1 turns this off", passes,
-                         "captions with " + ", ".join(f"{a}/{b}" for a, b in swap) + " exchanged where they occur" if swap
-                         else "captions unchanged")
+                swap = ", ".join(f"{a}/{b}" for a, b in cfg.data.augment(cfg.seed).swap)
+                words = f"captions with {swap} exchanged where they occur" if swap else "captions unchanged"
+                added["--augment-views 1"] = f"each image is shown as itself and as its mirror image, {words}"
                 batches = batch_stream()
+        if size_noise:
+            cfg.image_token_noise = SIZED_IMAGE_TOKEN_NOISE if repeats else 0.0
+            if repeats:
+                added["--image-token-noise 0"] = (f"{100 * SIZED_IMAGE_TOKEN_NOISE:.0f}% of the codes of each picture "
+                                                  "being drawn are replaced by random codes in its input")
+        if added:
+            log.info("the image-caption pairs would be seen about %.0f times: %s", passes,
+                     ", and ".join(f"{what} ({flag} turns it off)" for flag, what in added.items()))
         check_resume()
     identity = run_identity()
     if main:
         say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=context_len)
     # validated on each data directory's validation split when it has one (a photos set's val), else its test split
-    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir,
-                            split=None)
+    heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=vq_dir, cache_dir=cfg.data.cache_dir, split=None)
     if not heldout:
         log.info("no held-out pairs: validation skipped")
     elif main:

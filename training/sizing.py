@@ -4,18 +4,19 @@ repeat a small data set so often that the model only replays it.
 ``context_error`` words the one-line error for a context that is too short (with the length needed and
 what to change: ``--context-len`` or a preset whose ``max_seq_len`` holds it); ``epochs`` estimates how
 many times the run goes through each part of its data, and ``say_epochs`` logs it, with a warning above
-``MANY_EPOCHS``.
+``MANY_PASSES``; ``repeats_too_often`` is the one decision behind the regularisation an unset option adds to a run
+that would show its image-caption pairs more often than that.
 """
 
 from __future__ import annotations
 
 from earlyfusion.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
-from earlyfusion.training.data import config as data_config
 
-MANY_EPOCHS = data_config.MANY_PASSES
+MANY_PASSES = 20
 """More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
-memorised (held-out loss turns up) before the run ends."""
+memorised (held-out loss turns up) before the run ends. Image-caption pairs repeated more often than this get mirrored
+views and noisy image inputs where those options are unset."""
 
 
 def preset_context(name: str) -> int:
@@ -56,19 +57,20 @@ def pair_passes(data, vocab, *, steps: int, batch_size: int, context_len: int) -
     return max((n for p, (_, n) in zip(data.parts, passes) if p.kind == "pairs"), default=0.0)
 
 
+def repeats_too_often(passes: float) -> bool:
+    """Whether a run that shows its image-caption pairs ``passes`` times (``pair_passes``) repeats them so often that
+    the model would replay them: then an unset --augment-views adds mirrored views (``DataConfig.sized``) and an unset
+    --image-token-noise is SIZED_IMAGE_TOKEN_NOISE."""
+    return passes > MANY_PASSES
+
+
 SIZED_IMAGE_TOKEN_NOISE = 0.1
-"""--image-token-noise of a run whose pairs repeat more than MANY_PASSES times, when it is unset."""
-
-
-def sized_image_token_noise(passes: float) -> float:
-    """--image-token-noise when unset: SIZED_IMAGE_TOKEN_NOISE for a run that shows its image-caption pairs more
-    than MANY_PASSES times (``passes``), where drawings of new captions otherwise come out as training images,
-    else none."""
-    return SIZED_IMAGE_TOKEN_NOISE if passes > data_config.MANY_PASSES else 0.0
+"""--image-token-noise, when unset, of a run that repeats its image-caption pairs too often (``repeats_too_often``),
+where drawings of new captions otherwise come out as training images; 0 for other runs."""
 
 
 def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) -> None:
-    """Log how many passes over each part of the data the run makes; warn when one is past MANY_EPOCHS."""
+    """Log how many passes over each part of the data the run makes; warn when one is past MANY_PASSES."""
     passes = epochs(data, vocab, steps=steps, batch_size=batch_size, context_len=context_len)
     views = {name: p.n_views if p.kind == "pairs" else 1 for p, (name, _) in zip(data.parts, passes)}
     log.info("%d steps of %d x %d tokens make about %s", steps, batch_size, context_len,
@@ -76,8 +78,8 @@ def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) ->
                                                       "times)" if views[name] > 1 else "") for name, n in passes))
     # a pair shown as K grids repeats each grid 1/K as often: what memorising depends on
     name, most = max(((name, n / views[name]) for name, n in passes), key=lambda x: x[1])
-    if most > MANY_EPOCHS:
+    if most > MANY_PASSES:
         log.warning("%s is seen about %.0f times (more than %d): a data set this small is memorised long before the "
                     "run ends; fewer --steps or more --augment-views help (the run's model is the one with the lowest "
                     "held-out loss unless --final last)", name, most,
-                    MANY_EPOCHS)
+                    MANY_PASSES)

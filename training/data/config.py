@@ -13,9 +13,6 @@ TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image cod
 IGNORE = -100  # the target of a position that gets no loss
 MAX_AUGMENT_VIEWS = 64  # code grids per image: the cache grows with it
 DEFAULT_AUGMENT_SCALE = 0.8
-MANY_PASSES = 20
-"""Passes over a data set's image-caption pairs beyond which it is memorised before a run ends: the run's warning, and
-where an unset --augment-views adds mirrored views."""
 
 
 @dataclass
@@ -68,19 +65,19 @@ class DataConfig:
 
     def augment(self, seed: int) -> Augment:
         """The augmentation these options ask for, its views a function of ``seed``."""
-        if (self.augment_views or 1) == 1:  # unset: the trainer sizes it (``sized_to_passes``); 1 until then
+        if (self.augment_views or 1) == 1:  # unset: the trainer sizes it (``sized``); 1 until then
             return NO_AUGMENT
         scale = DEFAULT_AUGMENT_SCALE if self.augment_scale is None else self.augment_scale
         return Augment(views=self.augment_views, min_scale=scale, flip=self.augment_flip, seed=seed,
                        swap=parse_swap(self.augment_flip_words) if self.augment_flip else ())
 
-    def sized_to_passes(self, passes: float) -> DataConfig:
+    def sized(self, repeats_too_often: bool) -> DataConfig:
         """These options with ``augment_views`` decided when it is unset: the image and its mirror image (two views,
-        whole images, captions' --augment-flip-words exchanged) when the pairs are seen more than MANY_PASSES times
-        (``passes``), else none. Set options are kept as they are."""
+        whole images, captions' --augment-flip-words exchanged) for a run that would repeat its image-caption pairs
+        too often (the trainer's ``sizing.repeats_too_often``), else none. Set options are kept as they are."""
         if self.augment_views is not None:
             return self
-        if passes > MANY_PASSES:
+        if repeats_too_often:
             return replace(self, augment_views=2, augment_scale=1.0, augment_flip=True)
         return replace(self, augment_views=1)
 
