@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from earlyfusion.logs import progress
 from earlyfusion.sampling.generate import DEFAULT_CFG
 from earlyfusion.training.data import IMAGE, TEXT
+from earlyfusion.training.lm_loss import TokenLosses
 
 
 # ---------------------------------------------------------------- losses
@@ -42,7 +43,7 @@ def validation_losses(decoder, vocab, pairs, device="cpu", batch_size: int = 64)
     """Mean next-token loss on held-out pairs: ``loss_text`` (reading) and ``loss_image`` (drawing),
     with the unigram baselines ``unigram_text`` / ``unigram_image``."""
     decoder.eval()
-    result = {}
+    losses_of, result = TokenLosses(decoder), {}
     for kind, name, modality in (("read", "text", TEXT), ("draw", "image", IMAGE)):
         docs = _pair_documents(vocab, pairs, kind)
         total, count = 0.0, 0
@@ -55,10 +56,9 @@ def validation_losses(decoder, vocab, pairs, device="cpu", batch_size: int = 64)
             for r, (ids, mod) in enumerate(chunk):
                 tokens[r, :len(ids)] = ids
                 mods[r, :len(ids)] = mod
-            logits = decoder(tokens[:, :-1].to(device)).float()
             targets = tokens[:, 1:].to(device)
             sel = mods[:, 1:].to(device) == modality
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            ce = losses_of(tokens[:, :-1].to(device), targets)[0]  # the training loss's own cross-entropy
             total += ce[sel].sum().item()
             count += int(sel.sum())
             counts.update(targets[sel].tolist())
@@ -66,8 +66,6 @@ def validation_losses(decoder, vocab, pairs, device="cpu", batch_size: int = 64)
         n = sum(counts.values())
         result[f"unigram_{name}"] = -sum(c / n * math.log(c / n) for c in counts.values()) if n else float("nan")
     return result
-
-
 
 
 # ---------------------------------------------------------------- reading and drawing
