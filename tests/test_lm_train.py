@@ -241,6 +241,19 @@ def test_resume_with_other_identity_is_refused(tiny_pipeline: TinyPipeline, tmp_
     assert [d.name for d in step_dirs(out / "checkpoints")] == ["step-00000004"]
 
 
+def test_resume_in_another_precision_says_so(tiny_pipeline: TinyPipeline, tmp_path, caplog):
+    out = tmp_path / "lm"
+    run_cli(*tiny_train_argv(tiny_pipeline, out, 4, "--mixed-precision", "no"))
+    with caplog.at_level("WARNING"):
+        run_cli(*tiny_train_argv(tiny_pipeline, out, 8, "--resume", "--mixed-precision", "no"))
+    assert not any("ran with --mixed-precision" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING"):  # e.g. resumed on a machine that chooses otherwise
+        run_cli(*tiny_train_argv(tiny_pipeline, out, 12, "--resume", "--mixed-precision", "bf16"))
+    said = [r for r in caplog.records if "ran with --mixed-precision" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and "steps up to 8 ran with --mixed-precision no and the rest run with bf16" in said[0].getMessage()
+    assert [s for s, _ in _losses(out)] == list(range(1, 13))
+
+
 def test_resume_refuses_when_every_checkpoint_is_corrupted(tiny_pipeline: TinyPipeline, tmp_path, capsys):
     out = tmp_path / "lm"
     run_cli(*tiny_train_argv(tiny_pipeline, out, 8))

@@ -335,11 +335,7 @@ def train(cfg: TrainConfig) -> Path:
     ckpt = loop.resume_point(cfg.resume)
     saved = load_json(ckpt / "config.json") if ckpt is not None else None
     recorded = (saved or {}).get("identity")  # a resumed run keeps what the unset options were sized to
-    recorded_data = (recorded or {}).get("data") or {}
-    if cfg.data.augment_views is None and "augment_views" in recorded_data:
-        cfg.data = replace(cfg.data, augment_views=recorded_data["augment_views"],
-                           augment_scale=recorded_data.get("augment_scale"),
-                           augment_flip=bool(recorded_data.get("augment_flip")))
+    cfg.data = cfg.data.sized_as((recorded or {}).get("data") or {})
     if cfg.image_token_noise is None and recorded is not None:
         cfg.image_token_noise = recorded.get("image_token_noise", 0.0)  # none in checkpoints from before the option
 
@@ -426,6 +422,9 @@ def train(cfg: TrainConfig) -> Path:
         batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         best.load_state_dict(state.get("best"))
+        if state.get("precision", mp) != mp:  # this command's choice wins: the machine may differ
+            log.warning("steps up to %d ran with --mixed-precision %s and the rest run with %s: the losses will not be "
+                        "those of one uninterrupted run", state["step"], state["precision"], mp)
         if rank != 0:
             torch.manual_seed(cfg.seed + 1000003 * rank + state["step"])
         loop.restore(state)
@@ -442,7 +441,7 @@ def train(cfg: TrainConfig) -> Path:
 
     def save_checkpoint(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": torch.get_rng_state(),
-                 "best": best.state_dict(), "attention": attention.kernel, **loop.counters(step)}
+                 "best": best.state_dict(), "attention": attention.kernel, "precision": mp, **loop.counters(step)}
         if main:
             def write(tmp: Path) -> None:
                 write_decoder(tmp, raw_model, run_config(step))

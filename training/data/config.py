@@ -81,6 +81,14 @@ class DataConfig:
             return replace(self, augment_views=2, augment_scale=1.0, augment_flip=True)
         return replace(self, augment_views=1)
 
+    def sized_as(self, recorded: dict) -> DataConfig:
+        """These options with an unset ``augment_views`` taken from a resumed run's record (``recorded``: the "data"
+        entry of its identity), so that the run goes on with the views it was sized to. Set options are kept."""
+        if self.augment_views is not None or "augment_views" not in recorded:
+            return self
+        return replace(self, augment_views=recorded["augment_views"], augment_scale=recorded.get("augment_scale"),
+                       augment_flip=bool(recorded.get("augment_flip")))
+
     def __post_init__(self):
         if isinstance(self.sources, str):
             self.sources = [self.sources]
