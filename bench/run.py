@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, argv_text: str) -> dict:
         "tiny": (4, 64, 1, 3), "small": (8, 256, 2, 5), "base": (4, 256, 1, 5)}
     # preset: (prompt_len, new_tokens, warmup, iters). A small-model round is short and a shared machine's speed
     # swings from round to round: more rounds give a steadier median; raise iters if the figures disagree run to run.
-    decode_settings = {"tiny": (16, 32, 1, 3), "small": (16, 128, 1, 11), "base": (16, 48, 1, 5)}
+    decode_settings = {"tiny": (16, 32, 1, 3), "small": (16, 128, 1, 11), "base": (16, 48, 1, 9)}
     results["train"], results["decode"] = {}, {}
     if bf16:
         results["train_bf16"] = {}
