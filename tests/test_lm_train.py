@@ -250,7 +250,8 @@ def test_resume_in_another_precision_says_so(tiny_pipeline: TinyPipeline, tmp_pa
     with caplog.at_level("WARNING"):  # e.g. resumed on a machine that chooses otherwise
         run_cli(*tiny_train_argv(tiny_pipeline, out, 12, "--resume", "--mixed-precision", "bf16"))
     said = [r for r in caplog.records if "ran with --mixed-precision" in r.getMessage()]
-    assert len(said) == 1 and said[0].levelname == "WARNING" and "steps up to 8 ran with --mixed-precision no and the rest run with bf16" in said[0].getMessage()
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert "steps up to 8 ran with --mixed-precision no and the rest run with bf16" in said[0].getMessage()
     assert [s for s, _ in _losses(out)] == list(range(1, 13))
 
 
