@@ -11,8 +11,9 @@ import torch
 
 from earlyfusion.model.decode_plan import PIN_ENV, decode_plan
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.runtime import autocast, intra_op_threads
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE
+from earlyfusion.core.runtime import autocast, intra_op_threads
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+from earlyfusion.tokenizer.vqvae import VQVAE
 
 from bench_machine import CopyCeiling, alternate, log, median, timed
 from bench_models import VOCAB_FOR_PRESET, BenchLayout, build_pair, faster_mode, layout_for, text_prompts, weight_bytes

@@ -113,7 +113,7 @@ def git_commit() -> str:
 def machine_info(threads: int) -> dict:
     import transformers
 
-    from earlyfusion.runtime import cpu_bf16_features, cpu_has_fast_bf16
+    from earlyfusion.core.runtime import cpu_bf16_features, cpu_has_fast_bf16
 
     return {
         "cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,

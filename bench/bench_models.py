@@ -3,52 +3,37 @@ weights, the flop and byte accounting, and a parity check."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS
+from earlyfusion.tokenizer.vocab_layout import SPECIAL_TOKENS, VocabLayout
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
 
 # Vocabulary shapes like the real ones: [5 specials | text BPE | image codes].
-N_SPECIAL = 5
 VOCAB_FOR_PRESET = {"tiny": (100, 32), "small": (400, 64), "base": (1024, 8192)}  # (text ids, codebook): small = the demo's
 DEFAULT_GRID = VQ_PRESETS["default"].grid_size  # the default image tokenizer's code grid
 
 
-@dataclass(frozen=True)
-class BenchLayout:
-    """[bos, eos, pad, boi, eoi | text ids | image codes] — satisfies ``sampling.processors.IdLayout``."""
+class BenchLayout(VocabLayout):
+    """The real ``VocabLayout`` of a vocabulary of these sizes, ``[bos, eos, pad, boi, eoi | text ids | image
+    codes]``, made without a tokenizer (the bench feeds random ids); the sampler reads it as it reads a
+    ``Vocabulary``. Built from sizes: ``BenchLayout(n_text, codebook_size, grid)``."""
 
-    n_text: int
-    codebook_size: int
-    grid: tuple[int, int] = DEFAULT_GRID
-    bos: int = 0
-    eos: int = 1
-    pad: int = 2
-    boi: int = 3
-    eoi: int = 4
-
-    @property
-    def text_start(self) -> int:
-        return N_SPECIAL
+    def __init__(self, n_text: int, codebook_size: int, grid: tuple[int, int] = DEFAULT_GRID, *, stops: bool = True):
+        specials = dict(SPECIAL_TOKENS)
+        super().__init__(special_tokens=specials, special_ids={role: i for i, role in enumerate(specials)},
+                         text_start=len(specials), text_vocab_size=n_text, image_start=len(specials) + n_text,
+                         codebook_size=codebook_size, grid=grid, image_tokenizer_fingerprint="")
+        object.__setattr__(self, "stops", stops)  # frozen like its base
 
     @property
-    def image_start(self) -> int:
-        return N_SPECIAL + self.n_text
-
-    @property
-    def vocab_size(self) -> int:
-        return self.image_start + self.codebook_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
+    def eos(self) -> int:
+        return super().eos if self.stops else self.pad
 
     def no_stop(self) -> BenchLayout:
         """The same ids with end-of-sequence aliased to padding (never generated): text decoding runs
         its full length, like the peer's ``min_new_tokens``."""
-        return BenchLayout(self.n_text, self.codebook_size, self.grid, eos=self.pad)
+        return BenchLayout(self.text_vocab_size, self.codebook_size, self.grid, stops=False)
 
 
 def layout_for(preset: str, grid: tuple[int, int] = DEFAULT_GRID) -> BenchLayout:

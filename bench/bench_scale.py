@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import earlyfusion.model.decoder as decoder_module
 from earlyfusion.model.decode_plan import decode_plan
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.runtime import autocast
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS
+from earlyfusion.core.runtime import autocast
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
 from earlyfusion.training.data.config import IGNORE
 from earlyfusion.training.data.packing import LOOKAHEAD
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from earlyfusion.model.attention_plan import attention_plan
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.runtime import autocast
+from earlyfusion.core.runtime import autocast
 from earlyfusion.training.lm_loss import TokenLosses
 
 from bench_machine import MatmulCeiling, alternate, log, median, timed

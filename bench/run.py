@@ -11,7 +11,7 @@ One run on one machine measures:
 * decoding tokens/s at batch 1 and 8 with the KV cache: ours through the real sampling loop
   (``sampling.generate.sample_tokens``, greedy) and as a bare ``Decoder`` + ``KVCache`` loop, vs the
   peer's ``generate()`` (greedy, ``min_new_tokens = max_new_tokens``, ``use_cache=True``), also on one
-  thread where our per-token steps run on one (``earlyfusion.runtime.step_threads``); effective
+  thread where our per-token steps run on one (``earlyfusion.core.runtime.step_threads``); effective
   GB/s = weight bytes × decode steps/s against the copy ceiling;
 * image generation for the demo shape (``small`` decoder, ``default`` image tokenizer: 4×4 codes):
   seconds per image with and without batched classifier-free guidance, and images/s at 8 samples;
@@ -47,7 +47,7 @@ for _path in (ROOT, ROOT / "bench"):  # run as a script (``python bench/run.py``
         sys.path.insert(0, str(_path))
 
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
-from earlyfusion.runtime import keep_freed_memory  # noqa: E402
+from earlyfusion.core.runtime import keep_freed_memory  # noqa: E402
 
 from bench_decode import (bench_decode, bench_image_generation, bench_image_tokenizer,  # noqa: E402,F401 - the bench's API
                           ours_raw_fn, ours_sampler_fn)
@@ -104,7 +104,7 @@ def profile_decoder(preset: str = "small", batch: int = 1, new_tokens: int = 64,
 
 def run(args: argparse.Namespace, argv_text: str) -> dict:
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as every command does (earlyfusion.runtime.use_all_cores), for ours and the peer alike
+    keep_freed_memory()  # as every command does (earlyfusion.core.runtime.use_all_cores), for ours and the peer alike
     quick = args.quick
     presets = [p for p in args.presets.split(",") if p]
     results: dict = {"argv": argv_text, "machine": machine_info(args.threads),

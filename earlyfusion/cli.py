@@ -8,7 +8,7 @@ required. ``bool`` fields become ``--flag / --no-flag``; ``list[...]`` fields ta
 dataclass's fields as options of their own (named by ``field(metadata={"flag": ...})`` when given,
 else by the field name), and the nested object is built back from them.
 
-Errors a user can cause (``earlyfusion.errors.UserError``, a ValueError from a config's validation,
+Errors a user can cause (``earlyfusion.core.errors.UserError``, a ValueError from a config's validation,
 a usage error of argparse) print one line ``earlyfusion: error: ...`` and exit with status 2.
 """
 
@@ -26,6 +26,9 @@ import types
 import typing
 from collections.abc import Iterator
 
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import setup_logging
+
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text; --sizes for non-square pictures)",
      "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
@@ -36,7 +39,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
      "earlyfusion.training.vq_eval:VQEvalConfig", "earlyfusion.training.vq_eval:eval_cmd"),
     (("vocab", "build"), "build the merged text+image vocabulary (tokenizer.json + layout)",
      "earlyfusion.training.data.vocab_build:VocabBuildConfig", "earlyfusion.training.data.vocab_build:build_cmd"),
-    (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_train:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
+    (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_config:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
     (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),
     (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
      "earlyfusion.evaluate:EvalConfig", "earlyfusion.evaluate:eval_cmd"),
@@ -195,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
-    from earlyfusion.errors import UserError
-    from earlyfusion.logs import setup_logging
 
     setup_logging(ns.verbose)
     cls, fn = _load(ns._config), _load(ns._fn)

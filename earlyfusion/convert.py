@@ -2,7 +2,7 @@
 
 Import reads a checkpoint in transformers' format (``config.json``, ``tokenizer.json``, ``model.safetensors``
 or shards listed in ``model.safetensors.index.json``) and Meta's VQGAN (``vqgan.yaml`` + ``vqgan.ckpt``), and
-writes an ordinary run directory (see ``earlyfusion.rundir``) that ``sample``, ``eval`` and ``train
+writes an ordinary run directory (see ``earlyfusion.core.rundir``) that ``sample``, ``eval`` and ``train
 --init-from`` use as they use a trained run:
 
     RUN/vocab/                        their vocabulary in our id order (earlyfusion.tokenizer.chameleon_vocab)
@@ -33,17 +33,47 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
-from earlyfusion.checkpoint import atomic_dir, load_json, safetensors_specs, save_json, step_dir, stream_safetensors
-from earlyfusion.errors import CheckpointError, UserError
-from earlyfusion.logs import log
-from earlyfusion.model.chameleon_hf import (PLACEHOLDER_VQ_CONFIG, VQ_PREFIX, from_hf_config, from_hf_state_dict, iter_from_hf,
-                                            iter_to_hf, placeholder_vq_state, reorder_vocab, to_hf_config)
+from earlyfusion.core.checkpoint import (
+    atomic_dir,
+    load_json,
+    safetensors_specs,
+    save_json,
+    step_dir,
+    stream_safetensors,
+)
+from earlyfusion.core.errors import CheckpointError, UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG,
+    IMAGE_TOKENIZER_DIR,
+    IMPORTED_DIR,
+    PERMUTATION,
+    VOCAB_DIR,
+    WEIGHTS,
+    resolve_checkpoint,
+    write_decoder_stream,
+)
+from earlyfusion.model.chameleon_hf import (
+    PLACEHOLDER_VQ_CONFIG,
+    VQ_PREFIX,
+    from_hf_config,
+    from_hf_state_dict,
+    iter_from_hf,
+    iter_to_hf,
+    placeholder_vq_state,
+    reorder_vocab,
+    to_hf_config,
+)
 from earlyfusion.model.decoder import Decoder, DecoderConfig
-from earlyfusion.rundir import (CHECKPOINTS_DIR, CONFIG, IMAGE_TOKENIZER_DIR, IMPORTED_DIR, PERMUTATION, VOCAB_DIR, WEIGHTS,
-                                resolve_checkpoint, write_decoder_stream)
 from earlyfusion.tokenizer.chameleon_vocab import invert_permutation, read_chameleon_vocab
-from earlyfusion.tokenizer.vocab import HF_CONFIG_FILE, TOKENIZER_FILE, Vocabulary
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vocab_layout import HF_CONFIG_FILE, TOKENIZER_FILE
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
+from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT
+from earlyfusion.tokenizer.vqgan_import import convert_vqgan
 
 INDEX = "model.safetensors.index.json"
 # the source's small files kept in RUN/imported/ and written back by export (config.json is rewritten)
@@ -194,8 +224,6 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def import_chameleon(cfg: ImportChameleonConfig) -> Path:
-    from earlyfusion.tokenizer.vqgan import convert_vqgan
-    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
 
     src, out = Path(cfg.model), Path(cfg.out)
     hf_config = _hf_config(src)
@@ -246,8 +274,6 @@ def import_cmd(cfg: ImportChameleonConfig) -> int:
 
 def _vq_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(vq_config, model.vqmodel.* tensors): the run's own VQGAN encoder when it is Chameleon's, else a placeholder."""
-    from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT
-    from earlyfusion.tokenizer.vqvae import load_vqvae, read_vq_config
 
     vq_dir = root / IMAGE_TOKENIZER_DIR
     raw = load_json(vq_dir / CONFIG) if (vq_dir / CONFIG).is_file() else {}
@@ -275,7 +301,6 @@ def export(cfg: ExportConfig) -> Path:
         tok_dir = imported
     else:
         ours_to_theirs, order, tok_dir = list(range(dcfg.vocab_size)), None, root / VOCAB_DIR
-    from tokenizers import Tokenizer
 
     their_vocab = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
     ids = {role: ours_to_theirs[i] for role, i in vocab.special_ids.items()}

@@ -33,8 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.tokenizer.preprocess import preprocess_for_codes
+from earlyfusion.tokenizer.vocab import check_vocab_matches
+from earlyfusion.training.data import SkipReport, local_image_table, resolve_sources
+from earlyfusion.training.data.augment import NO_AUGMENT
+from earlyfusion.training.data.codes import PAD_CODE, resolve_cache_dir
+from earlyfusion.training.data.records import interleaved_records, pair_records
+from earlyfusion.training.trainer import source_key
+from earlyfusion.training.shapes import parse_picture
 
 # (drawings x training grids x codes) booleans compared at once
 _COMPARE_ELEMENTS = 1 << 25
@@ -75,7 +83,6 @@ class CodeRecorder:
 def encode_drawings(vq, images, vocab=None) -> list[torch.Tensor]:
     """The (h, w) code grids the image tokenizer reads in PIL images (for drawings that did not come through a
     ``CodeRecorder``); with a grid-token ``vocab`` each image keeps its aspect ratio, as training read images."""
-    from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
     device = next(vq.parameters()).device
     max_grid = vocab.grid if vocab is not None and vocab.grid_tokens else None
@@ -94,7 +101,6 @@ def flatten_grids(grids, length: int | None = None) -> tuple[torch.Tensor, torch
     """Code grids of any shapes (a sequence of (h, w) tensors) -> (LongTensor (n, length) of each grid's codes in
     raster order padded with the code cache's PAD_CODE, LongTensor (n, 2) of their shapes); ``length`` defaults to
     the largest h*w."""
-    from earlyfusion.training.data.codes import PAD_CODE
 
     sizes = [int(g.shape[0]) * int(g.shape[1]) for g in grids]
     length = max(sizes, default=0) if length is None else length
@@ -112,7 +118,6 @@ def best_overlap(drawn: torch.Tensor, train: torch.Tensor, drawn_grids: torch.Te
     With ``drawn_grids`` (D, 2) and ``train_grids`` (N, 2), rows are grids of those shapes padded with PAD_CODE
     (``flatten_grids``): a drawing is compared only with training grids of its own shape (overlap 0 and row -1
     when there is none), and the fraction is of its own h*w codes."""
-    from earlyfusion.training.data.codes import PAD_CODE
 
     D, L = drawn.shape
     if (drawn_grids is None) != (train_grids is None):
@@ -156,7 +161,6 @@ def copy_figures(overlap: torch.Tensor, counted: Sequence[bool]) -> dict:
 def novel_two_shape(captions: Sequence[str], training_captions: Sequence[str]) -> list[bool]:
     """Per caption of the built-in grammar: whether it names two shapes in a scene (in a picture of its shape) no
     training caption names."""
-    from earlyfusion.training.shapes import parse_picture
 
     seen = {parse_picture(c) for c in training_captions}
     scenes = [parse_picture(c) for c in captions]
@@ -171,7 +175,6 @@ def recorded_sources(config: dict) -> tuple[list[str], dict]:
 
     A source is taken as it was given to ``train`` when it still names the same path from here (so that the
     code cache training wrote is found), else as the absolute path the run recorded."""
-    from earlyfusion.training.loop import source_key
 
     data = (config.get("train") or {}).get("data") or {}
     given = [s for s in data.get("sources") or [] if isinstance(s, str)]
@@ -187,11 +190,6 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
     """The code grids of every local training image of ``sources`` (image-caption pairs and the images of
     interleaved documents), as training read them, with the augmented views of ``augment`` (an ``Augment``; the
     run's) as training saw them. UserError when a source cannot be read or none has images."""
-    from earlyfusion.tokenizer.vocab import check_vocab_matches
-    from earlyfusion.training.data import SkipReport, local_image_table, resolve_sources
-    from earlyfusion.training.data.augment import NO_AUGMENT
-    from earlyfusion.training.data.codes import resolve_cache_dir
-    from earlyfusion.training.data.records import interleaved_records, pair_records
 
     augment = augment or NO_AUGMENT
     report = SkipReport()

@@ -40,17 +40,35 @@ from pathlib import Path
 
 import torch
 
-from earlyfusion.checkpoint import atomic_dir, save_json
-from earlyfusion.copies import (CodeRecorder, TrainingGrids, best_overlap, copy_figures, encode_drawings, flatten_grids,
-                                novel_two_shape, recorded_sources, training_grids)
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
-from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.copies import (
+    CodeRecorder,
+    TrainingGrids,
+    best_overlap,
+    copy_figures,
+    encode_drawings,
+    flatten_grids,
+    novel_two_shape,
+    recorded_sources,
+    training_grids,
+)
+from earlyfusion.core.checkpoint import atomic_dir, save_json
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.core.runtime import mixed_precision
 from earlyfusion.photo_judge import load_split, photo_of_caption, pil_batch, read_photos_info, train_judge
-from earlyfusion.runtime import mixed_precision
 from earlyfusion.sampling.generate import DEFAULT_CFG
 from earlyfusion.scores import cider_d, corpus_bleu, exact_match, tokenize
-from earlyfusion.training.monitor import _decode_codes, _sheet, draw_images, read_captions, validation_losses
+from earlyfusion.tokenizer.preprocess import codes_to_pil
+from earlyfusion.training import data as data_mod
+from earlyfusion.training import shapes
+from earlyfusion.training.data import DataConfig, SkipReport
+from earlyfusion.training.data.augment import NO_AUGMENT
+from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
+from earlyfusion.training.data.runs import load_run, trained_grids
+from earlyfusion.training.monitor import caption_sheet, draw_images, read_captions, validation_losses
+from earlyfusion.training.shapes import parse_picture, picture_of
+from earlyfusion.training.vq_eval import evaluate_tokenizer
 
 
 @dataclass
@@ -136,8 +154,6 @@ def _attribute_scores(truths, preds) -> dict[str, float]:
 
 def _no_pairs(data: Path, split: str) -> UserError:
     """Why a data directory gave no held-out pairs, as one line."""
-    from earlyfusion.training.data import SkipReport
-    from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
 
     head = f"{data}: no held-out image-caption pairs"
     if (data / split).is_dir():
@@ -212,8 +228,6 @@ def write_drawn(path: Path, images: list, captions: list[str], extra: list[dict]
 def _recorded_augment(config: dict):
     """The augmentation the run trained with (its augmented views are training grids too); none when it records
     none or options this version cannot read."""
-    from earlyfusion.training.data import DataConfig
-    from earlyfusion.training.data.augment import NO_AUGMENT
 
     train = config.get("train") or {}
     data = train.get("data") or {}
@@ -269,7 +283,6 @@ def _copies(run, reference: TrainingGrids | None, drawn: list, recorder: CodeRec
 def _picture_figures(captions: list[str], reads: list[str], drawn: list, scenes: list) -> dict:
     """Built-in data of several picture shapes: whether readings and drawings get the picture's shape (square, wide,
     tall) right, and the exact matches again per shape, the shape included."""
-    from earlyfusion.training.shapes import parse_picture, picture_of
 
     truth = [parse_picture(c) for c in captions]
     read = [parse_picture(r) for r in reads]
@@ -360,10 +373,6 @@ def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str]
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from earlyfusion.rundir import load_run, trained_grids
-    from earlyfusion.training import data as data_mod
-    from earlyfusion.training import shapes
-    from earlyfusion.training.vq_train import evaluate_tokenizer
 
     data = Path(cfg.data).expanduser()
     if not data.is_dir():
@@ -430,7 +439,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])
     figures["readings"] = str(out / "readings.json")
     rows = sheet_rows(captions)
-    _sheet([(_decode_codes(run.vq, pairs[i].codes), drawn[i], pairs[i].caption, reads[i]) for i in rows],
+    caption_sheet([(codes_to_pil(run.vq, pairs[i].codes), drawn[i], pairs[i].caption, reads[i]) for i in rows],
            out / "sheet.png")
     figures["eval_seconds"] = time.perf_counter() - t0
     device_type = next(run.decoder.parameters()).device.type

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.scores import tokenize
+from earlyfusion.tokenizer.preprocess import preprocess
 
 JUDGE_SIZE = 32  # images are judged at this side (or their own, when smaller): the drawn images' scale of detail
 WEIGHT_DECAY = 1e-3  # L2 penalty on the logistic weights, per training image
@@ -90,7 +91,6 @@ def read_photos_info(data: Path) -> dict | None:
 def load_split(root: Path, captions: Mapping[str, str], size: int) -> tuple[torch.Tensor, list[str], int]:
     """The images of an imagefolder split whose caption is one of ``captions`` as (N, 3, size, size) in [-1, 1],
     their photographs, and how many rows were skipped (another caption, or a file that is missing or not an image)."""
-    from earlyfusion.tokenizer.preprocess import preprocess
 
     by_caption = {tuple(tokenize(c)): n for n, c in captions.items()}
     meta = Path(root) / "metadata.jsonl"

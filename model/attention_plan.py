@@ -1,14 +1,15 @@
 """How training computes attention: chosen by timing on the machine at hand.
 
-Two kernels compute a training forward's causal attention (``model.decoder.ATTENTION_KERNELS``): torch's
-``scaled_dot_product_attention`` ("library") and ``blocked_attention`` ("blocked": products, then an fp32
-softmax, a block of queries at a time). Which is faster depends on the CPU and the precision: on a CPU with
+Two kernels compute a training forward's causal attention (``ATTENTION_KERNELS``): torch's
+``scaled_dot_product_attention`` ("library", the decoder's own ``ScaledDotProduct``) and ``blocked_attention``
+("blocked": products, then an fp32 softmax, a block of queries at a time; ``model.kernels.BlockedAttention``). Which is faster depends on the CPU and the precision: on a CPU with
 AVX512-BF16 but no AMX, the library's bf16 path was no faster than its fp32 one while the blocked kernel's bf16
 products ran at twice the fp32 speed, so blocked cut bf16 attention by a third or more there; in fp32 the two
 were within noise. No constant decides: ``attention_plan`` times one layer's attention, forward and backward,
 for each kernel on the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that
-load from other processes falls on both, and sets the faster on the decoder; a resumed run keeps the kernel it
-started with. The kernels are timed as the run will call them: eagerly, or, for a run under ``--compile``, each
+load from other processes falls on both, and puts the faster in the place of each block's attention module
+(``use_attention``: a module swap, ``model/swap.py``); a resumed run keeps the kernel it started with. Timings
+are remembered per decoder in a weak map (forgotten with the model). The kernels are timed as the run will call them: eagerly, or, for a run under ``--compile``, each
 through torch.compile (inductor fuses the blocked kernel's masking and softmax, the library kernel is one call
 either way), because eager timings can rank the two the other way round from what the compiled step runs at.
 
@@ -23,14 +24,19 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from earlyfusion.model.decoder import ATTENTION_KERNELS, Decoder, causal_mask
-from earlyfusion.model.kernels import blocked_attention
-from earlyfusion.runtime import autocast
+from earlyfusion.core.runtime import autocast
+from earlyfusion.model.decoder import Decoder, ScaledDotProduct, causal_mask
+from earlyfusion.model.kernels import BlockedAttention, blocked_attention
+from earlyfusion.model.swap import swap_modules
 
+# kernel name -> the module that computes a forward's attention without a KV cache with it
+ATTENTION_KERNELS: dict[str, type[nn.Module]] = {"library": ScaledDotProduct, "blocked": BlockedAttention}
 PIN_ENV = "EARLYFUSION_ATTENTION"
 BLOCKED_MAX_LEN = 2048
 WARMUP = 2  # untimed calls per kernel
@@ -52,6 +58,29 @@ class AttentionPlan:
         return f"{self.kernel} ({self.why})"
 
 
+def _check(kernel: str) -> None:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+
+
+def use_attention(decoder: nn.Module, kernel: str) -> None:
+    """Compute the attention of ``decoder``'s forward passes without a KV cache with ``kernel`` ("library" or
+    "blocked"): each attention module of another kernel is replaced by one of this kernel (they hold no weights).
+    Decoding with a cache always uses the library kernel. A compiled forward recompiles once for a change."""
+    _check(kernel)
+    kind = ATTENTION_KERNELS[kernel]
+    swap_modules(decoder, lambda m: type(m) in ATTENTION_KERNELS.values() and type(m) is not kind,
+                  lambda m: kind().train(m.training))
+
+
+def attention_kernel(decoder: nn.Module) -> str:
+    """The name of the kernel ``decoder``'s attention modules compute with (ValueError when they differ)."""
+    names = {name for m in decoder.modules() for name, kind in ATTENTION_KERNELS.items() if type(m) is kind}
+    if len(names) != 1:
+        raise ValueError(f"the decoder's attention modules use {sorted(names) or 'no known'} kernel(s), not one")
+    return names.pop()
+
+
 def _pinned() -> str | None:
     want = os.environ.get(PIN_ENV, "").strip()
     if not want:
@@ -59,6 +88,10 @@ def _pinned() -> str | None:
     if want not in ATTENTION_KERNELS:
         raise ValueError(f"{PIN_ENV}={want!r} is not one of {', '.join(ATTENTION_KERNELS)}")
     return want
+
+
+# decoder -> (shape, precision, compile, threads) -> the plan timed for it; weak: forgotten with the model
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, AttentionPlan]] = weakref.WeakKeyDictionary()
 
 
 def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim: int, *, precision: str,
@@ -114,14 +147,13 @@ def time_kernels(rows: int, length: int, n_heads: int, n_kv_heads: int, head_dim
 
 def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, packed: bool,
                    compile: bool = False, kernel: str | None = None) -> AttentionPlan:
-    """Choose, set on ``decoder`` (``Decoder.set_attention``) and return the attention kernel for training forwards
-    of ``rows`` × ``length`` tokens under ``precision`` ("bf16" or "no"), compiled (``compile``) or eager; the
-    timing is remembered on the decoder.
+    """Choose the attention kernel for training forwards of ``rows`` × ``length`` tokens under ``precision`` ("bf16"
+    or "no"), compiled (``compile``) or eager, put it in ``decoder`` (``use_attention``) and return the plan; the
+    timing is remembered for the decoder.
     ``kernel``: the kernel a resumed run started with, kept so that it continues exactly (None: choose)."""
     device = next(decoder.parameters()).device
     if kernel is not None:
-        if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+        _check(kernel)
         plan = AttentionPlan(kernel, why="the kernel this run started with")
     elif (pinned := _pinned()) is not None:
         plan = AttentionPlan(pinned, why=f"{PIN_ENV}={pinned}")
@@ -131,7 +163,7 @@ def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, 
         plan = AttentionPlan("library", why=f"sequences of {length} tokens are longer than the blocked kernel's "
                                             f"{BLOCKED_MAX_LEN}")
     else:
-        plans = decoder.__dict__.setdefault("_earlyfusion_attention_plans", {})
+        plans = _PLANS.setdefault(decoder, {})
         key = (rows, length, precision, packed, compile, torch.get_num_threads())
         if key not in plans:
             c = decoder.config
@@ -139,5 +171,5 @@ def attention_plan(decoder: Decoder, rows: int, length: int, *, precision: str, 
                                    packed=packed, compile=compile, device=device)
             plans[key] = AttentionPlan(min(medians, key=medians.get), {n: t * 1e3 for n, t in medians.items()})
         plan = plans[key]
-    decoder.set_attention(plan.kernel)
+    use_attention(decoder, plan.kernel)
     return plan

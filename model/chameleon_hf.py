@@ -3,8 +3,8 @@
 The export/import path, and the reference for ``tests/test_parity.py`` (same shape + same weights
 => same text logits). transformers is imported lazily: it is a test/benchmark/export dependency only.
 
-Name mapping (ours -> transformers), per layer ``i``. Our projection weights are stored
-(in_features, out_features) (see ``model.decoder.Linear``): they are transposed on the way.
+Name mapping (ours -> transformers), per layer ``i``. Both sides store projection weights in nn.Linear's
+(out_features, in_features) layout, so tensors cross unchanged (fused ones split or concatenated).
 
     tok_emb.weight                 model.embed_tokens.weight
     layers.i.attn.qkv.weight       model.layers.i.self_attn.{q,k,v}_proj.weight   (split along dim 0)
@@ -68,8 +68,6 @@ _FUSED = {
     "attn.qk_norm.bias": ("self_attn.q_norm.bias", "self_attn.k_norm.bias"),
 }
 _PART_OF = {part: ours for ours, parts in _FUSED.items() for part in parts}
-# our (in, out) projection weights, transposed relative to transformers' nn.Linear (out, in)
-_TRANSPOSED = {"attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight"}
 
 
 # DecoderConfig field -> ChameleonConfig field, for the fields that carry over unchanged (both directions)
@@ -128,12 +126,10 @@ def iter_to_hf(items: Iterable[tuple[str, Tensor]], cfg: DecoderConfig) -> Itera
         elif name == "norm.weight":
             yield "model.norm.weight", t
         elif name == "output.weight":
-            yield "lm_head.weight", t.t()
+            yield "lm_head.weight", t
         elif m := _LAYER_RE.match(name):
             i, rest = m.groups()
             pre = f"{HF_PREFIX}layers.{i}."
-            if rest in _TRANSPOSED:
-                t = t.t()
             if rest in _FUSED:
                 sizes = {"attn.qkv.weight": [H * hd, KV * hd, KV * hd], "mlp.gate_up.weight": [cfg.hidden_dim] * 2}
                 for hf_name, part in zip(_FUSED[rest], t.split(sizes.get(rest, [H, KV]), dim=0)):
@@ -167,7 +163,7 @@ def iter_from_hf(items: Iterable[tuple[str, Tensor]], *, tie_embeddings: bool = 
             yield "norm.weight", t
         elif name == "lm_head.weight":
             if not tie_embeddings:
-                yield "output.weight", t.t().contiguous()
+                yield "output.weight", t
         elif m := _HF_LAYER_RE.match(name):
             i, rest = m.groups()
             if rest in _PART_OF:
@@ -177,11 +173,9 @@ def iter_from_hf(items: Iterable[tuple[str, Tensor]], *, tie_embeddings: bool = 
                 order = _FUSED[key[1]]
                 if len(parts) == len(order):
                     del fused[key]
-                    t = torch.cat([parts.pop(p) for p in order], dim=0)
-                    yield f"layers.{i}.{key[1]}", t.t().contiguous() if key[1] in _TRANSPOSED else t
+                    yield f"layers.{i}.{key[1]}", torch.cat([parts.pop(p) for p in order], dim=0)
             elif rest in _HF_LAYER_NAMES:
-                ours = _HF_LAYER_NAMES[rest]
-                yield f"layers.{i}.{ours}", t.t().contiguous() if ours in _TRANSPOSED else t
+                yield f"layers.{i}.{_HF_LAYER_NAMES[rest]}", t
             else:
                 raise KeyError(f"unsupported transformers Chameleon weight {name!r}")
         else:
@@ -198,11 +192,9 @@ def from_hf_state_dict(hf_state: dict[str, Tensor], *, tie_embeddings: bool = Fa
 
 def reorder_vocab(name: str, t: Tensor, order: Tensor) -> Tensor:
     """Our decoder tensor ``name`` with its vocabulary axis reordered: entry ``i`` becomes old entry ``order[i]``
-    (the embedding's rows, the output layer's columns: it is stored (dim, vocab)); other tensors as they are."""
-    if name == "tok_emb.weight":
+    (the rows of the embedding and of the output layer, stored (vocab, dim)); other tensors as they are."""
+    if name in ("tok_emb.weight", "output.weight"):
         return t.index_select(0, order)
-    if name == "output.weight":
-        return t.index_select(1, order)
     return t
 
 

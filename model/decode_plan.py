@@ -9,18 +9,22 @@ batch of ``rows`` rows on a CPU:
 * ``eager``: the decoder's own forward on every intra-op thread;
 * ``eager-1``: the same on one thread (only when more than one is set);
 * ``eager-rows``: the decoder's forward on every thread with each projection computed row by row
-  (``model.decoder.use_row_products``), so that the rows' products run in parallel (only for several rows
-  and threads; classifier-free guidance samples two rows per image);
-* with ``compile``: ``compiled-rowwise`` (few-row products as reductions over a transposed weight copy)
-  and ``compiled-library`` (library products), both on every thread.
+  (``RowLinear``), so that the rows' products run in parallel (only for several rows and threads;
+  classifier-free guidance samples two rows per image);
+* with ``compile``: ``compiled-rowwise`` (few-row products as reductions over the weight's rows,
+  ``model.compile.RowwiseLinear``) and ``compiled-library`` (library products), both on every thread.
+
+A plan is applied from outside the model: ``DecodePlan.stepping`` puts its projections in the place of the
+decoder's ``nn.Linear``s (sharing their weights, ``model/swap.py``) for the steps and puts the originals back
+afterwards.
 
 The first time a (decoder, rows, compile, precision, threads) combination is sampled, ``decode_plan`` runs
 each candidate for a few steps on a scratch KV cache — compiling the compiled ones — interleaved so that load
 from other processes falls on all of them, and keeps the fastest median step (timed twice when it compiles,
 each candidate keeping its faster median: in the pass that compiles, a newly compiled graph of a model that
-already holds others can run slower than it does afterwards, enough to lose to eager); later calls reuse the choice
-(kept on the decoder, so it lives as long as the model). Eager is always a candidate, so ``--compile`` is
-never slower than eager beyond timing noise. On a GPU nothing is timed: ``compile`` means the compiled step.
+already holds others can run slower than it does afterwards, enough to lose to eager); later calls reuse the choice,
+remembered here per decoder in a weak map (forgotten with the model, or by ``forget_plans``). Eager is always a
+candidate, so ``--compile`` is never slower than eager beyond timing noise. On a GPU nothing is timed: ``compile`` means the compiled step.
 
 ``EARLYFUSION_DECODE_STEP`` set to one of the mode names pins the choice (where it applies), for
 reproducible timings and tests.
@@ -31,21 +35,41 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from earlyfusion.model.compile import decode_step
-from earlyfusion.model.decoder import use_row_products
-from earlyfusion.runtime import intra_op_threads
+from earlyfusion.core.runtime import intra_op_threads
+from earlyfusion.model.compile import RowwiseLinear, compiled
+from earlyfusion.model.swap import sharing, swapped
 
 MODES = ("eager", "eager-1", "eager-rows", "compiled-rowwise", "compiled-library")
 PIN_ENV = "EARLYFUSION_DECODE_STEP"
 WARMUP_STEPS = 2  # per candidate, before timing (a compiled candidate compiles on its first)
 TIMED_ROUNDS = 6  # timed steps per candidate, one per round
 PREFILL = 8  # scratch prompt length
+
+
+class RowLinear(nn.Linear):
+    """An ``nn.Linear`` whose inference product of several one-token rows (a decode step) runs as one matrix-vector
+    product per row, spread across threads, where the library's few-row matrix product costs about one
+    matrix-vector product per row on one thread. Products with gradients or of several tokens per row are
+    nn.Linear's. The arithmetic is the same either way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bias is None and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled():
+            return torch.bmm(x, self.weight.t().expand(x.shape[0], *self.weight.shape[::-1]))  # (rows, 1, out)
+        return F.linear(x, self.weight, self.bias)
+
+
+# the projections each mode computes with, in the place of the decoder's nn.Linears (None: the decoder's own)
+PRODUCTS: dict[str, type[nn.Linear] | None] = {"eager": None, "eager-1": None, "eager-rows": RowLinear,
+                                               "compiled-rowwise": RowwiseLinear, "compiled-library": None}
 
 
 @dataclass(frozen=True)
@@ -61,29 +85,25 @@ class DecodePlan:
     def compiled(self) -> bool:
         return self.mode.startswith("compiled")
 
-    def step_fn(self, decoder: torch.nn.Module) -> Callable:
-        """The callable for one step: the decoder, or its compiled step with current weight copies. Call it right
-        before stepping: each plan sets the decoder's projections to its kind of product."""
-        use_row_products(decoder, self.mode == "eager-rows")
-        if not self.compiled:
-            return decoder
-        return decode_step(decoder, rowwise=self.mode == "compiled-rowwise")
-
     @contextmanager
-    def stepping(self, decoder: torch.nn.Module) -> Iterator[Callable]:
-        """The step callable (``step_fn``), on the plan's threads; afterwards the caller's thread count and the
-        decoder's usual products come back, also when a step fails."""
-        try:
-            with intra_op_threads(self.threads):
-                yield self.step_fn(decoder)
-        finally:
-            use_row_products(decoder, False)
+    def stepping(self, decoder: nn.Module) -> Iterator[Callable]:
+        """The callable for one step (the decoder, or its compiled step), run on the plan's threads with the plan's
+        projections in the place of the decoder's ``nn.Linear``s; afterwards the caller's thread count and the
+        decoder's own modules come back, also when a step fails."""
+        products = PRODUCTS[self.mode]
+        swaps = swapped(decoder, _is_linear, lambda lin: sharing(products, lin)) if products else nullcontext()
+        with intra_op_threads(self.threads), swaps:
+            yield compiled(decoder, dynamic=True) if self.compiled else decoder
 
     def describe(self) -> str:
         timed = ""
         if self.step_ms:
             timed = " (ms per step: " + ", ".join(f"{m} {t:.2f}" for m, t in self.step_ms.items()) + ")"
         return f"{self.mode} on {self.threads} thread(s){timed}"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
 
 
 def candidates(device_type: str, compile: bool, threads: int, rows: int) -> list[DecodePlan]:
@@ -115,7 +135,7 @@ def _key(rows: int, compile: bool, device: torch.device) -> tuple:
 
 
 @torch.no_grad()
-def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> dict[str, float]:
+def time_plans(decoder: nn.Module, rows: int, plans: list[DecodePlan]) -> dict[str, float]:
     """Median seconds per decode step of each plan, measured on a scratch cache of ``rows`` rows."""
     device = next(decoder.parameters()).device
     steps = len(plans) * (WARMUP_STEPS + TIMED_ROUNDS)
@@ -126,8 +146,8 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     decoder(token.expand(rows, prefill), positions=torch.arange(prefill, device=device).expand(rows, prefill), cache=cache)
 
     def step(plan: DecodePlan) -> float:
-        # ``stepping`` sets the projections' kind of product for this plan (the candidates share the decoder's
-        # modules) before every timed step, outside the timer, and puts them back after it
+        # each timed step runs inside its own plan's ``stepping`` (the candidates share the decoder, whose
+        # projections it swaps), entered outside the timer;
         # positions wrap inside the model's context (a short-context model still times as many steps)
         pos = torch.full((rows, 1), cache.length % context, dtype=torch.long, device=device)
         with plan.stepping(decoder) as fn:
@@ -145,7 +165,16 @@ def time_plans(decoder: torch.nn.Module, rows: int, plans: list[DecodePlan]) -> 
     return {m: statistics.median(ts) for m, ts in times.items()}
 
 
-def decode_plan(decoder: torch.nn.Module, rows: int, *, compile: bool,
+# decoder -> (_key -> the plan chosen for it); weak, so a plan lives exactly as long as its model
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, DecodePlan]] = weakref.WeakKeyDictionary()
+
+
+def forget_plans(decoder: nn.Module) -> None:
+    """Drop the plans ``decode_plan`` remembered for ``decoder`` (its next call times again)."""
+    _PLANS.pop(decoder, None)
+
+
+def decode_plan(decoder: nn.Module, rows: int, *, compile: bool,
                 on_timing: Callable[[str], None] | None = None) -> DecodePlan:
     """The step to run for ``rows`` rows: pinned by ``EARLYFUSION_DECODE_STEP``, remembered from an earlier call,
     or timed now (``on_timing`` is told once before a timing that compiles)."""
@@ -156,7 +185,7 @@ def decode_plan(decoder: torch.nn.Module, rows: int, *, compile: bool,
         return pinned
     if len(options) == 1:
         return options[0]
-    plans = decoder.__dict__.setdefault("_earlyfusion_decode_plans", {})
+    plans = _PLANS.setdefault(decoder, {})
     key = _key(rows, compile, device)
     if key not in plans:
         if on_timing is not None and compile:
@@ -169,9 +198,3 @@ def decode_plan(decoder: torch.nn.Module, rows: int, *, compile: bool,
         best = min(options, key=lambda p: medians[p.mode])
         plans[key] = DecodePlan(best.mode, best.threads, {m: t * 1e3 for m, t in medians.items()})
     return plans[key]
-
-
-def pin_plan(decoder: torch.nn.Module, rows: int, plan: DecodePlan, *, compile: bool) -> None:
-    """Make ``decode_plan`` return ``plan`` for this decoder and ``rows`` (the bench times each mode this way)."""
-    device = next(decoder.parameters()).device
-    decoder.__dict__.setdefault("_earlyfusion_decode_plans", {})[_key(rows, compile, device)] = plan

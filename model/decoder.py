@@ -19,7 +19,13 @@ exportable.
   left padding so padded rows never attend to pad keys;
 * evaluation: plain causal forward.
 
-Architecture only: losses live in ``training/``, decoding rules in ``sampling/``.
+Architecture only, built from plain torch modules: every projection is a bias-free ``nn.Linear`` (weights in
+torch's (out_features, in_features) layout), the token embedding an ``nn.Embedding``, and attention a small
+``ScaledDotProduct`` submodule, so that PEFT, quantisation and other tools that look for those modules work on
+it. Faster ways to run the same arithmetic (row-wise products for decoding, the blocked training attention
+kernel, the embedding whose backward is an index_add, compiled decode steps) are put in from outside by
+swapping submodules: ``model/swap.py``, ``model/attention_plan.py``, ``model/decode_plan.py``,
+``model/compile.py``. Losses live in ``training/``, decoding rules in ``sampling/``.
 """
 
 from __future__ import annotations
@@ -31,18 +37,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
-from earlyfusion.errors import build_config
-from earlyfusion.model.kernels import blocked_attention, embed
+from earlyfusion.core.errors import build_config
 
 # Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
 QK_NORM_EPS = 1e-5
 INIT_STD = 0.02
 
-# How a forward pass without a KV cache computes attention (``Decoder.set_attention``; ``model/attention_plan.py``
-# times the two and keeps the faster): "library" is torch's scaled_dot_product_attention, "blocked" is
-# ``blocked_attention``.
-ATTENTION_KERNELS = ("library", "blocked")
+# How the projection weights of a checkpoint are stored (``DecoderConfig.weight_layout``): torch's nn.Linear layout.
+# Checkpoints written before the field existed hold (in_features, out_features) weights, ``LEGACY_WEIGHT_LAYOUT``;
+# ``model/upgrade.py`` converts them on load.
+WEIGHT_LAYOUT = "out_in"
+LEGACY_WEIGHT_LAYOUT = "in_out"
 
 
 def llama_hidden_dim(dim: int, multiple_of: int = 64) -> int:
@@ -82,6 +89,9 @@ class DecoderConfig:
     """Dropout after attention and after the MLP (training only)."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
+    weight_layout: str = WEIGHT_LAYOUT
+    """How the projection weights are stored: always torch's (out_features, in_features). Written with every
+    checkpoint so that older ones, whose config lacks it, are recognised (``model.upgrade.upgrade_state_dict``)."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -102,6 +112,9 @@ class DecoderConfig:
             raise ValueError(f"decoder dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("decoder rope_theta and norm_eps must be positive")
+        if self.weight_layout != WEIGHT_LAYOUT:
+            raise ValueError(f"decoder weight_layout must be {WEIGHT_LAYOUT!r}, got {self.weight_layout!r} (weights of "
+                             "another layout are converted on load by model.upgrade.upgrade_state_dict)")
 
     @property
     def head_dim(self) -> int:
@@ -178,35 +191,10 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-class Linear(nn.Module):
-    """Bias-free projection y = x @ W with W stored as (in_features, out_features).
-
-    The transpose of nn.Linear's layout: MKL's matrix-vector and small-batch products, which dominate
-    eager decoding at batch 1 on a CPU, run faster this way; ``model/chameleon_hf.py`` transposes
-    when exporting. ``model/compile.py`` gives compiled decode steps a subclass with their own product.
-    """
-
-    # Set by ``use_row_products`` (the sampler's "eager-rows" decode step): a decode step's product of a few rows of
-    # one token each runs as one matrix-vector product per row, spread across threads, where the library's
-    # few-row matrix product costs about one matrix-vector product per row on one thread.
-    row_products = False
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.row_products and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled():
-            return torch.bmm(x, self.weight.expand(x.shape[0], *self.weight.shape))  # (rows, 1, out)
-        return x @ self.weight
-
-
-def use_row_products(module: nn.Module, on: bool) -> None:
-    """Whether the ``Linear``s under ``module`` compute inference products of several one-token rows row by row
-    (``Linear.row_products``); the arithmetic is the same either way."""
-    for m in module.modules():
-        if isinstance(m, Linear):
-            m.row_products = on
+def projection(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free ``nn.Linear``, left uninitialised: ``Decoder.reset_parameters`` draws every weight once (nn.Linear's
+    own initialisation would draw a 7B model's weights a second time)."""
+    return skip_init(nn.Linear, in_features, out_features, bias=False, device=torch.get_default_device())
 
 
 class HeadNorm(nn.Module):
@@ -322,16 +310,31 @@ class KVCache:
         return causal_mask(self.batch, T, start, self.valid.device, keys=self.valid[:, None, :end]), False
 
 
+def library_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """q (B, H, T, hd) attending to k/v (B, KV, S, hd) with torch's ``scaled_dot_product_attention``; grouped-query
+    heads when H > KV."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class ScaledDotProduct(nn.Module):
+    """``library_attention`` as a module, so that another kernel of the same arithmetic can take its place
+    (``model/attention_plan.py`` swaps in the blocked kernel where that trains faster)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        return library_attention(q, k, v, mask, is_causal)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with fused q/k/v projection, optional QK-norm, RoPE, causal SDPA."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
-        self.proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.qkv = projection(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        self.proj = projection(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.qk_norm = HeadNorm(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
-        self.kernel = "library"  # for forward passes without a KV cache: one of ATTENTION_KERNELS
+        self.attend = ScaledDotProduct()  # forward passes without a KV cache (training, evaluation)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
@@ -343,16 +346,14 @@ class Attention(nn.Module):
             qk = self.qk_norm(qk)
         qk = apply_rope(qk, rope)  # q and k heads together
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if kv is not None:
+        if kv is None:  # causal self-attention (``Decoder._mask``): whichever kernel ``attend`` holds
+            y = self.attend(q, k, v, mask, is_causal)
+        else:  # decoding with a cache: always the library kernel
             cache_k, cache_v = kv  # (B, KV, max_len, hd)
             end = start + T
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v
-            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        if kv is None and self.kernel == "blocked":  # without a cache, attention is causal (``Decoder._mask``)
-            y = blocked_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
+            y = library_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, is_causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, dim)
 
 
@@ -361,8 +362,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.gate_up = Linear(dim, 2 * hidden_dim)
-        self.down = Linear(hidden_dim, dim)
+        self.gate_up = projection(dim, 2 * hidden_dim)
+        self.down = projection(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -405,7 +406,7 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size)
+        self.output = None if config.tie_embeddings else projection(config.dim, config.vocab_size)
         table = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope", table, persistent=False)  # (max_seq_len, 2, head_dim)
         self.reset_parameters()
@@ -413,7 +414,7 @@ class Decoder(nn.Module):
     def reset_parameters(self) -> None:
         """normal(0, 0.02) weights; residual output projections scaled by 1/sqrt(2·n_layers); norms 1/0."""
         for m in self.modules():
-            if isinstance(m, (Linear, nn.Embedding)):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, INIT_STD)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
@@ -424,19 +425,6 @@ class Decoder(nn.Module):
         for block in self.layers:
             nn.init.normal_(block.attn.proj.weight, 0.0, out_std)
             nn.init.normal_(block.mlp.down.weight, 0.0, out_std)
-
-    @property
-    def attention_kernel(self) -> str:
-        """How forward passes without a KV cache compute attention: one of ``ATTENTION_KERNELS``."""
-        return self.layers[0].attn.kernel
-
-    def set_attention(self, kernel: str) -> None:
-        """Compute attention of forward passes without a KV cache with ``kernel`` ("library" or "blocked");
-        decoding with a cache always uses the library kernel. A compiled forward recompiles once for a change."""
-        if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
-        for block in self.layers:
-            block.attn.kernel = kernel
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -499,7 +487,7 @@ class Decoder(nn.Module):
         else:
             mask, is_causal = cache.attention_mask(T, valid)
 
-        x = embed(self.tok_emb.weight, tokens)  # (B, T, dim)
+        x = self.tok_emb(tokens)  # (B, T, dim)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, is_causal, None if cache is None else cache.layers[i], start)
         if cache is not None:

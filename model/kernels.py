@@ -1,8 +1,10 @@
 """Hand-written pieces of the decoder's training step, where torch's own would be slow on a CPU.
 
-* ``embed``: the token embedding, whose backward sums rows with ``index_add_`` inside compiled graphs too.
-* ``blocked_attention``: causal attention computed block by block of queries with a written-out backward
-  (``model/attention_plan.py`` times it against torch's kernel and keeps the faster).
+* ``embed``: the token embedding, whose backward sums rows with ``index_add_`` inside compiled graphs too;
+  ``IndexAddEmbedding`` is an ``nn.Embedding`` that uses it (``model/compile.py`` swaps it in before compiling).
+* ``blocked_attention``: causal attention computed block by block of queries with a written-out backward;
+  ``BlockedAttention`` is the module that takes the place of the decoder's ``ScaledDotProduct``
+  (``model/attention_plan.py`` times the two and keeps the faster).
 
 Each gives the arithmetic of the torch function it replaces, up to rounding (tests/test_attention.py,
 tests/test_decoder.py).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # Queries per block of ``blocked_attention``: a block sees only the keys up to its last query, so smaller blocks
 # skip more of the causal triangle but make more, smaller products.
@@ -55,6 +57,27 @@ def embed(weight: Tensor, tokens: Tensor) -> Tensor:
     if torch.is_grad_enabled() and weight.requires_grad:
         return _Embed.apply(weight, tokens)
     return F.embedding(tokens, weight)  # no backward to shape: spare decode steps the autograd.Function's overhead
+
+
+class IndexAddEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose forward is ``embed``: the same lookup, with the backward compiled graphs need."""
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        """Whether ``module`` is a plain ``nn.Embedding`` (no padding index, max norm or sparse or scaled gradient)
+        that an IndexAddEmbedding computes exactly."""
+        return (type(module) is nn.Embedding and module.padding_idx is None and module.max_norm is None
+                and not module.sparse and not module.scale_grad_by_freq)
+
+    @classmethod
+    def sharing(cls, embedding: nn.Embedding) -> IndexAddEmbedding:
+        """One that holds ``embedding``'s own weight Parameter (nothing copied)."""
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        new.weight = embedding.weight
+        return new.train(embedding.training)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return embed(self.weight, tokens)
 
 
 def _allowed(mask: Tensor | None, start: int, end: int, device: torch.device) -> Tensor:
@@ -131,3 +154,11 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bloc
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     with torch.autocast(q.device.type, enabled=False):
         return _BlockedAttention.apply(q, k, v, mask, block)
+
+
+class BlockedAttention(nn.Module):
+    """``blocked_attention`` in the place of the decoder's ``ScaledDotProduct`` (causal self-attention only: the
+    decoder calls it for forward passes without a KV cache)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        return blocked_attention(q, k, v, mask)

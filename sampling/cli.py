@@ -17,12 +17,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
-from earlyfusion.options import check_not_file
-from earlyfusion.runtime import mixed_precision, use_all_cores
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.options import check_not_file
+from earlyfusion.core.runtime import mixed_precision, use_all_cores
 from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
+from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid, image_grid, preprocess_for_codes
+from earlyfusion.training.data.runs import load_run, trained_grids
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
@@ -110,17 +113,21 @@ def parse_size(text: str, option: str) -> tuple[int, int]:
     return w, h
 
 
+def _px(vq_cfg, grid) -> str:
+    """``grid`` (rows, columns) as the WxH pixel size --size takes."""
+    height, width = vq_cfg.pixels_of_grid(*grid)
+    return f"{width}x{height}"
+
+
 def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
     """The code grids drawn images may take: the one ``size`` (WxH) gives, or the grids the run was trained on
     (None: any the vocabulary holds). UserError for a size the vocabulary or the model cannot draw."""
-    from earlyfusion.rundir import trained_grids
-    from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid
 
-    vocab, ds = run.vocab, run.vq.cfg.downsample
+    vocab, vq_cfg = run.vocab, run.vq.cfg
     trained = trained_grids(run)
     if not vocab.grid_tokens:
-        if size and parse_size(size, "--size") != (vocab.grid[1] * ds, vocab.grid[0] * ds):
-            raise UserError(f"--size {size}: this model draws only {vocab.grid[1] * ds}x{vocab.grid[0] * ds} images "
+        if size and parse_size(size, "--size") != vq_cfg.pixels_of_grid(*vocab.grid)[::-1]:
+            raise UserError(f"--size {size}: this model draws only {_px(vq_cfg, vocab.grid)} images "
                             "(its vocabulary has no grid tokens; build one with `earlyfusion vocab build "
                             "--grid-tokens` and train on images of other shapes); drop --size")
         return None
@@ -128,12 +135,12 @@ def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
         return trained or None
     w, h = parse_size(size, "--size")
     try:
-        grid = aspect_grid(w, h, vocab.grid, ds, where=f"--size {size}")
+        grid = aspect_grid(w, h, vocab.grid, vq_cfg.downsample, where=f"--size {size}")
     except ImageError as e:
         raise UserError(str(e)) from None
     if trained and grid not in trained:
-        known = ", ".join(f"{c * ds}x{r * ds}" for r, c in trained)
-        raise UserError(f"--size {size} is a {grid[0]}x{grid[1]} code grid ({grid[1] * ds}x{grid[0] * ds} px), which "
+        known = ", ".join(_px(vq_cfg, g) for g in trained)
+        raise UserError(f"--size {size} is a {grid[0]}x{grid[1]} code grid ({_px(vq_cfg, grid)} px), which "
                         f"the model was not trained on; it was trained on {known}: choose one of those")
     return [grid]
 
@@ -141,7 +148,6 @@ def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
 def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
     """Each image file → its (h, w) code grid with the run's image tokenizer (keeping its aspect ratio where the
     vocabulary has grid tokens)."""
-    from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
     vq, vocab = run.vq, run.vocab
     device = next(vq.parameters()).device
@@ -173,7 +179,6 @@ def _save_png(img, path: Path, written: list[Path]) -> None:
 
 
 def _write_image_outputs(samples: list[Sample], out: Path, written: list[Path]) -> None:
-    from earlyfusion.tokenizer.preprocess import image_grid
 
     images = []
     for i, s in enumerate(samples):
@@ -184,7 +189,6 @@ def _write_image_outputs(samples: list[Sample], out: Path, written: list[Path]) 
         sheet = image_grid(images, ncols=math.ceil(math.sqrt(len(images))))
         scale = max(1, SHEET_TILE // images[0].width)
         if scale > 1:
-            from PIL import Image
 
             sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
         _save_png(sheet, out / "grid.png", written)
@@ -230,7 +234,6 @@ def sample_cmd(cfg: SampleConfig) -> int:
     for p in cfg.image:  # fail on a bad path before loading the model
         if not Path(p).is_file():
             raise UserError(f"--image {p}: no such file")
-    from earlyfusion.rundir import load_run
 
     run = load_run(cfg.checkpoint, device=device)
     try:

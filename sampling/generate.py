@@ -25,12 +25,23 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.runtime import autocast, mixed_precision
 from earlyfusion.model.decode_plan import decode_plan
-from earlyfusion.runtime import autocast, mixed_precision
-from earlyfusion.sampling.processors import (IdLayout, Modality, RowState, Rules, SamplerParams, allowed_grids,
-                                             check_sampler_settings, has_grid_tokens, rules_for, sample_next, span_of)
+from earlyfusion.sampling.processors import (
+    IdLayout,
+    Modality,
+    RowState,
+    Rules,
+    SamplerParams,
+    allowed_grids,
+    check_sampler_settings,
+    rules_for,
+    sample_next,
+)
+from earlyfusion.tokenizer.image_span import OUTSIDE, SpanGrammar
+from earlyfusion.tokenizer.preprocess import to_pil
 
 Prompt = str | Sequence[str | Tensor]
 """A prompt: plain text, or segments in order (text and (h, w) code grids)."""
@@ -157,19 +168,25 @@ def encode_prompt(vocab, prompt: Prompt) -> list[int]:
 
 
 class _TextStreamer:
-    """Incremental detokenisation: emits only the new characters of each row's current text run."""
+    """Incremental detokenisation: emits only the new characters of each row's current text run, and the image
+    placeholder where the grammar closes an image span."""
 
     def __init__(self, vocab, n: int, fn: Stream):
         self.vocab, self.fn = vocab, fn
+        self.grammar = SpanGrammar.of(vocab)
+        self.spans = [OUTSIDE] * n
         self.runs: list[list[int]] = [[] for _ in range(n)]
         self.sent = [""] * n
         self.images = [0] * n
 
     def push(self, i: int, t: int) -> None:
         v = self.vocab
-        if t == v.boi:
-            self.runs[i], self.sent[i] = [], ""
-        elif t == v.eoi:
+        was, now = self.spans[i], self.grammar.advance(self.spans[i], t)
+        self.spans[i] = now
+        if now.open:
+            if not was.open:  # a new span: the text after it is a new run
+                self.runs[i], self.sent[i] = [], ""
+        elif was.open:
             self.images[i] += 1
             self.fn(i, IMAGE_PLACEHOLDER.format(self.images[i]))
         elif not v.layout.text_start <= t < v.layout.text_end:  # special, image code or grid token
@@ -248,7 +265,8 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     tokens, valid, positions = _left_pad(rows, layout.pad, device)
     cache = decoder.new_cache(R, max_len=tokens.shape[1] + steps)
     lengths = [len(r) for r in rows]  # real tokens per row: the position of the next one
-    state = RowState.from_prompts(prompts, layout, max_new_tokens, context)
+    grammar = SpanGrammar.of(layout)
+    state = RowState.from_prompts(prompts, grammar, max_new_tokens, context)
     stop_ids = {layout.eos} | ({layout.eoi} if modality == "image" else set())
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
@@ -259,7 +277,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     with plan.stepping(decoder) as step_fn:
         for step in range(steps):
             situations = state.situations(layout)
-            drawing = [s.drawing(layout) for s in situations]
+            drawing = [s.drawing(grammar) for s in situations]
             cond = logits[:N]
             if uncond is not None and any(drawing):
                 mixed = cond + (guidance - 1.0) * (cond - logits[N:])
@@ -305,15 +323,16 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
     ids = [encode_prompt(vocab, p) for p in prompts]
     rows = [p for p in ids for _ in range(config.num_samples)]
     context = _context(decoder)
-    grids = allowed_grids(vocab, grids)
-    span = max(span_of(vocab, g) for g in grids)
+    grammar = SpanGrammar.of(vocab)
+    grids = allowed_grids(grammar, grids)
+    span = max(grammar.span_length(g) for g in grids)
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = {"text": DEFAULT_TEXT_TOKENS, "image": span, "auto": context}[config.modality]
     if config.modality == "image":
         if max_new < span:
             raise UserError(f"--max-new-tokens {max_new} cannot hold one image ({span} tokens: begin-image, "
-                            f"up to {vocab.tokens_per_image} codes, end-image); raise it or leave it unset")
+                            f"up to {grammar.tokens_per_image} codes, end-image); raise it or leave it unset")
         longest = max(len(p) for p in ids)
         if longest + span > context:
             raise UserError(f"the prompt is {longest} tokens; with an image ({span} tokens) that exceeds the "
@@ -330,7 +349,7 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
             text=config.text_params(), image=config.image_params(vocab.codebook_size),
             generator=generator, guidance=guidance, uncond=uncond,
             on_token=streamer.push if streamer is not None else None, compile=config.compile,
-            grids=grids if has_grid_tokens(vocab) else None,
+            grids=grids if grammar.grid_tokens else None,
         )
     if streamer is not None:
         streamer.flush()
@@ -344,7 +363,6 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
 @torch.no_grad()
 def decode_images(vq, samples: Sequence[Sample]) -> None:
     """Fill ``sample.images`` with PIL images decoded from each sample's code grids (one VQ batch per grid shape)."""
-    from earlyfusion.tokenizer.preprocess import to_pil
 
     grids = [s for sample in samples for s in sample.segments if isinstance(s, Tensor)]
     if not grids:

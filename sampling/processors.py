@@ -13,21 +13,20 @@ the sampling settings, and a forced id is drawn even if the model gave it -inf.
 The rules:
 
 * ``BanIds``: ids that are never generated (pad, bos).
-* ``ImageSpan``: inside an image span only image-code ids; after exactly h·w codes the end-image id
-  is forced; outside a span neither image codes nor end-image can appear. With grid tokens (images that
-  keep their aspect ratio) the span is ``<boi> <rows_h> <cols_w> (w codes <row_end>)×h <eoi>``: the rows
-  and columns tokens are drawn from the allowed grids (one grid: forced), then each row's codes, the
+* ``ImageSpan``: inside an image span only what the span grammar (``tokenizer.image_span.SpanGrammar``)
+  allows next: image codes, and after exactly h·w codes the forced end-image; outside a span neither image
+  codes, grid tokens nor end-image can appear. With grid tokens (images that keep their aspect ratio) the
+  rows and columns tokens are drawn from the allowed grids (one grid: forced), then each row's codes, the
   row end and the end-image are forced at their places, so every span decodes to the grid it stated.
 * ``ImageFits``: begin-image is banned where the longest allowed span (begin, codes, end) no longer fits
   in the row's remaining budget (the model's context and max-new-tokens).
 * ``TextOnly``: no begin-image at all (so no image ids either, with ``ImageSpan``).
 * ``ImageOnly``: the first generated token is begin-image (then ``ImageSpan`` drives the span).
 
-``RowState`` tracks, per row and in plain Python (the loop reads every sampled token anyway), whether it
-is inside an image span, its stated grid and how many codes it has emitted. The ids come from a
-vocabulary-like object (``tokenizer.vocab.Vocabulary``): bos, eos, pad, boi, eoi, image_start,
-codebook_size, tokens_per_image, and with grid tokens row_end, rows_ids, cols_ids, grid, span_length;
-no id is a literal here.
+``RowState`` tracks, per row and in plain Python (the loop reads every sampled token anyway), where it
+stands in image spans: the grammar's ``SpanCursor`` (open span, stated grid, codes emitted), advanced by
+``SpanGrammar.advance``. The ids come from a vocabulary-like object (``tokenizer.vocab.Vocabulary``, or a
+``VocabLayout``): bos, eos, pad, and what ``SpanGrammar.of`` reads; no id is a literal here.
 """
 
 from __future__ import annotations
@@ -41,12 +40,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from earlyfusion.tokenizer.image_span import CODE, DRAWN, SpanCursor, SpanGrammar
+
 NEG_INF = float("-inf")
 Modality = Literal["text", "image", "auto"]
 
 
 class IdLayout(Protocol):
-    """What the rules need to know about the vocabulary (``tokenizer.vocab.Vocabulary`` satisfies it)."""
+    """What the rules need to know about the vocabulary (``tokenizer.vocab.Vocabulary`` and ``VocabLayout`` satisfy
+    it): the special ids, and the image span grammar (``SpanGrammar.of``: a ``grammar``, or boi, eoi, image_start,
+    codebook_size, grid and optionally grid_tokens)."""
 
     bos: int
     eos: int
@@ -55,18 +58,7 @@ class IdLayout(Protocol):
     eoi: int
     image_start: int
     codebook_size: int
-    tokens_per_image: int
-    # with grid tokens (``grid_tokens`` true) also: row_end, rows_ids, cols_ids, grid, span_length(grid)
-
-
-def has_grid_tokens(layout: IdLayout) -> bool:
-    """Image spans state their grid (layouts without the attribute have a fixed grid)."""
-    return bool(getattr(layout, "grid_tokens", False))
-
-
-def span_of(layout: IdLayout, grid: tuple[int, int] | None = None) -> int:
-    """Tokens of an image span of ``grid`` (default the largest), begin- and end-image included."""
-    return layout.span_length(grid or layout.grid) if has_grid_tokens(layout) else layout.tokens_per_image + 2
+    grid: tuple[int, int]
 
 
 # ---------------------------------------------------------------- per-row state
@@ -91,12 +83,14 @@ class Situation:
     done_rows: int = 0
     """Grid tokens: rows of the open span ended by a row end; ``codes`` then counts the current row's codes."""
 
-    def drawing(self, layout: IdLayout) -> bool:
+    def cursor(self) -> SpanCursor:
+        """Where the row stands in its image span, as the grammar reads it."""
+        return SpanCursor(self.in_image, self.codes, self.rows, self.cols, self.done_rows)
+
+    def drawing(self, layout: IdLayout | SpanGrammar) -> bool:
         """The next token is chosen by the image (a code, or the grid a span states): sampled with the image
         settings and guided."""
-        if has_grid_tokens(layout):
-            return self.in_image and self.done_rows < max(self.rows, 1) and self.codes < max(self.cols, 1)
-        return self.in_image and self.codes < layout.tokens_per_image
+        return SpanGrammar.of(layout).expects(self.cursor()) in DRAWN
 
 
 @dataclass
@@ -120,63 +114,63 @@ class RowState:
     """Grid tokens: per row [rows stated, columns stated, rows ended] of the open span (None without them)."""
     room_cap: int | None = None
     """What ``situation`` caps the room at: the longest span (None: worked out from the layout)."""
+    grammar: SpanGrammar | None = None
+    """The layout's span grammar (None: taken from the layout at first use)."""
 
     @classmethod
-    def from_prompts(cls, prompts: Sequence[Sequence[int]], layout: IdLayout, max_new_tokens: int,
+    def from_prompts(cls, prompts: Sequence[Sequence[int]], layout: IdLayout | SpanGrammar, max_new_tokens: int,
                      context: int) -> RowState:
         """State after reading each prompt; a prompt may end inside an open image span (continuation)."""
         n = len(prompts)
-        gridded = has_grid_tokens(layout)
+        grammar = SpanGrammar.of(layout)
         state = cls(in_image=[False] * n, codes=[0] * n, length=[len(p) for p in prompts], finished=[False] * n,
                     step=0, max_new_tokens=max_new_tokens, context=context,
-                    grid=[[0, 0, 0] for _ in range(n)] if gridded else None)
+                    grid=[[0, 0, 0] for _ in range(n)] if grammar.grid_tokens else None, grammar=grammar)
         for i, ids in enumerate(prompts):
             for t in ids:
-                state._read(i, int(t), layout)
+                state._read(i, int(t), grammar)
         return state
 
-    def _read(self, i: int, t: int, layout: IdLayout) -> None:
+    def _grammar(self, layout: IdLayout) -> SpanGrammar:
+        if self.grammar is None:
+            self.grammar = SpanGrammar.of(layout)
+        return self.grammar
+
+    def cursor(self, i: int) -> SpanCursor:
+        """Where row ``i`` stands in its image span."""
+        rows, cols, done = self.grid[i] if self.grid is not None else (0, 0, 0)
+        return SpanCursor(self.in_image[i], self.codes[i], rows, cols, done)
+
+    def _read(self, i: int, t: int, grammar: SpanGrammar) -> None:
         """Account for token ``t`` appended to row ``i`` (span bookkeeping only)."""
-        if t == layout.boi or t == layout.eoi:
-            self.in_image[i], self.codes[i] = t == layout.boi, 0
-            if self.grid is not None:
-                self.grid[i] = [0, 0, 0]
-        elif not self.in_image[i]:
-            return
-        elif layout.image_start <= t < layout.image_start + layout.codebook_size:
-            self.codes[i] += 1
-        elif self.grid is not None:
-            g = self.grid[i]
-            if t == layout.row_end:
-                g[2] += 1
-                self.codes[i] = 0
-            elif t in layout.rows_ids:
-                g[0] = layout.rows_ids.index(t) + 1
-            elif t in layout.cols_ids:
-                g[1] = layout.cols_ids.index(t) + 1
+        cur = grammar.advance(self.cursor(i), t)
+        self.in_image[i], self.codes[i] = cur.open, cur.codes
+        if self.grid is not None:
+            self.grid[i] = [cur.rows, cur.cols, cur.done_rows]
 
     def remaining(self, i: int) -> int:
         """How many more tokens row ``i`` may still append."""
         return min(self.context - self.length[i], self.max_new_tokens - self.step)
 
     def situation(self, i: int, layout: IdLayout) -> Situation:
+        grammar = self._grammar(layout)
         if self.room_cap is None:
-            self.room_cap = span_of(layout)
+            self.room_cap = grammar.max_span
         room = max(0, min(self.remaining(i), self.room_cap))
-        if self.grid is None:
-            return Situation(self.in_image[i], min(self.codes[i], layout.tokens_per_image), self.step == 0, room)
-        rows, cols, done = self.grid[i]
-        return Situation(self.in_image[i], self.codes[i], self.step == 0, room, rows, cols, done)
+        cur = self.cursor(i)
+        codes = cur.codes if self.grid is not None else min(cur.codes, grammar.tokens_per_image)
+        return Situation(cur.open, codes, self.step == 0, room, cur.rows, cur.cols, cur.done_rows)
 
     def situations(self, layout: IdLayout) -> list[Situation]:
         return [self.situation(i, layout) for i in range(len(self.length))]
 
     def update(self, tokens: Sequence[int], layout: IdLayout) -> None:
         """Record the token just appended to each unfinished row (finished rows are left as they are)."""
+        grammar = self._grammar(layout)
         for i, t in enumerate(tokens):
             if self.finished[i]:
                 continue
-            self._read(i, t, layout)
+            self._read(i, t, grammar)
             self.length[i] += 1
         self.step += 1
 
@@ -186,13 +180,12 @@ class RowState:
 Rule = Callable[[Tensor, Situation], Tensor]
 
 
-def allowed_grids(layout: IdLayout, grids: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+def allowed_grids(layout: IdLayout | SpanGrammar, grids: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
     """The grids an image span may take: ``grids`` (each checked against the layout), or every one it holds."""
-    if not has_grid_tokens(layout):
-        return [tuple(layout.grid)]
-    H, W = layout.grid
-    if grids is None:
-        return [(h, w) for h in range(1, H + 1) for w in range(1, W + 1)]
+    grammar = SpanGrammar.of(layout)
+    if grids is None or not grammar.grid_tokens:
+        return grammar.grids()
+    H, W = grammar.grid
     out = sorted({(int(h), int(w)) for h, w in grids})
     bad = [g for g in out if not (1 <= g[0] <= H and 1 <= g[1] <= W)]
     if not out or bad:
@@ -207,18 +200,12 @@ def _only_among(allowed: Tensor, tokens: Sequence[int]) -> Tensor:
     return out
 
 
-def _only(allowed: Tensor, token: int) -> Tensor:
-    """Force ``token``: the only id left, even if an earlier rule banned it."""
-    forced = torch.zeros_like(allowed)
-    forced[token] = True
-    return forced
-
-
 class LayoutRule:
     """A rule that reads the vocabulary's id layout."""
 
     def __init__(self, layout: IdLayout):
         self.layout = layout
+        self.grammar = SpanGrammar.of(layout)
 
 
 class BanIds:
@@ -244,28 +231,17 @@ class ImageSpan(LayoutRule):
         self.grids = allowed_grids(layout, grids)
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
-        L = self.layout
-        codes = slice(L.image_start, L.image_start + L.codebook_size)
-        gridded = has_grid_tokens(L)
+        g = self.grammar
         if not row.in_image:
-            allowed[codes] = False
-            allowed[L.eoi] = False
-            if gridded:
-                allowed[[L.row_end, *L.rows_ids, *L.cols_ids]] = False
+            allowed[g.interior.start:g.interior.stop] = False
+            allowed[g.eoi] = False
             return allowed
-        if gridded:
-            if row.rows == 0:
-                return _only_among(allowed, [L.rows_ids[h - 1] for h in sorted({h for h, _ in self.grids})])
-            if row.cols == 0:
-                return _only_among(allowed, [L.cols_ids[w - 1] for h, w in self.grids if h == row.rows])
-            if row.done_rows >= row.rows:
-                return _only(allowed, L.eoi)
-            if row.codes >= row.cols:
-                return _only(allowed, L.row_end)
-        elif row.codes >= L.tokens_per_image:
-            return _only(allowed, L.eoi)
+        cur = row.cursor()
+        if g.expects(cur) != CODE:  # a grid token, row end or end-image: forced among the allowed ones
+            return _only_among(allowed, g.next_ids(cur, self.grids))
+        codes = slice(g.code_ids.start, g.code_ids.stop)
         only_codes = torch.zeros_like(allowed)
-        only_codes[codes] = allowed[codes]
+        only_codes[codes] = allowed[codes]  # the earlier rules' bans on codes stay
         return only_codes
 
 
@@ -274,7 +250,7 @@ class ImageFits(LayoutRule):
 
     def __init__(self, layout: IdLayout, grids: Sequence[tuple[int, int]] | None = None):
         super().__init__(layout)
-        self.span = max(span_of(layout, g) for g in allowed_grids(layout, grids))
+        self.span = max(self.grammar.span_length(g) for g in allowed_grids(layout, grids))
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         if not row.in_image and row.room < self.span:
@@ -286,11 +262,9 @@ class TextOnly(LayoutRule):
     """Text mode: begin-image, end-image, image codes and grid tokens are never produced."""
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
-        L = self.layout
-        allowed[[L.boi, L.eoi]] = False
-        allowed[L.image_start:L.image_start + L.codebook_size] = False
-        if has_grid_tokens(L):
-            allowed[[L.row_end, *L.rows_ids, *L.cols_ids]] = False
+        g = self.grammar
+        allowed[[g.boi, g.eoi]] = False
+        allowed[g.interior.start:g.interior.stop] = False
         return allowed
 
 
@@ -299,7 +273,7 @@ class ImageOnly(LayoutRule):
 
     def __call__(self, allowed: Tensor, row: Situation) -> Tensor:
         if row.first and not row.in_image:
-            return _only(allowed, self.layout.boi)
+            return _only_among(allowed, [self.layout.boi])
         return allowed
 
 

@@ -1,5 +1,5 @@
 """Training attention (model/kernels.py ``blocked_attention``, model/attention_plan.py) and the allocator policy
-(earlyfusion/runtime.py ``keep_freed_memory``)."""
+(earlyfusion/core/runtime.py ``keep_freed_memory``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from earlyfusion.model import attention_plan as plan_mod
-from earlyfusion.model.attention_plan import PIN_ENV, attention_plan
+from earlyfusion.model.attention_plan import PIN_ENV, attention_kernel, attention_plan, use_attention
 from earlyfusion.model.decoder import Decoder, DecoderConfig, causal_mask
 from earlyfusion.model.kernels import blocked_attention
-from earlyfusion.runtime import keep_freed_memory
+from earlyfusion.core.runtime import keep_freed_memory
 
 V = 61
 
@@ -65,7 +65,7 @@ def test_blocked_attention_under_bf16_autocast_is_close_to_the_library():
 def make(kernel: str, **overrides) -> Decoder:
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.from_preset("tiny", V, n_kv_heads=2, **overrides))
-    model.set_attention(kernel)
+    use_attention(model, kernel)
     return model
 
 
@@ -77,7 +77,7 @@ def test_decoder_kernels_agree_on_packed_training_rows():
     results = []
     for kernel in ("library", "blocked"):
         model = make(kernel)
-        assert model.attention_kernel == kernel
+        assert attention_kernel(model) == kernel
         logits = model(tokens, positions=positions, doc_ids=doc_ids)
         logits.square().mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -98,9 +98,25 @@ def test_decoding_with_a_cache_is_unchanged_by_the_kernel():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
-def test_set_attention_refuses_unknown_kernels():
+def test_use_attention_refuses_unknown_kernels():
     with pytest.raises(ValueError, match="not one of"):
-        make("library").set_attention("flash")
+        use_attention(make("library"), "flash")
+
+
+def test_kernels_are_swapped_modules_that_hold_no_weights():
+    """The kernel is a submodule of each block's attention: swapping it changes neither the parameters (the same
+    Parameter objects) nor the state dict, and swapping back gives the library module again."""
+    from earlyfusion.model.decoder import ScaledDotProduct
+    from earlyfusion.model.kernels import BlockedAttention
+
+    model = make("library")
+    params = dict(model.named_parameters())
+    state = set(model.state_dict())
+    use_attention(model, "blocked")
+    assert all(isinstance(b.attn.attend, BlockedAttention) for b in model.layers)
+    assert dict(model.named_parameters()) == params and set(model.state_dict()) == state
+    use_attention(model, "library")
+    assert all(type(b.attn.attend) is ScaledDotProduct for b in model.layers)
 
 
 def test_plan_keeps_the_faster_kernel_and_remembers_it(monkeypatch):
@@ -114,12 +130,12 @@ def test_plan_keeps_the_faster_kernel_and_remembers_it(monkeypatch):
     monkeypatch.setattr(plan_mod, "time_kernels", fake)
     model = make("library")
     plan = attention_plan(model, 2, 64, precision="bf16", packed=True)
-    assert plan.kernel == "blocked" and model.attention_kernel == "blocked"
+    assert plan.kernel == "blocked" and attention_kernel(model) == "blocked"
     assert plan.ms == {"library": 20.0, "blocked": 10.0} and "blocked 10.0" in plan.describe()
     assert attention_plan(model, 2, 64, precision="no", packed=True).kernel == "library"
-    assert model.attention_kernel == "library"
+    assert attention_kernel(model) == "library"
     attention_plan(model, 2, 64, precision="bf16", packed=True)  # remembered: not timed again
-    assert calls == ["bf16", "no"] and model.attention_kernel == "blocked"
+    assert calls == ["bf16", "no"] and attention_kernel(model) == "blocked"
 
 
 def test_plan_times_compiled_kernels_for_a_compiled_run(monkeypatch):
@@ -134,7 +150,7 @@ def test_plan_times_compiled_kernels_for_a_compiled_run(monkeypatch):
     model = make("library")
     assert attention_plan(model, 2, 64, precision="bf16", packed=True).kernel == "blocked"
     assert attention_plan(model, 2, 64, precision="bf16", packed=True, compile=True).kernel == "library"
-    assert seen == [False, True] and model.attention_kernel == "library"
+    assert seen == [False, True] and attention_kernel(model) == "library"
 
 
 def test_plan_real_compiled_timing_runs(monkeypatch):
@@ -181,6 +197,6 @@ def test_a_resumed_run_keeps_its_kernel(monkeypatch):
     monkeypatch.setattr(plan_mod, "time_kernels", lambda *a, **k: pytest.fail("must not time"))
     model = make("library")
     plan = attention_plan(model, 2, 64, precision="bf16", packed=True, kernel="blocked")
-    assert plan.kernel == "blocked" == model.attention_kernel and "started with" in plan.describe()
+    assert plan.kernel == "blocked" == attention_kernel(model) and "started with" in plan.describe()
     with pytest.raises(ValueError, match="not one of"):
         attention_plan(model, 2, 64, precision="bf16", packed=True, kernel="flash")

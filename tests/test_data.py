@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.vocab import Vocabulary
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+from earlyfusion.tokenizer.vqvae import VQVAE
+from earlyfusion.tokenizer.vq_checkpoint import save_vqvae, vq_fingerprint
 from earlyfusion.training import data as D
 from earlyfusion.training.data import documents as D_documents
 from earlyfusion.training.shapes import ShapesConfig, generate
@@ -32,7 +34,7 @@ def make_vq(directory: Path, seed: int = 0) -> Path:
 
 
 def make_vocab(sources, vq: Path) -> Vocabulary:
-    from earlyfusion.tokenizer.vqvae import read_vq_config
+    from earlyfusion.tokenizer.vq_checkpoint import read_vq_config
 
     cfg = read_vq_config(vq)
     return Vocabulary.build(list(D.iter_texts(sources)), codebook_size=cfg.codebook_size, grid=cfg.grid_size,
@@ -216,7 +218,7 @@ def test_codes_are_cached_and_invalidated(world, tmp_path):
     assert np.array_equal(first.parts[0].codes, second.parts[0].codes)
     # the codes are those of the image tokenizer
     from earlyfusion.tokenizer.preprocess import preprocess
-    from earlyfusion.tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
 
     row = json.loads((world.data / "train" / "metadata.jsonl").read_text().splitlines()[0])
     px = preprocess(world.data / "train" / row["file_name"], 16)[None]
@@ -365,7 +367,7 @@ def test_truncation_rules(world, tmp_path):
 
 
 def test_heldout_pairs(world):
-    from earlyfusion.tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
 
     rows = [json.loads(line) for line in (world.data / "test" / "metadata.jsonl").read_text().splitlines()]
     pairs = D.heldout_pairs([str(world.data)], vocab=world.vocab, image_tokenizer=world.vq,
@@ -442,7 +444,7 @@ def test_hub_source_code_path(world, tmp_path, monkeypatch):
     assert [world.vocab.decode_text(c.tolist()) for c in pairs.captions] == [f"hub caption {i}" for i in range(5)]
     assert data.images_encoded == 6 and D.prepare(cfg, world.vocab, world.vq, context_len=64).images_cached == 6
     from earlyfusion.tokenizer.preprocess import preprocess
-    from earlyfusion.tokenizer.vqvae import load_vqvae
+    from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
 
     want = load_vqvae(world.vq).encode(torch.stack([preprocess(p.read_bytes(), 16) for p in pngs]))
     assert np.array_equal(pairs.codes, want.reshape(5, -1).numpy())
@@ -472,10 +474,8 @@ def test_data_config_validation(tmp_path):
 
 
 def test_check_vocab_matches_returns_the_fingerprint(world, tmp_path):
-    from earlyfusion.rundir import check_vocab_matches as reexported
     from earlyfusion.tokenizer.vocab import check_vocab_matches
 
-    assert reexported is check_vocab_matches
     assert check_vocab_matches(world.vocab, world.vq, "here") == vq_fingerprint(world.vq)
     with pytest.raises(UserError, match="^there: .*rebuild"):
         check_vocab_matches(world.vocab, make_vq(tmp_path / "other", seed=1), "there")

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, cli_status, run_cli
-from earlyfusion.checkpoint import CheckpointError
-from earlyfusion.errors import UserError
+from earlyfusion.core.checkpoint import CheckpointError
+from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.preprocess import aspect_grid, preprocess, preprocess_to_grid
 from earlyfusion.tokenizer.vocab import Vocabulary
-from earlyfusion.tokenizer.vqvae import load_vqvae, read_vq_config, vq_fingerprint
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
 from earlyfusion.training import data as D
 from earlyfusion.training.shapes import TALL, WIDE, ShapesConfig, generate, parse_picture
 from test_data import documents, make_vq
@@ -254,7 +254,7 @@ def test_grids_of_other_shapes_are_never_copies(world):
 
 
 def test_two_aspect_ratios_end_to_end(tmp_path, capsys):
-    from earlyfusion.rundir import load_run, trained_grids
+    from earlyfusion.training.data.runs import load_run, trained_grids
 
     data, vq, vocab, lm = tmp_path / "data", tmp_path / "vq", tmp_path / "vocab", tmp_path / "lm"
     run_cli("data", "shapes", "--out", data, "--num-images", 48, "--sizes", SIZES, "--num-interleaved", 4,
@@ -317,7 +317,7 @@ def test_two_aspect_ratios_end_to_end(tmp_path, capsys):
 
 
 def test_trained_grids_of_runs_without_a_record_and_of_altered_ones(world, tmp_path):
-    from earlyfusion.rundir import trained_grids
+    from earlyfusion.training.data.runs import trained_grids
 
     def run(config, vocab=world.vocab):
         return SimpleNamespace(config=config, vocab=vocab, path=tmp_path)

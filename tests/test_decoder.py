@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache, Linear
-from earlyfusion.errors import UserError
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
+from earlyfusion.core.errors import UserError
 
 V = 97
 
@@ -178,7 +178,7 @@ def test_cache_misuse_raises(model):
         model(tokens(2, 2), doc_ids=torch.zeros(2, 2, dtype=torch.long), cache=cache)
 
 
-# ---------------------------------------------------------------- compiled decode steps (rows weights)
+# ---------------------------------------------------------------- compiled decode steps (row-wise products)
 
 
 def _recording_backend(graphs: list[set[str]]):
@@ -200,87 +200,109 @@ def _graph_ops(fn, *args) -> set[str]:
     return set().union(*graphs)
 
 
-def test_rows_weight_is_used_only_for_compiled_inference_of_few_rows():
-    from earlyfusion.model.compile import ROWWISE_MAX_ROWS, RowwiseLinear
+def _products(ops: set[str]) -> bool:
+    """Whether a graph's call targets include a library product (nn.Linear's F.linear, or a matmul)."""
+    return any("linear" in t or "matmul" in t for t in ops)
 
-    lin = RowwiseLinear(16, 24)
-    torch.nn.init.normal_(lin.weight)
-    assert lin.rows_weight is None
-    lin.refresh_rows_weight()
-    assert torch.equal(lin.rows_weight, lin.weight.t()) and lin.rows_weight.is_contiguous()
-    assert set(lin.state_dict()) == {"weight"}  # never saved
+
+def _rowwise(linear: torch.nn.Linear):
+    from earlyfusion.model.compile import RowwiseLinear
+    from earlyfusion.model.swap import sharing
+
+    return sharing(RowwiseLinear, linear)
+
+
+def test_rowwise_products_only_for_compiled_inference_of_few_rows():
+    from earlyfusion.model.compile import ROWWISE_MAX_ROWS
+
+    plain = torch.nn.Linear(16, 24, bias=False)
+    lin = _rowwise(plain)
+    assert lin.weight is plain.weight and set(lin.state_dict()) == {"weight"}  # the same Parameter, nothing added
     few, many = torch.randn(1, ROWWISE_MAX_ROWS, 16), torch.randn(1, ROWWISE_MAX_ROWS + 1, 16)
     with torch.no_grad():
-        assert "sum" in _graph_ops(lin, few) and not {"<built-in function matmul>"} & _graph_ops(lin, few)
-        assert "<built-in function matmul>" in _graph_ops(lin, many)
-        torch.testing.assert_close(torch.compile(lin, backend="eager")(few), few @ lin.weight)
-    # with gradients (training) the parameter itself is used, so it gets its gradient
-    assert "<built-in function matmul>" in _graph_ops(lin, few)
+        assert "sum" in _graph_ops(lin, few) and not _products(_graph_ops(lin, few))
+        assert _products(_graph_ops(lin, many))
+        torch.testing.assert_close(torch.compile(lin, backend="eager")(few), plain(few))
+        torch.testing.assert_close(lin(few), plain(few), rtol=0, atol=0)  # eager: nn.Linear's own product
+    # with gradients (training) the library product, so the weight gets its gradient
+    assert _products(_graph_ops(lin, few))
     x = few.clone().requires_grad_()
     torch._dynamo.reset()
     torch.compile(lin, backend="eager")(x).sum().backward()
-    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert plain.weight.grad is not None and plain.weight.grad.abs().sum() > 0
 
 
-def test_rows_weight_follows_in_place_changes_and_moves():
-    from earlyfusion.model.compile import RowwiseLinear
+def test_swapped_products_share_the_weight_and_follow_in_place_changes_and_moves():
+    """A swapped-in projection holds the original's Parameter: an in-place change (an optimizer step,
+    load_state_dict) or a move is the original's, and there is never a copy to refresh."""
+    from earlyfusion.model.decode_plan import RowLinear
+    from earlyfusion.model.swap import sharing
 
-    lin = RowwiseLinear(8, 4)
-    torch.nn.init.normal_(lin.weight)
-    lin.refresh_rows_weight()
-    copy = lin.rows_weight
-    with torch.no_grad():
-        lin.weight.mul_(3.0)  # an optimizer step or load_state_dict writes in place
-    lin.refresh_rows_weight()
-    assert lin.rows_weight is copy and torch.equal(copy, lin.weight.t())  # refreshed in place: same tensor
-    lin.double()
-    lin.refresh_rows_weight()
-    assert lin.rows_weight.dtype == torch.float64 and torch.equal(lin.rows_weight, lin.weight.t())
+    plain = torch.nn.Linear(8, 4, bias=False)
+    for lin in (_rowwise(plain), sharing(RowLinear, plain)):
+        with torch.no_grad():
+            plain.weight.mul_(3.0)
+        assert lin.weight is plain.weight
+        x = torch.randn(3, 1, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), plain(x), rtol=0, atol=1e-6)
+    model = torch.nn.Sequential(plain)
+    model[0] = _rowwise(plain)
+    model.double()
+    assert plain.weight.dtype == torch.float64 and model[0].weight is plain.weight
 
 
-def test_models_with_and_without_rows_weights_get_their_own_graphs():
-    """Dynamo keys its graphs on the projections being RowwiseLinears: a model without rows weights, compiled in
-    the same process as one with them, never runs the other's graph (the Decoder's forward code is shared)."""
-    from earlyfusion.model.compile import use_rowwise_products
+def test_models_with_and_without_rowwise_products_get_their_own_graphs():
+    """Dynamo keys its graphs on the projections' classes: a model without RowwiseLinears, compiled in the same
+    process as one with them, never runs the other's graph (the Decoder's forward code is shared)."""
+    from earlyfusion.model.swap import swap_modules
 
     graphs: list[set[str]] = []
     backend = _recording_backend(graphs)  # one backend for every call: dynamo keeps its graphs per backend
     torch._dynamo.reset()
     plain, rowwise = make(5), make(6)
-    use_rowwise_products(rowwise)
+    swap_modules(rowwise, lambda m: isinstance(m, torch.nn.Linear), _rowwise)
     with torch.no_grad():
         for m in (plain, rowwise, plain, rowwise):
             cache = m.new_cache(1, max_len=8)
             m(tokens(1, 3), cache=cache)
             torch.compile(m, backend=backend, dynamic=True)(tokens(1, 1), cache=cache)
-    has_matmul = [any("matmul" in t for t in g) for g in graphs]
-    assert has_matmul == [True, False]  # two graphs (matmuls, then reductions), each reused by its own model
+    assert [_products(g) for g in graphs] == [True, False]  # two graphs (products, then reductions), each reused
 
 
-def test_compiled_decode_steps_equal_eager_and_follow_new_weights():
-    """model.compile.decode_step: the cached steps through inductor with the rows weights give the eager logits,
-    at 1 and 3 rows, and after the weights change (load_state_dict) the same compiled step gives the new ones."""
-    from earlyfusion.model.compile import RowwiseLinear, decode_step
+@pytest.mark.parametrize("mode", ["compiled-rowwise", "compiled-library"])
+def test_compiled_decode_steps_equal_eager_and_follow_new_weights(mode):
+    """A compiled decode plan's steps through inductor give the eager logits, at 1 and 3 rows, and after the weights
+    change (load_state_dict) the same compiled steps give the new ones; the decoder's own nn.Linears are back
+    after each use and the state dict never changes."""
+    from earlyfusion.model.compile import RowwiseLinear
+    from earlyfusion.model.decode_plan import DecodePlan
 
     torch._dynamo.reset()
     model, other = make(3), make(4)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     x = tokens(3, 9)
+    plan = DecodePlan(mode, torch.get_num_threads())
 
     @torch.no_grad()
-    def steps(fn, rows: int) -> torch.Tensor:
+    def steps(rows: int, compiled: bool) -> torch.Tensor:
         cache = model.new_cache(rows, max_len=9)
         model(x[:rows, :4], cache=cache)  # eager prefill, as the sampler does
-        return torch.cat([fn(x[:rows, t:t + 1], cache=cache) for t in range(4, 9)], dim=1)
+        if not compiled:
+            return torch.cat([model(x[:rows, t:t + 1], cache=cache) for t in range(4, 9)], dim=1)
+        with plan.stepping(model) as fn:
+            kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+            assert kinds == ({RowwiseLinear} if mode == "compiled-rowwise" else {torch.nn.Linear})
+            return torch.cat([fn(x[:rows, t:t + 1], cache=cache) for t in range(4, 9)], dim=1)
 
     for rows in (1, 3):
-        torch.testing.assert_close(steps(decode_step(model), rows), steps(model, rows), rtol=0, atol=1e-5)
-    assert all(m.rows_weight is not None for m in model.modules() if hasattr(m, "rows_weight"))
-    assert all(isinstance(m, RowwiseLinear) for m in model.modules() if isinstance(m, Linear))
-    before = steps(model, 1)
+        torch.testing.assert_close(steps(rows, True), steps(rows, False), rtol=0, atol=1e-5)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears  # put back
+    before = steps(1, False)
     model.load_state_dict(other.state_dict())
-    after = steps(model, 1)
+    after = steps(1, False)
     assert not torch.allclose(before, after, atol=1e-3)
-    torch.testing.assert_close(steps(decode_step(model), 1), after, rtol=0, atol=1e-5)
+    torch.testing.assert_close(steps(1, True), after, rtol=0, atol=1e-5)
     assert set(model.state_dict()) == set(other.state_dict())
 
 

@@ -349,7 +349,7 @@ def test_copy_rate_forced_copies_and_none(monkeypatch, tiny_pipeline, tmp_path):
     """evaluate() with drawings that are training grids (copy rate 1) or one code away from them (copy rate 0)."""
     import earlyfusion.evaluate as E
     from earlyfusion.copies import training_grids
-    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data.runs import load_run
 
     data = _free_form_folder(tmp_path / "photos")
     run = load_run(tiny_pipeline.lm)
@@ -386,7 +386,7 @@ def test_copy_rate_on_built_in_data_counts_only_new_two_shape_scenes(monkeypatch
     """Drawings that copy training grids: on the built-in data only two-shape scenes absent from training count."""
     import earlyfusion.evaluate as E
     from earlyfusion.copies import novel_two_shape, training_grids
-    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data.runs import load_run
 
     run = load_run(tiny_pipeline.lm)
     train = training_grids([str(tiny_pipeline.data)], vocab=run.vocab, image_tokenizer=tiny_pipeline.lm / "image_tokenizer")
@@ -462,9 +462,9 @@ def test_eval_errors_on_images_out_and_train_data(capsys, tiny_pipeline, tmp_pat
 
 def test_eval_without_training_data_has_no_copy_rate(capsys, tiny_pipeline, tmp_path, caplog):
     """A run whose recorded training data is gone still evaluates; the copy figures are None and the log says why."""
-    from earlyfusion.checkpoint import load_json, save_json, write_manifest
+    from earlyfusion.core.checkpoint import load_json, save_json, write_manifest
     from earlyfusion.copies import recorded_sources
-    from earlyfusion.rundir import resolve_checkpoint
+    from earlyfusion.core.rundir import resolve_checkpoint
 
     run = tmp_path / "lm"
     shutil.copytree(tiny_pipeline.lm, run)
@@ -496,8 +496,9 @@ def test_eval_error_on_missing_checkpoint(capsys, tiny_pipeline, tmp_path):
 
 def test_eval_error_on_vocab_of_another_image_tokenizer(capsys, tiny_pipeline, tmp_path):
     """The run's image tokenizer replaced by another one (same shape, other weights): its vocabulary no longer belongs."""
-    from earlyfusion.rundir import IMAGE_TOKENIZER_DIR
-    from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae, save_vqvae
+    from earlyfusion.core.rundir import IMAGE_TOKENIZER_DIR
+    from earlyfusion.tokenizer.vqvae import VQVAE
+    from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, save_vqvae
 
     run = tmp_path / "lm"
     shutil.copytree(tiny_pipeline.lm, run)
@@ -513,7 +514,7 @@ def test_eval_error_on_vocab_of_another_image_tokenizer(capsys, tiny_pipeline, t
 @pytest.mark.parametrize("keep_manifest", [True, False])
 def test_eval_error_on_edited_codebook_size(capsys, tiny_pipeline, tmp_path, keep_manifest):
     """config.json of the run's image tokenizer edited: caught by its checksum, or (no MANIFEST) by the weights' shapes."""
-    from earlyfusion.rundir import IMAGE_TOKENIZER_DIR
+    from earlyfusion.core.rundir import IMAGE_TOKENIZER_DIR
 
     run = tmp_path / "lm"
     shutil.copytree(tiny_pipeline.lm, run)
@@ -532,7 +533,7 @@ def test_eval_error_on_edited_codebook_size(capsys, tiny_pipeline, tmp_path, kee
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline):
-    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data.runs import load_run
     from earlyfusion.training.data import heldout_pairs
 
     run = load_run(tiny_pipeline.lm)

@@ -15,8 +15,9 @@ import torch
 pytest.importorskip("transformers")
 yaml = pytest.importorskip("yaml")
 
-from earlyfusion.checkpoint import safetensors_specs  # noqa: E402
-from earlyfusion.rundir import IMPORTED_DIR, PERMUTATION, load_run, resolve_checkpoint  # noqa: E402
+from earlyfusion.core.checkpoint import safetensors_specs  # noqa: E402
+from earlyfusion.core.rundir import IMPORTED_DIR, PERMUTATION, resolve_checkpoint  # noqa: E402
+from earlyfusion.training.data.runs import load_run  # noqa: E402
 from earlyfusion.tokenizer.chameleon_vocab import image_code, image_code_name, read_chameleon_vocab  # noqa: E402
 from earlyfusion.tokenizer.vocab import Vocabulary  # noqa: E402
 from earlyfusion.tokenizer.vqgan import ChameleonVQGAN, VQGANConfig  # noqa: E402
@@ -232,7 +233,7 @@ def test_sample_image_and_text_and_train(source, tmp_path, capsys):
 def _has_init_from() -> bool:
     import dataclasses
 
-    from earlyfusion.training.lm_train import TrainConfig
+    from earlyfusion.training.lm_config import TrainConfig
 
     return any(f.name == "init_from" for f in dataclasses.fields(TrainConfig))
 
@@ -353,7 +354,7 @@ def test_bad_inputs(source, tmp_path, capsys):
 
 
 def test_vocab_errors_name_the_problem(tmp_path):
-    from earlyfusion.errors import UserError
+    from earlyfusion.core.errors import UserError
 
     with pytest.raises(UserError, match="tokenizer.json: not found"):
         read_chameleon_vocab(tmp_path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import TinyPipeline, assert_one_line_error, cli_status, run_cli, tiny_train_argv
-from earlyfusion.checkpoint import latest_good, load_state, read_weights, save_weights, write_manifest
-from earlyfusion.rundir import resolve_checkpoint
+from earlyfusion.core.checkpoint import latest_good, load_state, read_weights, save_weights, write_manifest
+from earlyfusion.core.rundir import resolve_checkpoint
 from earlyfusion.tokenizer.vocab import Vocabulary
 
 
@@ -90,10 +90,10 @@ def test_image_head_trains_only_the_image_columns(tiny_pipeline: TinyPipeline, t
             assert torch.equal(before[k], after[k]), k
     vocab = Vocabulary.load(tiny_pipeline.vocab)
     img = vocab.image_range
-    w0, w1 = before["output.weight"], after["output.weight"]  # (dim, vocab_size): one column per id
-    assert w0.shape == (w0.shape[0], vocab.vocab_size)
-    assert torch.equal(w0[:, :img.start], w1[:, :img.start]) and torch.equal(w0[:, img.stop:], w1[:, img.stop:])
-    changed = (w0[:, img.start:img.stop] != w1[:, img.start:img.stop]).any(dim=0)
+    w0, w1 = before["output.weight"], after["output.weight"]  # (vocab_size, dim): one row per id
+    assert w0.shape == (vocab.vocab_size, w0.shape[1])
+    assert torch.equal(w0[:img.start], w1[:img.start]) and torch.equal(w0[img.stop:], w1[img.stop:])
+    changed = (w0[img.start:img.stop] != w1[img.start:img.stop]).any(dim=1)
     assert changed.sum() > len(img) // 2, changed
     opt = load_state(ckpt, "state")["optimizer"]
     assert len(opt["state"]) == 1 and [len(g["params"]) for g in opt["param_groups"]] == [1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlyfusion.checkpoint import (
+from earlyfusion.core.checkpoint import (
     CheckpointError, atomic_dir, latest_good, load_state, load_weights, prune, save_json, save_state,
     save_weights, step_dir, step_dirs, verify_dir,
 )
@@ -50,7 +50,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from earlyfusion.checkpoint import atomic_dir, save_weights, step_dir
+        from earlyfusion.core.checkpoint import atomic_dir, save_weights, step_dir
         from pathlib import Path
         with atomic_dir(step_dir(Path({str(tmp_path)!r}), 20)) as tmp:
             print("writing", flush=True)

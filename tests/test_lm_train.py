@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TinyPipeline, run_cli, tiny_train_argv
-from earlyfusion.checkpoint import UserError, latest_good, step_dirs
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.checkpoint import latest_good, step_dirs
 from earlyfusion.training.data import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +169,8 @@ def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipelin
         raise RuntimeError("no working C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
-    from earlyfusion.training.lm_train import TrainConfig, train
+    from earlyfusion.training.lm_config import TrainConfig
+    from earlyfusion.training.lm_train import train
 
     with pytest.raises(UserError, match="--compile failed.*run without --compile"):
         train(TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
@@ -182,7 +184,8 @@ def test_vocab_for_other_tokenizer_is_refused(tiny_pipeline: TinyPipeline, tmp_p
     cfg = json.loads(cfg_path.read_text())
     cfg["codebook_size"] = cfg["codebook_size"] * 2
     cfg_path.write_text(json.dumps(cfg))
-    from earlyfusion.training.lm_train import TrainConfig, train
+    from earlyfusion.training.lm_config import TrainConfig
+    from earlyfusion.training.lm_train import train
 
     with pytest.raises(UserError) as e:
         train(TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(other), vocab=str(tiny_pipeline.vocab),
@@ -267,21 +270,52 @@ def test_resume_refuses_when_every_checkpoint_is_corrupted(tiny_pipeline: TinyPi
     assert (out / "metrics.jsonl").read_bytes() == before  # not silently started again
 
 
-def test_skipped_last_step_still_saves_the_last_good_weights(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+def test_skipped_last_step_saves_the_last_good_weights_and_fails(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    """A run whose last step was not finite exits non-zero naming the last good checkpoint (the weights from before
+    the bad step), and does not mark a model of its own."""
     import torch
 
-    from earlyfusion.checkpoint import read_weights
+    from earlyfusion.core.checkpoint import read_weights
     from earlyfusion.training import lm_train
 
     _poison_lm_loss(monkeypatch, lambda n: n == 3)  # the last of 3 steps
     out = tmp_path / "lm"
-    lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]), image_tokenizer=str(tiny_pipeline.vq),
-                                        vocab=str(tiny_pipeline.vocab), out=str(out), preset="tiny", steps=3, batch_size=4,
-                                        eval_every=0, checkpoint_every=100))
+    with pytest.raises(UserError, match=r"last 1 step\(s\) .* not finite.*step-00000003"):
+        lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]),
+                                            image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+                                            out=str(out), preset="tiny", steps=3, batch_size=4, eval_every=0,
+                                            checkpoint_every=100, final="last"))
     ckpt = latest_good(out / "checkpoints")
     assert ckpt is not None and ckpt.name == "step-00000003"
     assert all(torch.isfinite(t.float()).all() for t in read_weights(ckpt / "model.safetensors").values())
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (out / "final.json").exists()
+
+
+def test_non_finite_weights_are_never_saved(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
+    """Weights an update turned non-finite are not written as a checkpoint: the run stops naming the last good one."""
+    import torch
+
+    from earlyfusion.training import lm_train
+    from earlyfusion.training.trainer import Trainer
+
+    real = Trainer.update
+
+    def update_then_break(self, optimizer, step, loss, grad_norm):
+        skipped = real(self, optimizer, step, loss, grad_norm)
+        if step == 1:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+        return skipped
+
+    monkeypatch.setattr(Trainer, "update", update_then_break)
+    out = tmp_path / "lm"
+    with pytest.raises(UserError, match=r"weights are not finite after step 2.*step-00000001"):
+        lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]),
+                                            image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
+                                            out=str(out), preset="tiny", steps=4, batch_size=4, eval_every=0,
+                                            checkpoint_every=1, final="last"))
+    assert latest_good(out / "checkpoints").name == "step-00000001"
 
 
 def test_no_heldout_pairs_skips_validation_once(tiny_pipeline: TinyPipeline, tmp_path, capsys):
@@ -298,7 +332,7 @@ def test_no_heldout_pairs_skips_validation_once(tiny_pipeline: TinyPipeline, tmp
 
 
 def test_metrics_file_cut_is_tolerant_and_atomic(tmp_path, monkeypatch):
-    from earlyfusion.training import loop
+    from earlyfusion.training import trainer as loop
 
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0}).encode() for s in (1, 2, 3)]
@@ -322,7 +356,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_pipeline: Tiny
     no traceback; the checkpoint written before survives and --resume continues from it."""
     from safetensors import SafetensorError
 
-    import earlyfusion.checkpoint as ck
+    import earlyfusion.core.checkpoint as ck
     from earlyfusion.cli import main
 
     out = tmp_path / "lm"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.training.photos import MARKER, PHOTOS, TEST_PHOTOS, PhotosConfig, caption, crop_boxes, generate_cmd, load_photo
 
 FEW = dict(photos="astronaut,camera,coins", test_photos="coins", crops_per_photo=3, image_size=16)

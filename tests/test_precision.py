@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from earlyfusion.runtime import FAST_BF16_ENV, cpu_has_fast_bf16, mixed_precision
+from earlyfusion.core.runtime import FAST_BF16_ENV, cpu_has_fast_bf16, mixed_precision
 
 from conftest import run_cli, tiny_train_argv
 
@@ -50,7 +50,7 @@ def test_training_runs_in_the_chosen_precision(tiny_pipeline, tmp_path, monkeypa
     assert len(chosen) == 1 and ("library" in chosen[0] or "blocked" in chosen[0]), chosen
     from safetensors.torch import load_file
 
-    from earlyfusion.checkpoint import latest_good
+    from earlyfusion.core.checkpoint import latest_good
 
     weights = load_file(str(latest_good(out / "checkpoints") / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.preprocess import ImageError, image_grid, load_image, preprocess, resize_center_crop, to_pil
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TinyPipeline, assert_one_line_error, cli_status, run_cli, tiny_train_argv
-from earlyfusion.checkpoint import read_weights, step_dirs
+from earlyfusion.core.checkpoint import read_weights, step_dirs
 from earlyfusion.tokenizer.vocab import Vocabulary
 
 
@@ -107,10 +107,10 @@ class _ScriptedValidation:
     """validation_losses replaced by a script of held-out scores (one per validation, in order)."""
 
     def __init__(self, monkeypatch, scores: list[float]):
-        from earlyfusion.training import monitor
+        from earlyfusion.training import lm_train
 
         self.scores = list(scores)
-        monkeypatch.setattr(monitor, "validation_losses", self)
+        monkeypatch.setattr(lm_train, "validation_losses", self)
 
     def __call__(self, *args, **kwargs) -> dict:
         s = self.scores.pop(0)
@@ -119,7 +119,7 @@ class _ScriptedValidation:
 
 def _cfg(p: TinyPipeline, out: Path, **kw):
     from earlyfusion.training.data import DataConfig
-    from earlyfusion.training.lm_train import TrainConfig
+    from earlyfusion.training.lm_config import TrainConfig
 
     kw = {"final": "best", "keep_checkpoints": 10, **kw}
     return TrainConfig(data=DataConfig(sources=[str(p.data)]), image_tokenizer=str(p.vq), vocab=str(p.vocab), out=str(out),
@@ -129,7 +129,7 @@ def _cfg(p: TinyPipeline, out: Path, **kw):
 
 def test_final_best_is_what_load_run_returns_and_the_turn_is_said_once(tiny_pipeline: TinyPipeline, tmp_path,
                                                                         monkeypatch, said):
-    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data.runs import load_run
     from earlyfusion.training.lm_train import train
 
     out = tmp_path / "lm"
@@ -149,14 +149,14 @@ def test_final_best_is_what_load_run_returns_and_the_turn_is_said_once(tiny_pipe
     assert load_run(out / "checkpoints" / "step-00000016").config["step"] == 16
     # a damaged best/ is an error, not a silent fall-back to another model
     (out / "checkpoints" / "best" / "model.safetensors").write_bytes(b"\0" * 8)
-    from earlyfusion.checkpoint import CheckpointError
+    from earlyfusion.core.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="final model"):
         load_run(out)
 
 
 def test_final_last_leaves_load_run_on_the_last_step(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
-    from earlyfusion.rundir import load_run
+    from earlyfusion.training.data.runs import load_run
     from earlyfusion.training.lm_train import train
 
     out = tmp_path / "lm"
@@ -173,18 +173,18 @@ class _Killed(Exception):
 
 def _die_after_checkpoint(monkeypatch, at: int):
     """Make training stop (raise _Killed) right after checkpoint ``at`` is written, as a kill would; returns the undo."""
-    from earlyfusion.training.loop import TrainLoop
+    from earlyfusion.training.trainer import Trainer
 
-    real_save = TrainLoop.save
+    real_save = Trainer.save
 
-    def save_then_die(self, step, write):
-        dest = real_save(self, step, write)
+    def save_then_die(self, step, *args):
+        dest = real_save(self, step, *args)
         if step == at:
             raise _Killed
         return dest
 
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
-    return lambda: monkeypatch.setattr(TrainLoop, "save", real_save)
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    return lambda: monkeypatch.setattr(Trainer, "save", real_save)
 
 
 def _killed_then_resumed(p: TinyPipeline, out: Path, monkeypatch, said, between) -> None:
@@ -235,18 +235,12 @@ def test_exact_resume_with_dropout_across_validations(tiny_pipeline: TinyPipelin
     the image tokenizer), or a resumed run, which loads it again, would draw other masks."""
     from earlyfusion.training import lm_train
 
-    def fresh_process() -> None:
-        monkeypatch.setattr(lm_train, "_VQ_CACHE", {})
-
     cfg = dict(final="last", dropout=0.2)
-    fresh_process()
     lm_train.train(_cfg(tiny_pipeline, tmp_path / "full", **cfg))
     undo = _die_after_checkpoint(monkeypatch, 8)
-    fresh_process()
     with pytest.raises(_Killed):
         lm_train.train(_cfg(tiny_pipeline, tmp_path / "killed", **cfg))
     undo()
-    fresh_process()
     lm_train.train(_cfg(tiny_pipeline, tmp_path / "killed", resume=True, **cfg))
     full, resumed = _rows(tmp_path / "full"), _rows(tmp_path / "killed")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from earlyfusion.sampling.generate import sample_tokens
+from earlyfusion.tokenizer.image_span import SpanGrammar
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.sampling.processors import (BanIds, ImageFits, ImageOnly, ImageSpan, Rules, RowState, SamplerParams,
                                  Situation, TextOnly, allowed_ids, rules_for, sample_next)
@@ -304,12 +305,11 @@ class FakeVocab(SimpleNamespace):
     """Characters map onto the 15 text ids; enough of the Vocabulary contract for generate()."""
 
     decode_document = Vocabulary.decode_document  # the real rules for reading generated ids back
-    _read_span = Vocabulary._read_span
 
     def __init__(self):
         layout = SimpleNamespace(**vars(L), vocab_size=V, text_start=5, text_end=L.image_start,
                                  image_end=L.image_start + L.codebook_size, grid_tokens=False)
-        super().__init__(**vars(L), vocab_size=V, layout=layout)
+        super().__init__(**vars(L), vocab_size=V, layout=layout, grammar=SpanGrammar.of(L))
 
     def encode_document(self, segments, bos=True, eos=True):
         ids = [self.bos] if bos else []
@@ -354,7 +354,7 @@ def test_generate_streams_the_text_it_returns():
 
 
 def test_generate_errors():
-    from earlyfusion.checkpoint import UserError
+    from earlyfusion.core.errors import UserError
     from earlyfusion.sampling.generate import SamplingConfig, generate
 
     dec = FakeDecoder(context=16)
@@ -449,7 +449,7 @@ def test_compiled_step_equals_eager(decoder, modality, mode, monkeypatch):
 def test_compile_failure_is_a_clear_error(monkeypatch):
     from earlyfusion.model.decode_plan import PIN_ENV
     from earlyfusion.model.decoder import Decoder, DecoderConfig
-    from earlyfusion.checkpoint import UserError
+    from earlyfusion.core.errors import UserError
 
     def broken(*args, **kwargs):
         raise RuntimeError("no working C++ compiler found")

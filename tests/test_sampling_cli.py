@@ -102,10 +102,12 @@ def run(tmp_path_factory) -> SimpleNamespace:
     import torch
 
     from earlyfusion.model.decoder import Decoder, DecoderConfig
-    from earlyfusion.checkpoint import atomic_dir, step_dir
-    from earlyfusion.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, write_decoder
+    from earlyfusion.core.checkpoint import atomic_dir, step_dir
+    from earlyfusion.core.rundir import CHECKPOINTS_DIR, IMAGE_TOKENIZER_DIR, VOCAB_DIR, write_decoder
     from earlyfusion.tokenizer.vocab import Vocabulary
-    from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+    from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+    from earlyfusion.tokenizer.vqvae import VQVAE
+    from earlyfusion.tokenizer.vq_checkpoint import save_vqvae, vq_fingerprint
 
     root = tmp_path_factory.mktemp("sample_run")
     lm = root / "lm"

@@ -14,6 +14,7 @@ from torch import nn
 from earlyfusion.sampling.generate import SamplingConfig, generate, sample_tokens
 from earlyfusion.sampling.processors import RowState, Rules, SamplerParams, Situation, allowed_grids, rules_for
 from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vq_config import VQConfig
 
 FREE = SamplerParams(temperature=1.0)
 
@@ -146,12 +147,12 @@ def test_rule_masks_are_shared_across_code_positions(vocab):
 
 def _run_like(vocab, grids=None):
     config = {} if grids is None else {"image_grids": [list(g) for g in grids]}
-    return SimpleNamespace(vocab=vocab, vq=SimpleNamespace(cfg=SimpleNamespace(downsample=8)), config=config,
+    return SimpleNamespace(vocab=vocab, vq=SimpleNamespace(cfg=VQConfig(downsample=8)), config=config,
                            path=Path("run"))
 
 
 def test_size_option_maps_to_a_trained_grid(vocab):
-    from earlyfusion.errors import UserError
+    from earlyfusion.core.errors import UserError
     from earlyfusion.sampling.cli import drawing_grids, parse_size
 
     assert parse_size("48x32", "--size") == (48, 32) and parse_size("32X48", "--size") == (32, 48)
@@ -170,7 +171,7 @@ def test_size_option_maps_to_a_trained_grid(vocab):
 
 
 def test_size_option_on_a_fixed_grid_vocabulary():
-    from earlyfusion.errors import UserError
+    from earlyfusion.core.errors import UserError
     from earlyfusion.sampling.cli import drawing_grids
 
     fixed = Vocabulary.build(["a"] * 5, codebook_size=6, grid=(4, 4), image_tokenizer_fingerprint="d" * 64,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, SQUARE, TALL, WIDE, ShapeSpec,
                              ShapesConfig, _placements, caption, generate_cmd, parse_caption, parse_picture, parse_sizes,
                              picture_of, random_scene, recognise, render, render_array, shape_mask, shape_sizes)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.training.data import SkipReport, iter_dataset, iter_image_text
 
 

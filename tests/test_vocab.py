@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from earlyfusion.checkpoint import MANIFEST, CheckpointError
-from earlyfusion.tokenizer.vocab import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, Vocabulary, VocabLayout
+from earlyfusion.core.checkpoint import MANIFEST, CheckpointError
+from earlyfusion.tokenizer.vocab_layout import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, VocabLayout
+from earlyfusion.tokenizer.vocab import Vocabulary
 
 CORPUS = [
     "a red circle at the top left.", "a large blue square in the centre.", "there is a small green triangle on the right.",
@@ -350,7 +351,9 @@ def test_property_text_never_emits_reserved_ids(vocab, text):
 
 def test_build_command_reads_every_part_of_the_data(tmp_path, capsys):
     from earlyfusion.cli import main
-    from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, save_vqvae, vq_fingerprint
+    from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+    from earlyfusion.tokenizer.vqvae import VQVAE
+    from earlyfusion.tokenizer.vq_checkpoint import save_vqvae, vq_fingerprint
 
     vq = tmp_path / "vq"
     save_vqvae(VQVAE(VQ_PRESETS["tiny"]), vq)

@@ -12,8 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlyfusion.checkpoint import MANIFEST, CheckpointError
-from earlyfusion.tokenizer.vocab import LAYOUT_FILE, TOKENIZER_FILE, Vocabulary, VocabLayout
+from earlyfusion.core.checkpoint import MANIFEST, CheckpointError
+from earlyfusion.tokenizer.vocab_layout import LAYOUT_FILE, TOKENIZER_FILE, VocabLayout
+from earlyfusion.tokenizer.vocab import Vocabulary
 
 CORPUS = ["a red circle at the top left.", "a wide blue square.", "<rows_3> <row_end> spelled in text"] * 20
 FP = "e" * 64

@@ -8,10 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from earlyfusion.checkpoint import write_manifest
-from earlyfusion.errors import UserError
+from earlyfusion.core.checkpoint import write_manifest
+from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.vq_presets import parse_sets, resolve_vq_config
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+from earlyfusion.tokenizer.vqvae import VQVAE
+from earlyfusion.tokenizer.vq_config import VQConfig
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, save_vqvae
 from earlyfusion.training.vq_losses import (Adversarial, PatchDiscriminator, PerceptualLoss, adaptive_weight,
                                             hinge_d_loss)
 

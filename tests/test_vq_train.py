@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlyfusion.checkpoint import UserError, latest_good, read_weights, step_dirs, verify_dir
-from earlyfusion.tokenizer.vqvae import load_vqvae
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.checkpoint import latest_good, read_weights, step_dirs, verify_dir
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
 from earlyfusion.training import vq_train
 from earlyfusion.training.vq_eval import VQEvalConfig, eval_cmd, evaluate_tokenizer, load_images, psnr, ssim
 from earlyfusion.training.vq_train import VQTrainConfig, train
@@ -256,10 +257,13 @@ def test_cli_eval_json_last_line(data, tmp_path):
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_skipped_last_step_still_saves_the_last_good_weights(data, tmp_path, monkeypatch):
+def test_skipped_last_step_saves_the_last_good_weights_and_fails(data, tmp_path, monkeypatch):
+    """A run whose last step was not finite did not finish as asked: it exits non-zero naming the last good
+    checkpoint, which holds the weights from before the bad step."""
     _inject(monkeypatch, bad_calls={4})
     run = tmp_path / "run"
-    train(_cfg(data, run, steps=4, checkpoint_every=100))
+    with pytest.raises(UserError, match=r"last 1 step\(s\) .* not finite.*step-00000004"):
+        train(_cfg(data, run, steps=4, checkpoint_every=100))
     assert latest_good(run / "checkpoints").name == "step-00000004"
     w = read_weights(run / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in w.values())
@@ -335,7 +339,7 @@ def test_perceptual_loss_from_a_file_trains(data, tmp_path):
 
 
 def test_gan_run_resumes_exactly_and_is_refused_without_gan(data, tmp_path):
-    from earlyfusion.checkpoint import load_state
+    from earlyfusion.core.checkpoint import load_state
 
     torch.set_num_threads(1)
     run = tmp_path / "run"

@@ -8,9 +8,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from earlyfusion.errors import CheckpointError, UserError
-from earlyfusion.tokenizer.vqgan import FORMAT, ChameleonVQGAN, VQGANConfig, convert_vqgan
-from earlyfusion.tokenizer.vqvae import load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
+from earlyfusion.core.errors import CheckpointError, UserError
+from earlyfusion.tokenizer.vqgan import FORMAT, ChameleonVQGAN, VQGANConfig
+from earlyfusion.tokenizer.vqgan_import import convert_vqgan
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
 
 # 32 px, two levels (16 px features at the second): attention at 16 covers the attention blocks of both halves
 TINY = VQGANConfig(embed_dim=8, n_embed=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),

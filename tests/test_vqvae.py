@@ -6,8 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from earlyfusion.errors import CheckpointError
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
+from earlyfusion.core.errors import CheckpointError
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
+from earlyfusion.tokenizer.vqvae import VQVAE
+from earlyfusion.tokenizer.vq_config import VQConfig
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, save_vqvae, vq_fingerprint
 
 TINY = VQ_PRESETS["tiny"]
 
@@ -203,7 +206,7 @@ def test_flipped_weight_bytes_are_refused_everywhere(tmp_path):
         load_vqvae(tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         vq_fingerprint(tmp_path)
-    from earlyfusion.checkpoint import atomic_dir, step_dir
+    from earlyfusion.core.checkpoint import atomic_dir, step_dir
 
     good = _model()
     with atomic_dir(step_dir(tmp_path / "checkpoints", 7)) as d:

@@ -26,8 +26,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from earlyfusion.errors import UserError
-from earlyfusion.tokenizer.vocab import MIN_IMAGE_TOKEN_DIGITS, SPECIAL_TOKENS, TOKENIZER_FILE, Vocabulary, VocabLayout, image_token
+from tokenizers import Tokenizer
+
+from earlyfusion.core.errors import UserError
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vocab_layout import (
+    MIN_IMAGE_TOKEN_DIGITS,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    VocabLayout,
+    image_token,
+)
 
 IMAGE_NAME_PREFIX = "IMGIMG"
 # role -> Chameleon's token text (the roles and their order are ours: SPECIAL_TOKENS)
@@ -76,7 +85,6 @@ class ChameleonVocab:
 
     def vocabulary(self, grid: tuple[int, int], image_tokenizer_fingerprint: str) -> Vocabulary:
         """Our ``Vocabulary`` for an image tokenizer with code grid ``grid``."""
-        from tokenizers import Tokenizer
 
         n = len(CHAMELEON_SPECIALS)
         layout = VocabLayout(
@@ -105,7 +113,6 @@ def read_chameleon_vocab(model_dir: str | Path) -> ChameleonVocab:
 
     UserError (one line) when the file is missing or unreadable, is not a BPE tokenizer, lacks a Chameleon
     special token or the IMGIMG tokens, has holes in its ids, or an image code is missing or duplicated."""
-    from tokenizers import Tokenizer
 
     path = Path(model_dir) / TOKENIZER_FILE
     if not path.is_file():

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
+from earlyfusion.tokenizer.vq_config import grid_pixels
 
 # The largest image worth decoding: 4096 x 4096 (a 12-16 MP phone photo fits). Tokenizers read at most
 # 512 px a side, so anything larger is either a decompression bomb or a file to downscale first; the
@@ -340,11 +341,11 @@ def preprocess_to_grid(src: str | Path | bytes | Image.Image, max_grid: tuple[in
                        max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Any image -> float32 tensor (3, rows·downsample, cols·downsample) in [-1, 1], the whole image (no crop)
     resized to its ``aspect_grid``."""
-    img = load_image(src, max_pixels, shrink_to=min(max_grid) * downsample)
+    img = load_image(src, max_pixels, shrink_to=min(grid_pixels(*max_grid, downsample)))
     rows, cols = aspect_grid(*img.size, max_grid, downsample, _describe(src))
-    size = (cols * downsample, rows * downsample)
-    if img.size != size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
+    height, width = grid_pixels(rows, cols, downsample)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BICUBIC)
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (h, w, 3) uint8
     return a.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
 
@@ -364,6 +365,12 @@ def to_pil(t: torch.Tensor) -> Image.Image:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
     a = ((t.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(a.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+@torch.no_grad()
+def codes_to_pil(vq, codes: torch.Tensor) -> Image.Image:
+    """One code grid (h, w) -> the image tokenizer's decoding of it as an RGB PIL image."""
+    return to_pil(vq.decode(codes[None].long())[0])
 
 
 def image_grid(images: list[Image.Image], ncols: int, pad: int = 2, background=WHITE) -> Image.Image:

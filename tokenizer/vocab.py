@@ -25,7 +25,8 @@ Documents: ``encode_document([text | codes (h, w), ...])`` gives
 ``<s> text… <boi> id×(h·w) <eoi> text… </s>``; ``decode_document`` inverts it (adjacent text segments
 come back joined, empty ones vanish; see its docstring for malformed spans). ``image_span(codes)`` is
 one image's ``<boi> ids <eoi>`` (with grid tokens ``<boi> <rows_h> <cols_w> (w ids <row_end>)×h <eoi>``,
-for any grid up to the layout's): the training data and the sampler's rules get image spans only from it.
+for any grid up to the layout's). Both go through ``grammar``, the layout's ``image_span.SpanGrammar``, which
+the sampler's rules and the training code read spans with too.
 
 ``check_vocab_matches`` says whether a vocabulary belongs to an image tokenizer (its image range was
 built from that tokenizer's codebook and grid). The ``vocab build`` command lives in the data package
@@ -43,13 +44,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from earlyfusion.checkpoint import MANIFEST, CheckpointError, atomic_dir, load_json, verify_dir
-
-from earlyfusion.tokenizer.vocab_layout import (  # noqa: F401 - re-exported
-    BYTE_ALPHABET, FORMAT, HF_CONFIG_FILE, IMAGE_TOKEN_PREFIX, LAYOUT_FILE,
-    MIN_IMAGE_TOKEN_DIGITS, ROW_END_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, VERSION, VocabLayout,
-    cols_token, image_token, rows_token)
+from earlyfusion.core.checkpoint import MANIFEST, CheckpointError, atomic_dir, load_json, verify_dir
+from earlyfusion.tokenizer.image_span import SpanError, SpanGrammar
+from earlyfusion.tokenizer.vocab_layout import (
+    BYTE_ALPHABET,
+    HF_CONFIG_FILE,
+    IMAGE_TOKEN_PREFIX,
+    LAYOUT_FILE,
+    MIN_IMAGE_TOKEN_DIGITS,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    VocabLayout,
+    image_token,
+)
+from earlyfusion.tokenizer.vq_checkpoint import read_vq_config, vq_fingerprint
 
 # ---------------------------------------------------------------- the vocabulary
 
@@ -67,12 +77,12 @@ class Vocabulary:
         self.layout = layout
         _check_agreement(tokenizer, layout, where)
         self._text_tokenizer = _text_only(tokenizer)
-        L = layout
-        self.bos, self.eos, self.pad, self.boi, self.eoi = (L.special_ids[k] for k in ("bos", "eos", "pad", "boi", "eoi"))
+        self.bos, self.eos, self.pad, self.boi, self.eoi = layout.bos, layout.eos, layout.pad, layout.boi, layout.eoi
+        self.grammar = SpanGrammar.of(layout)
         # grid tokens (None / empty without them): row end, then rows 1..H, then columns 1..W
-        self.row_end = L.image_end if L.grid_tokens else None
-        self.rows_ids = list(range(L.image_end + 1, L.image_end + 1 + L.grid[0])) if L.grid_tokens else []
-        self.cols_ids = list(range(L.image_end + 1 + L.grid[0], L.vocab_size)) if L.grid_tokens else []
+        self.row_end = self.grammar.row_end
+        self.rows_ids = list(self.grammar.rows_ids)
+        self.cols_ids = list(self.grammar.cols_ids)
 
     # ------------------------------------------------------------ properties
     @property
@@ -103,31 +113,16 @@ class Vocabulary:
 
     def span_length(self, grid: tuple[int, int] | None = None) -> int:
         """Tokens of one image span, ``<boi>`` and ``<eoi>`` included, for ``grid`` (default: the largest)."""
-        h, w = grid or self.layout.grid
-        return h * (w + 1) + 4 if self.layout.grid_tokens else h * w + 2
+        return self.grammar.span_length(grid)
 
     @property
     def max_span(self) -> int:
         """Tokens of the longest image span (what a document must have room for)."""
-        return self.span_length()
+        return self.grammar.max_span
 
     def check_grid(self, grid) -> tuple[int, int]:
         """``grid`` as (rows, columns) if an image span can hold it; ValueError saying which grids can otherwise."""
-        H, W = self.layout.grid
-        try:
-            h, w = (int(x) for x in grid)
-        except (TypeError, ValueError):
-            raise ValueError(f"a code grid is two sizes (rows, columns), got {grid!r}") from None
-        if self.layout.grid_tokens:
-            if not (1 <= h <= H and 1 <= w <= W):
-                raise ValueError(f"this vocabulary holds code grids of 1..{H} rows and 1..{W} columns, got {h}x{w}")
-        elif (h, w) != (H, W):
-            raise ValueError(f"an image must be a code grid of shape ({H}, {W}) for this vocabulary, got {(h, w)}")
-        return h, w
-
-    def grid_of_size_ids(self, rows_id: int, cols_id: int) -> tuple[int, int]:
-        """The grid that a ``<rows_h> <cols_w>`` pair states."""
-        return self.rows_ids.index(rows_id) + 1, self.cols_ids.index(cols_id) + 1
+        return self.grammar.check_grid(grid)
 
     @property
     def text_start(self) -> int:
@@ -254,20 +249,12 @@ class Vocabulary:
         shape = tuple(codes.shape) if isinstance(codes, (torch.Tensor, np.ndarray)) else tuple(np.shape(codes))
         if len(shape) != 2:
             raise ValueError(f"an image must be a 2-d code grid (rows, columns), got shape {shape}")
-        h, w = self.check_grid(shape)
+        grid = self.check_grid(shape)
         if not isinstance(codes, (torch.Tensor, np.ndarray)):
             codes = np.asarray(codes)
             if codes.dtype.kind not in "iu":
                 raise ValueError(f"image codes must be integers, got {codes.dtype}")
-        ids = [int(i) for i in self.codes_to_ids(codes.reshape(-1)).tolist()]
-        if not self.layout.grid_tokens:
-            return [self.boi, *ids, self.eoi]
-        span = [self.boi, self.rows_ids[h - 1], self.cols_ids[w - 1]]
-        for r in range(h):
-            span += ids[r * w:(r + 1) * w]
-            span.append(self.row_end)
-        span.append(self.eoi)
-        return span
+        return self.grammar.build(grid, self.codes_to_ids(codes.reshape(-1)).tolist())
 
     # ------------------------------------------------------------ documents
     def encode_document(self, segments: Sequence, bos: bool = True, eos: bool = True) -> list[int]:
@@ -290,14 +277,14 @@ class Vocabulary:
 
         Rules: ``<s>`` and ``<pad>`` are dropped wherever they are; decoding stops at the first ``</s>``.
         A well-formed image span is ``<boi>``, exactly h*w image ids, ``<eoi>`` (with grid tokens:
-        ``<boi> <rows_h> <cols_w>``, h rows of w image ids each ended by ``<row_end>``, ``<eoi>``). Anything
-        else is malformed: a span cut short (by ``</s>``, a non-image id or the end of the ids), a span with
-        more codes than its grid, an ``<eoi>`` without ``<boi>``, image or grid ids outside a span. ``strict=True`` raises
-        ValueError naming the position; ``strict=False`` drops the malformed span (or stray ids) and
-        goes on, reading the id that broke the span as if no span were open.
+        ``<boi> <rows_h> <cols_w>``, h rows of w image ids each ended by ``<row_end>``, ``<eoi>``), as
+        ``grammar.read`` reads it. Anything else is malformed: a span cut short (by ``</s>``, a non-image id or the
+        end of the ids), a span with more codes than its grid, an ``<eoi>`` without ``<boi>``, image or grid ids
+        outside a span. ``strict=True`` raises ValueError naming the position; ``strict=False`` drops the
+        malformed span (or stray ids) and goes on, reading the id that broke the span as if no span were open.
         """
         seq = [int(i) for i in _as_list(ids)]
-        L = self.layout
+        L, grammar = self.layout, self.grammar
         out: list = []
         text: list[int] = []
 
@@ -323,22 +310,17 @@ class Vocabulary:
             elif t == self.eos:
                 break
             elif t == self.boi:
-                grid, j, why = self._read_span(seq, i)
-                if grid is not None:
-                    flush_text()
-                    out.append(grid)
-                else:
-                    bad(f"image span opened at {i} {why}", i)
-                    # drop the span; read the breaking id normally
-                i = j
-            elif t == self.eoi:
-                bad("<eoi> without an open image span", i)
-                i += 1
-            elif L.image_start <= t < L.image_end:
-                bad(f"image id {t} outside an image span", i)
-                i += 1
-            elif L.image_end <= t < L.vocab_size:
-                bad(f"grid token {t} outside an image span", i)
+                try:
+                    span = grammar.read(seq, i)
+                except SpanError as e:
+                    bad(str(e), i)
+                    i = e.at  # drop the span; read the breaking id normally
+                    continue
+                flush_text()
+                out.append(torch.tensor(span.codes, dtype=torch.long).reshape(span.grid))
+                i = span.end
+            elif (why := grammar.stray(t)) is not None:
+                bad(why, i)
                 i += 1
             elif L.text_start <= t < L.text_end:
                 text.append(t)
@@ -347,41 +329,6 @@ class Vocabulary:
                 raise ValueError(f"id {t} at position {i} is not in the vocabulary (size {L.vocab_size})")
         flush_text()
         return out
-
-    def _read_span(self, seq: list[int], i: int) -> tuple[torch.Tensor | None, int, str]:
-        """Read the image span opened by the ``<boi>`` at ``i``: (grid, index after ``<eoi>``, "") if it is
-        well formed, else (None, index of the id that broke it, why)."""
-        L, n = self.layout, len(seq)
-
-        def broke(j: int, expected: str) -> tuple[None, int, str]:
-            got = "where the ids end" if j >= n else f"got id {seq[j]}"
-            return None, j, f"wants {expected} at {j}, {got}"
-
-        j = i + 1
-        if L.grid_tokens:
-            if j >= n or seq[j] not in self.rows_ids:
-                return broke(j, "a rows token")
-            if j + 1 >= n or seq[j + 1] not in self.cols_ids:
-                return broke(j + 1, "a columns token")
-            h, w = self.grid_of_size_ids(seq[j], seq[j + 1])
-            j += 2
-        else:
-            h, w = L.grid
-        codes: list[int] = []
-        for r in range(h):
-            for _ in range(w):
-                if j >= n or not L.image_start <= seq[j] < L.image_end:
-                    return broke(j, f"image code {len(codes) + 1} of {h * w}")
-                codes.append(seq[j])
-                j += 1
-            if L.grid_tokens:
-                if j >= n or seq[j] != self.row_end:
-                    return broke(j, f"<row_end> after row {r + 1} of {h}")
-                j += 1
-        if j >= n or seq[j] != self.eoi:
-            return broke(j, f"<eoi> after {h * w} codes")
-        grid = torch.tensor(codes, dtype=torch.long).reshape(h, w) - L.image_start
-        return grid, j + 1, ""
 
     # ------------------------------------------------------------ files
     def save(self, directory: str | Path) -> None:
@@ -397,7 +344,6 @@ class Vocabulary:
     @classmethod
     def load(cls, directory: str | Path) -> Vocabulary:
         """Load and cross-check ``tokenizer.json`` and ``layout.json`` (CheckpointError naming both on mismatch)."""
-        from tokenizers import Tokenizer
 
         directory = Path(directory)
         tok_path, layout_path = directory / TOKENIZER_FILE, directory / LAYOUT_FILE
@@ -425,7 +371,6 @@ class Vocabulary:
         corpus stops with fewer merges, and the layout records the actual number. ``grid_tokens``: add the
         rows, columns and row-end tokens so that images of any grid up to ``grid`` keep their aspect ratio.
         """
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if text_vocab_size < BYTE_ALPHABET:
             raise ValueError(f"text_vocab_size must be at least {BYTE_ALPHABET} (the byte alphabet), got {text_vocab_size}")
@@ -479,7 +424,6 @@ _IMAGE_TOKEN_RE = re.compile(re.escape(IMAGE_TOKEN_PREFIX) + r"\d+>")
 
 def _text_only(tokenizer):
     """The same tokenizer without added tokens: input text is never matched against special/image tokens."""
-    from tokenizers import Tokenizer
 
     d = json.loads(tokenizer.to_str())
     d["added_tokens"] = []
@@ -530,7 +474,6 @@ def _check_agreement(tok, layout: VocabLayout, where: str) -> None:
 def check_vocab_matches(vocab: Vocabulary, vq_dir: str | Path, where: str) -> str:
     """The vocabulary's image range must come from this very image tokenizer (fingerprint, codebook size and code
     grid); CheckpointError starting with ``where`` otherwise. Returns the image tokenizer's fingerprint."""
-    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
 
     fp = vq_fingerprint(vq_dir)
     built_for = vocab.layout.image_tokenizer_fingerprint

@@ -8,14 +8,15 @@
 Grid tokens (``grid_tokens=True``) let images keep their aspect ratio: an image span states its grid and
 breaks its rows, ``<boi> <rows_h> <cols_w> (w codes <row_end>) × h <eoi>``, for any grid up to ``grid``
 (h ≤ H, w ≤ W), as Emu3 and Lumina-mGPT write theirs. Without them (Chameleon's layout) every image is
-one fixed grid of ``grid`` codes in raster order, ``<boi> codes <eoi>``.
+one fixed grid of ``grid`` codes in raster order, ``<boi> codes <eoi>``. ``image_span.SpanGrammar`` writes and reads
+the spans of a layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from earlyfusion.checkpoint import CheckpointError
+from earlyfusion.core.checkpoint import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
 LAYOUT_FILE = "layout.json"
@@ -44,6 +45,10 @@ def rows_token(n: int) -> str:
 def cols_token(n: int) -> str:
     """The token that says an image has ``n`` codes per row."""
     return f"<cols_{n}>"
+
+
+def _special_id(role: str) -> property:
+    return property(lambda self: self.special_ids[role], doc=f"Id of the {role} token.")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class VocabLayout:
         problems = self.problems()
         if problems:
             raise ValueError("invalid vocabulary layout: " + "; ".join(problems))
+
+    # the special roles' ids by name, as a Vocabulary has them (the sampler reads a layout like a vocabulary)
+    bos, eos, pad, boi, eoi = (_special_id(role) for role in SPECIAL_TOKENS)
 
     # derived ranges
     @property

@@ -12,6 +12,20 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 
+def grid_pixels(rows: int, cols: int, downsample: int) -> tuple[int, int]:
+    """(height, width) in pixels of a rows x cols code grid at ``downsample`` pixels a code a side (``VQConfig.
+    pixels_of_grid``; this for code that is given the factor alone, such as the preprocessing)."""
+    return rows * downsample, cols * downsample
+
+
+def pixel_grid(height: int, width: int, downsample: int) -> tuple[int, int]:
+    """(rows, columns) of the code grid of a height x width image at ``downsample`` pixels a code a side
+    (``VQConfig.grid_of_pixels``); ValueError unless both sides are positive multiples of it."""
+    if min(height, width) < downsample or height % downsample or width % downsample:
+        raise ValueError(f"a {width}x{height} px image is not a whole number of {downsample}x{downsample} px codes")
+    return height // downsample, width // downsample
+
+
 @dataclass
 class VQConfig:
     image_size: int = 32
@@ -122,8 +136,16 @@ class VQConfig:
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        n = self.image_size // self.downsample
-        return (n, n)
+        """The code grid (rows, columns) of an image_size x image_size image: the largest grid."""
+        return self.grid_of_pixels(self.image_size, self.image_size)
+
+    def pixels_of_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """(height, width) in pixels of the image a rows x cols code grid encodes (and decodes to)."""
+        return grid_pixels(rows, cols, self.downsample)
+
+    def grid_of_pixels(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the code grid of a height x width image; ValueError unless both sides are whole codes."""
+        return pixel_grid(height, width, self.downsample)
 
     @property
     def tokens_per_image(self) -> int:

@@ -20,9 +20,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from earlyfusion.checkpoint import CheckpointError, atomic_dir, load_json, verify_dir
-from earlyfusion.logs import log
-from earlyfusion.rundir import BEST_DIR, CHECKPOINTS_DIR, CONFIG
+from earlyfusion.core.checkpoint import CheckpointError, atomic_dir, latest_good, load_json, verify_dir
+from earlyfusion.core.logs import log
+from earlyfusion.core.rundir import BEST_DIR, CHECKPOINTS_DIR, CONFIG, set_final
 
 HELDOUT_RISE = 0.05
 """Held-out score this far above its minimum (a fraction) is reported as having turned up."""
@@ -97,3 +97,23 @@ class BestModel:
                 f"its minimum {self.score:.3f} at step {self.step}, so the model is memorising its training data; "
                 f"{self.dir} keeps the step-{self.step} weights (the run's model unless --final last; fewer --steps, "
                 "--augment-views or --dropout make a run learn longer)")
+
+
+def finish_run(out: Path, final: str, best: BestModel) -> None:
+    """Mark the run's model (``--final``) and say which it is."""
+    last = latest_good(out / CHECKPOINTS_DIR)
+    if final == "best" and best.step is not None:
+        set_final(out, BEST_DIR)
+        if best.saved_step() != best.step:  # only after a resume with another --eval-every
+            log.warning("%s holds the weights of step %s, not those of step %d that this run scored best", best.dir,
+                        best.saved_step(), best.step)
+        log.info("finished: %s (its model: %s, step %d, lowest held-out loss %.3f; last checkpoint %s)", out,
+                 best.dir, best.step, best.score, last)
+        return
+    set_final(out, None)
+    if final == "best":
+        log.info("no held-out loss was measured (no held-out pairs): the run's model is the last step's")
+    log.info("finished: %s (checkpoint %s)", out, last)
+    if best.step is not None and last is not None and best.step != int(last.name.rpartition("-")[2]):
+        log.info("lowest held-out loss %.3f was at step %d: %s (--final best makes it the run's model)", best.score,
+                 best.step, best.dir)

@@ -12,28 +12,29 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from earlyfusion.logs import progress
-from earlyfusion.sampling.generate import DEFAULT_CFG
+from earlyfusion.core.logs import progress
+from earlyfusion.sampling.generate import DEFAULT_CFG, caption_images, draw_captions
+from earlyfusion.tokenizer.preprocess import codes_to_pil
 from earlyfusion.training.data import IMAGE, TEXT
 from earlyfusion.training.lm_loss import TokenLosses
-
 
 # ---------------------------------------------------------------- losses
 
 
 def _pair_documents(vocab, pairs, kind: str):
-    """(ids, loss modality) per pair: 'draw' = caption->image, loss on the image span; 'read' = image->caption."""
+    """(ids, loss modality) per pair: 'draw' = caption->image, loss on the image span after its <boi>; 'read' =
+    image->caption, loss on what follows the image span (the caption and </s>)."""
     docs = []
     for p in pairs:
         segs = [p.caption, p.codes] if kind == "draw" else [p.codes, p.caption]
         ids = vocab.encode_document(segs)
+        (span,) = vocab.grammar.parse(ids)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        is_img = vocab.is_image_part(ids_t)
+        mod = torch.full_like(ids_t, -1)
         if kind == "draw":
-            mod = torch.where(is_img, IMAGE, -1)
+            mod[span.start + 1:span.end] = IMAGE
         else:
-            after = torch.cumsum((ids_t == vocab.eoi).long(), 0) > 0
-            mod = torch.where(after & ~(ids_t == vocab.eoi), TEXT, -1)
+            mod[span.end:] = TEXT
         docs.append((ids_t, mod))
     return docs
 
@@ -73,7 +74,6 @@ def validation_losses(decoder, vocab, pairs, device="cpu", batch_size: int = 64)
 
 def read_captions(decoder, vocab, pairs, batch_size: int = 64, device="cpu") -> list[str]:
     """Greedy caption for each pair's image."""
-    from earlyfusion.sampling.generate import caption_images
 
     out = []
     for i in progress(range(0, len(pairs), batch_size), desc="reading"):
@@ -86,7 +86,6 @@ def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size:
                 image_temperature: float = 0.0, grids=None):
     """One image per caption (PIL), sampled with classifier-free guidance (greedy codes by default); ``grids``: the
     (rows, columns) an image may take with grid tokens (the model chooses; default any the vocabulary holds)."""
-    from earlyfusion.sampling.generate import draw_captions
 
     out = []
     for i in progress(range(0, len(captions), batch_size), desc="drawing"):
@@ -98,7 +97,7 @@ def draw_images(decoder, vocab, vq, captions, cfg: float, seed: int, batch_size:
 # ---------------------------------------------------------------- sheets and curves
 
 
-def _sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, scale: int = 3) -> None:
+def caption_sheet(rows: list[tuple[Image.Image, Image.Image, str, str]], path: Path, scale: int = 3) -> None:
     """One row per example: the test image as tokenized (decoded from the codes the model reads) | generated
     from its caption, with the caption and the model's reading."""
     if not rows:
@@ -135,15 +134,8 @@ def sample_sheet(decoder, vocab, vq, pairs, path: Path, n: int = 6, seed: int = 
     finally:
         torch.set_rng_state(rng_state)
         decoder.train(was_training)
-    originals = [_decode_codes(vq, p.codes) for p in chunk]
-    _sheet([(o, g, p.caption, r) for o, g, p, r in zip(originals, drawn, chunk, reads)], path)
-
-
-@torch.no_grad()
-def _decode_codes(vq, codes) -> Image.Image:
-    from earlyfusion.tokenizer.preprocess import to_pil
-
-    return to_pil(vq.decode(codes[None].long())[0])
+    originals = [codes_to_pil(vq, p.codes) for p in chunk]
+    caption_sheet([(o, g, p.caption, r) for o, g, p, r in zip(originals, drawn, chunk, reads)], path)
 
 
 def loss_curves_png(metrics_path: Path, png: Path, size=(720, 420)) -> None:

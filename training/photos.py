@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
-from earlyfusion.checkpoint import atomic_dir
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log, progress
-from earlyfusion.options import MAX_SEED, check_number
+from earlyfusion.core.checkpoint import atomic_dir
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log, progress
+from earlyfusion.core.options import MAX_SEED, check_number
 from earlyfusion.training.shapes import png_bytes
 
 # name -> (skimage.data function, what the caption calls it); only photographs stored in the wheel itself
@@ -131,10 +132,6 @@ class PhotosConfig:
 
 def load_photo(name: str) -> np.ndarray:
     """The photograph as uint8 (H, W, 3): grayscale replicated to RGB, an alpha channel dropped."""
-    try:
-        import skimage.data
-    except ImportError as e:
-        raise UserError(f"`data photos` needs scikit-image ({e}); install it with `pip install scikit-image`") from None
     fn, _ = PHOTOS[name]
     try:
         a = getattr(skimage.data, fn)()

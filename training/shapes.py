@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import progress
-from earlyfusion.options import MAX_SEED, check_number
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import progress
+from earlyfusion.core.options import MAX_SEED, check_number
 
 # ---------------------------------------------------------------- attribute vocabulary
 

@@ -10,7 +10,7 @@ that would show its image-caption pairs more often than that.
 
 from __future__ import annotations
 
-from earlyfusion.logs import log
+from earlyfusion.core.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
 
 MANY_PASSES = 20
@@ -83,3 +83,26 @@ def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) ->
                     "run ends; fewer --steps or more --augment-views help (the run's model is the one with the lowest "
                     "held-out loss unless --final last)", name, most,
                     MANY_PASSES)
+
+
+def sized_options(data, noise: float | None, passes: float, seed: int):
+    """(data options, image-token noise) of a run whose unset options are sized to how often it shows its
+    image-caption pairs (``passes``): when they repeat too often (``repeats_too_often``) an unset --augment-views
+    adds mirrored views and an unset --image-token-noise is SIZED_IMAGE_TOKEN_NOISE. Says in one line what was added
+    and the option that turns each off."""
+    repeats, added = repeats_too_often(passes), {}  # the option that turns it off -> what was added
+    if data.augment_views is None:
+        data = data.sized(repeats)
+        if data.augment_views > 1:
+            swap = ", ".join(f"{a}/{b}" for a, b in data.augment(seed).swap)
+            words = f"captions with {swap} exchanged where they occur" if swap else "captions unchanged"
+            added["--augment-views 1"] = f"each image is shown as itself and as its mirror image, {words}"
+    if noise is None:
+        noise = SIZED_IMAGE_TOKEN_NOISE if repeats else 0.0
+        if repeats:
+            added["--image-token-noise 0"] = (f"{100 * SIZED_IMAGE_TOKEN_NOISE:.0f}% of the codes of each picture "
+                                              "being drawn are replaced by random codes in its input")
+    if added:
+        log.info("the image-caption pairs would be seen about %.0f times: %s", passes,
+                 ", and ".join(f"{what} ({flag} turns it off)" for flag, what in added.items()))
+    return data, noise

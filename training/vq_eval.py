@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
-from earlyfusion.runtime import use_all_cores
-from earlyfusion.tokenizer.vqvae import VQVAE, load_vqvae
-from earlyfusion.options import MAX_BATCH, check_number
-
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.options import MAX_BATCH, check_number
+from earlyfusion.core.runtime import use_all_cores
+from earlyfusion.tokenizer.preprocess import ImageError, image_grid, preprocess_for_codes, to_pil
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
+from earlyfusion.tokenizer.vqvae import VQVAE
+from earlyfusion.training.data import SkipReport, iter_image_text
 
 # ---------------------------------------------------------------- options
 
@@ -56,17 +59,15 @@ class VQEvalConfig:
 # ---------------------------------------------------------------- images
 
 
-def load_images(data: str, size: int, *, split: str = "train", image_column: str = "image", text_column: str = "text",
+def load_images(data: str, size: int, *, split: str = "train", image_column: str = "image",
                 strict: bool = False, limit: int = 0, max_grid: tuple[int, int] | None = None, downsample: int = 1):
     """All images of a split as uint8 (N, 3, size, size), plus the SkipReport of records that were skipped. With
     ``max_grid`` each image is instead resized whole to the largest grid of ``downsample``-pixel codes that keeps
     its shape (as a vocabulary with grid tokens encodes it), and the images come as a list of (3, h, w)."""
-    from earlyfusion.tokenizer.preprocess import ImageError, preprocess_for_codes
-    from earlyfusion.training.data import SkipReport, iter_image_text
 
     report = SkipReport(strict=strict)
     rows: list[torch.Tensor] = []
-    for i, (img, _text) in enumerate(iter_image_text(data, image_column=image_column, text_column=text_column,
+    for i, (img, _text) in enumerate(iter_image_text(data, image_column=image_column,
                                                      split=split, report=report, strict=strict, shrink_to=size)):
         try:
             t = preprocess_for_codes(img, size, downsample, max_grid)  # (3, size, size) or (3, h, w) in [-1, 1]
@@ -210,9 +211,7 @@ def evaluate_tokenizer(model: VQVAE, images, batch_size: int = 64) -> dict:
 def reconstruction_sheet(model: VQVAE, images_u8: torch.Tensor | list[torch.Tensor], path: Path, scale: int = 4) -> None:
     """PNG: a row of originals over a row of their reconstructions (nearest-upscaled ``scale``×); a list of images
     of several shapes is encoded one by one, each at its own shape."""
-    from PIL import Image
 
-    from earlyfusion.tokenizer.preprocess import image_grid, to_pil
 
     was_training = model.training
     model.eval()

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from earlyfusion.checkpoint import read_weights
-from earlyfusion.errors import UserError
+from earlyfusion.core.checkpoint import read_weights
+from earlyfusion.core.errors import UserError
 
 # ---------------------------------------------------------------- perceptual loss
 

@@ -1,7 +1,7 @@
 """Training the VQ-VAE image tokenizer: ``earlyfusion tokenizer train``.
 
 One accelerate loop (the same script runs on one CPU and under ``accelerate launch``) on the shared
-skeleton of ``training.loop``. Images are read once (``training.vq_eval.load_images``) and kept in
+``training.trainer.Trainer``. Images are read once (``training.vq_eval.load_images``) and kept in
 memory as uint8. The model's shape is a preset with options applied (``VQTrainConfig.model_config``);
 the run's config.json records the result. Loss = reconstruction (mse by default) + the quantizer's
 commitment loss [+ a perceptual loss from user-supplied VGG16 weights] [+ an adaptively weighted
@@ -41,23 +41,22 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
-from earlyfusion.checkpoint import latest_good, load_json, load_state, load_weights, save_state
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
-from earlyfusion.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
-from earlyfusion.runtime import autocast, mixed_precision, use_all_cores
-from earlyfusion.tokenizer.vq_presets import parse_fsq_levels, parse_sets, resolve_vq_config
-from earlyfusion.tokenizer.vqvae import VQ_PRESETS, VQVAE, VQConfig, load_vqvae, read_vq_config, save_vqvae
-from earlyfusion.training.loop import (
-    TrainLoop, check_identity, source_key, warmup_cosine_lr,
-)
+from earlyfusion.core.checkpoint import latest_good, load_json, load_weights
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.core.rundir import CHECKPOINTS_DIR
+from earlyfusion.core.runtime import use_all_cores
+from earlyfusion.tokenizer.vq_checkpoint import CONFIG, WEIGHTS, load_vqvae, read_vq_config, save_vqvae
+from earlyfusion.tokenizer.vq_config import VQConfig
+from earlyfusion.tokenizer.vq_presets import VQ_PRESETS, parse_fsq_levels, parse_sets, resolve_vq_config
+from earlyfusion.tokenizer.vqvae import VQVAE
+from earlyfusion.training.trainer import Trainer, check_identity, source_key, warmup_cosine_lr
+from earlyfusion.training.vq_eval import code_stats, load_images, reconstruction_sheet, to_pixels
 from earlyfusion.training.vq_losses import Adversarial, PerceptualLoss
-from earlyfusion.training.vq_eval import (  # noqa: F401 - re-exported: the tokenizer's figures live in vq_eval
-    VQEvalConfig, code_stats, eval_cmd, evaluate_tokenizer, load_images, psnr, reconstruction_sheet, ssim, to_pixels,
-)
 
-CHECKPOINTS = "checkpoints"
 SHEET = "reconstructions.png"
 SHEETS_DIR = "sheets"
 SHEET_IMAGES = 8
@@ -137,8 +136,6 @@ class VQTrainConfig:
     """Split of --data to train on."""
     image_column: str = "image"
     """Image column of a hub data set."""
-    text_column: str = "text"
-    """Caption column (read but unused by the tokenizer)."""
     checkpoint_every: int = 500
     """Checkpoint every K steps (and always at the end)."""
     keep_checkpoints: int = 2
@@ -266,58 +263,57 @@ def _usage_window_steps(cfg: VQConfig, batch_size: int) -> int:
 
 
 def train(cfg: VQTrainConfig) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    mp, why = mixed_precision(cfg.mixed_precision)
-    accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
+    """Train the image tokenizer into ``cfg.out`` (resuming it with ``--resume``); returns the run directory."""
     out = Path(cfg.out)
-    ckpt_root = out / CHECKPOINTS
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    loop = TrainLoop(out=out, checkpoints=ckpt_root, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-                     keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
-                     main=main, desc="tokenizer")
-    ckpt = loop.resume_point(cfg.resume)
+    trainer = Trainer(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
+                      grad_clip=cfg.grad_clip, batch_size=cfg.batch_size, precision=cfg.mixed_precision,
+                      resume=cfg.resume, desc="tokenizer")
+    with trainer:
+        _train(cfg, trainer)
+    return out
 
-    vq_cfg = cfg.model_config()
+
+def _read_images(cfg: VQTrainConfig, vq_cfg: VQConfig, world: int):
+    """(images, skip report, global batch size): the batch is lowered to what a small image set can fill."""
     images, report = load_images(cfg.data, vq_cfg.image_size, split=cfg.split, image_column=cfg.image_column,
-                                 text_column=cfg.text_column, strict=cfg.strict, downsample=vq_cfg.downsample,
+                                 strict=cfg.strict, downsample=vq_cfg.downsample,
                                  max_grid=vq_cfg.grid_size if cfg.keep_aspect else None)
-    n = len(images)
-    batch_size = cfg.batch_size
+    n, batch_size = len(images), cfg.batch_size
     if n < batch_size:
         if n < world:
             raise UserError(f"{cfg.data}: only {n} usable image(s), fewer than the {world} processes")
         batch_size = n - n % world
         log.warning("only %d training images: batch size lowered from %d to %d", n, cfg.batch_size, batch_size)
-    per_proc = batch_size // world
-    sheet_images = images[:SHEET_IMAGES]
     if cfg.keep_aspect:
         shapes = Counter(f"{t.shape[-1]}x{t.shape[-2]}" for t in images)
         log.info("keeping each image's shape (WxH px: count): %s", ", ".join(f"{k}: {v}" for k, v in shapes.most_common()))
+    return images, report, batch_size
+
+
+def _train(cfg: VQTrainConfig, trainer: Trainer) -> None:
+    out, ckpt, main, device = trainer.out, trainer.ckpt, trainer.main, trainer.device
+    vq_cfg = cfg.model_config()
+    images, report, batch_size = _read_images(cfg, vq_cfg, trainer.world)
+    n, per_proc = len(images), batch_size // trainer.world
     identity = {"model": vq_cfg.to_dict(), "data": source_key(cfg.data), "split": cfg.split,
                 "image_column": cfg.image_column, "num_images": n, "seed": cfg.seed, "batch_size": batch_size,
                 "losses": cfg.losses(), **({"keep_aspect": True} if cfg.keep_aspect else {})}
     perceptual = PerceptualLoss.from_file(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
 
+    # ---- the model, its optimizer and the usage window, restored on --resume
     set_seed(cfg.seed)
     model = VQVAE(vq_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     window = _usage_window_steps(vq_cfg, batch_size)
     last_seen = torch.full((vq_cfg.codebook_size,), -(10 ** 9), dtype=torch.long)  # step each code was last used
     gan = Adversarial(vq_cfg.image_size, cfg.lr) if cfg.gan_weight > 0 else None  # after the model: same init without it
-
     if ckpt is not None:
-        state = load_state(ckpt, "state")
-        saved = (load_json(ckpt / "config.json").get("training") or {}).get("identity")
+        state = trainer.load_state()
+        saved = (load_json(ckpt / CONFIG).get("training") or {}).get("identity")
         check_identity(saved or {"model": read_vq_config(ckpt).to_dict(), "num_images": state["num_images"],
                                  "seed": state["seed"], "batch_size": state["batch_size"]}, identity, ckpt)
-        load_weights(ckpt / "model.safetensors", model)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        load_weights(ckpt / WEIGHTS, model)
         last_seen = state["last_seen"].clone()
         if gan is not None:
             if "discriminator" not in state:
@@ -325,58 +321,46 @@ def train(cfg: VQTrainConfig) -> Path:
                                 "without --gan-weight or train into another --out")
             gan.disc.load_state_dict(state["discriminator"])
             gan.optimizer.load_state_dict(state["disc_optimizer"])
-        loop.restore(state)
-        log.info("resumed from %s (step %d)", ckpt, loop.start_step)
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw: VQVAE = accelerator.unwrap_model(model)
+        trainer.restore(state, optimizer)
+    model, optimizer = trainer.prepare(model, optimizer)
+    raw: VQVAE = trainer.unwrap(model)
     if gan is not None:
-        gan.disc, gan.optimizer = accelerator.prepare(gan.disc, gan.optimizer)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+        gan.disc, gan.optimizer = trainer.prepare(gan.disc, gan.optimizer)
 
     def save_checkpoint(step: int) -> None:
+        note = {"step": step, "preset": cfg.preset, "data": cfg.data, "identity": identity}
+        state = {"last_seen": last_seen, "batch_size": batch_size, "seed": cfg.seed, "num_images": n, "train": asdict(cfg)}
+        if gan is not None:
+            state.update(discriminator=trainer.unwrap(gan.disc).state_dict(), disc_optimizer=gan.optimizer.state_dict())
+        trainer.save(step, optimizer, lambda tmp: save_vqvae(raw, tmp, extra=note), state)
         if main:
-            state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **loop.counters(step),
-                     "last_seen": last_seen, "batch_size": batch_size, "seed": cfg.seed, "num_images": n,
-                     "train": asdict(cfg)}
-            if gan is not None:
-                state.update(discriminator=accelerator.unwrap_model(gan.disc).state_dict(),
-                             disc_optimizer=gan.optimizer.state_dict())
-            note = {"step": step, "preset": cfg.preset, "data": cfg.data, "identity": identity}
-
-            def write(tmp: Path) -> None:
-                save_vqvae(raw, tmp, extra=note)
-                save_state(tmp, "state", state)
-
-            loop.save(step, write)
             save_vqvae(raw, out, extra=note)  # RUN/config.json + RUN/model.safetensors: the latest weights
-        accelerator.wait_for_everyone()
 
     def sheet(step: int) -> None:
         if main:
             path = out / SHEETS_DIR / f"step-{step:08d}.png"
-            reconstruction_sheet(raw, sheet_images, path)
+            reconstruction_sheet(raw, images[:SHEET_IMAGES], path)
             (out / SHEET).write_bytes(path.read_bytes())
 
     n_params = sum(p.numel() for p in raw.parameters())
     log.info("VQ-VAE %s: %.2fM parameters, %d px -> %dx%d codes, codebook %d; %d training images%s; batch %d, %d process(es)",
              cfg.preset, n_params / 1e6, vq_cfg.image_size, *vq_cfg.grid_size, vq_cfg.codebook_size, n,
-             f" ({report.total} skipped)" if report.total else "", batch_size, world)
-    log.info(f"precision: {why}")  # after every check that can refuse the run: an error stays one line
+             f" ({report.total} skipped)" if report.total else "", batch_size, trainer.world)
+    log.info(f"precision: {trainer.precision_why}")  # after every check that can refuse the run: an error stays one line
 
+    # ---- the steps
     quant_buffers = dict(raw.quantizer.named_buffers())
     t_last = time.perf_counter()
-    for step in loop.iterate():
+    for step in trainer.iterate():
         model.train()
-        lr = loop.set_lr(optimizer, lr_at(step, cfg))
-        idx = batch_indices(step, cfg.seed, n, batch_size)[rank * per_proc:(rank + 1) * per_proc]
+        lr = trainer.set_lr(optimizer, lr_at(step, cfg))
+        idx = batch_indices(step, cfg.seed, n, batch_size)[trainer.rank * per_proc:(trainer.rank + 1) * per_proc]
         batch = crops([images[i] for i in idx], step, cfg.seed, vq_cfg.downsample) if cfg.keep_aspect else images[idx]
         x = to_pixels(batch).to(device)  # (b, 3, S, S)
         snapshot = {k: v.detach().clone() for k, v in quant_buffers.items()}
         gan_on = gan is not None and step >= cfg.gan_start_step
         extra = {}
-        with autocast(mp, accelerator.device.type):
+        with trainer.autocast():
             loss, parts = compute_loss(model, x, cfg)
             rec = parts["rec_loss"]
             if perceptual is not None:
@@ -389,55 +373,50 @@ def train(cfg: VQTrainConfig) -> Path:
         loss_val = float(loss.detach())
         gnorm = float("nan")
         if math.isfinite(loss_val):
-            accelerator.backward(loss)
-            gnorm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if world > 1:
-            loss_val = float(accelerator.reduce(torch.tensor([loss_val], device=device), reduction="mean"))
+            trainer.backward(loss)
+            gnorm = trainer.clip(model.parameters())
+        loss_val = trainer.mean(loss_val)
         done = step + 1
-        skipped = loop.skip_nonfinite(step, loss_val, gnorm)
+        skipped = trainer.update(optimizer, step, loss_val, gnorm)
         if skipped:
-            optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for k, v in quant_buffers.items():
                     v.copy_(snapshot[k])  # the forward pass updated the EMA codebook from a bad batch
         else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if gan_on:
-                with autocast(mp, accelerator.device.type):
-                    extra["disc"] = gan.discriminator_step(
-                        x, parts["reconstruction"], lr, accelerator.backward,
-                        lambda params: accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                with trainer.autocast():
+                    extra["disc"] = gan.discriminator_step(x, parts["reconstruction"], lr, trainer.backward, trainer.clip)
             codes = parts["codes"]
-            if world > 1:
-                codes = accelerator.gather(codes)
+            if trainer.world > 1:
+                codes = trainer.accelerator.gather(codes)
             last_seen[codes.flatten().cpu().unique()] = done
             usage = float((last_seen > done - window).double().mean())
             _, ppl = code_stats(torch.bincount(codes.flatten().cpu(), minlength=vq_cfg.codebook_size))
             now = time.perf_counter()
             record = {"step": done, "loss": loss_val, "recon": float(parts["recon"]), "commit": float(parts["commit"]),
                       "usage": usage, "perplexity": ppl, "grad_norm": gnorm, "lr": lr,
-                      "images_per_s": batch_size / max(now - t_last, 1e-9), "skipped_nonfinite": loop.skipped,
+                      "images_per_s": batch_size / max(now - t_last, 1e-9), "skipped_nonfinite": trainer.skipped,
                       **{k: float(v) for k, v in extra.items()}}
             t_last = now
-            loop.record(record, {"loss": f"{loss_val:.4f}", "usage": f"{usage:.1%}", "ppl": f"{ppl:.0f}"},
-                        f"step {done}/{cfg.steps} loss {loss_val:.4f} (recon {record['recon']:.4f} commit {record['commit']:.4f}) "
-                        f"usage {usage:.1%} perplexity {ppl:.0f} lr {lr:.2e} {record['images_per_s']:.0f} img/s")
+            trainer.record(record, {"loss": f"{loss_val:.4f}", "usage": f"{usage:.1%}", "ppl": f"{ppl:.0f}"},
+                           f"step {done}/{cfg.steps} loss {loss_val:.4f} (recon {record['recon']:.4f} commit "
+                           f"{record['commit']:.4f}) usage {usage:.1%} perplexity {ppl:.0f} lr {lr:.2e} "
+                           f"{record['images_per_s']:.0f} img/s")
             if cfg.sheet_every and done % cfg.sheet_every == 0 or done == cfg.steps:
                 sheet(done)
-        if loop.checkpoint_due(done, skipped):
+        if trainer.checkpoint_due(done, skipped):
             save_checkpoint(done)
-    loop.close()
-    if loop.start_step >= cfg.steps and main:
-        log.info("%s: already trained for %d steps (--steps %d); nothing to do", out, loop.start_step, cfg.steps)
-        if not (out / "model.safetensors").is_file() and ckpt is not None:
-            save_vqvae(load_vqvae(ckpt), out, extra=load_json(ckpt / "config.json").get("training"))
+    trainer.close()
+
+    # ---- after the last step
+    if trainer.start_step >= cfg.steps and main:
+        log.info("%s: already trained for %d steps (--steps %d); nothing to do", out, trainer.start_step, cfg.steps)
+        if not (out / WEIGHTS).is_file() and ckpt is not None:
+            save_vqvae(load_vqvae(ckpt), out, extra=load_json(ckpt / CONFIG).get("training"))
     if main:
         if report.total:
             log.info("skipped %d unreadable image(s): %s", report.total, report.summary())
-        log.info("finished: %s (checkpoint %s, sheet %s)", out, latest_good(ckpt_root), out / SHEET)
-    accelerator.end_training()
-    return out
+        log.info("finished: %s (checkpoint %s, sheet %s)", out, latest_good(out / CHECKPOINTS_DIR), out / SHEET)
 
 
 def train_cmd(cfg: VQTrainConfig) -> int:

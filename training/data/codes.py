@@ -20,6 +20,7 @@ counted ("too_small", "extreme_aspect") like other bad images.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,12 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import is_main_process, log
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import is_main_process, log
 from earlyfusion.tokenizer.preprocess import ImageError
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config
 
 from .augment import NO_AUGMENT, Augment
 from .config import PIPELINE_VERSION
@@ -102,7 +105,6 @@ class _ImageEncoder:
     @property
     def vq(self):
         if self._vq is None:
-            from earlyfusion.tokenizer.vqvae import load_vqvae
 
             self._vq = load_vqvae(self.image_tokenizer)
         return self._vq
@@ -129,7 +131,7 @@ class _ImageEncoder:
                     raise UserError(f"{where}: bad record ({e}); fix or remove it, or run without --strict") from None
                 reasons[i] = e.reason
                 continue
-            grid = (views[0].shape[1] // downsample, views[0].shape[2] // downsample)
+            grid = vq.cfg.grid_of_pixels(*views[0].shape[1:])
             grids[i] = grid
             rows, pixels = by_grid.setdefault(grid, ([], []))
             rows.append(i)
@@ -154,7 +156,6 @@ def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         try:
-            import fcntl
 
             fcntl.flock(f, fcntl.LOCK_EX)
         except (ImportError, OSError):  # pragma: no cover - no flock: processes may both encode
@@ -165,7 +166,6 @@ def _file_lock(path: Path):
 @contextlib.contextmanager
 def _quiet_datasets():
     """datasets' own progress bars follow our rule: terminal and main process only."""
-    import datasets
 
     show = is_main_process() and sys.stderr.isatty()
     was = datasets.is_progress_bar_enabled()
@@ -214,7 +214,6 @@ def encode_images(ds, key: str, image_tokenizer: str | Path, cache_root: Path, s
     """``ds`` (columns src, where) -> (the same rows with ``codes`` and ``reason``, ``views`` when ``augment`` is
     active and ``grid`` with ``grid_tokens``; whether the cache had them). ``key`` must hold the augmentation's own
     (``augment_key``) and the grid mode's (``grid_key``)."""
-    import datasets
 
     name = f"codes-{key[:32]}"
     target = cache_root / name
@@ -275,9 +274,7 @@ def local_image_table(paths: Sequence[str], wheres: Sequence[str], image_tokeniz
                       grid_tokens: bool = False) -> ImageTable:
     """Codes for local image files (deduplicated by path), cached by (paths, sizes, mtimes, tokenizer, augmentation,
     grid mode). ``grid_tokens``: images keep their aspect ratio (a vocabulary with grid tokens)."""
-    import datasets
 
-    from earlyfusion.tokenizer.vqvae import read_vq_config
 
     t0 = time.perf_counter()
     srcs = list(dict.fromkeys(paths))

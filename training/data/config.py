@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from earlyfusion.options import check_not_file, check_number
+from earlyfusion.core.options import check_not_file, check_number
 
 from .augment import NO_AUGMENT, Augment, parse_swap
 

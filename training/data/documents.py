@@ -10,8 +10,9 @@
   * interleaved records keep their order (consecutive texts joined by a blank line, as the paragraphs
     they are); text records are ``<s> text </s>``. Both are assembled once, here.
 
-Image spans come from the vocabulary (``Vocabulary.image_span`` with each image's own grid), and so does
-every image length (``span_length``, ``max_span``): with grid tokens an image states its grid and ends each row.
+Image spans come from the vocabulary's span grammar (``Vocabulary.image_span`` with each image's own grid), and
+so does every image length (``span_length``, ``max_span``): with grid tokens an image states its grid and ends
+each row.
 
 Too long for the context (T = ``context_len``): a pair's caption is cut to T - (``max_span`` + 2) tokens (both
 orders then fit, whatever grid the image has); with ``fit_captions`` (the trainer) a caption that does not fit
@@ -30,15 +31,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
-from earlyfusion.tokenizer.vocab import ROW_END_TOKEN, check_vocab_matches, cols_token, rows_token
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
+from earlyfusion.tokenizer.vocab import check_vocab_matches
 
 from .augment import NO_AUGMENT, Augment
-from .codes import (ImageTable, augment_key, cache_key, encode_images, grid_codes, grid_key, local_image_table,
-                    resolve_cache_dir, table_from)
+from .codes import (
+    ImageTable,
+    augment_key,
+    cache_key,
+    encode_images,
+    grid_codes,
+    grid_key,
+    local_image_table,
+    resolve_cache_dir,
+    table_from,
+)
 from .config import DataConfig
 from .records import SkipReport, interleaved_records, pair_records, text_records
 from .sources import Kind, PartSpec, load_hub, resolve_sources
@@ -54,10 +65,7 @@ def pair_overhead(vocab, grid: tuple[int, int] | None = None) -> int:
 
 def span_words(vocab) -> str:
     """The largest image span in words, for messages: ``<boi> 16 codes <eoi>``."""
-    if not vocab.grid_tokens:
-        return f"<boi> {vocab.tokens_per_image} codes <eoi>"
-    h, w = vocab.grid
-    return f"<boi> {rows_token(h)} {cols_token(w)} {h}x{w} codes with {h} {ROW_END_TOKEN} <eoi>"
+    return vocab.grammar.words()
 
 
 class ContextTooShort(UserError):
@@ -296,7 +304,6 @@ def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: st
               builder: _Builder, report: SkipReport, augment: Augment, fit: bool) -> tuple[Part, int, int, int]:
     """A hub data set: pairs if it has the image column, else text documents from the text column.
     (part, images encoded, images from the cache, longest pair document)."""
-    import datasets
 
     ds = load_hub(spec.location, cfg.split)
     cols = ds.column_names

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
 from earlyfusion.tokenizer.preprocess import preprocess_for_codes, to_pil
 from earlyfusion.tokenizer.vocab import check_vocab_matches
+from earlyfusion.tokenizer.vq_checkpoint import read_vq_config
 
 from .codes import local_image_table, resolve_cache_dir
 from .records import SkipReport, has_images_or_metadata, pair_records, split_root, validation_split
@@ -74,7 +75,6 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
                 report.add(table.reasons[row], where)
                 continue
             if vq_cfg is None:
-                from earlyfusion.tokenizer.vqvae import read_vq_config
 
                 vq_cfg = read_vq_config(image_tokenizer)
             codes = torch.from_numpy(table.image(row).astype(np.int64))

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 
 from .config import IGNORE, IMAGE, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
 from .documents import DRAW, READ, UNCOND, PreparedData, pair_document, pair_overhead, prepare

@@ -1,10 +1,20 @@
 """Reading the records of local files, with bad-input accounting.
 
 Every reader yields the good records and counts every bad one by reason in a ``SkipReport`` (with
-``strict`` the first bad one raises a UserError naming file:line instead): malformed JSON ("bad_json"),
-invalid UTF-8 ("bad_utf8"), records of the wrong shape ("bad_record"), empty records ("empty"). The
-image reasons of ``tokenizer.preprocess.ImageError`` ("missing", "empty_file", "not_an_image",
-"truncated", "too_large", "unreadable") and "too_long" are counted by the code that meets them.
+``strict`` the first bad one raises a UserError naming file:line instead): malformed JSON, or JSON nested
+deeper than the parser's recursion limit ("bad_json"), invalid UTF-8 ("bad_utf8"), records of the wrong
+shape ("bad_record"), empty records ("empty"), a file a record names that lies outside the data directory
+once symbolic links are followed ("outside_data_dir"), a line of a .jsonl / .txt file over
+``MAX_LINE_BYTES`` (1 MiB) or a caption over ``MAX_TEXT_CHARS`` (65,536 characters) ("too_long"). The image
+reasons of ``tokenizer.preprocess.ImageError`` ("missing", "empty_file", "not_an_image", "truncated",
+"too_large", "unreadable") and the "too_long" of a document that overflows the context are counted by the
+code that meets them.
+
+The data is treated as untrusted: a line's length is checked while it is read, before it is decoded or
+parsed, so one endless line costs a block of memory and no parsing; and every path a record names (a metadata
+``file_name``, an interleaved image, an image found by listing the folder, a metadata file itself) must
+resolve inside the data directory, so a link such as ``img.png -> /etc/passwd`` is never opened. Links that
+stay inside it are followed.
 
 Files
   * imagefolder: image files + ``metadata.jsonl`` (``file_name`` and a text column per line; any folder
@@ -25,11 +35,12 @@ import csv
 import io
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from earlyfusion.errors import UserError
+from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.preprocess import is_image_file
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -37,7 +48,15 @@ SPLIT_DIRS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 VALIDATION_DIRS = ("validation", "valid", "val", "dev")
 """Split folders meant for choosing a model (training's validation), checked in this order."""
 PARAGRAPH = "\n\n"  # joins consecutive texts of an interleaved record (OBELICS texts are paragraphs)
+MAX_LINE_BYTES = 1 << 20
+"""Longest line of a .jsonl / .txt file read (1 MiB); a longer one is skipped as "too_long" unparsed. Far above
+a caption record or an OBELICS web document, it bounds the memory and parsing work one line can cost."""
+MAX_TEXT_CHARS = 1 << 16
+"""Longest caption kept (65,536 characters, dozens of pages; real captions are a few hundred), and longest text
+the BPE is trained on: byte-pair training slows down with the square of a text's longest run without spaces, so
+one huge text could stall it; longer texts are skipped as "too_long"."""
 _BOM = b"\xef\xbb\xbf"
+_BLOCK = 1 << 18
 
 
 class SkipReport:
@@ -109,15 +128,56 @@ def read_file(path: Path) -> bytes:
         raise UserError(f"{path}: cannot be read ({e})") from None
 
 
+def file_lines(path: Path, limit: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """Each line of ``path`` without its end (split like ``bytes.splitlines``, a leading UTF-8 BOM dropped), or
+    None for a line over ``limit`` bytes. The file is read a block at a time and an over-long line is passed over
+    without being kept, so a file of one endless line costs a block of memory, not its size."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    with f:
+        buf, over, first = b"", False, True
+        while True:
+            try:
+                block = f.read(_BLOCK)
+            except OSError as e:
+                raise UserError(f"{path}: cannot be read ({e})") from None
+            eof = not block
+            buf += block
+            if first:
+                if len(buf) < len(_BOM) and not eof:
+                    continue
+                first = False
+                if buf.startswith(_BOM):
+                    buf = buf[len(_BOM):]
+            lines = buf.splitlines(keepends=True)
+            buf = b""
+            # an unfinished last line waits for the next block, and so does a final "\r" (its "\n" may follow)
+            if lines and not eof and not lines[-1].endswith(b"\n"):
+                buf = lines.pop()
+            for line in lines:
+                n = len(line) - (2 if line.endswith(b"\r\n") else 1 if line.endswith((b"\n", b"\r")) else 0)
+                yield None if over or n > limit else line[:n]
+                over = False
+            if eof:
+                if over:
+                    yield None
+                return
+            if len(buf) - buf.endswith(b"\r") > limit:
+                over, buf = True, b"\r" if buf.endswith(b"\r") else b""
+
+
 def text_lines(path: Path, report: SkipReport) -> Iterator[tuple[str, str]]:
-    """(where = "path:line", text) per non-blank line; invalid UTF-8 is counted, a leading BOM dropped."""
-    raw = read_file(path)
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    """(where = "path:line", text) per non-blank line; over-long lines and invalid UTF-8 are counted, a leading
+    BOM dropped."""
+    for lineno, line in enumerate(file_lines(path), 1):
+        where = f"{path}:{lineno}"
+        if line is None:
+            report.add("too_long", where, f"a line over {MAX_LINE_BYTES} bytes")
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -126,12 +186,21 @@ def text_lines(path: Path, report: SkipReport) -> Iterator[tuple[str, str]]:
         yield where, text
 
 
+def parse_json(line: str | bytes):
+    """The parsed JSON value; ValueError for anything that is not one. ``json`` raises RecursionError on deep
+    nesting ('[' * 100000) and a plain ValueError on an integer of over 4300 digits: both are bad lines here."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def jsonl_records(path: Path, report: SkipReport) -> Iterator[tuple[str, object]]:
-    """(where, parsed object) per line; bad UTF-8 and bad JSON are counted."""
+    """(where, parsed object) per line; over-long lines, bad UTF-8 and bad JSON are counted."""
     for where, line in text_lines(path, report):
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
+            obj = parse_json(line)
+        except ValueError as e:
             report.add("bad_json", where, str(e))
             continue
         yield where, obj
@@ -139,34 +208,82 @@ def jsonl_records(path: Path, report: SkipReport) -> Iterator[tuple[str, object]
 
 def jsonl_kind(path: Path) -> str:
     """"interleaved" if the first usable record has texts/images, "text" if it has text."""
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(obj, dict):
-                if "texts" in obj or "images" in obj:
-                    return "interleaved"
-                if "text" in obj:
-                    return "text"
+    for line in file_lines(path):
+        if line is None:
+            continue
+        try:
+            obj = parse_json(line)
+        except ValueError:  # UnicodeDecodeError included
+            continue
+        if isinstance(obj, dict):
+            if "texts" in obj or "images" in obj:
+                return "interleaved"
+            if "text" in obj:
+                return "text"
     raise UserError(f"{path}: no usable record (expected JSON lines with 'texts'/'images' lists or a 'text' field)")
 
 
 # ---------------------------------------------------------------- interleaved and text files
 
 
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` lies inside the folder ``root`` as written (absolute paths and '..' that leave it do not;
-    symbolic links inside it are the user's own choice and are followed)."""
-    return Path(os.path.normpath(os.path.abspath(path))).is_relative_to(os.path.normpath(os.path.abspath(root)))
+class Inside:
+    """``Inside(root)(path)``: whether ``path`` lies inside the folder ``root`` once symbolic links are followed (of
+    both): an absolute path, a '..' or a link that leads out of it does not, a link to another file inside it
+    does. A path that cannot be resolved (a link loop) counts as outside.
+
+    Resolving every path in full costs a system call per folder of it, each record; here each folder is resolved
+    once (per reader) and a record costs one ``lstat`` of its own name, resolved in full only when that is a link."""
+
+    _MAX_FOLDERS = 4096  # resolved folders kept; a data set names few, a hostile one cannot grow this
+
+    def __init__(self, root: Path):
+        self.real_root = str(root.resolve())
+        self._prefix = os.path.join(self.real_root, "")
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: Path) -> bool:
+        try:
+            real = self._real(os.fspath(path))
+        except (OSError, RuntimeError, ValueError):  # RuntimeError: a link loop (Python < 3.13); ValueError: NUL
+            return False
+        return real == self.real_root or real.startswith(self._prefix)
+
+    def _real(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return str(Path(path).resolve())
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            if len(self._folders) >= self._MAX_FOLDERS:
+                self._folders.clear()
+            real_folder = self._folders[folder] = os.path.realpath(folder or ".")
+        real = os.path.join(real_folder, name)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(real).st_mode)
+        except FileNotFoundError:  # counted as missing by whoever opens it
+            return real
+        except OSError:  # a loop in its folders, a name too long: resolve decides
+            is_link = True
+        # Path.resolve, unlike os.path.realpath, raises on a link loop instead of returning it unresolved
+        return str(Path(real).resolve()) if is_link else real
+
+
+def outside_detail(path: Path, root: Path) -> str:
+    """Why ``path`` is not inside ``root``: as written, or through a symbolic link (naming where it leads)."""
+    if not Path(os.path.normpath(os.path.abspath(path))).is_relative_to(os.path.normpath(os.path.abspath(root))):
+        return f"{path} is outside {root}"
+    try:
+        return f"{path} leads through a symbolic link to {path.resolve()}, outside {root}"
+    except (OSError, RuntimeError, ValueError) as e:
+        return f"{path} cannot be resolved ({e})"
 
 
 def interleaved_records(path: Path, report: SkipReport, allow_outside: bool = False
                         ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """(where, [("t", text) | ("i", absolute image path), ...]) per usable record. Image paths must stay inside
-    the file's folder (no absolute paths or '..' out of it) unless ``allow_outside``."""
+    the file's folder (no absolute paths, '..' or symbolic links out of it) unless ``allow_outside``."""
     base = path.parent
+    inside = Inside(base)
     for where, obj in jsonl_records(path, report):
         texts = obj.get("texts") if isinstance(obj, dict) else None
         images = obj.get("images") if isinstance(obj, dict) else None
@@ -186,10 +303,10 @@ def interleaved_records(path: Path, report: SkipReport, allow_outside: bool = Fa
                 elif t:
                     segs.append(("t", t))
             elif im is not None:
-                if not isinstance(im, str) or not im.strip():
+                if not isinstance(im, str) or not im.strip() or "\x00" in im:
                     problem = f"images[{k}] is not a path"
-                elif not allow_outside and not inside(base / im, base):
-                    report.add("outside_data_dir", where, f"images[{k}] {im!r} points outside {base}")
+                elif not allow_outside and not inside(base / im):
+                    report.add("outside_data_dir", where, f"images[{k}]: {outside_detail(base / im, base)}")
                     problem = "skip"
                 else:
                     segs.append(("i", str(base / im)))
@@ -254,24 +371,35 @@ def has_images_or_metadata(root: Path) -> bool:
     return False
 
 
-def _metadata_rows(meta: Path, root: Path, text_column: str, report: SkipReport, allow_outside: bool
+def _metadata_rows(meta: Path, root: Path, inside: Inside | None, text_column: str, report: SkipReport
                    ) -> Iterator[tuple[str, Path, str | None]]:
-    """(where, image path, text) per good metadata row; bad rows are counted."""
+    """(where, image path, text) per good metadata row; bad rows are counted. ``inside`` None: any path."""
     rows = _csv_rows(meta, read_file(meta), report) if meta.suffix == ".csv" else jsonl_records(meta, report)
     for where, row in rows:
         item = _check_row(row, meta, where, text_column, report)
         if item is None:
             continue
-        if not allow_outside and not inside(item[1], root):
-            report.add("outside_data_dir", where, f"file_name points outside {root}")
+        if inside is not None and not inside(item[1]):
+            report.add("outside_data_dir", where, f"file_name: {outside_detail(item[1], root)}")
             continue
         yield item
 
 
 def _csv_rows(meta: Path, raw: bytes, report: SkipReport):
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
     text = raw.decode("utf-8", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over csv's own limit (128 Ki characters) or a malformed line
+            # the reader has not counted the line it failed on, and goes on after it
+            reason = "too_long" if "field larger than field limit" in str(e) else "bad_record"
+            report.add(reason, f"{meta}:{reader.line_num + 1}", str(e))
+            continue
         where = f"{meta}:{reader.line_num}"
         if any("\udc80" <= ch <= "\udcff" for v in row.values() if isinstance(v, str) for ch in v):
             report.add("bad_utf8", where)
@@ -287,12 +415,15 @@ def _check_row(row, meta: Path, where: str, text_column: str, report: SkipReport
         report.add("bad_record", where, "not a JSON object")
         return None
     name = row.get("file_name")
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
         report.add("bad_record", where, "no file_name")
         return None
     text = row.get(text_column)
     if text is not None and not isinstance(text, str):
         report.add("bad_record", where, f"{text_column!r} is not a string")
+        return None
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        report.add("too_long", where, f"a caption of {len(text)} characters (at most {MAX_TEXT_CHARS})")
         return None
     path = meta.parent / name
     return f"{where} ({name})", path, text
@@ -301,13 +432,21 @@ def _check_row(row, meta: Path, where: str, text_column: str, report: SkipReport
 def pair_records(root: Path, text_column: str, report: SkipReport, allow_outside: bool = False
                  ) -> Iterator[tuple[str, Path, str | None]]:
     """(where, image path, caption or None) for every usable metadata row, or every image file without metadata.
-    A metadata ``file_name`` must stay inside ``root`` (no absolute paths or '..' out of it) unless
-    ``allow_outside``; rows that leave it are skipped and counted as "outside_data_dir"."""
+    Every path (a metadata ``file_name``, a listed image, a metadata file itself) must stay inside ``root`` once
+    symbolic links are followed (no absolute paths, '..' or links out of it) unless ``allow_outside``; those that
+    leave it are skipped and counted as "outside_data_dir", never opened."""
+    inside = None if allow_outside else Inside(root)
     metas = sorted(p for p in root.rglob("*") if p.name in METADATA_NAMES and p.is_file())
     if metas:
         for meta in metas:
-            yield from _metadata_rows(meta, root, text_column, report, allow_outside)
+            if inside is not None and not inside(meta):
+                report.add("outside_data_dir", str(meta), f"metadata file: {outside_detail(meta, root)}")
+                continue
+            yield from _metadata_rows(meta, root, inside, text_column, report)
     else:
         for p in sorted(root.rglob("*")):
             if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts):
+                if inside is not None and not inside(p):
+                    report.add("outside_data_dir", str(p), outside_detail(p, root))
+                    continue
                 yield str(p), p, None

@@ -13,7 +13,7 @@ The mixture weight is the probability that the next document comes from that par
 a hub data set name (or a local data set directory of parquet/arrow files) via ``datasets``, with
 ``image_column`` / ``text_column``; hub images are read with ``Image(decode=False)`` and decoded by
 our own ``load_image`` so that a bad image is counted, not fatal. ``iter_texts`` gives every text of
-the training parts, for the BPE.
+the training parts, for the BPE, up to ``records.MAX_TEXT_CHARS`` characters each.
 """
 
 from __future__ import annotations
@@ -23,15 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import numpy as np
 from PIL import Image
 
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log
 from earlyfusion.tokenizer.preprocess import ImageError, is_image_file, load_image
 
-from .records import (METADATA_NAMES, SkipReport, has_images_or_metadata, interleaved_records, jsonl_kind,
-                      pair_records, split_root, text_records)
+from .records import (
+    MAX_TEXT_CHARS,
+    METADATA_NAMES,
+    SkipReport,
+    has_images_or_metadata,
+    interleaved_records,
+    jsonl_kind,
+    pair_records,
+    split_root,
+    text_records,
+)
 
 DEFAULT_PART_WEIGHTS = {"pairs": 0.8, "interleaved": 0.1, "text": 0.1}
 INTERLEAVED_FILE = "interleaved.jsonl"
@@ -111,7 +121,6 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
 
 def load_hub(data: str, split: str):
     """``split`` of a hub data set (or of a local directory of data files) as a ``datasets.Dataset``."""
-    import datasets
 
     try:
         ds = datasets.load_dataset(data, split=split)
@@ -128,23 +137,32 @@ def load_hub(data: str, split: str):
 
 def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: str = "train",
                text_column: str = "text") -> Iterator[str]:
-    """Every text of the training parts (captions, interleaved texts, text documents), for the BPE."""
+    """Every text of the training parts (captions, interleaved texts, text documents), for the BPE. A record with
+    a text over ``MAX_TEXT_CHARS`` is skipped and counted as "too_long": the BPE trainer's work grows with the
+    square of a text's longest run without spaces, so one such text could hold up the whole vocabulary."""
     report = report if report is not None else SkipReport()
     for part in resolve_sources(sources, split):
+        recs: list[tuple[str, list[str]]]
         if part.hub:
             ds = load_hub(part.location, split)
-            texts = [t for t in ds[text_column] if isinstance(t, str) and t] if text_column in ds.column_names else []
+            column = ds[text_column] if text_column in ds.column_names else []
+            recs = [(f"{part.location}[{i}]", [t]) for i, t in enumerate(column) if isinstance(t, str) and t]
         elif part.kind == "pairs":
-            texts = [t for _, _, t in pair_records(Path(part.location), text_column, report) if t]
+            recs = [(w, [t]) for w, _, t in pair_records(Path(part.location), text_column, report) if t]
         elif part.kind == "interleaved":
-            recs = list(interleaved_records(Path(part.location), report))
-            report.ok(len(recs))
-            yield from (x for _, segs in recs for k, x in segs if k == "t")
-            continue
+            recs = [(w, [x for k, x in segs if k == "t"])
+                    for w, segs in interleaved_records(Path(part.location), report)]
         else:
-            texts = [t for _, t in text_records(Path(part.location), report)]
-        report.ok(len(texts))
-        yield from texts
+            recs = [(w, [t]) for w, t in text_records(Path(part.location), report)]
+        kept = []
+        for where, texts in recs:
+            longest = max(map(len, texts), default=0)
+            if longest > MAX_TEXT_CHARS:
+                report.add("too_long", where, f"a text of {longest} characters (BPE: {MAX_TEXT_CHARS} at most)")
+            else:
+                kept.append(texts)
+        report.ok(len(kept))
+        yield from (t for texts in kept for t in texts)
 
 
 # ---------------------------------------------------------------- images with their captions
@@ -174,7 +192,6 @@ def _iter_local(root: Path, text_column: str, report: SkipReport, shrink_to: int
 def iter_dataset(ds, image_column: str, text_column: str | None, report: SkipReport, name: str = "dataset",
                  shrink_to: int | None = None) -> Iterator[tuple[Image.Image, str | None]]:
     """Rows of a ``datasets.Dataset`` -> (image, text); images decoded by ``load_image``, bad ones counted."""
-    import datasets
 
     cols = list(ds.column_names)
     if image_column not in cols:

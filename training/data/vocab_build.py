@@ -1,21 +1,29 @@
 """``earlyfusion vocab build``: a byte-level BPE on the texts of the data, merged with the special tokens and
 one token per image code of the image tokenizer (``tokenizer.vocab.Vocabulary.build``), and with ``--grid-tokens``
-the tokens that let images keep their aspect ratio (rows, columns, row end)."""
+the tokens that let images keep their aspect ratio (rows, columns, row end).
+
+The BPE is trained only on texts of at most ``records.MAX_TEXT_CHARS`` characters (``sources.iter_texts`` skips and
+counts longer ones as "too_long"), so one enormous caption costs nothing. A failure to read the data or to write
+the vocabulary (a full disk, a permission) is one line that says so; ``--out`` is then left as it was."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from earlyfusion.errors import UserError
-from earlyfusion.tokenizer.vocab import BYTE_ALPHABET, LAYOUT_FILE, TOKENIZER_FILE, Vocabulary
+from earlyfusion.core.errors import UserError
+from earlyfusion.tokenizer.vocab import Vocabulary
+from earlyfusion.tokenizer.vocab_layout import BYTE_ALPHABET, LAYOUT_FILE, TOKENIZER_FILE
+from earlyfusion.tokenizer.vq_checkpoint import read_vq_config, vq_fingerprint
+from earlyfusion.tokenizer.vq_config import VQConfig
 
 from .records import SkipReport
 from .sources import iter_texts
 
-
 MAX_TEXT_VOCAB = 262_144  # well above any published text vocabulary; the BPE trainer allocates per id
+_OS_ERROR = re.compile(r"\(os error \d+\)")  # how `tokenizers` reports a failed write: a plain Exception
 
 
 @dataclass
@@ -53,8 +61,6 @@ class VocabBuildConfig:
 
 def build_cmd(cfg: VocabBuildConfig) -> int:
     """``earlyfusion vocab build``: BPE on the data's text + special tokens + one token per image code."""
-    from earlyfusion.tokenizer.vq_config import VQConfig
-    from earlyfusion.tokenizer.vqvae import read_vq_config, vq_fingerprint
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -68,17 +74,29 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
     fingerprint = vq_fingerprint(cfg.image_tokenizer)
     report = SkipReport(strict=cfg.strict)
     texts: list[str] = []
-    for t in iter_texts(cfg.data, report=report):
-        texts.append(t)
-        if cfg.max_texts and len(texts) >= cfg.max_texts:
-            break
+    try:
+        for t in iter_texts(cfg.data, report=report):
+            texts.append(t)
+            if cfg.max_texts and len(texts) >= cfg.max_texts:
+                break
+    except OSError as e:  # e.g. an unreadable sub-folder met while listing the data
+        where = f" {e.filename}" if e.filename else ""
+        raise UserError(f"--data: cannot read{where} ({e.strerror or e}); make it readable (or leave it out) and run "
+                        "vocab build again") from None
     if not texts:
         raise UserError(f"--data {' '.join(cfg.data)}: no text found to train the BPE on (captions, interleaved texts, "
                         f"text lines); {report.summary()}")
     vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
                              image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
                              min_frequency=cfg.min_frequency, grid_tokens=cfg.grid_tokens)
-    vocab.save(out)
+    try:
+        vocab.save(out)
+    except OSError as e:
+        raise _write_error(out, e.strerror or str(e), e.filename) from None
+    except Exception as e:
+        if not _OS_ERROR.search(str(e)):
+            raise
+        raise _write_error(out, str(e), None) from None
     L = vocab.layout
     n_chars = sum(len(t) for t in texts)
     n_tokens = sum(len(ids) for ids in vocab.encode_texts(texts[:10000]))
@@ -98,3 +116,11 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
           f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
     print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _write_error(out: Path, what: str, filename) -> UserError:
+    """The one line for a vocabulary that could not be written (the CLI's own disk-full line speaks of training
+    checkpoints and --resume, which vocab build does not have)."""
+    where = f" (writing {filename})" if filename else ""
+    return UserError(f"--out {out}: cannot write the vocabulary: {what}{where}; free space (or fix permissions) and "
+                     f"run vocab build again (--out is left as it was)")

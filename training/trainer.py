@@ -1,12 +1,14 @@
-"""The skeleton both training loops (image tokenizer and decoder) share.
+"""The trainer both training commands (image tokenizer and decoder) share.
 
-``TrainLoop`` owns what does not depend on the model: which checkpoint a run starts from (refusing
-to mix two runs in one directory), the run's identity, the LR of each step, the non-finite guard,
-when to checkpoint and how old checkpoints are pruned, metrics.jsonl and the progress bar and log
-lines. The trainers keep the model, the loss, the batches and what a checkpoint holds.
+``Trainer`` owns what does not depend on the model: the accelerator (one process, or many under
+``accelerate launch``) and the precision, the run directory's lock and which checkpoint a run starts from
+(refusing to mix two runs in one directory), the run's identity, the LR of each step, gradient clipping and the
+non-finite guard, the optimizer step, checkpoints (the optimizer, RNG and loop counters beside what each trainer
+adds; written crash-safely, old ones pruned), metrics.jsonl and the progress bar and log lines. The trainers keep
+the model, the loss, the batches and what else a checkpoint holds.
 
-Nothing here draws random numbers or touches the model, so a resumed run reproduces an
-uninterrupted one exactly as long as each trainer saves and restores its own state.
+Nothing here draws random numbers, so a resumed run reproduces an uninterrupted one exactly as long as each
+trainer saves and restores its own state.
 """
 
 from __future__ import annotations
@@ -15,13 +17,20 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
-from earlyfusion.checkpoint import atomic_dir, latest_good, prune, step_dir, step_dirs
-from earlyfusion.errors import UserError
-from earlyfusion.logs import log, progress
+import torch
+from accelerate import Accelerator
 
-METRICS = "metrics.jsonl"
+from earlyfusion.core.checkpoint import atomic_dir, latest_good, load_state, prune, save_state, step_dir, step_dirs
+from earlyfusion.core.errors import UserError
+from earlyfusion.core.logs import log, progress
+from earlyfusion.core.rundir import METRICS, check_fresh, run_lock
+from earlyfusion.core.runtime import autocast, mixed_precision
+
+STATE = "state"
+"""The name of a checkpoint's training-state files (``state.*``; see ``save_state``)."""
 
 
 def warmup_cosine_lr(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
@@ -114,18 +123,42 @@ def check_identity(saved: dict | None, now: dict, ckpt: Path) -> None:
                         "Resume with the options of that run, or train into another --out")
 
 
-class TrainLoop:
-    """Resume, LR, non-finite guard, checkpoints, metrics and log lines of one training run."""
+class Trainer:
+    """One training run's machinery: accelerator, lock, resume, LR, clipping, non-finite guard, checkpoints, logs.
+
+    Use as a context manager: the run directory's lock is held from ``__enter__`` to ``__exit__`` (main process)."""
 
     def __init__(self, *, out: Path, checkpoints: Path, steps: int, checkpoint_every: int, keep_checkpoints: int,
-                 log_every: int, max_nonfinite: int, main: bool, desc: str):
+                 log_every: int, max_nonfinite: int, grad_clip: float, batch_size: int, precision: str, resume: bool,
+                 desc: str):
+        self.mp, self.precision_why = mixed_precision(precision)
+        self.accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
+        acc = self.accelerator
+        self.rank, self.world, self.main, self.device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
+        if batch_size % self.world:
+            raise UserError(f"--batch-size {batch_size} must be divisible by the number of processes ({self.world})")
         self.out, self.checkpoints = Path(out), Path(checkpoints)
         self.steps, self.checkpoint_every, self.keep = steps, checkpoint_every, keep_checkpoints
-        self.log_every, self.max_nonfinite, self.main, self.desc = log_every, max_nonfinite, main, desc
+        self.log_every, self.max_nonfinite, self.desc = log_every, max_nonfinite, desc
+        self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
+        self.resume = resume
         self.start_step = self.skipped = self.bad_in_row = 0
         self.metrics_path: Path | None = None
         self.bar = None
         self._owed = False  # a periodic checkpoint fell on a skipped step: write it at the next good one
+        self._stack = ExitStack()
+        self.ckpt: Path | None = None
+
+    def __enter__(self) -> Trainer:
+        if self.main:
+            self._stack.enter_context(run_lock(self.out, self.desc))
+        self.ckpt = self.resume_point(self.resume)
+        if self.ckpt is None and not self.resume and self.main:
+            check_fresh(self.out, resume=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
     # ------------------------------------------------------------ before the first step
     def resume_point(self, resume: bool) -> Path | None:
@@ -150,27 +183,62 @@ class TrainLoop:
                             f"({', '.join(d.name for d in found)}); move them away to start again, or choose another --out")
         return good
 
-    def counters(self, step: int) -> dict:
-        """What a checkpoint stores for the loop itself."""
-        return {"step": step, "skipped_nonfinite": self.skipped, "bad_in_row": self.bad_in_row}
+    def load_state(self) -> dict:
+        """The resumed checkpoint's training state (``self.ckpt`` must be set)."""
+        return load_state(self.ckpt, STATE)
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
+        """What every trainer restores from a checkpoint's state: the optimizer, the RNG and the loop counters."""
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
         self.start_step, self.skipped = int(state["step"]), int(state["skipped_nonfinite"])
         self.bad_in_row = int(state.get("bad_in_row", 0))
+        log.info("resumed from %s (step %d)", self.ckpt, self.start_step)
+
+    def prepare(self, *objects):
+        return self.accelerator.prepare(*objects)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
 
     def iterate(self) -> Iterator[int]:
         """The remaining steps (0-based), with the progress bar; cuts metrics.jsonl back to the start step."""
         if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
             self.metrics_path = metrics_file(self.out, self.start_step)
         self.bar = progress(range(self.start_step, self.steps), total=self.steps, initial=self.start_step, desc=self.desc)
         return iter(self.bar)
 
     # ------------------------------------------------------------ each step
+    def autocast(self):
+        return autocast(self.mp, self.device.type)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip(self, parameters) -> float:
+        """Clip the gradient norm to --grad-clip (0: no clipping) and return the norm before clipping."""
+        return float(self.accelerator.clip_grad_norm_(parameters, self.grad_clip))
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over the processes."""
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([value], device=self.device), reduction="mean"))
+
     @staticmethod
     def set_lr(optimizer, lr: float) -> float:
         for g in optimizer.param_groups:
             g["lr"] = lr
         return lr
+
+    def update(self, optimizer, step: int, loss: float, grad_norm: float) -> bool:
+        """Take the optimizer step unless the loss or gradient norm is not finite; True when it was skipped."""
+        skipped = self.skip_nonfinite(step, loss, grad_norm)
+        if not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
 
     def skip_nonfinite(self, step: int, loss: float, grad_norm: float) -> bool:
         """True when the step must be skipped (no update): its loss or gradient norm is not finite.
@@ -188,9 +256,13 @@ class TrainLoop:
         if self.bad_in_row > self.max_nonfinite:
             raise UserError(
                 f"stopped: {self.bad_in_row} non-finite steps in a row (limit --max-nonfinite {self.max_nonfinite}); "
-                f"the last good checkpoint is {latest_good(self.checkpoints)}. Lower --lr or check the data."
+                f"{self.last_good_words()}. Lower --lr or check the data."
             )
         return True
+
+    def last_good_words(self) -> str:
+        good = latest_good(self.checkpoints)
+        return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
     def record(self, record: dict, postfix: dict, line: str, *, force: bool = False) -> None:
         """Append a metrics record (main process), update the bar, and print ``line`` every ``log_every``
@@ -219,12 +291,23 @@ class TrainLoop:
         due, self._owed = periodic or self._owed, False
         return due
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Write checkpoint ``step`` crash-safely with ``write(tmp_dir)``, then prune old ones (main process)."""
-        dest = step_dir(self.checkpoints, step)
-        with atomic_dir(dest) as tmp:
-            write(tmp)
-        prune(self.checkpoints, self.keep)
+    def save(self, step: int, optimizer, write: Callable[[Path], None], state: dict) -> Path | None:
+        """Checkpoint ``step`` (main process): ``write(tmp_dir)`` writes the weights and config, the training state
+        holds ``state`` with the optimizer, RNG and loop counters; written crash-safely, then old ones pruned."""
+        dest = None
+        params = [q for g in optimizer.param_groups for q in g["params"]]
+        if not all(bool(torch.isfinite(q).all()) for q in params):
+            raise UserError(f"stopped: the weights are not finite after step {step}, so they were not saved; "
+                            f"{self.last_good_words()}. Lower --lr or check the data, and resume from it")
+        if self.main:
+            full = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "skipped_nonfinite": self.skipped, "bad_in_row": self.bad_in_row, **state}
+            dest = step_dir(self.checkpoints, step)
+            with atomic_dir(dest) as tmp:
+                write(tmp)
+                save_state(tmp, STATE, full)
+            prune(self.checkpoints, self.keep)
+        self.accelerator.wait_for_everyone()
         return dest
 
     # ------------------------------------------------------------ after the last step
@@ -233,3 +316,7 @@ class TrainLoop:
             self.bar.close()
         if self.main and self.skipped:
             log.info("skipped %d non-finite step(s)", self.skipped)
+        self.accelerator.end_training()
+        if self.bad_in_row:
+            raise UserError(f"the last {self.bad_in_row} step(s) of the run were not finite (skipped), so it did not "
+                            f"finish as asked; {self.last_good_words()}. Lower --lr or check the data")

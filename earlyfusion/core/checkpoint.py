@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from earlyfusion.errors import CheckpointError, UserError  # noqa: F401 - UserError re-exported for callers of checkpoint IO
+from earlyfusion.core.errors import CheckpointError
 
 log = logging.getLogger("earlyfusion")
 
@@ -425,3 +425,9 @@ def load_state(directory: str | Path, name: str):
         return unflatten_state(skeleton, tensors)
     except KeyError as e:
         raise CheckpointError(f"{directory / (name + '.safetensors')}: tensor {e} named in {name}.json is missing") from e
+
+
+def weights_fingerprint(ckpt: Path, weights_name: str = "model.safetensors") -> str:
+    """sha256 of a checkpoint's weights file, as its manifest records it (the directory was verified on load)."""
+    recorded = load_json(ckpt / MANIFEST).get("files", {}).get(weights_name, {}).get("sha256")
+    return recorded or sha256_file(ckpt / weights_name)

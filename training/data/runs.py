@@ -1,0 +1,110 @@
+"""Loading a trained decoder run (LMRUN, laid out as ``earlyfusion.core.rundir`` describes) for sampling,
+evaluation and ``train --init-from``: the decoder, the run's vocabulary and its image tokenizer, checked against
+each other. Decoder weights are read through ``load_decoder_weights``, which converts checkpoints written before
+the projections took nn.Linear's layout (``earlyfusion.model.upgrade``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from earlyfusion.core.checkpoint import CheckpointError, load_json, load_weights, read_weights, safetensors_specs
+from earlyfusion.core.rundir import CONFIG, IMAGE_GRIDS, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, resolve_checkpoint
+from earlyfusion.model.decoder import WEIGHT_LAYOUT, Decoder, DecoderConfig
+from earlyfusion.model.upgrade import upgrade_state_dict, weight_layout
+from earlyfusion.tokenizer.vocab import Vocabulary, check_vocab_matches
+from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
+from earlyfusion.tokenizer.vqvae import VQVAE
+
+
+@dataclass
+class Run:
+    decoder: Decoder
+    vocab: Vocabulary
+    vq: VQVAE
+    config: dict
+    """Everything in the checkpoint's config.json (decoder shape, training options, step)."""
+    path: Path
+    """The checkpoint directory that was loaded."""
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    root, ckpt = resolve_checkpoint(path)
+    for sub in (VOCAB_DIR, IMAGE_TOKENIZER_DIR):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"{root / sub}: missing; the run directory is incomplete (copy the whole run directory)")
+    vocab = Vocabulary.load(root / VOCAB_DIR)
+    vq = load_vqvae(root / IMAGE_TOKENIZER_DIR).to(device).eval()
+    check_vocab_matches(vocab, root / IMAGE_TOKENIZER_DIR, str(root))
+    config = load_json(ckpt / CONFIG)
+    dcfg = DecoderConfig.from_dict(config["decoder"])
+    if dcfg.vocab_size != vocab.vocab_size:
+        raise CheckpointError(
+            f"{ckpt / CONFIG}: decoder vocab_size {dcfg.vocab_size} != {vocab.vocab_size} in {root / VOCAB_DIR}; "
+            "the run's vocabulary was replaced"
+        )
+    decoder = _build_in_file_dtype(dcfg, ckpt / WEIGHTS)
+    load_decoder_weights(ckpt, decoder, config)
+    decoder.to(device).eval()
+    return Run(decoder=decoder, vocab=vocab, vq=vq, config=config, path=ckpt)
+
+
+def load_decoder_weights(ckpt: Path, decoder: torch.nn.Module, config: dict | None = None) -> None:
+    """Load the weights of the checkpoint directory ``ckpt`` into ``decoder`` (strict names and shapes; the file's
+    dtype converted to the decoder's). ``config``: the checkpoint's config.json, when already read.
+
+    Weights in the current layout stream in one tensor at a time; a checkpoint written before its decoder config
+    recorded ``weight_layout`` is read whole and converted with ``upgrade_state_dict`` (its projections were
+    stored transposed), holding the file's tensors beside the decoder's while it loads."""
+    config = load_json(ckpt / CONFIG) if config is None else config
+    decoder_config = config.get("decoder") if isinstance(config, dict) else None
+    if not isinstance(decoder_config, dict):
+        raise CheckpointError(f"{ckpt / CONFIG}: no decoder config; the file is not a decoder checkpoint's")
+    if weight_layout(decoder_config) == WEIGHT_LAYOUT:
+        load_weights(ckpt / WEIGHTS, decoder)
+        return
+    state = upgrade_state_dict(read_weights(ckpt / WEIGHTS), decoder_config)
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt / WEIGHTS}: weights do not match the model built from the config beside it "
+                              f"({' '.join(str(e).split())[:300]}). Was config.json edited, or the file copied from "
+                              "another run?") from None
+
+
+def trained_grids(run: Run) -> list[tuple[int, int]]:
+    """The code grids (rows, columns) of the images the run was trained on, sorted; empty when the run records none
+    (a fixed-grid vocabulary, whose every image is ``run.vocab.grid``, or a run written before grids were recorded).
+    CheckpointError when the record is not a list of grids the run's vocabulary can hold."""
+    raw = run.config.get(IMAGE_GRIDS)
+    if raw is None:
+        return []
+    try:
+        grids = sorted({run.vocab.check_grid(g) for g in raw})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run.path / CONFIG}: {IMAGE_GRIDS} {raw!r} is not a list of code grids of its "
+                              f"vocabulary ({e}); the file was altered, train the run again") from None
+    return grids
+
+
+def _build_in_file_dtype(dcfg: DecoderConfig, weights: Path) -> Decoder:
+    """A decoder whose parameters have the dtype of the file's embedding (bf16 stays bf16: half the memory of
+    fp32, and what an imported checkpoint was published in); fp32 when the file cannot be read here (load_weights
+    then names the problem)."""
+    dtype = torch.float32
+    if weights.is_file():
+        try:
+            dtype = safetensors_specs(weights).get("tok_emb.weight", (torch.float32,))[0]
+        except CheckpointError:
+            pass
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in the file's dtype: never a full fp32 copy first
+    try:
+        decoder = Decoder(dcfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return decoder.to(dtype)  # the RoPE table too, as Module.to(dtype) would give it
