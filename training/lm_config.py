@@ -65,6 +65,10 @@ class TrainConfig:
     picture by recalling the exact codes it has drawn so far and has to follow the caption. Unset = 0.1 when the run
     would show its image-caption pairs more than 20 times (drawings of new captions then come out as copies of
     training images without it), else 0; a resumed run keeps what it started with."""
+    val_split: str | None = None
+    """Split of each data directory to validate on (the best model is the one with the lowest loss there): unset = its
+    validation folder (validation, valid, val or dev) when it has one, else test. Validating on the training split
+    (--split) is refused unless named here."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     checkpoint_every: int = 400
@@ -125,5 +129,7 @@ class TrainConfig:
         if self.image_token_noise is not None:
             check_number("image-token-noise", self.image_token_noise, 0, 1, hi_open=True)
         check_number("seed", self.seed, 0, MAX_SEED)
+        if self.val_split is not None and (not self.val_split.strip() or "/" in self.val_split):
+            raise ValueError(f"--val-split {self.val_split!r} must name a split folder, e.g. val or test")
         for name in ("out", "init_from"):
             check_not_file(name.replace("_", "-"), getattr(self, name))  # the data options are validated by DataConfig

@@ -64,7 +64,10 @@ from earlyfusion.training.data import (
     PackedBatches,
     heldout_pairs,
     noisy_image_codes,
+    parse_source,
+    split_root,
     training_batches,
+    validation_split,
 )
 from earlyfusion.training.lm_config import TrainConfig
 from earlyfusion.training.lm_inputs import Inputs, freeze_to_image_head, mask_to_image_head, read_inputs, too_short
@@ -157,6 +160,26 @@ def open_batches(cfg: TrainConfig, inputs: Inputs, ckpt: Path | None) -> tuple[P
     return batches, run_identity(cfg, inputs)
 
 
+def validation_split_of(cfg: TrainConfig) -> str | None:
+    """The split to validate on (None: each directory's own, ``validation_split``); a UserError when that is the split
+    the run trains on and --val-split did not name it: the best model would be chosen on training data."""
+    if cfg.val_split is not None:
+        for spec in cfg.data.sources:
+            path = Path(parse_source(spec)[0]).expanduser()
+            if path.is_dir():
+                split_root(path, cfg.val_split)  # a split that is not there is an error, never no validation
+        if cfg.val_split == cfg.data.split:
+            log.warning("--val-split %s is the training split: the best model is chosen on training data", cfg.val_split)
+        return cfg.val_split
+    for spec in cfg.data.sources:
+        path = Path(parse_source(spec)[0]).expanduser()
+        if path.is_dir() and validation_split(path) == cfg.data.split:
+            raise UserError(f"--split {cfg.data.split} is also the split {path} validates on, so the best model would be "
+                            f"chosen on training data; choose another with --val-split NAME (or --val-split "
+                            f"{cfg.data.split} to do it anyway)")
+    return None
+
+
 def build_model(cfg: TrainConfig, inputs: Inputs, trainer: Trainer):
     """(decoder, optimizer, the training state of the resumed checkpoint or None): fp32 master weights, initialised
     from --init-from, frozen to the image head with --trainable image-head, restored on --resume."""
@@ -184,6 +207,7 @@ def build_model(cfg: TrainConfig, inputs: Inputs, trainer: Trainer):
 def train(cfg: TrainConfig) -> Path:
     """Train the decoder into ``cfg.out`` (resuming it with ``--resume``); returns the run directory."""
     inputs = read_inputs(cfg)
+    val_split = validation_split_of(cfg)
     out = Path(cfg.out)
     trainer = Trainer(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                       keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
@@ -194,11 +218,11 @@ def train(cfg: TrainConfig) -> Path:
     if per_proc % micro:
         raise UserError(f"per-process batch {per_proc} must be divisible by --micro-batch-size {micro}")
     with trainer:
-        _train(cfg, inputs, trainer, micro)
+        _train(cfg, inputs, trainer, micro, val_split)
     return out
 
 
-def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int) -> None:
+def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_split: str | None) -> None:
     out, main, vocab = trainer.out, trainer.main, inputs.vocab
 
     # ---- data: the batch stream, sized to the data, and the held-out pairs
@@ -207,7 +231,7 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int) -> No
         say_epochs(batches.data, vocab, steps=cfg.steps, batch_size=cfg.batch_size, context_len=inputs.context_len)
     # validated on each data directory's validation split when it has one (a photos set's val), else its test split
     heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=inputs.vq_dir, cache_dir=cfg.data.cache_dir,
-                            split=None)
+                            split=val_split)
     if not heldout:
         log.info("no held-out pairs: validation skipped")
     elif main:

@@ -31,7 +31,7 @@ from .documents import (DRAW, READ, UNCOND, ContextTooShort, Part, PreparedData,
                         span_words)
 from .heldout import HeldoutPair, heldout_pairs
 from .packing import PackedBatches, ShardedBatches, noisy_image_codes, training_batches
-from .records import METADATA_NAMES, SkipReport, validation_split
+from .records import METADATA_NAMES, SkipReport, split_root, validation_split
 from .sources import PartSpec, iter_dataset, iter_image_text, iter_texts, parse_source, resolve_sources
 
 __all__ = [
@@ -43,5 +43,5 @@ __all__ = [
     "Part", "PreparedData", "prepare", "pair_document", "pair_overhead", "span_words", "ContextTooShort",
     "READ", "DRAW", "UNCOND",
     "PackedBatches", "ShardedBatches", "training_batches", "noisy_image_codes",
-    "HeldoutPair", "heldout_pairs", "validation_split",
+    "HeldoutPair", "heldout_pairs", "validation_split", "split_root",
 ]

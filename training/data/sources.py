@@ -89,11 +89,8 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
         path = Path(name).expanduser()
         if path.is_dir():
             found: list[tuple[Kind, str]] = []
-            try:
-                root = split_root(path, split)
-            except UserError:
-                root = None
-            if root is not None and has_images_or_metadata(root):
+            root = split_root(path, split)  # a split that is not there is an error, never an empty part
+            if has_images_or_metadata(root):
                 found.append(("pairs", str(root)))
             if (path / INTERLEAVED_FILE).is_file():
                 found.append(("interleaved", str(path / INTERLEAVED_FILE)))
