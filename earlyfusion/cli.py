@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import importlib
 import inspect
+import re
 import sys
 import textwrap
 import types
@@ -69,8 +70,24 @@ def field_docs(cls) -> dict[str, str]:
         for a, b in zip(body, body[1:]):
             if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
                     and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
-                docs[a.target.id] = " ".join(b.value.value.split())
+                docs[a.target.id] = constants_in(" ".join(b.value.value.split()), sys.modules.get(klass.__module__))
     return docs
+
+
+_CONSTANT = re.compile(r"\{([A-Z][A-Z0-9_]*)((?:\[[\w-]+\])*)\}")
+
+
+def constants_in(text: str, module) -> str:
+    """``{NAME}`` or ``{NAME[key]...}`` in a help text replaced by that constant of the config's module, so the help
+    says what the code does; anything else in braces is left as written."""
+    def value(m: re.Match) -> str:
+        if module is None or not hasattr(module, m.group(1)):
+            return m.group(0)
+        v = getattr(module, m.group(1))
+        for key in re.findall(r"\[([\w-]+)\]", m.group(2)):
+            v = v[key]
+        return str(v)
+    return _CONSTANT.sub(value, text)
 
 
 def _unwrap_optional(tp):
@@ -211,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"earlyfusion: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"earlyfusion: error: {e.strerror}{where}; free space (or fix permissions) and run the command again "
+        print(f"earlyfusion: error: {e.strerror}{where}; free space (or fix permissions, or raise the file-size limit) "
+              "and run the command again "
               "(completed checkpoints are intact; training continues with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

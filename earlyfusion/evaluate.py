@@ -55,6 +55,7 @@ from earlyfusion.core.checkpoint import atomic_dir, save_json
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.core.rundir import IMAGE_TOKENIZER_DIR
 from earlyfusion.core.runtime import mixed_precision
 from earlyfusion.photo_judge import load_split, photo_of_caption, pil_batch, read_photos_info, train_judge
 from earlyfusion.sampling.generate import DEFAULT_CFG
@@ -244,7 +245,7 @@ def _recorded_augment(config: dict):
 def _reference(cfg: EvalConfig, run) -> TrainingGrids | None:
     """The training grids for the copy rate; None (with a warning) when the run's recorded data cannot be read."""
     sources, data = recorded_sources(run.config)
-    options = {"vocab": run.vocab, "image_tokenizer": run.path.parent.parent / "image_tokenizer",
+    options = {"vocab": run.vocab, "image_tokenizer": run.path.parent.parent / IMAGE_TOKENIZER_DIR,
                "split": data.get("split") or "train", "text_column": data.get("text_column") or "text",
                "allow_outside_paths": bool(data.get("allow_outside_paths")), "augment": _recorded_augment(run.config)}
     if cfg.train_data:
@@ -385,7 +386,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     _check_images_out(images_out)
     photos = read_photos_info(data)
     split = _eval_split(cfg.split, data, photos)
-    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / "image_tokenizer", split=split,
+    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / IMAGE_TOKENIZER_DIR, split=split,
                                    limit=cfg.limit)
     if not pairs:
         raise _no_pairs(data, split)

@@ -48,3 +48,21 @@ def test_usage_errors_are_one_line(capsys, argv):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("earlyfusion: error: "), err
+
+
+def test_help_takes_numbers_from_the_constants_it_describes(monkeypatch):
+    """A help text names a constant ({NAME}) and shows its value: change the constant and the help follows."""
+    import re
+
+    from earlyfusion.cli import field_docs
+    from earlyfusion.training import lm_config
+    from earlyfusion.training.vq_train import RECIPE, VQTrainConfig
+
+    docs = field_docs(lm_config.TrainConfig)
+    assert f"Unset = {lm_config.SIZED_IMAGE_TOKEN_NOISE} when" in docs["image_token_noise"]
+    assert f"more than {lm_config.MANY_PASSES} times" in docs["image_token_noise"]
+    monkeypatch.setattr(lm_config, "MANY_PASSES", 7)
+    assert "more than 7 times" in field_docs(lm_config.TrainConfig)["image_token_noise"]
+    assert f"recipe, {RECIPE['steps']};" in field_docs(VQTrainConfig)["steps"]
+    for cls in (lm_config.TrainConfig, VQTrainConfig):
+        assert not [t for t in field_docs(cls).values() if re.search(r"\{[A-Z_]+", t)]

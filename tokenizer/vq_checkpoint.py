@@ -25,13 +25,12 @@ from earlyfusion.core.checkpoint import (
     sha256_file,
     write_manifest,
 )
+from earlyfusion.core.rundir import CHECKPOINTS_DIR, CONFIG, WEIGHTS
 from earlyfusion.tokenizer.vq_config import VQConfig
 from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT
 from earlyfusion.tokenizer.vqgan import ChameleonVQGAN, VQGANConfig
 from earlyfusion.tokenizer.vqvae import FORMAT, VQVAE
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 ARCHITECTURES: dict[str, tuple[type, type]] = {FORMAT: (VQConfig, VQVAE), VQGAN_FORMAT: (VQGANConfig, ChameleonVQGAN)}
 """The config's "format" -> (config class, model class) of each image tokenizer architecture."""
 
@@ -61,11 +60,11 @@ def _resolve(directory: str | Path) -> Path:
         try:
             _verify_against_manifest(directory)
         except CheckpointError as e:
-            ckpt = latest_good(directory / "checkpoints")
+            ckpt = latest_good(directory / CHECKPOINTS_DIR)
             hint = f"; its newest good step checkpoint is {ckpt}: pass that directory instead" if ckpt else ""
             raise CheckpointError(f"{e}{hint}") from None
         return directory
-    ckpt = latest_good(directory / "checkpoints")
+    ckpt = latest_good(directory / CHECKPOINTS_DIR)
     if ckpt is not None:
         return ckpt
     raise CheckpointError(f"{directory / CONFIG}: file not found; is {directory} an image tokenizer run directory?")

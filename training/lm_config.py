@@ -8,6 +8,8 @@ from typing import Literal
 from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
 from earlyfusion.model.decoder import DECODER_PRESETS
 from earlyfusion.training.data import DataConfig
+from earlyfusion.training.data.config import MANY_PASSES  # noqa: F401 - named in help texts
+from earlyfusion.training.sizing import SIZED_IMAGE_TOKEN_NOISE  # noqa: F401 - named in help texts
 
 MIN_CONTEXT = 8
 """The shortest --context-len accepted (the trainer also checks that one image document fits)."""
@@ -62,8 +64,8 @@ class TrainConfig:
     image_token_noise: float | None = None
     """Fraction of the image codes of pictures being drawn (caption first) replaced in the input by a random image
     code; the targets stay the true codes, and pictures being read keep theirs. The model then cannot finish a
-    picture by recalling the exact codes it has drawn so far and has to follow the caption. Unset = 0.1 when the run
-    would show its image-caption pairs more than 20 times (drawings of new captions then come out as copies of
+    picture by recalling the exact codes it has drawn so far and has to follow the caption. Unset = {SIZED_IMAGE_TOKEN_NOISE} when the run
+    would show its image-caption pairs more than {MANY_PASSES} times (drawings of new captions then come out as copies of
     training images without it), else 0; a resumed run keeps what it started with."""
     val_split: str | None = None
     """Split of each data directory to validate on (the best model is the one with the lowest loss there): unset = its

@@ -115,7 +115,7 @@ def run_identity(cfg: TrainConfig, inputs: Inputs) -> dict:
                 "seed": cfg.seed, "batch_size": cfg.batch_size, "context_len": inputs.context_len,
                 "trainable": cfg.trainable, "image_token_noise": cfg.image_token_noise,
                 "init_from": None if init is None else str(init.resolve()),
-                "init_weights": None if init is None else weights_fingerprint(init)}
+                "init_weights": None if init is None else weights_fingerprint(init, WEIGHTS)}
     if init is not None:
         del identity["preset"]  # the shape is the run's: "decoder" records it, given with --preset or not
     return identity

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 from earlyfusion.core.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
-
-MANY_PASSES = 20
-"""More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
-memorised (held-out loss turns up) before the run ends. Image-caption pairs repeated more often than this get mirrored
-views and noisy image inputs where those options are unset."""
+from earlyfusion.training.data.config import MANY_PASSES
 
 
 def preset_context(name: str) -> int:

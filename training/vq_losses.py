@@ -29,7 +29,6 @@ from earlyfusion.core.errors import UserError
 
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 """torchvision's vgg16.features up to relu5_3: conv widths, "M" = 2x2 max pool (each conv is followed by a ReLU)."""
-TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics VGG16 was trained with
 _STD = (0.229, 0.224, 0.225)
 

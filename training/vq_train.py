@@ -98,14 +98,14 @@ class VQTrainConfig:
     """FIELD=VALUE: set any image tokenizer config field (e.g. --set attention=true --set channels=64,128); applied after
     the options above. config.json of the run lists the fields."""
     steps: int | None = None
-    """Optimizer steps (default: the preset's recipe, 1800; photo64: 3000); raise it when the reconstructions still
-    improve at the end (see metrics.jsonl)."""
+    """Optimizer steps (default: the preset's recipe, {RECIPE[steps]}; photo64: {RECIPES[photo64][steps]}); raise it
+    when the reconstructions still improve at the end (see metrics.jsonl)."""
     batch_size: int | None = None
-    """Global batch size (images per optimizer step, over all processes; default: the preset's recipe, 128; photo64:
-    32). Keep it large enough that a rare patch's code is used about once per batch: dead-code replacement resets
+    """Global batch size (images per optimizer step, over all processes; default: the preset's recipe,
+    {RECIPE[batch_size]}; photo64: {RECIPES[photo64][batch_size]}). Keep it large enough that a rare patch's code is used about once per batch: dead-code replacement resets
     codes used less often than that."""
     lr: float | None = None
-    """Peak learning rate (AdamW; default: the preset's recipe, 3e-3; photo64: 2e-3)."""
+    """Peak learning rate (AdamW; default: the preset's recipe, {RECIPE[lr]}; photo64: {RECIPES[photo64][lr]})."""
     warmup_steps: int = 50
     """Linear warmup steps."""
     min_lr_ratio: float = 0.05

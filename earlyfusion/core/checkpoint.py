@@ -427,7 +427,7 @@ def load_state(directory: str | Path, name: str):
         raise CheckpointError(f"{directory / (name + '.safetensors')}: tensor {e} named in {name}.json is missing") from e
 
 
-def weights_fingerprint(ckpt: Path, weights_name: str = "model.safetensors") -> str:
+def weights_fingerprint(ckpt: Path, weights_name: str) -> str:
     """sha256 of a checkpoint's weights file, as its manifest records it (the directory was verified on load)."""
     recorded = load_json(ckpt / MANIFEST).get("files", {}).get(weights_name, {}).get("sha256")
     return recorded or sha256_file(ckpt / weights_name)

@@ -13,6 +13,10 @@ TEXT, IMAGE, NO_TARGET = 0, 1, -1  # modality of a target token: text; image cod
 IGNORE = -100  # the target of a position that gets no loss
 MAX_AUGMENT_VIEWS = 64  # code grids per image: the cache grows with it
 DEFAULT_AUGMENT_SCALE = 0.8
+MANY_PASSES = 20
+"""More passes than this over a part of the data is worth a warning: a small data set seen this often is usually
+memorised (held-out loss turns up) before the run ends. Image-caption pairs repeated more often than this get mirrored
+views and noisy image inputs where those options are unset (``training.sizing``)."""
 
 
 @dataclass
@@ -48,12 +52,12 @@ class DataConfig:
     augment_views: int | None = None
     """Code grids cached per training image: 1 = the image as it is; K > 1 adds K-1 randomly cropped and rescaled
     versions (encoded once, cached), and training shows each image-caption pair one of its K grids per epoch.
-    Unset = sized to the data: when the run would show its image-caption pairs more than 20 times, 2 (each image and
+    Unset = sized to the data: when the run would show its image-caption pairs more than {MANY_PASSES} times, 2 (each image and
     its mirror image, --augment-flip at --augment-scale 1), else 1. Raise it (4-8) when a small data set is still
     memorised (held-out image loss rising while the training loss falls); 1 turns augmentation off. Interleaved
     documents keep their images unaugmented."""
     augment_scale: float | None = None
-    """Smallest crop side of an augmented view, as a fraction of the image's short side (0.1 to 1); unset = 0.8.
+    """Smallest crop side of an augmented view, as a fraction of the image's short side (0.1 to 1); unset = {DEFAULT_AUGMENT_SCALE}.
     Keep it near 1 when captions describe sizes or places within the frame."""
     augment_flip: bool = False
     """Mirror half of the augmented views left-right, exchanging the words of --augment-flip-words in their captions.
