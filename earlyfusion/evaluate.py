@@ -15,7 +15,7 @@
 
 Captions in the built-in data's grammar are also parsed back into attributes: caption exact match is then
 the parsed scene's (every attribute of every shape right), and the drawings are judged by
-``training.shapes.recognise``, an analytic recogniser that does not depend on the model (its accuracy on
+``training.shapes_judge.recognise``, an analytic recogniser that does not depend on the model (its accuracy on
 ground-truth images is tested), giving the text->image figures. For any other captions, exact match
 compares the words and there is no text->image judge (``t2i_exact_match`` is None).
 
@@ -69,6 +69,7 @@ from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata
 from earlyfusion.training.data.runs import load_run, trained_grids
 from earlyfusion.training.monitor import caption_sheet, draw_images, read_captions, validation_losses
 from earlyfusion.training.shapes import parse_picture, picture_of
+from earlyfusion.training.shapes_judge import recognise
 from earlyfusion.training.vq_eval import evaluate_tokenizer
 
 
@@ -412,7 +413,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                         batch_size=cfg.batch_size, image_temperature=temperature, grids=trained_grids(run) or None)
     if grammar:
         read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
-        scenes = [shapes.recognise(img) for img in drawn]
+        scenes = [recognise(img) for img in drawn]
         draw_scores = _attribute_scores(truths, scenes)
         figures["caption_exact_match"] = read_scores.pop("exact_match")
         figures["t2i_exact_match"] = draw_scores.pop("exact_match")

@@ -270,6 +270,13 @@ def test_resume_refuses_when_every_checkpoint_is_corrupted(tiny_pipeline: TinyPi
     assert (out / "metrics.jsonl").read_bytes() == before  # not silently started again
 
 
+def _final_last(p: TinyPipeline, out, **kw):
+    from earlyfusion.training.lm_config import TrainConfig
+
+    return TrainConfig(data=DataConfig(sources=[str(p.data)]), image_tokenizer=str(p.vq), vocab=str(p.vocab),
+                       out=str(out), preset="tiny", batch_size=4, eval_every=0, final="last", **kw)
+
+
 def test_skipped_last_step_saves_the_last_good_weights_and_fails(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
     """A run whose last step was not finite exits non-zero naming the last good checkpoint (the weights from before
     the bad step), and does not mark a model of its own."""
@@ -281,10 +288,7 @@ def test_skipped_last_step_saves_the_last_good_weights_and_fails(tiny_pipeline: 
     _poison_lm_loss(monkeypatch, lambda n: n == 3)  # the last of 3 steps
     out = tmp_path / "lm"
     with pytest.raises(UserError, match=r"last 1 step\(s\) .* not finite.*step-00000003"):
-        lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]),
-                                            image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
-                                            out=str(out), preset="tiny", steps=3, batch_size=4, eval_every=0,
-                                            checkpoint_every=100, final="last"))
+        lm_train.train(_final_last(tiny_pipeline, out, steps=3, checkpoint_every=100))
     ckpt = latest_good(out / "checkpoints")
     assert ckpt is not None and ckpt.name == "step-00000003"
     assert all(torch.isfinite(t.float()).all() for t in read_weights(ckpt / "model.safetensors").values())
@@ -311,10 +315,7 @@ def test_non_finite_weights_are_never_saved(tiny_pipeline: TinyPipeline, tmp_pat
     monkeypatch.setattr(Trainer, "update", update_then_break)
     out = tmp_path / "lm"
     with pytest.raises(UserError, match=r"weights are not finite after step 2.*step-00000001"):
-        lm_train.train(lm_train.TrainConfig(data=DataConfig(sources=[str(tiny_pipeline.data)]),
-                                            image_tokenizer=str(tiny_pipeline.vq), vocab=str(tiny_pipeline.vocab),
-                                            out=str(out), preset="tiny", steps=4, batch_size=4, eval_every=0,
-                                            checkpoint_every=1, final="last"))
+        lm_train.train(_final_last(tiny_pipeline, out, steps=4, checkpoint_every=1))
     assert latest_good(out / "checkpoints").name == "step-00000001"
 
 

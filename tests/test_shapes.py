@@ -14,9 +14,31 @@ import pytest
 from PIL import Image, ImageFilter
 
 from earlyfusion.core.errors import UserError
-from earlyfusion.training.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, SQUARE, TALL, WIDE, ShapeSpec,
-                             ShapesConfig, _placements, caption, generate_cmd, parse_caption, parse_picture, parse_sizes,
-                             picture_of, random_scene, recognise, render, render_array, shape_mask, shape_sizes)
+from earlyfusion.training.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SQUARE,
+    TALL,
+    WIDE,
+    ShapesConfig,
+    ShapeSpec,
+    _placements,
+    caption,
+    generate_cmd,
+    parse_caption,
+    parse_picture,
+    parse_sizes,
+    picture_of,
+    random_scene,
+    render,
+    render_array,
+    shape_mask,
+    shape_sizes,
+)
+from earlyfusion.training.shapes_judge import recognise
 
 ALL_SINGLE = [frozenset([ShapeSpec(sh, c, sz, p)]) for sh in SHAPES for c in COLOURS for sz in SIZES for p in POSITIONS]
 
