@@ -196,7 +196,7 @@ def render(results: dict) -> str:
               "`sampling.generate.sample_tokens` (the loop `earlyfusion sample` runs: decoding rules, stop checks), its "
               "per-token steps run the way `earlyfusion.model.decode_plan` timed fastest for the model and batch size "
               "(eager on every thread or on one); `--compile` = the same loop where the compiled steps (row-wise "
-              f"reductions over a transposed weight copy for up to {ROWWISE_MAX_ROWS} rows, or library products) join "
+              f"reductions over the weights' rows for up to {ROWWISE_MAX_ROWS} rows, or library products) join "
               "the candidates (timing and compiling once per model and batch size, "
               + ", ".join(f"{r[f'b{B}_compile_s']:.0f} s for `{n}` batch {B}" for n, r in results["decode"].items()
                           for B in results["settings"]["decode_batches"] if f"b{B}_compile_s" in r)

@@ -2,16 +2,18 @@
 
 Two kernels compute a training forward's causal attention (``ATTENTION_KERNELS``): torch's
 ``scaled_dot_product_attention`` ("library", the decoder's own ``ScaledDotProduct``) and ``blocked_attention``
-("blocked": products, then an fp32 softmax, a block of queries at a time; ``model.kernels.BlockedAttention``). Which is faster depends on the CPU and the precision: on a CPU with
-AVX512-BF16 but no AMX, the library's bf16 path was no faster than its fp32 one while the blocked kernel's bf16
-products ran at twice the fp32 speed, so blocked cut bf16 attention by a third or more there; in fp32 the two
-were within noise. No constant decides: ``attention_plan`` times one layer's attention, forward and backward,
-for each kernel on the run's shape (rows, length, heads, packed or not) in its precision, interleaved so that
-load from other processes falls on both, and puts the faster in the place of each block's attention module
-(``use_attention``: a module swap, ``model/swap.py``); a resumed run keeps the kernel it started with. Timings
-are remembered per decoder in a weak map (forgotten with the model). The kernels are timed as the run will call them: eagerly, or, for a run under ``--compile``, each
-through torch.compile (inductor fuses the blocked kernel's masking and softmax, the library kernel is one call
-either way), because eager timings can rank the two the other way round from what the compiled step runs at.
+("blocked": products, then an fp32 softmax, a block of queries at a time; ``model.kernels.BlockedAttention``).
+Which is faster depends on the CPU and the precision: on a CPU with AVX512-BF16 but no AMX, the library's bf16
+path was no faster than its fp32 one while the blocked kernel's bf16 products ran at twice the fp32 speed, so
+blocked cut bf16 attention by a third or more there; in fp32 the two were within noise. No constant decides:
+``attention_plan`` times one layer's attention, forward and backward, for each kernel on the run's shape (rows,
+length, heads, packed or not) in its precision, interleaved so that load from other processes falls on both, and
+puts the faster in the place of each block's attention module (``use_attention``: a module swap,
+``model/swap.py``); a resumed run keeps the kernel it started with. Timings are remembered per decoder in a weak
+map (forgotten with the model). The kernels are timed as the run will call them: eagerly, or, for a run under
+``--compile``, each through torch.compile (inductor fuses the blocked kernel's masking and softmax, the library
+kernel is one call either way), because eager timings can rank the two the other way round from what the
+compiled step runs at.
 
 Only CPUs are timed: on a GPU the library kernel (flash or memory-efficient attention) is kept. The blocked
 kernel keeps each block's softmax for the backward pass, about (rows × heads × length² / 2) values per layer,

@@ -1,10 +1,11 @@
 """torch.compile behind the ``--compile`` options of training and sampling, and the compiled decode step's products.
 
-``compiled(module, dynamic=...)`` returns ``torch.compile(module, dynamic=dynamic)``. Nothing is kept on the
-module: dynamo keeps its graphs with the module's code, guarded on the module's structure, so asking again for the
-same module and shape mode runs the graphs compiled the first time. Before compiling, every plain ``nn.Embedding``
-under the module is replaced by an ``IndexAddEmbedding`` sharing its weight (``model/swap.py``): the same forward,
-and a backward that compiled graphs run as one ``index_add_`` instead of inductor's element-by-element atomics.
+``compiled(module, dynamic=...)`` returns ``torch.compile(module, dynamic=dynamic)``. No compiled callable is kept
+on the module: dynamo keeps its graphs with the module's code, guarded on the module's structure, so asking again
+for the same module and shape mode runs the graphs compiled the first time. Before compiling, every plain
+``nn.Embedding`` under the module is replaced for good by an ``IndexAddEmbedding`` sharing its weight
+(``model/swap.py``): the same forward, and a backward that compiled graphs run as one ``index_add_`` instead of
+inductor's element-by-element atomics.
 Compilation happens on the first call; if it fails (no C++ compiler, an unsupported platform) the user gets one
 ``UserError`` saying to drop ``--compile`` instead of an inductor traceback.
 

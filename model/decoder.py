@@ -22,10 +22,10 @@ exportable.
 Architecture only, built from plain torch modules: every projection is a bias-free ``nn.Linear`` (weights in
 torch's (out_features, in_features) layout), the token embedding an ``nn.Embedding``, and attention a small
 ``ScaledDotProduct`` submodule, so that PEFT, quantisation and other tools that look for those modules work on
-it. Faster ways to run the same arithmetic (row-wise products for decoding, the blocked training attention
-kernel, the embedding whose backward is an index_add, compiled decode steps) are put in from outside by
-swapping submodules: ``model/swap.py``, ``model/attention_plan.py``, ``model/decode_plan.py``,
-``model/compile.py``. Losses live in ``training/``, decoding rules in ``sampling/``.
+it. Faster ways to run the same arithmetic (decode steps' products with (in, out) weight copies or row by row,
+the blocked training attention kernel, the embedding whose backward is an index_add, compiled decode steps) are
+put in from outside by swapping submodules: ``model/swap.py``, ``model/attention_plan.py``,
+``model/decode_plan.py``, ``model/compile.py``. Losses live in ``training/``, decoding rules in ``sampling/``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The decoder is built from plain torch modules (``model/decoder.py``). A faster w
 computes (a row-by-row product, a compiled-friendly reduction, another attention kernel) is applied from
 outside: each chosen submodule is replaced on its parent (``setattr``) by a new module that shares its
 Parameters, so the state dict, an optimizer's parameters and tools such as PEFT see the same tensors, and the
-module's own class and attributes are never touched. ``swapped`` undoes its replacements on exit.
+module's own class and attributes are never touched. ``swaps`` makes the replacements without putting them in,
+``applied`` puts them in for the duration of a block.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ L = TypeVar("L", bound=nn.Linear)
 
 @dataclass(frozen=True)
 class Swap:
-    """One replacement: ``parent.<name>`` was ``old`` and is ``new``."""
+    """One replacement: ``parent.<name>`` is ``old``, and ``new`` may take its place."""
 
     parent: nn.Module
     name: str
@@ -29,39 +30,44 @@ class Swap:
     new: nn.Module
 
 
-def swap_modules(root: nn.Module, select: Callable[[nn.Module], bool],
-                 make: Callable[[nn.Module], nn.Module]) -> list[Swap]:
-    """Replace every submodule ``m`` of ``root`` (not ``root`` itself) for which ``select(m)`` holds with ``make(m)``,
-    at every place it is registered; returns the replacements (``restore`` undoes them). Submodules of a replaced
-    module are left as they are."""
-    swaps: list[Swap] = []
-    chosen = [(name, m) for name, m in root.named_modules(remove_duplicate=False) if name and select(m)]
-    for qualified, old in chosen:
-        parent_name, _, name = qualified.rpartition(".")
-        parent = root.get_submodule(parent_name)
-        if getattr(parent, name, None) is not old:  # inside a module replaced above
-            continue
-        new = make(old)
-        setattr(parent, name, new)
-        swaps.append(Swap(parent, name, old, new))
-    return swaps
+def swaps(root: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> list[Swap]:
+    """A replacement ``make(m)`` for every submodule ``m`` of ``root`` (not ``root`` itself) for which ``select(m)``
+    holds, at every place it is registered; nothing is put in yet (``apply``, ``applied``)."""
+    return [Swap(root.get_submodule(qualified.rpartition(".")[0]), qualified.rpartition(".")[2], m, make(m))
+            for qualified, m in root.named_modules(remove_duplicate=False) if qualified and select(m)]
 
 
-def restore(swaps: list[Swap]) -> None:
-    """Put back the modules ``swaps`` replaced (last replaced, first restored)."""
-    for s in reversed(swaps):
+def apply(replacements: list[Swap]) -> None:
+    """Put each replacement in the place of its module (which must still be there)."""
+    for s in replacements:
+        if getattr(s.parent, s.name, None) is not s.old:
+            raise RuntimeError(f"cannot swap {s.name!r}: the module there changed since the swap was made")
+        setattr(s.parent, s.name, s.new)
+
+
+def restore(replacements: list[Swap]) -> None:
+    """Put back the modules ``replacements`` replaced (last replaced, first restored)."""
+    for s in reversed(replacements):
         setattr(s.parent, s.name, s.old)
 
 
 @contextmanager
-def swapped(root: nn.Module, select: Callable[[nn.Module], bool],
-            make: Callable[[nn.Module], nn.Module]) -> Iterator[list[Swap]]:
-    """``swap_modules`` for the duration of the block; the original modules come back afterwards, also on an error."""
-    swaps = swap_modules(root, select, make)
+def applied(replacements: list[Swap]) -> Iterator[list[Swap]]:
+    """``replacements`` in place for the duration of the block; the original modules come back afterwards, also on
+    an error."""
+    apply(replacements)
     try:
-        yield swaps
+        yield replacements
     finally:
-        restore(swaps)
+        restore(replacements)
+
+
+def swap_modules(root: nn.Module, select: Callable[[nn.Module], bool],
+                 make: Callable[[nn.Module], nn.Module]) -> list[Swap]:
+    """``swaps`` put in for good; returns them (``restore`` undoes them)."""
+    made = swaps(root, select, make)
+    apply(made)
+    return made
 
 
 def sharing(cls: type[L], linear: nn.Linear) -> L:

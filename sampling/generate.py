@@ -85,8 +85,8 @@ class SamplingConfig:
     """Image-code nucleus probability; 1 = no limit."""
     compile: bool = False
     """Compile the per-token decoder step with torch.compile: decoding gets faster, but compiling takes a while
-    the first time (less once inductor's on-disk cache has it), needs a C++ compiler on a CPU, and the decoder's
-    projection weights are held twice (a transposed copy for the compiled step). Worth it for long or many samples.
+    the first time (less once inductor's on-disk cache has it) and needs a C++ compiler on a CPU. Worth it for
+    long or many samples.
     How each step runs (compiled or not, threads) is timed once per model and batch size and the fastest kept."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto = the decoder runs under bf16 autocast where bf16 products are fast (a GPU with bf16; a CPU with AMX or

@@ -187,35 +187,83 @@ def test_optimizer_state_of_the_earlier_layout_is_transposed_with_its_weights():
 
 def test_swapped_modules_come_back_also_after_an_error():
     from earlyfusion.model.decode_plan import RowLinear
-    from earlyfusion.model.swap import sharing, swapped
+    from earlyfusion.model.swap import applied, sharing, swaps
 
     model = make()
     before, state = dict(model.named_modules()), model.state_dict()
     with pytest.raises(RuntimeError, match="boom"):
-        with swapped(model, lambda m: isinstance(m, nn.Linear), lambda m: sharing(RowLinear, m)) as swaps:
-            assert len(swaps) == 4 * model.config.n_layers + 1
-            assert all(type(s.new) is RowLinear and s.new.weight is s.old.weight for s in swaps)
+        with applied(swaps(model, lambda m: isinstance(m, nn.Linear), lambda m: sharing(RowLinear, m))) as made:
+            assert len(made) == 4 * model.config.n_layers + 1
+            assert all(type(s.new) is RowLinear and s.new.weight is s.old.weight for s in made)
             during = model.state_dict()
             assert set(during) == set(state) and all(during[k].data_ptr() == v.data_ptr() for k, v in state.items())
             raise RuntimeError("boom")
     assert dict(model.named_modules()) == before
 
 
-def test_eager_row_products_equal_the_library_products_and_are_put_back():
-    from earlyfusion.model.decode_plan import DecodePlan, RowLinear
+@pytest.mark.parametrize("mode", ["eager", "eager-rows"])
+@pytest.mark.parametrize("copies", [True, False])
+def test_eager_decode_products_equal_the_library_products_and_are_put_back(mode, copies):
+    """The eager steps' projections (with (in, out) weight copies, or row by row on the weights themselves) give
+    nn.Linear's numbers, hold the decoder's own Parameters, and the decoder's nn.Linears are back afterwards."""
+    from earlyfusion.model.decode_plan import DecodePlan, RowLinear, TransposedLinear
 
     model = make(8)
+    state = model.state_dict()
     x = tokens(3, 6)
+    want = {"eager": TransposedLinear, "eager-rows": TransposedLinear if copies else RowLinear}[mode]
+    if mode == "eager" and not copies:
+        want = nn.Linear
+    originals = [m for m in model.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
         cache = model.new_cache(3, max_len=8)
         model(x[:, :5], cache=cache)
-        want = model(x[:, 5:], cache=cache)
+        expected = model(x[:, 5:], cache=cache)
         cache.length = 5
-        with DecodePlan("eager-rows", torch.get_num_threads()).stepping(model) as step:
-            assert all(type(m) is RowLinear for m in model.modules() if isinstance(m, nn.Linear))
+        with DecodePlan(mode, torch.get_num_threads(), copies=copies).stepping(model) as step:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            assert {type(m) for m in linears} == {want}
+            assert all(m.weight is o.weight for m, o in zip(linears, originals))
             got = step(x[:, 5:], cache=cache)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_each_sampling_call_copies_the_weights_as_they_are_then():
+    """The (in, out) copies are made when a plan's steps start: after the weights change (training between sample
+    sheets, load_state_dict), the next steps compute with the new ones."""
+    from earlyfusion.model.decode_plan import DecodePlan
+
+    model, other = make(11), make(12)
+    plan = DecodePlan("eager", torch.get_num_threads())
+    x = tokens(2, 6)
+
+    @torch.no_grad()
+    def last_step(stepping: bool) -> torch.Tensor:
+        cache = model.new_cache(2, max_len=6)
+        model(x[:, :5], cache=cache)
+        if not stepping:
+            return model(x[:, 5:], cache=cache)
+        with plan.stepping(model) as step:
+            return step(x[:, 5:], cache=cache)
+
+    torch.testing.assert_close(last_step(True), last_step(False), rtol=0, atol=1e-5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(last_step(True), last_step(False), rtol=0, atol=1e-5)
+
+
+def test_transposed_copies_only_where_they_fit(monkeypatch):
+    """The planner gives the eager steps (in, out) weight copies only where twice their size is available."""
+    from earlyfusion.model import decode_plan as dp
+
+    model = make(9)
+    assert dp.copies_fit(model)  # a tiny model fits anywhere /proc/meminfo can be read
+    monkeypatch.setenv(dp.PIN_ENV, "eager")
+    assert dp.decode_plan(model, 1, compile=False).copies
+    monkeypatch.setattr(dp, "copies_fit", lambda decoder: False)
+    plan = dp.decode_plan(model, 1, compile=False)
+    assert not plan.copies and "copies" not in plan.describe() and plan.products(model) == []
 
 
 def test_compiling_gives_the_embedding_its_index_add_backward_and_keeps_the_state_dict():
@@ -268,6 +316,7 @@ def test_lora_from_peft_wraps_the_projections():
     with torch.no_grad():
         adapted = model(x)
         merged = model.merge_and_unload()
-        assert type(merged) is Decoder and all(type(m) is nn.Linear for m in merged.modules() if isinstance(m, nn.Linear))
+        assert type(merged) is Decoder
+        assert all(type(m) is nn.Linear for m in merged.modules() if isinstance(m, nn.Linear))
         torch.testing.assert_close(merged(x), adapted, rtol=0, atol=1e-5)
     assert set(merged.state_dict()) == set(frozen)

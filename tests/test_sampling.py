@@ -429,21 +429,28 @@ def test_compiled_step_equals_eager(decoder, modality, mode, monkeypatch):
     included."""
     from torch._dynamo.utils import counters
 
+    from earlyfusion.model import decode_plan as dp
     from earlyfusion.model.compile import RowwiseLinear
-    from earlyfusion.model.decode_plan import PIN_ENV
 
     prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7]]
     eager = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY)
     counters.clear()
-    monkeypatch.setenv(PIN_ENV, mode)
+    monkeypatch.setenv(dp.PIN_ENV, mode)
+    seen = set()  # the decoder's projection classes when its step is compiled
+    real_compiled = dp.compiled
+
+    def spy(module, **kw):
+        seen.update(type(m) for m in module.modules() if isinstance(m, nn.Linear))
+        return real_compiled(module, **kw)
+
+    monkeypatch.setattr(dp, "compiled", spy)
     compiled = _run(decoder, prompts, modality=modality, max_new=12, text=GREEDY, image=GREEDY, compile=True)
     assert compiled == eager
     # one graph per kind of step (padded rows, finished rows), not one per cache length
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert not any("compiled" in k for k in decoder.state_dict())  # the compiled step is not a submodule
-    assert all(m.rows_weight is not None for m in decoder.modules() if hasattr(m, "rows_weight"))  # rowwise products
-    assert any(isinstance(m, RowwiseLinear) for m in decoder.modules())
-    assert {m.rows_limit for m in decoder.modules() if hasattr(m, "rows_limit")} == {0 if mode.endswith("library") else 8}
+    assert seen == ({nn.Linear} if mode.endswith("library") else {RowwiseLinear})  # the plan's projections
+    assert all(type(m) is nn.Linear for m in decoder.modules() if isinstance(m, nn.Linear))  # put back afterwards
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
@@ -463,7 +470,9 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
 
 def _fresh(decoder):
     """The decoder without remembered decode plans (each test times or pins its own)."""
-    decoder.__dict__.pop("_earlyfusion_decode_plans", None)
+    from earlyfusion.model.decode_plan import forget_plans
+
+    forget_plans(decoder)
     return decoder
 
 
@@ -513,7 +522,7 @@ def test_decode_plan_times_real_steps(decoder, monkeypatch):
     try:
         plan = dp.decode_plan(_fresh(decoder), 2, compile=False)
         assert set(plan.step_ms) == {"eager", "eager-1", "eager-rows"} and all(0 < t < 1e4 for t in plan.step_ms.values())
-        assert not any(getattr(m, "row_products", False) for m in decoder.modules())  # timing left them as they were
+        assert all(type(m) is nn.Linear for m in decoder.modules() if isinstance(m, nn.Linear))  # timing put them back
         assert plan.step_ms[plan.mode] == min(plan.step_ms.values())
         assert "ms per step" in plan.describe()
         from earlyfusion.model.decoder import Decoder, DecoderConfig
@@ -529,35 +538,27 @@ def test_decode_plan_times_real_steps(decoder, monkeypatch):
 
 
 def test_each_compiled_candidate_is_timed_with_its_own_kind_of_product(decoder, monkeypatch):
-    """The compiled candidates share the decoder's projections: each timed step runs with the product kind of its
-    own candidate (set right before the step), never with the one set up last."""
+    """The compiled candidates share the decoder: each timed step runs with the projections of its own candidate
+    (swapped in right before the step), never with the ones set up last, and the decoder's own come back after."""
     from earlyfusion.model import decode_plan as dp
+    from earlyfusion.model.compile import RowwiseLinear
 
-    state = {"rowwise": None}
-    seen: dict[str, set] = {"compiled-rowwise": set(), "compiled-library": set()}
-    current = {"mode": None}
+    seen: list[set] = []
 
-    def fake_decode_step(dec, *, rowwise=True):
-        state["rowwise"] = rowwise
-
+    def fake_compiled(module, *, dynamic):
         def step(*args, **kw):
-            seen[current["mode"]].add(state["rowwise"])
-            return dec(*args, **kw)
+            seen.append({type(m) for m in module.modules() if isinstance(m, nn.Linear)})
+            return module(*args, **kw)
 
         return step
 
-    real_step_fn = dp.DecodePlan.step_fn
-
-    def tracking_step_fn(self, dec):
-        current["mode"] = self.mode
-        return real_step_fn(self, dec)
-
-    monkeypatch.setattr(dp, "decode_step", fake_decode_step)
-    monkeypatch.setattr(dp.DecodePlan, "step_fn", tracking_step_fn)
+    monkeypatch.setattr(dp, "compiled", fake_compiled)
     plans = [dp.DecodePlan("compiled-rowwise", 1), dp.DecodePlan("compiled-library", 1)]
     medians = dp.time_plans(_fresh(decoder), 2, plans)
     assert set(medians) == {"compiled-rowwise", "compiled-library"}
-    assert seen == {"compiled-rowwise": {True}, "compiled-library": {False}}
+    rowwise, library = {RowwiseLinear}, {nn.Linear}
+    assert seen == [rowwise] * dp.WARMUP_STEPS + [library] * dp.WARMUP_STEPS + [rowwise, library] * dp.TIMED_ROUNDS
+    assert all(type(m) is nn.Linear for m in decoder.modules() if isinstance(m, nn.Linear))
 
 
 def test_row_by_row_products_give_the_same_tokens_and_are_undone_after_sampling(decoder, monkeypatch):
@@ -565,19 +566,19 @@ def test_row_by_row_products_give_the_same_tokens_and_are_undone_after_sampling(
     few-row product (to rounding), the same greedy tokens, and the decoder's projections are back to their usual
     products once sampling ends; products with gradients or of several tokens per row never take that path."""
     from earlyfusion.model import decode_plan as dp
-    from earlyfusion.model.decoder import Linear, use_row_products
+    from earlyfusion.model.swap import sharing
 
-    lin = Linear(8, 5)
-    torch.nn.init.normal_(lin.weight)
+    library = nn.Linear(8, 5, bias=False)
+    torch.nn.init.normal_(library.weight)
+    lin = sharing(dp.RowLinear, library)  # the same weight Parameter, products row by row
     x = torch.randn(3, 1, 8)
     with torch.no_grad():
-        plain = lin(x)
-        use_row_products(lin, True)
+        plain = library(x)
         assert torch.allclose(lin(x), plain, atol=1e-6)
         assert lin(torch.randn(3, 2, 8)).shape == (3, 2, 5)
     y = lin(x.requires_grad_())  # with gradients: the usual product (and its backward)
     y.sum().backward()
-    assert torch.allclose(x.grad, lin.weight.sum(1).expand(3, 1, 8))
+    assert torch.allclose(x.grad, lin.weight.sum(0).expand(3, 1, 8))
 
     prompts = [[L.bos, 5, 9, 12, 6], [L.bos, 7], [L.bos, 3, 3]]
     before = torch.get_num_threads()
@@ -587,7 +588,7 @@ def test_row_by_row_products_give_the_same_tokens_and_are_undone_after_sampling(
         plain = _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY)
         monkeypatch.setenv(dp.PIN_ENV, "eager-rows")
         assert _run(_fresh(decoder), prompts, modality="auto", max_new=12, text=GREEDY, image=GREEDY) == plain
-        assert not any(getattr(m, "row_products", False) for m in decoder.modules())
+        assert all(type(m) is nn.Linear for m in decoder.modules() if isinstance(m, nn.Linear))
     finally:
         torch.set_num_threads(before)
         _fresh(decoder)

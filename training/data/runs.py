@@ -15,7 +15,7 @@ from earlyfusion.core.rundir import CONFIG, IMAGE_GRIDS, IMAGE_TOKENIZER_DIR, VO
 from earlyfusion.model.decoder import WEIGHT_LAYOUT, Decoder, DecoderConfig
 from earlyfusion.model.upgrade import upgrade_state_dict, weight_layout
 from earlyfusion.tokenizer.vocab import Vocabulary, check_vocab_matches
-from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
+from earlyfusion.tokenizer.vq_checkpoint import ARCHITECTURES, load_vqvae
 from earlyfusion.tokenizer.vqvae import VQVAE
 
 
@@ -32,13 +32,10 @@ class Run:
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     root, ckpt = resolve_checkpoint(path)
-    for sub in (VOCAB_DIR, IMAGE_TOKENIZER_DIR):
-        if not (root / sub).is_dir():
-            raise CheckpointError(f"{root / sub}: missing; the run directory is incomplete (copy the whole run directory)")
+    config = decoder_run_config(path, root, ckpt)
     vocab = Vocabulary.load(root / VOCAB_DIR)
     vq = load_vqvae(root / IMAGE_TOKENIZER_DIR).to(device).eval()
     check_vocab_matches(vocab, root / IMAGE_TOKENIZER_DIR, str(root))
-    config = load_json(ckpt / CONFIG)
     dcfg = DecoderConfig.from_dict(config["decoder"])
     if dcfg.vocab_size != vocab.vocab_size:
         raise CheckpointError(
@@ -49,6 +46,23 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     load_decoder_weights(ckpt, decoder, config)
     decoder.to(device).eval()
     return Run(decoder=decoder, vocab=vocab, vq=vq, config=config, path=ckpt)
+
+
+def decoder_run_config(path: str | Path, root: Path, ckpt: Path) -> dict:
+    """The config.json of the checkpoint ``ckpt`` of the run ``root`` (``resolve_checkpoint`` of ``path``), once it
+    is known to be a decoder's and the run to hold its vocabulary and image tokenizer. An image tokenizer run has
+    checkpoints/ too and resolves like a decoder run: it is named as what it is, not met as a missing key."""
+    config = load_json(ckpt / CONFIG)
+    if not isinstance(config, dict) or not isinstance(config.get("decoder"), dict):
+        if isinstance(config, dict) and (str(config.get("format")) in ARCHITECTURES or "codebook_size" in config):
+            raise CheckpointError(f"{path}: an image tokenizer (from `earlyfusion tokenizer train`), not a decoder run; "
+                                  "pass the --out directory of `earlyfusion train` or `earlyfusion import chameleon`")
+        raise CheckpointError(f"{ckpt / CONFIG}: no decoder config; {path} is not a decoder run of `earlyfusion train` "
+                              "or `earlyfusion import chameleon`")
+    for sub in (VOCAB_DIR, IMAGE_TOKENIZER_DIR):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"{root / sub}: missing; the run directory is incomplete (copy the whole run directory)")
+    return config
 
 
 def load_decoder_weights(ckpt: Path, decoder: torch.nn.Module, config: dict | None = None) -> None:
