@@ -36,12 +36,14 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from earlyfusion.core.checkpoint import (
+    MANIFEST,
     atomic_dir,
     load_json,
     safetensors_specs,
     save_json,
     step_dir,
     stream_safetensors,
+    verify_dir,
 )
 from earlyfusion.core.errors import CheckpointError, UserError
 from earlyfusion.core.logs import log
@@ -68,12 +70,14 @@ from earlyfusion.model.chameleon_hf import (
     to_hf_config,
 )
 from earlyfusion.model.decoder import Decoder, DecoderConfig
+from earlyfusion.model.upgrade import upgrade_state_dict
 from earlyfusion.tokenizer.chameleon_vocab import invert_permutation, read_chameleon_vocab
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.tokenizer.vocab_layout import HF_CONFIG_FILE, TOKENIZER_FILE
 from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
 from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT
 from earlyfusion.tokenizer.vqgan_import import convert_vqgan
+from earlyfusion.training.data.runs import decoder_run_config
 
 INDEX = "model.safetensors.index.json"
 # the source's small files kept in RUN/imported/ and written back by export (config.json is rewritten)
@@ -277,9 +281,9 @@ def _vq_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     vq_dir = root / IMAGE_TOKENIZER_DIR
     raw = load_json(vq_dir / CONFIG) if (vq_dir / CONFIG).is_file() else {}
-    if raw.get("format") != VQGAN_FORMAT:
+    if isinstance(raw, dict) and raw.get("format") != VQGAN_FORMAT:
         return dict(PLACEHOLDER_VQ_CONFIG), placeholder_vq_state()
-    c = read_vq_config(vq_dir)
+    c = read_vq_config(vq_dir)  # refuses a config.json that is not an object, naming it
     vq_config = dict(embed_dim=c.embed_dim, num_embeddings=c.n_embed, double_latent=c.double_z, latent_channels=c.z_channels,
                      resolution=c.resolution, in_channels=c.in_channels, base_channels=c.ch, channel_multiplier=list(c.ch_mult),
                      num_res_blocks=c.num_res_blocks, attn_resolutions=list(c.attn_resolutions), dropout=c.dropout)
@@ -290,19 +294,31 @@ def _vq_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def export(cfg: ExportConfig) -> Path:
     root, ckpt = resolve_checkpoint(cfg.checkpoint)
     out = Path(cfg.out)
-    dcfg = DecoderConfig.from_dict(load_json(ckpt / CONFIG)["decoder"])
+    saved = decoder_run_config(cfg.checkpoint, root, ckpt)["decoder"]  # as written: may lack weight_layout
+    dcfg = DecoderConfig.from_dict(saved)
     vocab = Vocabulary.load(root / VOCAB_DIR)
+    if dcfg.vocab_size != vocab.vocab_size:
+        raise CheckpointError(f"{ckpt / CONFIG}: decoder vocab_size {dcfg.vocab_size} != {vocab.vocab_size} in "
+                              f"{root / VOCAB_DIR}; the run's vocabulary was replaced")
     imported = root / IMPORTED_DIR
     if (imported / PERMUTATION).is_file():
-        ours_to_theirs = load_json(imported / PERMUTATION).get("ours_to_theirs")
-        if not isinstance(ours_to_theirs, list) or sorted(ours_to_theirs) != list(range(dcfg.vocab_size)):
+        if (imported / MANIFEST).is_file():
+            verify_dir(imported)
+        permutation = load_json(imported / PERMUTATION)
+        ours_to_theirs = permutation.get("ours_to_theirs") if isinstance(permutation, dict) else None
+        if (not isinstance(ours_to_theirs, list) or not all(type(i) is int for i in ours_to_theirs)
+                or sorted(ours_to_theirs) != list(range(dcfg.vocab_size))):
             raise CheckpointError(f"{imported / PERMUTATION}: not a permutation of the {dcfg.vocab_size} ids; the run is corrupted")
         order = torch.tensor(invert_permutation(ours_to_theirs), dtype=torch.long)
         tok_dir = imported
+        try:
+            their_vocab = Tokenizer.from_file(str(imported / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
+        except Exception as e:  # tokenizers raises plain Exception subclasses for a missing or unreadable file
+            raise CheckpointError(f"{imported / TOKENIZER_FILE}: cannot be loaded by tokenizers "
+                                  f"({' '.join(str(e).split())[:200]}); the run is corrupted, import it again") from None
     else:
         ours_to_theirs, order, tok_dir = list(range(dcfg.vocab_size)), None, root / VOCAB_DIR
-
-    their_vocab = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
+        their_vocab = vocab.tokenizer.get_vocab(with_added_tokens=True)  # verified by Vocabulary.load
     ids = {role: ours_to_theirs[i] for role, i in vocab.special_ids.items()}
     vq_config, vq_state = _vq_export(root)
     try:
@@ -313,11 +329,13 @@ def export(cfg: ExportConfig) -> Path:
     ours_specs = safetensors_specs(ckpt / WEIGHTS)
     hf_config.architectures = ["ChameleonForConditionalGeneration"]
     hf_config.dtype = str(ours_specs["tok_emb.weight"][0]).removeprefix("torch.")
-    specs = {k: (v.dtype, tuple(v.shape)) for k, v in iter_to_hf(_meta(ours_specs).items(), dcfg)}
+    current = upgrade_state_dict(_meta(ours_specs), saved)  # the shapes in nn.Linear's layout
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in iter_to_hf(current.items(), dcfg)}
     specs.update({k: (v.dtype, tuple(v.shape)) for k, v in vq_state.items()})
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in _read_tensors([ckpt / WEIGHTS]):
+            t = upgrade_state_dict({name: t}, saved)[name]  # nn.Linear's layout, whatever the run was written in
             if order is not None:
                 t = reorder_vocab(name, t, order)
             for hf_name, part in iter_to_hf([(name, t)], dcfg):

@@ -55,7 +55,7 @@ from earlyfusion.core.checkpoint import atomic_dir, save_json
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
-from earlyfusion.core.rundir import IMAGE_TOKENIZER_DIR
+from earlyfusion.core.rundir import IMAGE_TOKENIZER_DIR, run_lock
 from earlyfusion.core.runtime import mixed_precision
 from earlyfusion.photo_judge import load_split, photo_of_caption, pil_batch, read_photos_info, train_judge
 from earlyfusion.sampling.generate import DEFAULT_CFG
@@ -385,70 +385,73 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out) if cfg.out else root / "eval"
     images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
     _check_images_out(images_out)
-    photos = read_photos_info(data)
-    split = _eval_split(cfg.split, data, photos)
-    pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / IMAGE_TOKENIZER_DIR, split=split,
-                                   limit=cfg.limit)
-    if not pairs:
-        raise _no_pairs(data, split)
-    t0 = time.perf_counter()
-    reference = _reference(cfg, run)
-    figures: dict = {"pairs": len(pairs), "step": run.config.get("step"), "split": split}
-    figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
+    # one eval at a time writes into an output directory: two would interleave their files (the drawings, the
+    # sheet and figures.json of different runs side by side)
+    with run_lock(out, "eval"):
+        photos = read_photos_info(data)
+        split = _eval_split(cfg.split, data, photos)
+        pairs = data_mod.heldout_pairs([cfg.data], vocab=run.vocab, image_tokenizer=root / IMAGE_TOKENIZER_DIR, split=split,
+                                       limit=cfg.limit)
+        if not pairs:
+            raise _no_pairs(data, split)
+        t0 = time.perf_counter()
+        reference = _reference(cfg, run)
+        figures: dict = {"pairs": len(pairs), "step": run.config.get("step"), "split": split}
+        figures.update(validation_losses(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size))
 
-    images = [p.pixels for p in pairs] if pairs[0].pixels is not None else None
-    if images is not None:  # one tensor when every image has one shape, else the images (grid tokens)
-        same = len({tuple(im.shape) for im in images}) == 1
-        tok = evaluate_tokenizer(run.vq, torch.stack(images) if same else images)
-        figures.update({"psnr": tok["psnr"], "ssim": tok["ssim"], "codebook_usage": tok["codebook_usage"]})
+        images = [p.pixels for p in pairs] if pairs[0].pixels is not None else None
+        if images is not None:  # one tensor when every image has one shape, else the images (grid tokens)
+            same = len({tuple(im.shape) for im in images}) == 1
+            tok = evaluate_tokenizer(run.vq, torch.stack(images) if same else images)
+            figures.update({"psnr": tok["psnr"], "ssim": tok["ssim"], "codebook_usage": tok["codebook_usage"]})
 
-    reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
-    captions = [p.caption for p in pairs]
-    truths = [shapes.parse_caption(c) for c in captions]
-    grammar = all(t is not None for t in truths)
-    temperature = cfg.image_temperature if cfg.image_temperature is not None else (0.0 if grammar else 1.0)
-    figures["image_temperature"] = temperature
-    recorder = CodeRecorder(run.vq)
-    drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
-                        batch_size=cfg.batch_size, image_temperature=temperature, grids=trained_grids(run) or None)
-    if grammar:
-        read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
-        scenes = [recognise(img) for img in drawn]
-        draw_scores = _attribute_scores(truths, scenes)
-        figures["caption_exact_match"] = read_scores.pop("exact_match")
-        figures["t2i_exact_match"] = draw_scores.pop("exact_match")
-        figures.update({f"caption_{k}": v for k, v in read_scores.items()})
-        figures.update({f"t2i_{k}": v for k, v in draw_scores.items()})
-        if run.vocab.grid_tokens:
-            figures.update(_picture_figures(captions, reads, drawn, scenes))
-    else:
-        log.info("captions are not in the built-in grammar: no text->image judge; the drawings are in %s", images_out)
-        figures["caption_exact_match"] = exact_match(reads, captions)
-        figures["t2i_exact_match"] = None
-    figures["caption_bleu4"] = corpus_bleu(reads, captions)
-    figures["caption_cider"] = cider_d(reads, captions)
+        reads = read_captions(run.decoder, run.vocab, pairs, batch_size=cfg.batch_size)
+        captions = [p.caption for p in pairs]
+        truths = [shapes.parse_caption(c) for c in captions]
+        grammar = all(t is not None for t in truths)
+        temperature = cfg.image_temperature if cfg.image_temperature is not None else (0.0 if grammar else 1.0)
+        figures["image_temperature"] = temperature
+        recorder = CodeRecorder(run.vq)
+        drawn = draw_images(run.decoder, run.vocab, recorder, captions, cfg=cfg.cfg, seed=cfg.seed,
+                            batch_size=cfg.batch_size, image_temperature=temperature, grids=trained_grids(run) or None)
+        if grammar:
+            read_scores = _attribute_scores(truths, [shapes.parse_caption(r) for r in reads])
+            scenes = [recognise(img) for img in drawn]
+            draw_scores = _attribute_scores(truths, scenes)
+            figures["caption_exact_match"] = read_scores.pop("exact_match")
+            figures["t2i_exact_match"] = draw_scores.pop("exact_match")
+            figures.update({f"caption_{k}": v for k, v in read_scores.items()})
+            figures.update({f"t2i_{k}": v for k, v in draw_scores.items()})
+            if run.vocab.grid_tokens:
+                figures.update(_picture_figures(captions, reads, drawn, scenes))
+        else:
+            log.info("captions are not in the built-in grammar: no text->image judge; the drawings are in %s", images_out)
+            figures["caption_exact_match"] = exact_match(reads, captions)
+            figures["t2i_exact_match"] = None
+        figures["caption_bleu4"] = corpus_bleu(reads, captions)
+        figures["caption_cider"] = cider_d(reads, captions)
 
-    copies, per_image = _copies(run, reference, drawn, recorder, captions, grammar)
-    figures.update(copies)
-    which, judged = _photo_figures(data, photos, run, pairs, reads, drawn, cfg.batch_size)
-    figures.update(which)
-    per_image = [a | b for a, b in zip(per_image, judged)]
-    about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
-             "seed": cfg.seed, "image_temperature": temperature}
-    write_drawn(images_out, drawn, captions, per_image, about)
-    figures["images_out"] = str(images_out)
-    figures["drawn_images"] = len(drawn)
-    save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])
-    figures["readings"] = str(out / "readings.json")
-    rows = sheet_rows(captions)
-    caption_sheet([(codes_to_pil(run.vq, pairs[i].codes), drawn[i], pairs[i].caption, reads[i]) for i in rows],
-           out / "sheet.png")
-    figures["eval_seconds"] = time.perf_counter() - t0
-    device_type = next(run.decoder.parameters()).device.type
-    figures["sampling_precision"] = "bf16" if mixed_precision("auto", device_type)[0] == "bf16" else "fp32"
-    figures["sheet"] = str(out / "sheet.png")
-    save_json(out / "figures.json", figures)
-    return figures
+        copies, per_image = _copies(run, reference, drawn, recorder, captions, grammar)
+        figures.update(copies)
+        which, judged = _photo_figures(data, photos, run, pairs, reads, drawn, cfg.batch_size)
+        figures.update(which)
+        per_image = [a | b for a, b in zip(per_image, judged)]
+        about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
+                 "seed": cfg.seed, "image_temperature": temperature}
+        write_drawn(images_out, drawn, captions, per_image, about)
+        figures["images_out"] = str(images_out)
+        figures["drawn_images"] = len(drawn)
+        save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])
+        figures["readings"] = str(out / "readings.json")
+        rows = sheet_rows(captions)
+        caption_sheet([(codes_to_pil(run.vq, pairs[i].codes), drawn[i], pairs[i].caption, reads[i]) for i in rows],
+               out / "sheet.png")
+        figures["eval_seconds"] = time.perf_counter() - t0
+        device_type = next(run.decoder.parameters()).device.type
+        figures["sampling_precision"] = "bf16" if mixed_precision("auto", device_type)[0] == "bf16" else "fp32"
+        figures["sheet"] = str(out / "sheet.png")
+        save_json(out / "figures.json", figures)
+        return figures
 
 
 def format_table(figures: dict) -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
-from earlyfusion.core.options import check_not_file
+from earlyfusion.core.options import MAX_SEED, check_not_file, check_number
 from earlyfusion.core.runtime import mixed_precision, use_all_cores
 from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
 from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid, image_grid, preprocess_for_codes
@@ -69,6 +69,7 @@ class SampleConfig(SamplingConfig):
 
     def __post_init__(self):
         self.resolved({})  # validates every sampling option the user gave
+        check_number("seed", self.seed, 0, MAX_SEED)  # the range train and eval take, so a seed means one thing everywhere
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from earlyfusion.core.checkpoint import MANIFEST, CheckpointError
+from earlyfusion.core.checkpoint import CheckpointError, write_manifest
 from earlyfusion.tokenizer.vocab_layout import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, VocabLayout
 from earlyfusion.tokenizer.vocab import Vocabulary
 
@@ -127,7 +127,6 @@ def test_transformers_loads_the_tokenizer(vocab, saved):
 def _copy(saved, tmp_path):
     d = tmp_path / "v"
     shutil.copytree(saved, d)
-    (d / MANIFEST).unlink()  # test the cross-checks themselves, not the checksums
     return d
 
 
@@ -149,6 +148,7 @@ def test_mismatched_layout_is_refused_naming_both_files(saved, tmp_path, edit):
         layout["image_start"] -= 1
         layout.pop("vocab_size")
     (d / LAYOUT_FILE).write_text(json.dumps(layout))
+    write_manifest(d)  # test the cross-checks themselves, not the checksums
     with pytest.raises(CheckpointError) as e:
         Vocabulary.load(d)
     assert TOKENIZER_FILE in str(e.value) and LAYOUT_FILE in str(e.value)
@@ -158,6 +158,7 @@ def test_tokenizer_from_another_vocabulary_is_refused(saved, tmp_path):
     d = _copy(saved, tmp_path)
     make_vocab(codebook_size=64).save(tmp_path / "other")
     shutil.copy(tmp_path / "other" / TOKENIZER_FILE, d / TOKENIZER_FILE)
+    write_manifest(d)  # test the cross-checks themselves, not the checksums
     with pytest.raises(CheckpointError, match="disagree"):
         Vocabulary.load(d)
 
@@ -169,7 +170,7 @@ def test_corrupted_files_are_detected(saved, tmp_path):
     (d / TOKENIZER_FILE).write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match=TOKENIZER_FILE):
         Vocabulary.load(d)  # checksum in MANIFEST.json
-    (d / MANIFEST).unlink()
+    write_manifest(d)
     with pytest.raises(CheckpointError, match=TOKENIZER_FILE):
         Vocabulary.load(d)  # unparsable JSON
     with pytest.raises(CheckpointError, match="not found"):

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlyfusion.core.checkpoint import MANIFEST, CheckpointError
+from earlyfusion.core.checkpoint import CheckpointError, write_manifest
 from earlyfusion.tokenizer.vocab_layout import LAYOUT_FILE, TOKENIZER_FILE, VocabLayout
 from earlyfusion.tokenizer.vocab import Vocabulary
 
@@ -108,7 +108,7 @@ def test_save_load_and_disagreement(vocab, tmp_path):
     del d["grid_tokens"]
     d["vocab_size"] = vocab.layout.image_end
     (tmp_path / "v" / LAYOUT_FILE).write_text(json.dumps(d))
-    (tmp_path / "v" / MANIFEST).unlink(missing_ok=True)
+    write_manifest(tmp_path / "v")
     with pytest.raises(CheckpointError, match="disagree"):
         Vocabulary.load(tmp_path / "v")
     assert (tmp_path / "v" / TOKENIZER_FILE).is_file()

@@ -13,7 +13,10 @@ A vocabulary directory holds
   from_file`` and transformers' ``PreTrainedTokenizerFast(tokenizer_file=...)`` load it as is;
 * ``layout.json``: the ``VocabLayout`` (named special ids, text and image ranges, code grid, the image
   tokenizer's fingerprint); ``Vocabulary.load`` checks that the two files agree;
-* ``tokenizer_config.json``: the special-token roles for ``transformers.AutoTokenizer``.
+* ``tokenizer_config.json``: the special-token roles for ``transformers.AutoTokenizer``;
+* ``MANIFEST.json``: the size and sha256 of each file. ``Vocabulary.load`` checks them on every load and refuses a
+  directory without one: an edited tokenizer.json can still agree with layout.json and parse (two ids swapped),
+  and would then silently train and sample with the wrong tokens.
 
 Special-token injection: ``tokenizers`` matches added tokens anywhere in the input, so user text that
 spells ``<boi>`` would become the begin-image id. ``encode_text`` therefore uses a text-only tokenizer
@@ -46,7 +49,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from earlyfusion.core.checkpoint import MANIFEST, CheckpointError, atomic_dir, load_json, verify_dir
+from earlyfusion.core.checkpoint import CheckpointError, atomic_dir, load_json
+from earlyfusion.core.rundir import verify_manifest
 from earlyfusion.tokenizer.image_span import SpanError, SpanGrammar
 from earlyfusion.tokenizer.vocab_layout import (
     BYTE_ALPHABET,
@@ -60,6 +64,9 @@ from earlyfusion.tokenizer.vocab_layout import (
     image_token,
 )
 from earlyfusion.tokenizer.vq_checkpoint import read_vq_config, vq_fingerprint
+
+REBUILD = "rebuild the vocabulary: run `earlyfusion vocab build` again (for a run's own vocab/, copy the whole run again)"
+"""What to do about a vocabulary directory whose files cannot be trusted."""
 
 # ---------------------------------------------------------------- the vocabulary
 
@@ -343,7 +350,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, directory: str | Path) -> Vocabulary:
-        """Load and cross-check ``tokenizer.json`` and ``layout.json`` (CheckpointError naming both on mismatch)."""
+        """Verify the directory against its MANIFEST.json, then load and cross-check ``tokenizer.json`` and
+        ``layout.json`` (CheckpointError naming the file, or both on a mismatch)."""
 
         directory = Path(directory)
         tok_path, layout_path = directory / TOKENIZER_FILE, directory / LAYOUT_FILE
@@ -353,13 +361,13 @@ class Vocabulary:
             if not p.is_file():
                 raise CheckpointError(f"{p}: file not found; a vocabulary directory holds {TOKENIZER_FILE} and {LAYOUT_FILE} "
                                       "(from `earlyfusion vocab build`)")
-        if (directory / MANIFEST).is_file():
-            verify_dir(directory)
+        verify_manifest(directory, (TOKENIZER_FILE, LAYOUT_FILE), REBUILD)
         layout = VocabLayout.from_dict(load_json(layout_path), str(layout_path))
         try:
             tok = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
-            raise CheckpointError(f"{tok_path}: cannot be loaded by tokenizers ({e}); the file is corrupted") from e
+            raise CheckpointError(f"{tok_path}: cannot be loaded by tokenizers ({' '.join(str(e).split())[:200]}); "
+                                  f"the file is corrupted; {REBUILD}") from None
         return cls(tok, layout, where=f"{tok_path} and {layout_path}")
 
     @classmethod

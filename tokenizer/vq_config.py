@@ -12,6 +12,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 
+MAX_CODEBOOK = 2 ** 20
+"""The most codebook entries: the codebook, its EMA statistics and the image vocabulary all grow with it, and a
+million codes already passes any published image tokenizer."""
+MAX_CHANNELS = 8192
+"""The most channels of a conv stage or of the latent (a 3x3 conv at this width is already gigabytes)."""
+MAX_RES_BLOCKS = 64
+"""The most residual blocks per resolution level."""
+MIN_GRID = 2
+"""The fewest codes per side of the largest grid: an image of one code is no picture (nothing to place, no layout
+for the decoder to learn)."""
+
+
 def grid_pixels(rows: int, cols: int, downsample: int) -> tuple[int, int]:
     """(height, width) in pixels of a rows x cols code grid at ``downsample`` pixels a code a side (``VQConfig.
     pixels_of_grid``; this for code that is given the factor alone, such as the preprocessing)."""
@@ -109,8 +121,19 @@ class VQConfig:
             raise ValueError(f"every channel count must be a positive multiple of norm_groups {self.norm_groups}, got {list(self.channels)}")
         if self.res_blocks < 0 or self.decoder_res_blocks < 0 or self.latent_dim < 1 or self.kmeans_iters < 1:
             raise ValueError("res_blocks and decoder_res_blocks must be >= 0, latent_dim and kmeans_iters >= 1")
+        if max(self.res_blocks, self.decoder_res_blocks) > MAX_RES_BLOCKS:
+            raise ValueError(f"res_blocks and decoder_res_blocks must be at most {MAX_RES_BLOCKS}, got "
+                             f"{max(self.res_blocks, self.decoder_res_blocks)}")
+        if max(self.latent_dim, *self.channels) > MAX_CHANNELS:
+            raise ValueError(f"channels and latent_dim must be at most {MAX_CHANNELS}, got "
+                             f"{max(self.latent_dim, *self.channels)}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
+        if self.codebook_size > MAX_CODEBOOK:
+            fsq = self.quantizer == "fsq" and math.prod(self.fsq_levels) == self.codebook_size
+            what = f"the product of fsq_levels {list(self.fsq_levels)}" if fsq else "codebook_size"
+            raise ValueError(f"{what} must be at most {MAX_CODEBOOK} codes (the codebook and the image vocabulary "
+                             f"grow with it), got {self.codebook_size}")
         if not 1 <= self.codebook_dim <= self.latent_dim:
             raise ValueError(f"codebook_dim must be in [1, latent_dim={self.latent_dim}], got {self.codebook_dim}")
         if not 0.0 < self.ema_decay < 1.0:

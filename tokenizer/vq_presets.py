@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import fields, replace
 
-from earlyfusion.tokenizer.vq_config import VQConfig
+from earlyfusion.tokenizer.vq_config import MIN_GRID, VQConfig
 
 VQ_PRESETS: dict[str, VQConfig] = {
     # tests: 16 px -> 4x4 codes, a few thousand parameters
@@ -153,4 +153,10 @@ def resolve_vq_config(preset: str, *, image_size: int | None = None, downsample:
                              f"(product {product}); with the fsq quantizer give only the levels")
         if product:
             changes["codebook_size"] = product
-    return replace(base, **changes)
+    cfg = replace(base, **changes)
+    if min(cfg.grid_size) < MIN_GRID:
+        rows, cols = cfg.grid_size
+        raise ValueError(f"--image-size {cfg.image_size} with --downsample {cfg.downsample} gives a {rows}x{cols} code grid; "
+                         f"an image needs at least {MIN_GRID}x{MIN_GRID} codes: use --image-size "
+                         f"{MIN_GRID * cfg.downsample} or more, or a smaller --downsample")
+    return cfg

@@ -4,6 +4,7 @@ that ``load_vqvae`` reads (``earlyfusion import chameleon`` uses it)."""
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,15 +49,65 @@ def config_from_yaml(path: Path) -> VQGANConfig:
     return build_config(VQGANConfig, values, f"{path}: unusable VQGAN config")
 
 
+# torch.save writes a zip archive whose pickle is ``<name>/data.pkl``; before PyTorch 1.6 it wrote a pickle that
+# starts with this magic number (pickled as a long at protocol 2)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_PICKLE_START = re.compile(rb"\x80[\x02-\x05]")
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """What the file is, from its first bytes and (for a zip) its listing: "zip" (torch.save's format), "legacy"
+    (torch.save's older format), or a sentence saying why it is neither (a plain pickle, a broken zip, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head:
+        return "empty: the file is truncated or corrupted (or was never written)"
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "a zip archive that is cut short or damaged: the file is truncated or corrupted"
+        if not any(n.endswith("/data.pkl") for n in names):
+            return "a zip archive without the data.pkl that torch.save writes, so not a PyTorch checkpoint"
+        return "zip"
+    if head == _LEGACY_MAGIC:
+        return "legacy"
+    if _PICKLE_START.match(head):
+        return "a plain Python pickle, not a PyTorch checkpoint (torch.save writes a zip archive)"
+    # nothing here tells a file that never was a checkpoint from one whose first bytes were overwritten
+    return ("not a PyTorch checkpoint: it starts neither like the zip archive torch.save writes nor like a pickle "
+            "(if it was one, the file is truncated or corrupted)")
+
+
+def _ends_with(path: Path, name: str) -> bool:
+    """Whether the file ends in the middle of the global ``name``: pickle reads a name up to its newline and drops
+    the last byte, so a file cut inside a name reads its stub (one byte short) as a name of its own, which is a
+    truncation, not an object of some refused type."""
+    want = name.encode("utf-8", "replace")
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - len(want) - 2))
+        tail = f.read()
+    stub = tail.rsplit(b"\n", 1)[-1]
+    return bool(stub) and stub[:-1] == want
+
+
 def _torch_load(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never the pickle's code."""
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never the pickle's code.
+
+    The file's kind is told from its bytes first, so that a file that never was a PyTorch checkpoint is not
+    called truncated, and one cut short is not blamed on its contents."""
+    kind = _checkpoint_kind(path)
+    if kind not in ("zip", "legacy"):
+        raise CheckpointError(f"{path}: {kind}; pass Meta's {CKPT}, or its state dict as {SAFETENSORS}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as e:  # the unpickler's and the zip reader's errors have no common type
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
+        if found and not _ends_with(path, found.group(1).rsplit(".", 1)[-1]):
             raise UserError(f"{path}: holds a non-tensor object ({found.group(1)}), which is refused because loading it "
                             f"would run code from the file; save its state dict as {SAFETENSORS} beside it instead "
                             "(that is accepted too)") from None

@@ -46,11 +46,11 @@ from accelerate.utils import set_seed
 from earlyfusion.core.checkpoint import latest_good, load_json, load_weights
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
-from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.core.options import MAX_BATCH, MAX_SEED, MAX_STEPS, check_not_file, check_number
 from earlyfusion.core.rundir import CHECKPOINTS_DIR
 from earlyfusion.core.runtime import use_all_cores
 from earlyfusion.tokenizer.vq_checkpoint import CONFIG, WEIGHTS, load_vqvae, read_vq_config, save_vqvae
-from earlyfusion.tokenizer.vq_config import VQConfig
+from earlyfusion.tokenizer.vq_config import MAX_CODEBOOK, VQConfig
 from earlyfusion.tokenizer.vq_presets import VQ_PRESETS, parse_fsq_levels, parse_sets, resolve_vq_config
 from earlyfusion.tokenizer.vqvae import VQVAE
 from earlyfusion.training.trainer import Trainer, check_identity, source_key, warmup_cosine_lr
@@ -164,24 +164,27 @@ class VQTrainConfig:
                 setattr(self, name, value)
         for name in ("image_size", "downsample", "codebook_size", "codebook_dim", "width", "depth"):
             if getattr(self, name) is not None:
-                check_number(name.replace("_", "-"), getattr(self, name), 0 if name == "depth" else 1)
+                check_number(name.replace("_", "-"), getattr(self, name), 0 if name == "depth" else 1,
+                             MAX_CODEBOOK if name == "codebook_size" else None)
         self.model_config()  # a bad shape fails here, before any data is read
         check_number("perceptual-weight", self.perceptual_weight, 0)
         if self.perceptual_weights and not Path(self.perceptual_weights).expanduser().is_file():
             raise ValueError(f"--perceptual-weights {self.perceptual_weights}: file not found; give a safetensors file of "
                              "VGG16 features (torchvision's names: features.0.weight, ...)")
         check_number("gan-weight", self.gan_weight, 0)
-        check_number("gan-start-step", self.gan_start_step, 0)
+        check_number("gan-start-step", self.gan_start_step, 0, MAX_STEPS)
         if self.gan_weight > 0 and self.gan_start_step >= self.steps:
             raise ValueError(f"--gan-start-step {self.gan_start_step} must be below --steps {self.steps} for the GAN loss to "
                              "switch on; lower it or leave --gan-weight at 0")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            check_number(name.replace("_", "-"), getattr(self, name), 1)
+            check_number(name.replace("_", "-"), getattr(self, name), 1, MAX_STEPS)
         check_number("batch-size", self.batch_size, 1, MAX_BATCH)
         check_number("lr", self.lr, 0)
         if self.lr == 0:
             raise ValueError("--lr must be positive, got 0")
-        for name in ("warmup_steps", "sheet_every", "max_nonfinite", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "sheet_every", "max_nonfinite"):
+            check_number(name.replace("_", "-"), getattr(self, name), 0, MAX_STEPS)
+        for name in ("grad_clip", "weight_decay"):
             check_number(name.replace("_", "-"), getattr(self, name), 0)
         check_number("min-lr-ratio", self.min_lr_ratio, 0, 1)
         check_number("seed", self.seed, 0, MAX_SEED)

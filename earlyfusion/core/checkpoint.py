@@ -74,8 +74,10 @@ def load_json(path: str | Path):
         raise CheckpointError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from e
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer of more digits than Python converts
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from None
+    except RecursionError:  # json recurses once per nesting level: '[' * 100000 exhausts the stack
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply); the file is truncated or corrupted") from None
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

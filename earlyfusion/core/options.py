@@ -9,6 +9,9 @@ from pathlib import Path
 MAX_BATCH = 65536
 """The largest --batch-size an option accepts."""
 MAX_SEED = 2 ** 32 - 1
+MAX_STEPS = 10 ** 9
+"""The largest step count (--steps, the every-K-steps options, warmup) an option accepts: far beyond any run,
+and small enough that step numbers stay ordinary integers everywhere they are stored or formatted."""
 
 
 def check_number(flag: str, value, lo=None, hi=None, *, hi_open: bool = False) -> None:

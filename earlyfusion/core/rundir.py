@@ -155,14 +155,45 @@ def check_same_files(src: Path, dest: Path, what: str, fix: str,
             raise UserError(f"{dest / fname} differs from {src / fname}: {what}; {fix}")
 
 
+def verify_manifest(directory: Path, required: tuple[str, ...], fix: str) -> None:
+    """Check ``directory`` against its MANIFEST.json, which must exist and list each file of ``required``:
+    CheckpointError naming the first file that is missing, changed or unlisted (or the manifest itself), with
+    ``fix`` (what to do about it) appended. A directory without a manifest is refused: its files could have been
+    changed in any way and nothing would tell."""
+    manifest = Path(directory) / MANIFEST
+    try:
+        if not manifest.is_file():
+            raise CheckpointError(f"{manifest}: not found, so the files of {directory} cannot be checked")
+        raw = load_json(manifest)
+        files = raw.get("files") if isinstance(raw, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+                for v in files.values()):
+            raise CheckpointError(f"{manifest}: not a list of file sizes and checksums; the file is corrupted")
+        for name in required:
+            if name not in files:
+                raise CheckpointError(f"{directory / name}: not listed in {manifest}, so it cannot be checked")
+        verify_dir(directory)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {fix}") from None
+
+
+# what each copy in a run must hold (the files its readers trust), and what it is called in messages
+_COPIES = {VOCAB_DIR: ("vocabulary", ("tokenizer.json", "layout.json")),
+           IMAGE_TOKENIZER_DIR: ("image tokenizer", (CONFIG, WEIGHTS))}
+
+
 def prepare_run_dir(out: Path, copies: dict[str, Path]) -> None:
     """Copy each source directory into ``out/<name>`` (``copies``: name -> source; the vocabulary and the image
-    tokenizer), or, where the copy exists (``--resume``), check that it describes the same one."""
+    tokenizer), or, where the copy exists (``--resume``), check it against its manifest (the run's sampling and
+    evaluation read the copy, not the source) and that it describes the same one."""
     out.mkdir(parents=True, exist_ok=True)
     for name, src in copies.items():
         dest = out / name
         if dest.is_dir():
-            kind = "vocabulary" if name == VOCAB_DIR else "image tokenizer"
+            kind, required = _COPIES.get(name, (name, ()))
+            verify_manifest(dest, required, f"the run's copy of its {kind} is damaged; resume a good copy of the "
+                                            "run, or start a new --out")
             check_same_files(src, dest, f"{out} was trained with another {kind}", "use a new --out")
         else:
             copy_dir(src, dest)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from earlyfusion.core.checkpoint import MANIFEST
 from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.tokenizer.vocab_layout import BYTE_ALPHABET, LAYOUT_FILE, TOKENIZER_FILE
@@ -114,7 +115,8 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
               f"image tokenizer {fingerprint[:12]}")
     print(f"text: BPE trained on {len(texts)} texts ({n_chars} characters), "
           f"{n_chars_sample / max(n_tokens, 1):.2f} characters per token; {report.summary()}")
-    print(f"wrote {out / TOKENIZER_FILE} and {out / LAYOUT_FILE} in {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {out / TOKENIZER_FILE}, {out / LAYOUT_FILE} and their checksums ({MANIFEST}, which every load checks) "
+          f"in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
