@@ -34,6 +34,7 @@ from PIL import Image
 from earlyfusion.core.errors import UserError
 from earlyfusion.scores import tokenize
 from earlyfusion.tokenizer.preprocess import preprocess
+from earlyfusion.training.data.records import SkipReport, pair_records
 
 JUDGE_SIZE = 32  # images are judged at this side (or their own, when smaller): the drawn images' scale of detail
 WEIGHT_DECAY = 1e-3  # L2 penalty on the logistic weights, per training image
@@ -81,7 +82,7 @@ def read_photos_info(data: Path) -> dict | None:
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{path}: not readable as JSON ({e}); rewrite the data set with `earlyfusion data photos`") from None
     if not isinstance(info, dict) or info.get("generator") != "earlyfusion data photos" or not isinstance(info.get("captions"), dict):
         return None
@@ -97,19 +98,19 @@ def load_split(root: Path, captions: Mapping[str, str], size: int) -> tuple[torc
     if not meta.is_file():
         raise UserError(f"{root}: no metadata.jsonl; rewrite the data set with `earlyfusion data photos`")
     images, labels, skipped = [], [], 0
-    for line in meta.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    report = SkipReport()  # the data rules of training: paths confined to the split, lines bounded, bad JSON counted
+    for _, path, text in pair_records(Path(root), "text", report):
+        name = by_caption.get(tuple(tokenize(text))) if text else None
+        if name is None:
+            skipped += 1
             continue
         try:
-            row = json.loads(line)
-            name = by_caption.get(tuple(tokenize(row["text"])))
-            if name is None:
-                skipped += 1
-                continue
-            images.append(preprocess(Path(root) / row["file_name"], size))
-            labels.append(name)
-        except (ValueError, KeyError, TypeError, OSError, UserError):
+            images.append(preprocess(path, size))
+        except (ValueError, OSError, UserError):
             skipped += 1
+            continue
+        labels.append(name)
+    skipped += report.total
     if not images:
         return torch.zeros(0, 3, size, size), [], skipped
     return torch.stack(images), labels, skipped

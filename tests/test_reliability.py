@@ -298,3 +298,44 @@ def test_eval_holds_a_lock_on_its_output_directory(capsys, tiny_pipeline: TinyPi
                                       "--out", out, "--limit", 2])
     one_error(rc, err, out, "in use", "another eval")
     assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written beside the holder's files
+
+
+def test_manifests_and_headers_of_the_wrong_shape_are_one_error(tmp_path):
+    """A manifest that is JSON but not a list of sizes and checksums, and a safetensors header nested too deeply, are
+    CheckpointErrors (one line at the CLI), never a KeyError or RecursionError."""
+    import torch
+
+    from earlyfusion.core.checkpoint import CheckpointError, latest_good, load_weights, verify_dir
+
+    step = tmp_path / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    for bad in ("[1, 2]", '{"files": {"a": {"size": "x"}}}', '{"files": {"a": {}}}'):
+        (step / "MANIFEST.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="not a list of file sizes"):
+            verify_dir(step)
+        assert latest_good(tmp_path / "checkpoints") is None
+    header = b"[" * 50000
+    f = tmp_path / "deep.safetensors"
+    f.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
+        load_weights(f, torch.nn.Linear(2, 2))
+
+
+def test_photo_judge_reads_only_inside_its_split(tmp_path):
+    """The photograph judge reads a split by the data rules: a metadata row naming a file outside the split through a
+    link is skipped, not opened."""
+    from PIL import Image
+
+    from earlyfusion.photo_judge import load_split
+
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8), "red").save(outside)
+    split = tmp_path / "data" / "test"
+    split.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(split / "in.png")
+    (split / "link.png").symlink_to(outside)
+    (split / "metadata.jsonl").write_text('{"file_name": "in.png", "text": "a crop of the coins photograph"}\n'
+                                          '{"file_name": "link.png", "text": "a crop of the coins photograph"}\n'
+                                          + "[" * 100000 + "\n")
+    images, labels, skipped = load_split(split, {"coins": "a crop of the coins photograph"}, 8)
+    assert labels == ["coins"] and images.shape == (1, 3, 8, 8) and skipped == 2

@@ -20,9 +20,11 @@ from earlyfusion.core.checkpoint import (
     latest_good,
     load_json,
     load_weights,
+    manifest_files,
     save_json,
     save_weights,
     sha256_file,
+    verify_file,
     write_manifest,
 )
 from earlyfusion.core.rundir import CHECKPOINTS_DIR, CONFIG, WEIGHTS
@@ -74,17 +76,15 @@ def _verify_against_manifest(directory: Path) -> None:
     """If the directory carries a MANIFEST.json (step checkpoints, copies), check the two files we load."""
     if not (directory / MANIFEST).is_file():
         return
-    files = load_json(directory / MANIFEST).get("files", {})
+    files = manifest_files(directory)
     for name in (CONFIG, WEIGHTS):
-        info = files.get(name)
-        if info is None:
+        if name not in files:
             continue
-        p = directory / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
-        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: changed since it was saved (its checksum in {MANIFEST} differs): truncated, corrupted "
-                                  f"or edited; {CONFIG} and {WEIGHTS} must stay as `tokenizer train` wrote them")
+        try:
+            verify_file(directory, name, files[name])
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: changed since it was saved; {CONFIG} and {WEIGHTS} must stay as "
+                                  "`tokenizer train` wrote them") from None
 
 
 def read_vq_config(directory: str | Path) -> VQConfig | VQGANConfig:

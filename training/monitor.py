@@ -144,7 +144,7 @@ def loss_curves_png(metrics_path: Path, png: Path, size=(720, 420)) -> None:
     for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn or hostile line: not a record
             continue
     series = {
         "train text": ([r["step"] for r in rows if r.get("loss_text") is not None], [r["loss_text"] for r in rows if r.get("loss_text") is not None], (200, 60, 40)),

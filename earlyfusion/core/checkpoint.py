@@ -169,7 +169,7 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
                     if fh.readinto(raw.numpy()) != end - start:
                         raise ValueError(f"tensor {k} ends past the end of the file")
                     target.copy_(raw.view(dtype).reshape(shapes[k]))
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: a header nested too deeply
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted") from e
 
 
@@ -255,20 +255,37 @@ def write_manifest(directory: Path, names: list[str] | None = None) -> None:
     save_json(directory / MANIFEST, {"files": files})
 
 
+def manifest_files(directory: str | Path) -> dict[str, dict]:
+    """The files ``directory/MANIFEST.json`` lists: name -> {"size": int, "sha256": str}; CheckpointError when the
+    manifest is missing, not JSON, or not of that shape."""
+    manifest = Path(directory) / MANIFEST
+    raw = load_json(manifest)
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CheckpointError(f"{manifest}: not a list of file sizes and checksums; the file is corrupted")
+    return files
+
+
+def verify_file(directory: Path, name: str, info: dict) -> None:
+    """CheckpointError unless ``directory/name`` has the size and checksum its manifest entry ``info`` records."""
+    p = directory / name
+    if not p.is_file():
+        raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
+    if p.stat().st_size != info["size"]:
+        raise CheckpointError(f"{p}: size {p.stat().st_size} != {info['size']} recorded; the file is truncated or corrupted")
+    if sha256_file(p) != info["sha256"]:
+        raise CheckpointError(f"{p}: checksum does not match {MANIFEST}; the file is corrupted")
+
+
 def verify_dir(directory: str | Path) -> None:
     """Raise CheckpointError naming the first missing, truncated or corrupted file."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
-    manifest = load_json(directory / MANIFEST)
-    for rel, info in manifest.get("files", {}).items():
-        p = directory / rel
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
-        if p.stat().st_size != info["size"]:
-            raise CheckpointError(f"{p}: size {p.stat().st_size} != {info['size']} recorded; the file is truncated or corrupted")
-        if sha256_file(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: checksum does not match {MANIFEST}; the file is corrupted")
+    for rel, info in manifest_files(directory).items():
+        verify_file(directory, rel, info)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from earlyfusion.core.checkpoint import (
     MANIFEST,
     CheckpointError,
     copy_dir,
+    manifest_files,
     latest_good,
     load_json,
     save_json,
@@ -164,12 +165,7 @@ def verify_manifest(directory: Path, required: tuple[str, ...], fix: str) -> Non
     try:
         if not manifest.is_file():
             raise CheckpointError(f"{manifest}: not found, so the files of {directory} cannot be checked")
-        raw = load_json(manifest)
-        files = raw.get("files") if isinstance(raw, dict) else None
-        if not isinstance(files, dict) or not all(
-                isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
-                for v in files.values()):
-            raise CheckpointError(f"{manifest}: not a list of file sizes and checksums; the file is corrupted")
+        files = manifest_files(directory)
         for name in required:
             if name not in files:
                 raise CheckpointError(f"{directory / name}: not listed in {manifest}, so it cannot be checked")
