@@ -284,12 +284,36 @@ def test_unset_augment_views_is_sized_to_the_passes():
 
     assert not repeats_too_often(MANY_PASSES) and repeats_too_often(MANY_PASSES + 1)
     unset = DataConfig(sources=["x"])
-    few, many = unset.sized(False), unset.sized(True)
+    few, many = unset.sized(False, mirror_safe=True), unset.sized(True, mirror_safe=True)
     assert (few.augment_views, few.augment_flip) == (1, False) and few.augment(0).active is False
     assert (many.augment_views, many.augment_scale, many.augment_flip) == (2, 1.0, True)
     assert many.augment(3).mirrored(1) and many.augment(3).swap == (("left", "right"),)
-    assert DataConfig(sources=["x"], augment_views=1).sized(True).augment_views == 1  # a given value stays
-    assert DataConfig(sources=["x"], augment_views=3).sized(False).augment_views == 3
+    unsafe = unset.sized(True, mirror_safe=False)  # data whose meaning a mirror may change: never mirrored unasked
+    assert (unsafe.augment_views, unsafe.augment_flip) == (1, False)
+    assert DataConfig(sources=["x"], augment_views=1).sized(True, True).augment_views == 1  # a given value stays
+    assert DataConfig(sources=["x"], augment_views=3).sized(False, True).augment_views == 3
+
+
+def test_mirrored_views_only_for_data_known_to_be_mirror_safe(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch,
+                                                               caplog):
+    """Any data but the built-in shapes data (here the same pictures as a user's imagefolder, without the built-in
+    marker) is not mirrored when its pairs repeat often; the image-token noise, which keeps meaning, still comes."""
+    from earlyfusion.training import sizing
+
+    assert sizing.mirror_safe([str(tiny_pipeline.data)])
+    data = tmp_path / "mine"
+    shutil.copytree(tiny_pipeline.data, data, ignore=shutil.ignore_patterns(".earlyfusion-cache", "shapes.json"))
+    assert not sizing.mirror_safe([str(data)])
+    monkeypatch.setattr(sizing, "MANY_PASSES", 0)
+    out = tmp_path / "lm"
+    argv = tiny_train_argv(tiny_pipeline, out, 2, "--cache-dir", tmp_path / "cache")
+    argv[argv.index("--data") + 1] = data
+    with caplog.at_level("INFO"):
+        run_cli(*argv)
+    said = [r.getMessage() for r in caplog.records if "would be seen about" in r.getMessage()]
+    assert len(said) == 1 and "mirror" not in said[0] and "random codes" in said[0]
+    saved = json.loads((out / "checkpoints" / "step-00000002" / "config.json").read_text())
+    assert (saved["train"]["data"]["augment_views"], saved["train"]["data"]["augment_flip"]) == (1, False)
 
 
 def test_trainer_adds_mirrored_views_when_pairs_repeat_and_records_the_choice(tiny_pipeline: TinyPipeline, tmp_path,

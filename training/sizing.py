@@ -10,9 +10,13 @@ that would show its image-caption pairs more often than that.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from earlyfusion.core.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
+from earlyfusion.training.data import parse_source
 from earlyfusion.training.data.config import MANY_PASSES
+from earlyfusion.training.shapes import MARKER as SHAPES_MARKER
 
 
 def preset_context(name: str) -> int:
@@ -81,6 +85,14 @@ def say_epochs(data, vocab, *, steps: int, batch_size: int, context_len: int) ->
                     MANY_PASSES)
 
 
+def mirror_safe(sources: list[str]) -> bool:
+    """Whether the image-caption pairs of ``sources`` are all the built-in shapes data's (the only data known to mean
+    the same mirrored, its captions' left and right exchanged)."""
+    dirs = [Path(parse_source(s)[0]).expanduser() for s in sources]
+    dirs = [d for d in dirs if d.is_dir()]
+    return bool(dirs) and all((d / SHAPES_MARKER).is_file() for d in dirs)
+
+
 def sized_options(data, noise: float | None, passes: float, seed: int):
     """(data options, image-token noise) of a run whose unset options are sized to how often it shows its
     image-caption pairs (``passes``): when they repeat too often (``repeats_too_often``) an unset --augment-views
@@ -88,7 +100,7 @@ def sized_options(data, noise: float | None, passes: float, seed: int):
     and the option that turns each off."""
     repeats, added = repeats_too_often(passes), {}  # the option that turns it off -> what was added
     if data.augment_views is None:
-        data = data.sized(repeats)
+        data = data.sized(repeats, mirror_safe(data.sources))
         if data.augment_views > 1:
             swap = ", ".join(f"{a}/{b}" for a, b in data.augment(seed).swap)
             words = f"captions with {swap} exchanged where they occur" if swap else "captions unchanged"

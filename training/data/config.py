@@ -23,8 +23,9 @@ views and noisy image inputs where those options are unset (``training.sizing``)
 class DataConfig:
     sources: list[str] = field(metadata={"flag": "data"})
     """Training data, one or more: a built-in data directory (`earlyfusion data shapes`), an imagefolder directory, an
-    interleaved .jsonl (OBELICS texts/images), a text .jsonl/.txt, or a hub data set name. Append :WEIGHT for the
-    mixture weight (e.g. docs.jsonl:0.2)."""
+    interleaved .jsonl (OBELICS texts/images), a text .jsonl/.txt, a hub data set name, or a directory of code shards
+    (`earlyfusion encode`), which is streamed: corpora larger than memory. Append :WEIGHT for the mixture weight
+    (e.g. docs.jsonl:0.2)."""
     reading_ratio: float = 0.3
     """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing, the slower
     to learn, hence the larger share). Raise it when captioning matters more than drawing."""
@@ -52,8 +53,10 @@ class DataConfig:
     augment_views: int | None = None
     """Code grids cached per training image: 1 = the image as it is; K > 1 adds K-1 randomly cropped and rescaled
     versions (encoded once, cached), and training shows each image-caption pair one of its K grids per epoch.
-    Unset = sized to the data: when the run would show its image-caption pairs more than {MANY_PASSES} times, 2 (each image and
-    its mirror image, --augment-flip at --augment-scale 1), else 1. Raise it (4-8) when a small data set is still
+    Unset = sized to the data: 2 (each image and its mirror image, --augment-flip at --augment-scale 1) when the run
+    would show its image-caption pairs more than {MANY_PASSES} times and the data is the built-in shapes data, whose
+    captions stay true mirrored; else 1 (mirroring changes what most real pictures mean: give --augment-views 2
+    --augment-flip where it does not). Raise it (4-8) when a small data set is still
     memorised (held-out image loss rising while the training loss falls); 1 turns augmentation off. Interleaved
     documents keep their images unaugmented."""
     augment_scale: float | None = None
@@ -67,6 +70,10 @@ class DataConfig:
     """Word pairs exchanged in the caption of a mirrored view (with --augment-flip), comma-separated: left:right turns
     "a cat on the left" into "a cat on the right". none = captions unchanged."""
 
+    loader_workers: int = 0
+    """DataLoader worker processes that build the batches of code shards, each from its own share of the process's
+    rows; 0 = the training process itself. The batches are the same whatever the number."""
+
     def augment(self, seed: int) -> Augment:
         """The augmentation these options ask for, its views a function of ``seed``."""
         if (self.augment_views or 1) == 1:  # unset: the trainer sizes it (``sized``); 1 until then
@@ -75,13 +82,16 @@ class DataConfig:
         return Augment(views=self.augment_views, min_scale=scale, flip=self.augment_flip, seed=seed,
                        swap=parse_swap(self.augment_flip_words) if self.augment_flip else ())
 
-    def sized(self, repeats_too_often: bool) -> DataConfig:
+    def sized(self, repeats_too_often: bool, mirror_safe: bool) -> DataConfig:
         """These options with ``augment_views`` decided when it is unset: the image and its mirror image (two views,
         whole images, captions' --augment-flip-words exchanged) for a run that would repeat its image-caption pairs
-        too often (the trainer's ``sizing.repeats_too_often``), else none. Set options are kept as they are."""
+        too often (the trainer's ``sizing.repeats_too_often``) on data known to mean the same mirrored
+        (``mirror_safe``: the built-in shapes data, whose captions exchange left and right), else none: a mirror
+        image of text, a digit, a map or a face with a caption naming a side is another picture. Set options are
+        kept as they are."""
         if self.augment_views is not None:
             return self
-        if repeats_too_often:
+        if repeats_too_often and mirror_safe:
             return replace(self, augment_views=2, augment_scale=1.0, augment_flip=True)
         return replace(self, augment_views=1)
 
@@ -101,6 +111,7 @@ class DataConfig:
         check_number("reading-ratio", self.reading_ratio, 0, 1)
         check_number("cond-dropout", self.cond_dropout, 0, 1, hi_open=True)
         check_not_file("cache-dir", self.cache_dir)
+        check_number("loader-workers", self.loader_workers, 0, 64)
         if self.augment_views is not None:
             check_number("augment-views", self.augment_views, 1, MAX_AUGMENT_VIEWS)
         if (self.augment_views or 1) == 1 and (self.augment_scale is not None or self.augment_flip):
