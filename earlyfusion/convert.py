@@ -52,6 +52,7 @@ from earlyfusion.core.rundir import (
     CONFIG,
     IMAGE_TOKENIZER_DIR,
     IMPORTED_DIR,
+    LORA,
     PERMUTATION,
     VOCAB_DIR,
     WEIGHTS,
@@ -77,7 +78,7 @@ from earlyfusion.tokenizer.vocab_layout import HF_CONFIG_FILE, TOKENIZER_FILE
 from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
 from earlyfusion.tokenizer.vqgan import FORMAT as VQGAN_FORMAT
 from earlyfusion.tokenizer.vqgan_import import convert_vqgan
-from earlyfusion.training.data.runs import decoder_run_config
+from earlyfusion.training.data.runs import decoder_run_config, load_run
 
 INDEX = "model.safetensors.index.json"
 # the source's small files kept in RUN/imported/ and written back by export (config.json is rewritten)
@@ -294,7 +295,8 @@ def _vq_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def export(cfg: ExportConfig) -> Path:
     root, ckpt = resolve_checkpoint(cfg.checkpoint)
     out = Path(cfg.out)
-    saved = decoder_run_config(cfg.checkpoint, root, ckpt)["decoder"]  # as written: may lack weight_layout
+    run_config = decoder_run_config(cfg.checkpoint, root, ckpt)
+    saved = run_config["decoder"]  # as written: may lack weight_layout
     dcfg = DecoderConfig.from_dict(saved)
     vocab = Vocabulary.load(root / VOCAB_DIR)
     if dcfg.vocab_size != vocab.vocab_size:
@@ -326,7 +328,13 @@ def export(cfg: ExportConfig) -> Path:
                                  eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     except ValueError as e:
         raise UserError(f"{ckpt}: cannot be exported: {e}") from None
-    ours_specs = safetensors_specs(ckpt / WEIGHTS)
+    if isinstance(run_config.get(LORA), dict):  # a LoRA run: its base with the adapters merged in, in memory
+        merged = load_run(ckpt).decoder.state_dict()
+        ours_specs = {k: (v.dtype, tuple(v.shape)) for k, v in merged.items()}
+        weights = lambda: iter(merged.items())  # noqa: E731
+    else:
+        ours_specs = safetensors_specs(ckpt / WEIGHTS)
+        weights = lambda: _read_tensors([ckpt / WEIGHTS])  # noqa: E731
     hf_config.architectures = ["ChameleonForConditionalGeneration"]
     hf_config.dtype = str(ours_specs["tok_emb.weight"][0]).removeprefix("torch.")
     current = upgrade_state_dict(_meta(ours_specs), saved)  # the shapes in nn.Linear's layout
@@ -334,7 +342,7 @@ def export(cfg: ExportConfig) -> Path:
     specs.update({k: (v.dtype, tuple(v.shape)) for k, v in vq_state.items()})
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in _read_tensors([ckpt / WEIGHTS]):
+        for name, t in weights():
             t = upgrade_state_dict({name: t}, saved)[name]  # nn.Linear's layout, whatever the run was written in
             if order is not None:
                 t = reorder_vocab(name, t, order)

@@ -197,12 +197,14 @@ def test_two_process_gloo_matches_one_process(tiny_pipeline: TinyPipeline, tmp_p
     pytest.importorskip("accelerate")
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train_argv(tiny_pipeline, one, 6))
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "earlyfusion.cli",
-            *map(str, tiny_train_argv(tiny_pipeline, two, 6))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # torch.distributed.run starts two gloo processes that accelerate sees as multi-CPU (its own `launch --cpu` starts
+    # one process without mpirun)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "earlyfusion", *map(str, tiny_train_argv(tiny_pipeline, two, 6))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr, res.stderr[-3000:]  # two processes really trained
     a, b = _losses(one), _losses(two)
     assert [s for s, _ in a] == [s for s, _ in b]
     for (_, x), (_, y) in zip(a, b):

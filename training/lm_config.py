@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from earlyfusion.core.options import MAX_BATCH, MAX_SEED, check_not_file, check_number
+from earlyfusion.core.options import MAX_BATCH, MAX_SEED, MAX_STEPS, check_not_file, check_number
 from earlyfusion.model.decoder import DECODER_PRESETS
+from earlyfusion.model.lora import LORA_TARGETS, LoraSpec
 from earlyfusion.training.data import DataConfig
 from earlyfusion.training.data.config import MANY_PASSES  # noqa: F401 - named in help texts
 from earlyfusion.training.sizing import SIZED_IMAGE_TOKEN_NOISE  # noqa: F401 - named in help texts
@@ -31,9 +32,20 @@ class TrainConfig:
     """Run directory (or one of its checkpoints/step-* directories) whose decoder weights start this run: ours or an
     imported Chameleon/Anole run. Its vocabulary and image tokenizer are used; a `--vocab` or `--image-tokenizer`
     given as well must match them."""
-    trainable: Literal["all", "image-head"] = "all"
-    """Which weights train: all, or image-head = only the output-layer rows of the image ids (Anole's recipe for
-    teaching a text-only checkpoint to draw; every other weight stays exactly as the init run's)."""
+    trainable: Literal["all", "image-head", "lora"] = "all"
+    """Which weights train: all; image-head = only the output-layer rows of the image ids (Anole's recipe for teaching
+    a text-only checkpoint to draw; every other weight stays exactly as the init run's); lora = low-rank adapters
+    (peft's LoRA) on the --lora-targets projections of the init run, which stays frozen: a fraction of the memory of
+    full fine-tuning, and checkpoints that hold only the adapters with a pointer to the init run."""
+    lora_rank: int = 16
+    """Rank of each LoRA adapter (with --trainable lora); higher learns more and costs more memory."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator: the adapters' update is scaled by alpha / rank; unset = twice the rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (with --trainable lora)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that get adapters, by module name: qkv (attention's q/k/v), proj (attention's output), gate_up and
+    down (the MLP)."""
     preset: str | None = None
     """Decoder size preset: tiny (tests), small (CPU demo), base (~100M), chameleon-7b. Unset = small, or the shape of
     the init run (a preset given with `--init-from` must describe that shape)."""
@@ -97,6 +109,11 @@ class TrainConfig:
     fp32 elsewhere; weights, optimizer state and losses stay fp32. Use no for bit-exact fp32 runs."""
     log_every: int = 10
     """Print a log line every K steps (the progress bar updates every step)."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """How the processes of `accelerate launch` hold the decoder: none = each holds all of it (DDP); fsdp = each
+    holds 1/N of the weights, gradients and AdamW state (FSDP2, one unit per transformer block) and checkpoints
+    hold them as shards beside the whole model.safetensors. Either trains the same steps; accelerate's FSDP config
+    turns fsdp on. With fsdp no sample sheets are drawn during training. See docs/several-gpus.md."""
 
     def __post_init__(self):
         if self.init_from is None:
@@ -107,14 +124,25 @@ class TrainConfig:
                 self.preset = "small"
         if self.final not in ("last", "best"):
             raise ValueError(f"--final {self.final!r} is not one of last, best")
-        if self.trainable not in ("all", "image-head"):
-            raise ValueError(f"--trainable {self.trainable!r} is not one of all, image-head")
-        if self.trainable == "image-head" and self.init_from is None:
-            raise ValueError("--trainable image-head trains only the output layer of a trained decoder; give --init-from RUN")
+        if self.sharding not in ("none", "fsdp"):
+            raise ValueError(f"--sharding {self.sharding!r} is not one of none, fsdp")
+        if self.trainable not in ("all", "image-head", "lora"):
+            raise ValueError(f"--trainable {self.trainable!r} is not one of all, image-head, lora")
+        if self.trainable != "all" and self.init_from is None:
+            raise ValueError(f"--trainable {self.trainable} adapts a trained decoder; give --init-from RUN")
+        check_number("lora-rank", self.lora_rank, 1, 4096)
+        if self.lora_alpha is not None:
+            check_number("lora-alpha", self.lora_alpha, 0)
+        check_number("lora-dropout", self.lora_dropout, 0, 1, hi_open=True)
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ValueError(f"--lora-targets {' '.join(self.lora_targets)}: choose among {', '.join(LORA_TARGETS)}")
+        if self.trainable == "lora" and self.sharding != "none":
+            raise ValueError("--trainable lora keeps the base frozen and small adapters: train it without --sharding")
         if self.preset is not None and self.preset not in DECODER_PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(DECODER_PRESETS)}")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            check_number(name.replace("_", "-"), getattr(self, name), 1)
+            check_number(name.replace("_", "-"), getattr(self, name), 1, MAX_STEPS)
         check_number("batch-size", self.batch_size, 1, MAX_BATCH)
         if self.micro_batch_size is not None:
             check_number("micro-batch-size", self.micro_batch_size, 1, MAX_BATCH)
@@ -124,7 +152,9 @@ class TrainConfig:
         if self.lr == 0:
             raise ValueError("--lr must be positive, got 0")
         check_number("min-lr-ratio", self.min_lr_ratio, 0, 1)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "z_loss", "eval_every", "max_nonfinite"):
+        for name in ("warmup_steps", "eval_every", "max_nonfinite"):
+            check_number(name.replace("_", "-"), getattr(self, name), 0, MAX_STEPS)
+        for name in ("weight_decay", "grad_clip", "z_loss"):
             check_number(name.replace("_", "-"), getattr(self, name), 0)
         if self.dropout is not None:
             check_number("dropout", self.dropout, 0, 1, hi_open=True)
@@ -135,3 +165,10 @@ class TrainConfig:
             raise ValueError(f"--val-split {self.val_split!r} must name a split folder, e.g. val or test")
         for name in ("out", "init_from"):
             check_not_file(name.replace("_", "-"), getattr(self, name))  # the data options are validated by DataConfig
+
+    def lora(self) -> LoraSpec | None:
+        """The adapters' shape under --trainable lora (None otherwise)."""
+        if self.trainable != "lora":
+            return None
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return LoraSpec(self.lora_rank, alpha, self.lora_dropout, tuple(self.lora_targets))

@@ -25,11 +25,16 @@ last step is always checkpointed, skipped or not.
 ``--init-from RUN`` starts from another run's decoder weights (ours, or an imported Chameleon/Anole
 run) with that run's shape, vocabulary and image tokenizer; ``--trainable image-head`` then trains only
 the output-layer rows of the image ids and leaves every other weight exactly as it was.
+
+``--sharding fsdp`` shards the decoder over the processes (``training.sharding``): built and restored whole, then
+sharded before its optimizer is made; held-out loss is then computed by every process together (a sharded
+model's forward passes need them all) and no sample sheets are drawn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,25 +42,30 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from earlyfusion.core.checkpoint import load_json, load_weights, weights_fingerprint
+from earlyfusion.core.checkpoint import load_json, read_weights, weights_fingerprint
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.core.rundir import (
+    ADAPTERS,
     CHECKPOINTS_DIR,
     CONFIG,
     IMAGE_GRIDS,
     IMAGE_TOKENIZER_DIR,
+    LORA,
     LOSS_CURVES,
     SAMPLES_DIR,
     VOCAB_DIR,
     WEIGHTS,
     prepare_run_dir,
+    write_adapters,
     write_decoder,
 )
 from earlyfusion.core.runtime import use_all_cores
 from earlyfusion.model.attention_plan import attention_plan
 from earlyfusion.model.compile import compiled
 from earlyfusion.model.decoder import Decoder
+from earlyfusion.model.lora import adapter_state, add_adapters, load_adapters
+from earlyfusion.model.upgrade import upgrade_optimizer_state
 from earlyfusion.tokenizer.vq_checkpoint import load_vqvae
 from earlyfusion.training.best import BestModel, finish_run, heldout_score
 from earlyfusion.training.data import (
@@ -69,10 +79,13 @@ from earlyfusion.training.data import (
     training_batches,
     validation_split,
 )
+from earlyfusion.training.data.runs import load_decoder_weights
 from earlyfusion.training.lm_config import TrainConfig
 from earlyfusion.training.lm_inputs import Inputs, freeze_to_image_head, mask_to_image_head, read_inputs, too_short
 from earlyfusion.training.lm_loss import TokenLosses, lm_loss
+from earlyfusion.training.memory import memory_line, planned_bytes
 from earlyfusion.training.monitor import loss_curves_png, sample_sheet, tensorboard_writer, validation_losses
+from earlyfusion.training.sharding import zero_grad_rows_outside
 from earlyfusion.training.sizing import pair_passes, say_epochs, sized_options
 from earlyfusion.training.trainer import Trainer, check_identity, source_key, warmup_cosine_lr
 
@@ -182,23 +195,36 @@ def validation_split_of(cfg: TrainConfig) -> str | None:
 
 def build_model(cfg: TrainConfig, inputs: Inputs, trainer: Trainer):
     """(decoder, optimizer, the training state of the resumed checkpoint or None): fp32 master weights, initialised
-    from --init-from, frozen to the image head with --trainable image-head, restored on --resume."""
+    from --init-from, frozen to the image head with --trainable image-head, restored on --resume, sharded under
+    --sharding fsdp."""
     set_seed(cfg.seed)
     model = Decoder(inputs.decoder)  # fp32 master weights, whatever dtype the --init-from file holds
-    if inputs.init is not None and trainer.ckpt is None:
-        load_weights(inputs.init / WEIGHTS, model)
+    lora = cfg.lora()
+    if inputs.init is not None and (trainer.ckpt is None or lora is not None):  # a LoRA run's base: always the init's
+        load_decoder_weights(inputs.init, model)  # converts a checkpoint of the earlier (in, out) layout
         log.info("initialised from %s", inputs.init)
     if cfg.trainable == "image-head":
         freeze_to_image_head(model)
-    optimizer = make_optimizer(model, cfg)
+    if lora is not None:
+        add_adapters(model, lora)
+    saved = load_json(trainer.ckpt / CONFIG) if trainer.ckpt is not None else None
+    if saved is not None and lora is not None:
+        load_adapters(model, read_weights(trainer.ckpt / ADAPTERS))
+    elif saved is not None:  # whole weights load before sharding (a sharded run's too)
+        load_decoder_weights(trainer.ckpt, model, saved)
+    model = trainer.shard(model)
+    optimizer = make_optimizer(model, cfg)  # over the shards when sharded
+    log.info(memory_line(planned_bytes(model), trainer.world, trainer.sharded))
     state = None
     if trainer.ckpt is not None:
-        load_weights(trainer.ckpt / WEIGHTS, model)
         state = trainer.load_state()
+        # AdamW's moments follow their weights' layout (a checkpoint of the earlier layout has them transposed)
+        if "optimizer" in state:  # not in a sharded checkpoint: its shards were written in the current layout
+            state["optimizer"] = upgrade_optimizer_state(state["optimizer"], optimizer, model, saved["decoder"])
         if state.get("precision", trainer.mp) != trainer.mp:  # this command's choice wins: the machine may differ
             log.warning("steps up to %d ran with --mixed-precision %s and the rest run with %s: the losses will not be "
                         "those of one uninterrupted run", state["step"], state["precision"], trainer.mp)
-        trainer.restore(state, optimizer)
+        trainer.restore(state, optimizer, model)
         if trainer.rank != 0:
             torch.manual_seed(cfg.seed + 1000003 * trainer.rank + state["step"])
     return model, optimizer, state
@@ -212,7 +238,12 @@ def train(cfg: TrainConfig) -> Path:
     trainer = Trainer(out=out, checkpoints=out / CHECKPOINTS_DIR, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                       keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite,
                       grad_clip=cfg.grad_clip, batch_size=cfg.batch_size, precision=cfg.mixed_precision,
-                      resume=cfg.resume, desc="train")
+                      resume=cfg.resume, desc="train", sharding=cfg.sharding)
+    if trainer.sharding == "fsdp" and cfg.compile:  # the compiled step cannot trace FSDP's gathering of the weights
+        raise UserError("--compile does not work with --sharding fsdp (or accelerate's FSDP config); drop one of them")
+    if trainer.sharding == "fsdp" and cfg.trainable == "lora":  # adapters are written from unsharded modules
+        raise UserError("--trainable lora does not work with --sharding fsdp (or accelerate's FSDP config) yet; "
+                        "train the adapters with --sharding none")
     per_proc = cfg.batch_size // trainer.world
     micro = cfg.micro_batch_size or per_proc
     if per_proc % micro:
@@ -261,14 +292,26 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
     writer = tensorboard_writer(out) if main else None
     grids = {IMAGE_GRIDS: [list(g) for g in batches.data.grids]} if vocab.grid_tokens else {}
 
+    lora = cfg.lora()
+    adapts = {} if lora is None else {LORA: {**lora.to_dict(), "base": str(inputs.init.resolve()),
+                                             "base_weights": weights_fingerprint(inputs.init, WEIGHTS)}}
+
     def run_config(step: int, **extra) -> dict:
         return {"decoder": inputs.decoder.to_dict(), "train": asdict(cfg), "step": step,
-                "context_len": inputs.context_len, "identity": identity, **grids, **extra}
+                "context_len": inputs.context_len, "identity": identity, **grids, **adapts, **extra}
+
+    def write_weights(tmp: Path, weights, config: dict) -> None:
+        """A LoRA run writes its adapters alone (its config names the base); any other run its whole weights."""
+        if lora is not None:
+            write_adapters(tmp, adapter_state(raw_model), config)
+        else:
+            write_decoder(tmp, weights, config)
 
     def save_checkpoint(step: int) -> None:
-        trainer.save(step, optimizer, lambda tmp: write_decoder(tmp, raw_model, run_config(step)),
+        weights = trainer.weights(raw_model)  # a sharded model's, gathered by every process
+        trainer.save(step, optimizer, lambda tmp: write_weights(tmp, weights, run_config(step)),
                      {"data": batches.state_dict(), "best": best.state_dict(), "attention": attention.kernel,
-                      "precision": trainer.mp})
+                      "precision": trainer.mp}, model=raw_model)
 
     image_ids = vocab.image_range if cfg.trainable == "image-head" else None
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -276,6 +319,8 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
              n_params / 1e6, inputs.context_len, vocab.vocab_size, trainer.world, trainer.mp)
     log.info(f"precision: {trainer.precision_why}")  # after every check that can refuse the run: an error stays one line
     log.info("attention: %s", attention.describe())
+    if trainer.sharded and heldout:
+        log.info("--sharding fsdp: no sample sheets during training (`earlyfusion sample` draws from a checkpoint)")
     if image_ids is None:
         log.info("training all %d parameters", n_params)
     else:
@@ -293,7 +338,9 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
                                       seed=cfg.seed, step=step)
             batch = dict(batch, tokens=noisy)
         totals, out_norm = accumulate_gradients(trainer, model, forward, batch, micro, cfg.z_loss)
-        if image_ids is not None:
+        if image_ids is not None and trainer.sharded:
+            zero_grad_rows_outside(raw_model.output.weight, image_ids)
+        elif image_ids is not None:
             mask_to_image_head(raw_model, image_ids)
         gnorm = trainer.clip(model.parameters())
         loss_val = (totals["sum_all"] + cfg.z_loss * totals["sum_z"]) / max(totals["n_all"], 1)
@@ -312,13 +359,18 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
             t_last = now
             if heldout and (cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps):
                 raw_model.eval()
+                if main or trainer.sharded:  # a sharded model's forward passes need every process
+                    val = trainer.same(validation_losses(raw_model, vocab, heldout, device=trainer.device))
+                    score = heldout_score(val)
+                    weights = trainer.weights(raw_model) if math.isfinite(score) and score < best.score else raw_model
+                    turned_up = best.observe(done, val, lambda tmp: write_weights(tmp, weights, run_config(done, heldout=val)))
                 if main:
-                    val = validation_losses(raw_model, vocab, heldout, device=trainer.device)
-                    record.update({f"val_{k}": v for k, v in val.items()}, val_loss=heldout_score(val))
-                    turned_up = best.observe(done, val, lambda tmp: write_decoder(tmp, raw_model, run_config(done, heldout=val)))
+                    record.update({f"val_{k}": v for k, v in val.items()}, val_loss=score)
                     if turned_up:
                         log.warning("%s", turned_up)
-                    sample_sheet(raw_model, vocab, vq, heldout, out / SAMPLES_DIR / f"step-{done:08d}.png", seed=cfg.seed)
+                    if not trainer.sharded:
+                        sample_sheet(raw_model, vocab, vq, heldout, out / SAMPLES_DIR / f"step-{done:08d}.png",
+                                     seed=cfg.seed)
                 trainer.accelerator.wait_for_everyone()
             line = (f"step {done}/{cfg.steps} loss {loss_val:.4f} text {_fmt(record['loss_text'])} "
                     f"image {_fmt(record['loss_image'])} gnorm {gnorm:.2f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")

@@ -7,6 +7,11 @@ non-finite guard, the optimizer step, checkpoints (the optimizer, RNG and loop c
 adds; written crash-safely, old ones pruned), metrics.jsonl and the progress bar and log lines. The trainers keep
 the model, the loss, the batches and what else a checkpoint holds.
 
+With ``sharding="fsdp"`` (``training.sharding``) the model is sharded over the processes instead of wrapped in DDP,
+and a checkpoint holds the weights and optimizer state as DCP shards written by every process into the same
+temporary directory, which the main process renames once all have written; the gathered weights are written
+beside them like any other checkpoint's.
+
 Nothing here draws random numbers, so a resumed run reproduces an uninterrupted one exactly as long as each
 trainer saves and restores its own state.
 """
@@ -22,12 +27,25 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from earlyfusion.core.checkpoint import atomic_dir, latest_good, load_state, prune, save_state, step_dir, step_dirs
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log, progress
 from earlyfusion.core.rundir import METRICS, check_fresh, run_lock
 from earlyfusion.core.runtime import autocast, mixed_precision
+from earlyfusion.training.sharding import (
+    SHARDED_DIR,
+    Weights,
+    all_finite,
+    full_weights,
+    global_norm,
+    is_sharded,
+    load_sharded,
+    main_value,
+    save_sharded,
+    shard_decoder,
+)
 
 STATE = "state"
 """The name of a checkpoint's training-state files (``state.*``; see ``save_state``)."""
@@ -46,7 +64,7 @@ def _metrics_step(line: bytes) -> int | None:
     """The step of one metrics.jsonl line, or None when the line is not a JSON object with an int "step"."""
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an over-long integer, or nesting deeper than the stack
         return None
     step = obj.get("step") if isinstance(obj, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
@@ -130,11 +148,18 @@ class Trainer:
 
     def __init__(self, *, out: Path, checkpoints: Path, steps: int, checkpoint_every: int, keep_checkpoints: int,
                  log_every: int, max_nonfinite: int, grad_clip: float, batch_size: int, precision: str, resume: bool,
-                 desc: str):
+                 desc: str, sharding: str | None = None):
         self.mp, self.precision_why = mixed_precision(precision)
         self.accelerator = Accelerator(mixed_precision="no")  # autocast is ours: one choice, logged, per command
         acc = self.accelerator
         self.rank, self.world, self.main, self.device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
+        # sharding None: this trainer does not shard (accelerate's prepare does what its config says); "none" or
+        # "fsdp": the decoder's own choice, and accelerate's FSDP config (on GPUs) asks for "fsdp"
+        if sharding == "none" and acc.distributed_type == DistributedType.FSDP:
+            log.info("accelerate's config enables FSDP: the decoder is sharded as with --sharding fsdp")
+            sharding = "fsdp"
+        self.sharding = sharding
+        self.sharded = sharding == "fsdp" and self.world > 1  # one process has nothing to shard over
         if batch_size % self.world:
             raise UserError(f"--batch-size {batch_size} must be divisible by the number of processes ({self.world})")
         self.out, self.checkpoints = Path(out), Path(checkpoints)
@@ -187,15 +212,32 @@ class Trainer:
         """The resumed checkpoint's training state (``self.ckpt`` must be set)."""
         return load_state(self.ckpt, STATE)
 
-    def restore(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
-        """What every trainer restores from a checkpoint's state: the optimizer, the RNG and the loop counters."""
-        optimizer.load_state_dict(state["optimizer"])
+    def restore(self, state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> None:
+        """What every trainer restores from a checkpoint's state: the optimizer, the RNG and the loop counters.
+        A checkpoint of --sharding fsdp holds the weights and optimizer as shards, loaded into ``model`` and
+        ``optimizer`` on any number of processes, sharded or not."""
+        if (self.ckpt / SHARDED_DIR).is_dir() and model is not None:
+            load_sharded(self.ckpt, model, optimizer)
+        elif "optimizer" not in state:
+            raise UserError(f"--resume: {self.ckpt} holds sharded state (--sharding fsdp) that this trainer cannot read")
+        elif self.sharded:
+            raise UserError(f"--resume: {self.ckpt} was written without --sharding fsdp; resume it without "
+                            "--sharding fsdp (its optimizer state is not sharded)")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.start_step, self.skipped = int(state["step"]), int(state["skipped_nonfinite"])
         self.bad_in_row = int(state.get("bad_in_row", 0))
         log.info("resumed from %s (step %d)", self.ckpt, self.start_step)
 
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model sharded over the processes under --sharding fsdp (before its optimizer is made: the optimizer
+        must hold the shards); as it is otherwise."""
+        return shard_decoder(model, self.device) if self.sharded else model
+
     def prepare(self, *objects):
+        if self.sharded:  # already spread over the processes; DDP would all-reduce what FSDP reduce-scatters
+            return objects
         return self.accelerator.prepare(*objects)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -217,8 +259,15 @@ class Trainer:
         self.accelerator.backward(loss)
 
     def clip(self, parameters) -> float:
-        """Clip the gradient norm to --grad-clip (0: no clipping) and return the norm before clipping."""
+        """Clip the gradient norm to --grad-clip (0: no clipping) and return the norm before clipping (over all the
+        shards of a sharded model: torch's clipping reduces DTensor gradients over the processes)."""
+        if self.sharded:
+            return global_norm(torch.nn.utils.clip_grad_norm_(list(parameters), self.grad_clip))
         return float(self.accelerator.clip_grad_norm_(parameters, self.grad_clip))
+
+    def same(self, value):
+        """The main process's ``value`` on every process (a sharded model's processes must take the same branches)."""
+        return main_value(value, self.main) if self.sharded else value
 
     def mean(self, value: float) -> float:
         """``value`` averaged over the processes."""
@@ -291,23 +340,56 @@ class Trainer:
         due, self._owed = periodic or self._owed, False
         return due
 
-    def save(self, step: int, optimizer, write: Callable[[Path], None], state: dict) -> Path | None:
+    def weights(self, model: torch.nn.Module) -> torch.nn.Module | Weights:
+        """What ``rundir.write_decoder`` writes ``model``'s weights from: the model, or the weights of a sharded one
+        gathered to the main process (every process must call it then)."""
+        return full_weights(model) if is_sharded(model) else model
+
+    def save(self, step: int, optimizer, write: Callable[[Path], None], state: dict,
+             model: torch.nn.Module | None = None) -> Path | None:
         """Checkpoint ``step`` (main process): ``write(tmp_dir)`` writes the weights and config, the training state
-        holds ``state`` with the optimizer, RNG and loop counters; written crash-safely, then old ones pruned."""
+        holds ``state`` with the optimizer, RNG and loop counters; written crash-safely, then old ones pruned.
+        Under --sharding fsdp every process writes its shards of ``model`` and ``optimizer`` (``save_sharded``)
+        into the main process's temporary directory before the main process renames it."""
         dest = None
         params = [q for g in optimizer.param_groups for q in g["params"]]
-        if not all(bool(torch.isfinite(q).all()) for q in params):
+        if not all_finite(params):
             raise UserError(f"stopped: the weights are not finite after step {step}, so they were not saved; "
                             f"{self.last_good_words()}. Lower --lr or check the data, and resume from it")
-        if self.main:
-            full = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "skipped_nonfinite": self.skipped, "bad_in_row": self.bad_in_row, **state}
+        full = {"rng": torch.get_rng_state(), "step": step, "skipped_nonfinite": self.skipped,
+                "bad_in_row": self.bad_in_row, **state}
+        if self.sharding == "fsdp" and model is not None:
+            dest = self.save_shards(step, optimizer, write, full, model)
+        elif self.main:
             dest = step_dir(self.checkpoints, step)
             with atomic_dir(dest) as tmp:
                 write(tmp)
-                save_state(tmp, STATE, full)
+                save_state(tmp, STATE, {"optimizer": optimizer.state_dict(), **full})
+        if self.main:
             prune(self.checkpoints, self.keep)
         self.accelerator.wait_for_everyone()
+        return dest
+
+    def save_shards(self, step: int, optimizer, write: Callable[[Path], None], full: dict,
+                     model: torch.nn.Module) -> Path | None:
+        dest = step_dir(self.checkpoints, step) if self.main else None
+        with ExitStack() as stack:
+            tmp, error = None, None
+            if self.main:
+                try:
+                    tmp = stack.enter_context(atomic_dir(dest))
+                    write(tmp)
+                    save_state(tmp, STATE, full)
+                except Exception as e:  # noqa: BLE001 - raised below, once the others know not to wait for it
+                    tmp, error = None, e
+            tmp = self.same(tmp)  # every process writes into the main process's temporary directory
+            if error is not None:
+                raise error
+            if tmp is None:
+                raise UserError(f"stopped: the main process could not write the checkpoint of step {step} "
+                                f"(its log says why); {self.last_good_words()}")
+            save_sharded(tmp, model, optimizer)
+            self.accelerator.wait_for_everyone()  # all shards are written before the main process renames it
         return dest
 
     # ------------------------------------------------------------ after the last step

@@ -7,6 +7,8 @@ loads one).
       checkpoints/step-XXXXXXXX/ model.safetensors + config.json (+ state.* for --resume), MANIFEST.json; with a
                                  grid-token vocabulary config.json lists the code grids trained on (``trained_grids``)
       checkpoints/best/          the weights with the lowest held-out loss so far (never pruned)
+                                 (a LoRA run, `train --trainable lora`, stores adapters.safetensors instead of the
+                                 weights, and its config.json names the base checkpoint under "lora")
       final.json                 {"checkpoint": "best"} when the run's model is checkpoints/best (`train --final best`)
       metrics.jsonl, samples/, loss_curves.png
       imported/                  runs made by `earlyfusion import`: the permutation between our ids and the
@@ -37,9 +39,9 @@ from earlyfusion.core.checkpoint import (
     MANIFEST,
     CheckpointError,
     copy_dir,
-    manifest_files,
     latest_good,
     load_json,
+    manifest_files,
     save_json,
     save_weights,
     stream_safetensors,
@@ -51,6 +53,8 @@ VOCAB_DIR = "vocab"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
+ADAPTERS = "adapters.safetensors"  # a LoRA run's checkpoints: the adapters alone (config.json names the base)
+LORA = "lora"  # key of a LoRA checkpoint's config.json: the adapters' shape and the base checkpoint they adapt
 CONFIG = "config.json"
 IMPORTED_DIR = "imported"
 PERMUTATION = "permutation.json"
@@ -65,6 +69,12 @@ IMAGE_GRIDS = "image_grids"  # key of a checkpoint's config.json: the code grids
 def write_decoder(directory: Path, decoder: torch.nn.Module, config: dict) -> None:
     """Write decoder weights + config (config must hold the decoder shape under "decoder")."""
     save_weights(directory / WEIGHTS, decoder.state_dict())
+    save_json(directory / CONFIG, config)
+
+
+def write_adapters(directory: Path, adapters: dict[str, torch.Tensor], config: dict) -> None:
+    """Write a LoRA run's checkpoint: its adapters alone + config (which names the base checkpoint under "lora")."""
+    save_weights(directory / ADAPTERS, adapters)
     save_json(directory / CONFIG, config)
 
 
@@ -89,7 +99,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory; pass the --out directory of `earlyfusion train`")
-    if (path / WEIGHTS).is_file() and (path / MANIFEST).is_file() and path.parent.name == CHECKPOINTS_DIR:
+    if (((path / WEIGHTS).is_file() or (path / ADAPTERS).is_file()) and (path / MANIFEST).is_file()
+            and path.parent.name == CHECKPOINTS_DIR):
         verify_dir(path)
         return path.parent.parent, path
     if (path / FINAL).is_file():

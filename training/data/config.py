@@ -55,8 +55,8 @@ class DataConfig:
     versions (encoded once, cached), and training shows each image-caption pair one of its K grids per epoch.
     Unset = sized to the data: 2 (each image and its mirror image, --augment-flip at --augment-scale 1) when the run
     would show its image-caption pairs more than {MANY_PASSES} times and the data is the built-in shapes data, whose
-    captions stay true mirrored; else 1 (mirroring changes what most real pictures mean: give --augment-views 2
-    --augment-flip where it does not). Raise it (4-8) when a small data set is still
+    captions stay true mirrored; else 1 (a mirror image changes what most real pictures mean, so other data is
+    mirrored only when asked: 2 views with mirroring on). Raise it (4-8) when a small data set is still
     memorised (held-out image loss rising while the training loss falls); 1 turns augmentation off. Interleaved
     documents keep their images unaugmented."""
     augment_scale: float | None = None

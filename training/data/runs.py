@@ -10,9 +10,26 @@ from pathlib import Path
 
 import torch
 
-from earlyfusion.core.checkpoint import CheckpointError, load_json, load_weights, read_weights, safetensors_specs
-from earlyfusion.core.rundir import CONFIG, IMAGE_GRIDS, IMAGE_TOKENIZER_DIR, VOCAB_DIR, WEIGHTS, resolve_checkpoint
+from earlyfusion.core.checkpoint import (
+    CheckpointError,
+    load_json,
+    load_weights,
+    read_weights,
+    safetensors_specs,
+    weights_fingerprint,
+)
+from earlyfusion.core.rundir import (
+    ADAPTERS,
+    CONFIG,
+    IMAGE_GRIDS,
+    IMAGE_TOKENIZER_DIR,
+    LORA,
+    VOCAB_DIR,
+    WEIGHTS,
+    resolve_checkpoint,
+)
 from earlyfusion.model.decoder import WEIGHT_LAYOUT, Decoder, DecoderConfig
+from earlyfusion.model.lora import LoraSpec, add_adapters, load_adapters, merge_adapters
 from earlyfusion.model.upgrade import upgrade_state_dict, weight_layout
 from earlyfusion.tokenizer.vocab import Vocabulary, check_vocab_matches
 from earlyfusion.tokenizer.vq_checkpoint import ARCHITECTURES, load_vqvae
@@ -42,7 +59,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
             f"{ckpt / CONFIG}: decoder vocab_size {dcfg.vocab_size} != {vocab.vocab_size} in {root / VOCAB_DIR}; "
             "the run's vocabulary was replaced"
         )
-    decoder = _build_in_file_dtype(dcfg, ckpt / WEIGHTS)
+    lora = config.get(LORA)
+    weights = lora_base(ckpt, lora) / WEIGHTS if isinstance(lora, dict) else ckpt / WEIGHTS
+    decoder = _build_in_file_dtype(dcfg, weights)
     load_decoder_weights(ckpt, decoder, config)
     decoder.to(device).eval()
     return Run(decoder=decoder, vocab=vocab, vq=vq, config=config, path=ckpt)
@@ -76,6 +95,9 @@ def load_decoder_weights(ckpt: Path, decoder: torch.nn.Module, config: dict | No
     decoder_config = config.get("decoder") if isinstance(config, dict) else None
     if not isinstance(decoder_config, dict):
         raise CheckpointError(f"{ckpt / CONFIG}: no decoder config; the file is not a decoder checkpoint's")
+    if isinstance(config.get(LORA), dict):
+        load_lora_merged(ckpt, decoder, config[LORA])
+        return
     if weight_layout(decoder_config) == WEIGHT_LAYOUT:
         load_weights(ckpt / WEIGHTS, decoder)
         return
@@ -86,6 +108,35 @@ def load_decoder_weights(ckpt: Path, decoder: torch.nn.Module, config: dict | No
         raise CheckpointError(f"{ckpt / WEIGHTS}: weights do not match the model built from the config beside it "
                               f"({' '.join(str(e).split())[:300]}). Was config.json edited, or the file copied from "
                               "another run?") from None
+
+
+def lora_base(ckpt: Path, lora: dict) -> Path:
+    """The base checkpoint a LoRA checkpoint adapts (its config's "lora" entry names it), checked unchanged."""
+    base = Path(str(lora.get("base", "")))
+    if not (base / CONFIG).is_file():
+        raise CheckpointError(f"{ckpt / CONFIG}: its LoRA adapters adapt {base}, which is not there any more; put the "
+                              "base run back where it was trained from, or export the LoRA run while it is")
+    if weights_fingerprint(base, WEIGHTS) != lora.get("base_weights"):
+        raise CheckpointError(f"{base / WEIGHTS}: changed since the LoRA run {ckpt} was trained on it; its adapters "
+                              "belong to the weights it had then")
+    return base
+
+
+def load_lora_merged(ckpt: Path, decoder: torch.nn.Module, lora: dict) -> None:
+    """The base checkpoint's weights with a LoRA checkpoint's adapters folded in (``merge_adapters``): a plain
+    decoder again, whatever the adapters were trained on."""
+    load_decoder_weights(lora_base(ckpt, lora), decoder)
+    try:
+        spec = LoraSpec.from_dict(lora)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG}: its \"lora\" entry is not a LoRA shape ({e})") from None
+    dtype = next(decoder.parameters()).dtype
+    add_adapters(decoder, spec)
+    try:
+        load_adapters(decoder, read_weights(ckpt / ADAPTERS))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / ADAPTERS}: {e}; the file does not belong to the config beside it") from None
+    merge_adapters(decoder).to(dtype)
 
 
 def trained_grids(run: Run) -> list[tuple[int, int]]:
