@@ -113,7 +113,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def data_identity(data: DataConfig) -> dict:
     """What of the data options shapes the batch stream (sources with their paths made absolute)."""
-    ident = {k: v for k, v in asdict(data).items() if k not in ("strict", "cache_dir")}
+    ident = {k: v for k, v in asdict(data).items() if k not in ("strict", "cache_dir", "loader_workers")}
     ident["sources"] = [source_key(s) for s in data.sources]
     return ident
 

@@ -30,7 +30,6 @@ being drawn become random codes, the targets stay true.
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
 import json
 from pathlib import Path
@@ -39,12 +38,15 @@ import numpy as np
 import torch
 
 from earlyfusion.core.errors import UserError
+from earlyfusion.tokenizer.vocab import check_vocab_matches
 
-from .config import IGNORE, IMAGE, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
-from .documents import DRAW, READ, UNCOND, PreparedData, pair_document, pair_overhead, prepare
+from .config import IGNORE, PIPELINE_VERSION, DataConfig
+from .documents import READ, PreparedData, pair_document, pair_overhead, prepare
 from .records import SkipReport
-
-LOOKAHEAD = 16
+from .sources import resolve_sources
+from .stream import StreamedBatches, streamed_batches
+from .rows import LOOKAHEAD  # noqa: F401 - the look-ahead is read from here by bench/bench_scale.py
+from .rows import batch_of, first_fit_row, mixture_part, pair_variant, row_arrays
 
 
 def _seed_for(*parts) -> int:
@@ -117,17 +119,12 @@ class PackedBatches:
 
     def _draw(self) -> tuple[tuple[int, int, int, int], np.ndarray]:
         r0, r1, r2 = torch.rand(3, generator=self._gen, dtype=torch.float64).tolist()
-        p = min(bisect.bisect_right(self._cum, r0), len(self._cum) - 1)
+        p = mixture_part(self._cum, r0)
         item = self._take(p)
-        variant = READ
         part = self.data.parts[p]
+        variant = READ
         if part.kind == "pairs":
-            if len(part.captions[item]) == 0:
-                variant = UNCOND
-            elif r1 < self.reading_ratio:
-                variant = READ
-            else:
-                variant = UNCOND if r2 < self.cond_dropout else DRAW
+            variant = pair_variant(len(part.captions[item]) > 0, r1, r2, self.reading_ratio, self.cond_dropout)
         desc = (p, item, variant, self._view(p, item))
         return desc, self._document(*desc)
 
@@ -140,44 +137,17 @@ class PackedBatches:
             return self.vocab.span_length(part.grid(item))
         return 0
 
-    def _row(self) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
-        row, room = [], self.T
-        while room >= 2:
-            while len(self._pending) < LOOKAHEAD:
-                self._pending.append(self._draw())
-            i = next((i for i, (_, d) in enumerate(self._pending) if len(d) <= room), None)
-            if i is None:
-                break
-            row.append(self._pending.pop(i))
-            room -= len(row[-1][1])
-        return row
-
     # ------------------------------------------------------------ batches
     def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        B, T, v = self.B, self.T, self.vocab
-        tokens = torch.full((B, T), v.pad, dtype=torch.long)
-        targets = torch.full((B, T), IGNORE, dtype=torch.long)
-        positions = torch.zeros((B, T), dtype=torch.long)
-        doc_ids = torch.full((B, T), -1, dtype=torch.long)
-        for r in range(B):
-            o = 0
-            for k, (desc, doc) in enumerate(self._row()):
-                n = len(doc)
-                t = torch.from_numpy(doc.astype(np.int64))
-                tokens[r, o:o + n] = t
-                targets[r, o:o + n - 1] = t[1:]
-                targets[r, o:o + self._untrained_prefix(desc)] = IGNORE
-                positions[r, o:o + n] = torch.arange(n)
-                doc_ids[r, o:o + n] = k
-                o += n
-            positions[r, o:] = torch.arange(T - o)
-        is_image = v.is_image_part(targets)
-        modality = torch.where(targets == IGNORE, NO_TARGET, torch.where(is_image, IMAGE, TEXT)).to(torch.int8)
+        rows = []
+        for _ in range(self.B):
+            row = first_fit_row(self._pending, self._draw, self.T)
+            rows.append([(doc, self._untrained_prefix(desc)) for desc, doc in row])
         self.batches += 1
-        return {"tokens": tokens, "targets": targets, "positions": positions, "doc_ids": doc_ids, "modality": modality}
+        return batch_of(row_arrays(rows, self.vocab.pad, self.T), self.vocab)
 
     def sharded(self, rank: int, world: int) -> ShardedBatches:
         return ShardedBatches(self, rank, world)
@@ -244,10 +214,15 @@ class ShardedBatches:
 
 
 def training_batches(cfg: DataConfig, *, vocab, image_tokenizer: str | Path, context_len: int, batch_size: int,
-                     seed: int, fit_captions: bool = False) -> PackedBatches:
+                     seed: int, fit_captions: bool = False) -> PackedBatches | StreamedBatches:
     """What the trainer calls: prepare the sources and return the packed global-batch stream (``fit_captions``:
-    see ``prepare``)."""
+    see ``prepare``); code shards (``earlyfusion encode``) are streamed instead (``stream.StreamedBatches``)."""
     _check_shape(context_len, batch_size)
+    specs = resolve_sources(cfg.sources, cfg.split)
+    if any(s.stream for s in specs):
+        return streamed_batches(cfg, specs, vocab=vocab, context_len=context_len, batch_size=batch_size, seed=seed,
+                                image_tokenizer_fingerprint=check_vocab_matches(vocab, image_tokenizer, "training data"),
+                                fit_captions=fit_captions)
     data = prepare(cfg, vocab, image_tokenizer, context_len=context_len, seed=seed, fit_captions=fit_captions)
     return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
                          cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed)

@@ -6,10 +6,14 @@ Each source is optionally ``SPEC:WEIGHT``:
     the source's weight): ``DIR/train`` (or DIR itself) image-caption pairs in the imagefolder layout,
     ``DIR/interleaved.jsonl``, ``DIR/text.jsonl``. ``DIR/test`` is held out (``heldout_pairs``);
   * an interleaved ``.jsonl``, a text ``.jsonl`` or a ``.txt`` (formats in ``records``);
-  * a hub data set name (image + text columns -> pairs, text column only -> text documents).
+  * a hub data set name (image + text columns -> pairs, text column only -> text documents);
+  * WebDataset tar shards (``shards/{00000..00099}.tar``, one .tar, or a directory of .tar files; ``tar_shards``):
+    image-caption pairs read as a stream (``PartSpec.stream`` "tar");
+  * a directory of code shards (``earlyfusion encode``; recognised by its manifest, ``code_shards``): image-caption
+    pairs already encoded, which training streams (``PartSpec.stream`` "codes").
 The mixture weight is the probability that the next document comes from that part.
 
-``iter_image_text`` reads (image, caption) pairs for the image tokenizer: an imagefolder directory, or
+``iter_image_text`` reads (image, caption) pairs for the image tokenizer: an imagefolder directory, tar shards, or
 a hub data set name (or a local data set directory of parquet/arrow files) via ``datasets``, with
 ``image_column`` / ``text_column``; hub images are read with ``Image(decode=False)`` and decoded by
 our own ``load_image`` so that a bad image is counted, not fatal. ``iter_texts`` gives every text of
@@ -18,7 +22,7 @@ the training parts, for the BPE, up to ``records.MAX_TEXT_CHARS`` characters eac
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +35,7 @@ from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.tokenizer.preprocess import ImageError, is_image_file, load_image
 
+from .code_shards import CodeSet, is_code_dir
 from .records import (
     MAX_TEXT_CHARS,
     METADATA_NAMES,
@@ -42,6 +47,7 @@ from .records import (
     split_root,
     text_records,
 )
+from .tar_shards import is_tar_source, tar_paths, tar_records
 
 DEFAULT_PART_WEIGHTS = {"pairs": 0.8, "interleaved": 0.1, "text": 0.1}
 INTERLEAVED_FILE = "interleaved.jsonl"
@@ -60,6 +66,8 @@ class PartSpec:
     source: str
     """The --data entry it came from (one image cache per entry)."""
     hub: bool = False
+    stream: Literal["tar", "codes"] | None = None
+    """Pairs read as a stream: tar shards ("tar"), or code shards ("codes"); None for data read whole."""
 
 
 def parse_source(spec: str) -> tuple[str, float | None]:
@@ -87,7 +95,12 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
         name, weight = parse_source(spec)
         w = 1.0 if weight is None else weight
         path = Path(name).expanduser()
-        if path.is_dir():
+        if path.is_dir() and is_code_dir(path):
+            parts.append(PartSpec("pairs", str(path), w, spec, stream="codes"))
+        elif is_tar_source(name):
+            tar_paths(name)  # every shard must be there
+            parts.append(PartSpec("pairs", name, w, spec, stream="tar"))
+        elif path.is_dir():
             found: list[tuple[Kind, str]] = []
             root = split_root(path, split)  # a split that is not there is an error, never an empty part
             if has_images_or_metadata(root):
@@ -139,11 +152,15 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
     square of a text's longest run without spaces, so one such text could hold up the whole vocabulary."""
     report = report if report is not None else SkipReport()
     for part in resolve_sources(sources, split):
-        recs: list[tuple[str, list[str]]]
+        recs: Iterable[tuple[str, list[str]]]
         if part.hub:
             ds = load_hub(part.location, split)
             column = ds[text_column] if text_column in ds.column_names else []
             recs = [(f"{part.location}[{i}]", [t]) for i, t in enumerate(column) if isinstance(t, str) and t]
+        elif part.stream == "tar":
+            recs = ((w, [t]) for w, _, t in tar_records(part.location, text_column, report) if t)
+        elif part.stream == "codes":
+            recs = ((w, [t]) for w, t in code_captions(Path(part.location)) if t)
         elif part.kind == "pairs":
             recs = [(w, [t]) for w, _, t in pair_records(Path(part.location), text_column, report) if t]
         elif part.kind == "interleaved":
@@ -151,15 +168,13 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
                     for w, segs in interleaved_records(Path(part.location), report)]
         else:
             recs = [(w, [t]) for w, t in text_records(Path(part.location), report)]
-        kept = []
-        for where, texts in recs:
+        for where, texts in recs:  # one record at a time: a streamed corpus is never held whole
             longest = max(map(len, texts), default=0)
             if longest > MAX_TEXT_CHARS:
                 report.add("too_long", where, f"a text of {longest} characters (BPE: {MAX_TEXT_CHARS} at most)")
             else:
-                kept.append(texts)
-        report.ok(len(kept))
-        yield from (t for texts in kept for t in texts)
+                report.ok()
+                yield from texts
 
 
 # ---------------------------------------------------------------- images with their captions
@@ -184,6 +199,22 @@ def _iter_local(root: Path, text_column: str, report: SkipReport, shrink_to: int
         img = _load_counted(path, where, report, shrink_to)
         if img is not None:
             yield img, text
+
+
+def _iter_tar(spec: str, text_column: str, report: SkipReport, shrink_to: int | None):
+    for where, data, text in tar_records(spec, text_column, report):
+        img = _load_counted(data, where, report, shrink_to)
+        if img is not None:
+            yield img, text
+
+
+def code_captions(root: Path) -> Iterator[tuple[str, str]]:
+    """(where, caption) of every record of a code-shard directory, a shard at a time."""
+    codes = CodeSet.open(root)
+    for i, shard in enumerate(codes.shards):
+        reader = codes.reader(i)
+        for k, caption in enumerate(reader.read(0, len(reader))[1]):
+            yield f"{root / shard.name}[{k}]", caption
 
 
 def iter_dataset(ds, image_column: str, text_column: str | None, report: SkipReport, name: str = "dataset",
@@ -223,7 +254,7 @@ def iter_image_text(data: str, image_column: str = "image", text_column: str = "
                     shrink_to: int | None = None) -> Iterator[tuple[Image.Image, str | None]]:
     """Yield ``(RGB PIL image, text | None)`` for every good record of ``data``; count the bad ones.
 
-    ``data``: an imagefolder directory (``DIR/<split>`` if it has split folders) or a hub data set name.
+    ``data``: an imagefolder directory (``DIR/<split>`` if it has split folders), tar shards or a hub data set name.
     ``report``: where skipped records are counted (a fresh one if None; its summary is logged at the
     end if anything was skipped). ``strict``: raise UserError on the first bad record.
     ``shrink_to``: the consumer's image size; big images are decoded at reduced scale (faster).
@@ -236,7 +267,11 @@ def iter_image_text(data: str, image_column: str = "image", text_column: str = "
         report.strict = True
     start_records, start_good = report.records, report.good
     path = Path(data).expanduser()
-    if path.is_dir():
+    if is_tar_source(data):
+        it = _iter_tar(data, text_column, report, shrink_to)
+    elif path.is_dir() and is_code_dir(path):
+        raise UserError(f"{data}: holds image codes (`earlyfusion encode`), not images; give the images they came from")
+    elif path.is_dir():
         root = split_root(path, split)
         has_records = any(p.is_file() and (p.name in METADATA_NAMES or is_image_file(p)) for p in root.rglob("*"))
         if not has_records and any(p.suffix in _DATA_FILE_EXTS for p in root.rglob("*")):
