@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-gpu install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# One prepared GPU check (under 8 minutes on an H100): figures to runs/bench-gpu/ (bench/gpu.py says what).
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) runs
