@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from earlyfusion.core.runtime import autocast
 from earlyfusion.model.decoder import Decoder, DecoderConfig
 from earlyfusion.tokenizer.vocab_layout import SPECIAL_TOKENS, VocabLayout
 from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
@@ -88,3 +89,16 @@ def faster_mode(out: dict, prefix: str = "") -> str:
     """"ours" or "ours_compiled": whichever of our modes measured more ``{prefix}{mode}_tokens_per_s``."""
     return max((k for k in ("ours", "ours_compiled") if f"{prefix}{k}_tokens_per_s" in out),
                key=lambda k: out[f"{prefix}{k}_tokens_per_s"])
+
+
+def peer_cfg_generate(hf: torch.nn.Module, rows: torch.Tensor, neg: torch.Tensor, span: int, image, cfg_scale: float,
+                      layout: VocabLayout, precision: str, device_type: str) -> None:
+    """transformers' ``generate()`` drawing ``span`` image codes after each prompt row with classifier-free guidance
+    (``neg``: the unconditional prompts), sampled with the image settings ``image``, as the peer of our sampler."""
+    with torch.no_grad(), autocast(precision, device_type):
+        got = hf.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=span,
+                          min_new_tokens=span, do_sample=True, temperature=image.temperature,
+                          top_k=image.top_k, top_p=image.top_p, guidance_scale=cfg_scale,
+                          negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg),
+                          use_cache=True, eos_token_id=layout.eos, pad_token_id=layout.pad)
+    assert got.shape == (rows.shape[0], rows.shape[1] + span), got.shape

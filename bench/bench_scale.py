@@ -20,7 +20,7 @@ from earlyfusion.training.data.packing import LOOKAHEAD
 
 from bench_decode import on_threads
 from bench_machine import MatmulCeiling, alternate, log, median
-from bench_models import VOCAB_FOR_PRESET, BenchLayout, build_pair, flops_per_token, text_prompts
+from bench_models import VOCAB_FOR_PRESET, BenchLayout, build_pair, flops_per_token, peer_cfg_generate, text_prompts
 
 # The photograph tokenizer's codebook (photo64: 8×8 codes, or 16×16 with --downsample 4): the image ids a
 # decoder at image scale predicts over.
@@ -249,13 +249,7 @@ def bench_image_scale(preset: str = "small", *, grids: Sequence[tuple[int, int]]
 
         def peer_fn() -> None:
             neg = torch.full((num_samples, 1), layout.bos, dtype=torch.long)
-            with torch.no_grad(), autocast(precision, "cpu"):
-                got = hf.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=span,
-                                  min_new_tokens=span, do_sample=True, temperature=image.temperature,
-                                  top_k=image.top_k, top_p=image.top_p, guidance_scale=cfg_scale,
-                                  negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg),
-                                  use_cache=True, eos_token_id=layout.eos, pad_token_id=layout.pad)
-            assert got.shape == (num_samples, prompt_len + span), got.shape
+            peer_cfg_generate(hf, rows, neg, span, image, cfg_scale, layout, precision, "cpu")
 
         fns = {"ours": ours_fn, "peer": peer_fn}
         plan = decode_plan(ours, 2 * num_samples, compile=False)  # what sample_tokens will run (timed once here)

@@ -71,7 +71,7 @@ from earlyfusion.core.runtime import autocast, keep_freed_memory, mixed_precisio
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
 from bench_machine import alternate, cpu_model, git_commit, log, median, timed  # noqa: E402
-from bench_models import build_pair, flop_params, flops_per_token, layout_for, text_prompts  # noqa: E402
+from bench_models import build_pair, flop_params, flops_per_token, layout_for, peer_cfg_generate, text_prompts  # noqa: E402
 
 # Peak dense bf16 tensor FLOP/s by device name, first match wins (so the PCIe and NVL parts precede the plain
 # name, which ``get_device_name`` gives the SXM part: "NVIDIA H100 80GB HBM3"). Vendor datasheets, without sparsity.
@@ -479,13 +479,7 @@ def part_image_generation(ctx: Context, rec: dict) -> None:
             return run
 
         def peer_fn() -> None:
-            with torch.no_grad(), autocast(precision, device.type):
-                got = hf.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=span,
-                                  min_new_tokens=span, do_sample=True, temperature=image.temperature,
-                                  top_k=image.top_k, top_p=image.top_p, guidance_scale=DEFAULT_CFG,
-                                  negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg),
-                                  use_cache=True, eos_token_id=layout.eos, pad_token_id=layout.pad)
-            assert got.shape == (n, prompt_len + span), got.shape
+            peer_cfg_generate(hf, rows, neg, span, image, DEFAULT_CFG, layout, precision, device.type)
 
         fns = {m: ours_fn(m == "ours_compiled") for m in modes}
         fns["peer"] = peer_fn

@@ -71,3 +71,23 @@ def assert_one_line_error(rc, err):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("earlyfusion: error: "), err
     assert "Traceback" not in err
+
+
+def bench_module(name: str, file: str):
+    """A bench/ script imported as a module for the duration of a test module (bench/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def positive(x) -> bool:
+    """A measured figure: a finite positive float."""
+    import math
+
+    return isinstance(x, float) and math.isfinite(x) and x > 0

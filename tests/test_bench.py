@@ -3,13 +3,12 @@ numbers, and the report carries the interface keys. Benchmarks are not tests: no
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import bench_module, positive
 
 pytest.importorskip("transformers")
 
@@ -30,16 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def positive(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x) and x > 0
+    yield from bench_module("bench_run", "run.py")
 
 
 def test_ceilings_positive(bench):

@@ -4,15 +4,15 @@ is recorded while the others go on. Benchmarks are not tests: no time or ratio i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import bench_module, positive
 
 pytest.importorskip("transformers")
 
@@ -21,16 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def positive(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x) and x > 0
+    yield from bench_module("bench_gpu", "gpu.py")
 
 
 def test_quick_run_on_cpu_records_every_part(gpu, tmp_path):
