@@ -177,8 +177,8 @@ def _die_after_checkpoint(monkeypatch, at: int):
 
     real_save = Trainer.save
 
-    def save_then_die(self, step, *args):
-        dest = real_save(self, step, *args)
+    def save_then_die(self, step, *args, **kwargs):
+        dest = real_save(self, step, *args, **kwargs)
         if step == at:
             raise _Killed
         return dest
