@@ -44,20 +44,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import gc
 import json
-import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,25 +64,15 @@ for _path in (ROOT, ROOT / "bench"):  # run as a script (``python bench/gpu.py``
 from earlyfusion.core.runtime import autocast, keep_freed_memory, mixed_precision  # noqa: E402
 from earlyfusion.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
-from bench_machine import alternate, cpu_model, git_commit, log, median, timed  # noqa: E402
+from bench_machine import log, median, timed  # noqa: E402
 from bench_models import build_pair, flop_params, flops_per_token, layout_for, peer_cfg_generate, text_prompts  # noqa: E402
-
-# Peak dense bf16 tensor FLOP/s by device name, first match wins (so the PCIe and NVL parts precede the plain
-# name, which ``get_device_name`` gives the SXM part: "NVIDIA H100 80GB HBM3"). Vendor datasheets, without sparsity.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-]
+from gpu_device import Context, device_info, free_device, peak_tflops, rounds, with_smaller_batches
+from gpu_losses import part_losses  # noqa: E402
+from gpu_report import render  # noqa: E402
 
 # A ~1B-parameter decoder (1.08B): Chameleon's vocabulary size, 2048 wide, 16 blocks of 16 heads of 128.
 SHAPE_1B = dict(vocab_size=65536, dim=2048, n_layers=16, n_heads=16, max_seq_len=2048)
 
-# fp32 on both devices: the same weights and batches differ only in how kernels round, a few 1e-7 of a loss per
-# step that 20 AdamW steps of the tiny model leave near 1e-6 (weights perturbed by 1e-6 moved no step's loss by
-# more than 2e-6 relative on a CPU); bf16 or TF32 products slipping into a path show as 1e-4 and more.
-LOSS_REL_TOL = 1e-4
-LOSS_STEPS = 20
 
 PARTS = ("train_mfu", "tokenizer_train", "encode", "image_generation", "losses")
 # part: (seconds it may take in a full run, seconds it needs at the least); what a part leaves unused goes to the
@@ -96,118 +80,6 @@ PARTS = ("train_mfu", "tokenizer_train", "encode", "image_generation", "losses")
 BUDGETS = {"train_mfu": (150, 90), "tokenizer_train": (30, 15), "encode": (20, 10), "image_generation": (130, 60),
            "losses": (50, 35)}
 JSON_NAME, SECTION_NAME = "gpu_results.json", "gpu_section.md"
-
-
-# ---------------------------------------------------------------- the device and the clock
-
-
-def peak_for_name(name: str) -> tuple[float, str] | None:
-    """(peak dense bf16 TFLOP/s, the table's key) of a device named as ``torch.cuda.get_device_name`` names it."""
-    return next(((value, key) for key, value in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
-    """(peak dense bf16 TFLOP/s, where it came from); None where unknown (a CPU, a GPU not in the table)."""
-    if override is not None:
-        return override, "--peak-tflops"
-    if device.type != "cuda":
-        return None, "no peak for a CPU: MFU is null"
-    name = torch.cuda.get_device_name(device)
-    found = peak_for_name(name)
-    if found is None:
-        return None, f"{name} is not in PEAK_BF16_TFLOPS: give --peak-tflops"
-    return found[0], f"table ({found[1]})"
-
-
-def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "torch": torch.__version__, "torch_cuda_build": torch.version.cuda, "cpu": cpu_model(),
-            "logical_cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "commit": git_commit(), "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    capability=f"{props.major}.{props.minor}", memory_gb=props.total_memory / 2**30,
-                    multiprocessors=props.multi_processor_count,
-                    sdpa_flash_enabled=torch.backends.cuda.flash_sdp_enabled())
-    else:
-        info["name"] = cpu_model()
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
-@dataclass
-class Context:
-    device: torch.device
-    quick: bool
-    compile: bool
-    peak: float | None
-    work: Path
-    """Scratch directory for files a part writes: outside --out (a run cut short leaves nothing large there),
-    removed at the end."""
-    deadline: float = math.inf
-    """time.monotonic() by which the current part should stop timing more rounds."""
-
-    def synced(self, fn: Callable[[], object]) -> Callable[[], object]:
-        """``fn`` followed by waiting for the device: a timer around it then sees the kernels it queued."""
-        if self.device.type != "cuda":
-            return fn
-
-        def run() -> object:
-            out = fn()
-            torch.cuda.synchronize(self.device)
-            return out
-
-        return run
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-def rounds(ctx: Context, fns: dict[str, Callable[[], object]], *, warmup: int, iters: int) -> dict[str, list[float]]:
-    """``bench_machine.alternate`` one round at a time, stopping after the first timed round once the part's
-    deadline has passed. Seconds per call, the device waited for."""
-    fns = {k: ctx.synced(fn) for k, fn in fns.items()}
-    alternate(fns, warmup, 0)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, ts in alternate(fns, 0, 1).items():
-            times[k] += ts
-        if ctx.left() <= 0:
-            break
-    return times
-
-
-def free_device() -> None:
-    """Drop compiled graphs (they hold their models) and cached blocks: each part starts with the device empty."""
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def with_smaller_batches(run: Callable[[int], dict], batch: int, floor: int = 1) -> dict:
-    """``run(batch)``, halving the batch after running out of device memory (down to ``floor``); the result
-    records the batch that ran and how many halvings it took."""
-    halvings = 0
-    while True:
-        out_of_memory = False
-        try:
-            result = run(batch)
-            result.update(batch=batch, oom_halvings=halvings)
-            return result
-        except torch.cuda.OutOfMemoryError:
-            if batch <= floor:
-                raise
-            out_of_memory = True  # freed outside the handler: the traceback holds the failed run's tensors
-        if out_of_memory:
-            log(f"  out of device memory at batch {batch}: trying {batch // 2}")
-            batch, halvings = batch // 2, halvings + 1
-            free_device()
 
 
 # ---------------------------------------------------------------- 1. decoder training MFU
@@ -518,162 +390,6 @@ def part_image_generation(ctx: Context, rec: dict) -> None:
             log(f"    ours {r[f'{best}_images_per_s']:.2f} images/s ({best}), peer {r['peer_images_per_s']:.2f}")
         else:
             log(f"    ours {r[f'{best}_images_per_s']:.2f} images/s ({best}); peer skipped: {r['peer_skipped']}")
-
-
-# ---------------------------------------------------------------- 5. the same training run on the CPU and the GPU
-
-
-def run_cli(*argv) -> None:
-    from earlyfusion.cli import main
-
-    rc = main([str(a) for a in argv])
-    if rc != 0:
-        raise RuntimeError(f"earlyfusion {' '.join(map(str, argv[:2]))} exited {rc} (its error is in the log above)")
-
-
-def train_run(work: Path, name: str, steps: int, *, cpu: bool, timeout: float) -> list[float]:
-    """The losses of one ``earlyfusion train`` run in a process of its own (with ``cpu`` the GPU hidden from it)."""
-    out = work / name
-    shutil.rmtree(out, ignore_errors=True)
-    argv = [sys.executable, "-m", "earlyfusion.cli", "train", "--data", work / "data", "--image-tokenizer", work / "vq",
-            "--vocab", work / "vocab", "--out", out, "--preset", "tiny", "--steps", steps, "--batch-size", 4,
-            "--warmup-steps", 2, "--lr", 3e-3, "--eval-every", 0, "--checkpoint-every", steps, "--seed", 0,
-            "--dropout", 0, "--mixed-precision", "no"]
-    # the same attention kernel on both: a CPU would otherwise time two and keep the faster, and they round differently
-    env = {**os.environ, "EARLYFUSION_ATTENTION": "library"}
-    if cpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([str(a) for a in argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=max(30.0, timeout))
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"train on the {'CPU' if cpu else 'device'} exited {proc.returncode}: {tail}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if [r["step"] for r in rows] != list(range(1, steps + 1)):
-        raise RuntimeError(f"{out}/metrics.jsonl lists steps {[r['step'] for r in rows]}, not 1..{steps}")
-    return [float(r["loss"]) for r in rows]
-
-
-def compare_losses(cpu: list[float], dev: list[float], tol: float = LOSS_REL_TOL) -> dict:
-    rel = [abs(a - b) / max(1.0, abs(a)) for a, b in zip(cpu, dev, strict=True)]
-    worst = max(range(len(rel)), key=rel.__getitem__)
-    return {"comparison": "ok" if rel[worst] <= tol else "mismatch", "max_rel_diff": rel[worst],
-            "worst_step": worst + 1, "step1_rel_diff": rel[0], "rel_diffs": rel}
-
-
-def part_losses(ctx: Context, rec: dict) -> None:
-    work = ctx.work / "losses"
-    shutil.rmtree(work, ignore_errors=True)
-    steps = 4 if ctx.quick else LOSS_STEPS
-    images, vq_steps = (64, 10) if ctx.quick else (160, 30)
-    rec.update(preset="tiny", steps=steps, batch=4, precision="fp32 (--mixed-precision no)", seed=0,
-               tolerance_rel=LOSS_REL_TOL, tolerance="|loss_cpu - loss_device| <= tol · max(1, |loss_cpu|) at every step")
-    log("  built-in shapes data, tiny image tokenizer and vocabulary ...")
-    run_cli("data", "shapes", "--out", work / "data", "--num-images", images, "--image-size", 16, "--seed", 1,
-            "--num-interleaved", 20, "--num-text", 20)
-    run_cli("tokenizer", "train", "--data", work / "data", "--out", work / "vq", "--preset", "tiny",
-            "--steps", vq_steps, "--mixed-precision", "no")
-    run_cli("vocab", "build", "--image-tokenizer", work / "vq", "--data", work / "data", "--out", work / "vocab",
-            "--text-vocab-size", 300)
-    # the CPU run first: it encodes the images into the data's code cache, which the GPU run then reads, so both
-    # train on the same codes whatever the devices' convolutions round to
-    log(f"  {steps} steps on the CPU ...")
-    rec["cpu_losses"] = train_run(work, "cpu", steps, cpu=True, timeout=ctx.left())
-    if ctx.device.type != "cuda":
-        rec.update(device_losses=None, comparison="skipped", reason="no GPU: only the CPU run was made")
-        log("  no GPU: comparison skipped")
-        return
-    log(f"  {steps} steps on the GPU ...")
-    rec["device_losses"] = train_run(work, "gpu", steps, cpu=False, timeout=ctx.left())
-    rec.update(compare_losses(rec["cpu_losses"], rec["device_losses"]))
-    log(f"  largest relative difference {rec['max_rel_diff']:.1e} (step {rec['worst_step']}): {rec['comparison']}")
-
-
-# ---------------------------------------------------------------- the report
-
-
-def _num(x, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, int) or abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{x:.1%}"
-
-
-def render(results: dict) -> str:
-    dev, parts = results["device"], results["parts"]
-    peak = results["peak_tflops"]
-    lines = [f"## {dev['name']}", "",
-             f"`make bench-gpu` (`bench/gpu.py{' ' + results['argv'] if results['argv'] else ''}`) at commit "
-             f"`{dev['commit']}`, {dev['date']}: torch {dev['torch']}"
-             + (f", CUDA {dev['cuda']}, compute capability {dev['capability']}, {dev['memory_gb']:.0f} GiB"
-                if dev["type"] == "cuda" else ", no GPU")
-             + f"; peak dense bf16 {_num(peak)} TFLOP/s ({results['peak_source']}); {results['elapsed_s']:.0f} s in all"
-             + (" (--quick: tiny shapes, not figures to quote)" if results["quick"] else "") + ".", ""]
-    failed = [(k, p) for k, p in parts.items() if p.get("status") == "error"]
-    if failed:
-        lines += ["Failed parts: " + "; ".join(f"`{k}`: {p['error']}" for k, p in failed), ""]
-    skipped = [f"`{k}` ({p['reason']})" for k, p in parts.items() if p.get("status") == "skipped"]
-    if skipped:
-        lines += ["Skipped parts: " + "; ".join(skipped) + ".", ""]
-
-    p = parts.get("train_mfu", {})
-    if p.get("shapes"):
-        lines += ["**Decoder training**, bf16 autocast, forward + backward + fused AdamW"
-                  + (", `torch.compile` as `train --compile`" if p.get("compile") else ", eager") + ":", "",
-                  "| Shape | Parameters | Batch × sequence | Eager tokens/s | Compiled tokens/s | Model TFLOP/s | MFU | Peak memory GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, s in p["shapes"].items():
-            if "tokens_per_s" not in s:
-                continue
-            lines.append(f"| `{name}` | {_num(s['params'] / 1e6)}M | {s['batch']} × {s['seq_len']} | "
-                         f"{_num(s.get('eager_tokens_per_s'))} | {_num(s.get('compiled_tokens_per_s'))} | "
-                         f"{_num(s['model_tflops'])} | {_pct(s['mfu'])} | {_num(s.get('peak_memory_gb'))} |")
-        if p.get("skipped"):
-            lines += ["", "Not measured: " + "; ".join(p["skipped"]) + "."]
-        attention = next((s["attention"] for s in p["shapes"].values() if "attention" in s), "")
-        lines += ["", f"Model FLOPs per token = 6N + 12·L·H·Q·T (N: parameters without the input embedding; T: the "
-                      f"sequence length); MFU = model FLOP/s ÷ peak. Attention: {attention}.", ""]
-    t, e = parts.get("tokenizer_train", {}), parts.get("encode", {})
-    if "images_per_s" in t or "images_per_s" in e:
-        lines += ["**Image tokenizer**:", ""]
-        if "images_per_s" in t:
-            lines.append(f"- training `{t['preset']}` at {t['image_size']} px: **{_num(t['images_per_s'])} images/s** "
-                         f"(batch {t['batch']}, {t['precision']}; the steps of `tokenizer train`)")
-        if "images_per_s" in e:
-            lines.append(f"- encoding `{e['preset']}` at {e['image_size']} px: **{_num(e['images_per_s'])} images/s** "
-                         f"(batch {e['batch']}; {e['path']}; pixels already decoded)")
-        lines.append("")
-    g = parts.get("image_generation", {})
-    if g.get("grids"):
-        lines += [f"**Image generation**, `{g['preset']}` decoder, {g['num_samples']} images of one caption, CFG "
-                  f"{g['cfg_scale']}, {g['codebook_size']} image ids, {g['precision']}:", "",
-                  "| Codes per image | Ours eager images/s | Ours `--compile` images/s | Peer `generate()` images/s | Best ours ÷ peer |",
-                  "|---|---|---|---|---|"]
-        for r in g["grids"].values():
-            if "ours_images_per_s" not in r:
-                continue
-            best = max(r["ours_images_per_s"], r.get("ours_compiled_images_per_s") or 0.0)
-            peer = r.get("peer_images_per_s")
-            lines.append(f"| {r['codes_per_image']} | {_num(r['ours_images_per_s'])} | "
-                         f"{_num(r.get('ours_compiled_images_per_s'))} | {_num(peer)} | "
-                         f"{_num(best / peer if peer else None)} |")
-        notes = [f"{k}: {v}" for k, v in ((name, r.get("peer_skipped")) for name, r in g["grids"].items()) if v]
-        notes += g.get("skipped", [])
-        lines += ["", "Not measured: " + "; ".join(notes) + "."] if notes else []
-        lines.append("")
-    s = parts.get("losses", {})
-    if "cpu_losses" in s:
-        verdict = {"ok": "agree", "mismatch": "**disagree**"}.get(s.get("comparison"), "")
-        what = (f"{verdict}: largest relative difference {s['max_rel_diff']:.1e} (step {s['worst_step']}), "
-                f"tolerance {s['tolerance_rel']:.0e}" if s.get("comparison") in ("ok", "mismatch")
-                else f"comparison skipped ({s.get('reason', 'no GPU run')})")
-        lines += [f"**CPU and device losses**, {s['steps']} fp32 steps of `tiny` on the built-in data: {what}.", ""]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 # ---------------------------------------------------------------- main

@@ -85,22 +85,25 @@ def test_a_failing_part_is_recorded_and_the_next_runs(gpu, tmp_path, monkeypatch
 
 def test_shapes_peaks_and_loss_comparison(gpu):
     """What only a GPU run reaches: the full-size shapes, the peak table, the loss tolerance."""
+    import gpu_device  # beside gpu.py, which put bench/ on the path
+    import gpu_losses
+
     shapes = gpu.train_shapes(quick=False)
     assert set(shapes) == {"base", "1b"}
     assert 0.9e9 < shapes["1b"][0].num_params() < 1.2e9
     assert shapes["1b"][0].head_dim == 128 and shapes["1b"][2] <= shapes["1b"][0].max_seq_len
     assert shapes["base"][2] <= shapes["base"][0].max_seq_len
-    assert gpu.peak_for_name("NVIDIA H100 80GB HBM3") == (989.0, "H100")
-    assert gpu.peak_for_name("NVIDIA H100 PCIe")[0] == 756.0
-    assert gpu.peak_for_name("NVIDIA H200")[0] == 989.0
-    assert gpu.peak_for_name("NVIDIA GH200 480GB")[1] == "GH200"
-    assert gpu.peak_for_name("NVIDIA L40")[0] == 181.0 and gpu.peak_for_name("NVIDIA L4")[0] == 121.0
-    assert gpu.peak_for_name("Tesla T4") is None
+    assert gpu_device.peak_for_name("NVIDIA H100 80GB HBM3") == (989.0, "H100")
+    assert gpu_device.peak_for_name("NVIDIA H100 PCIe")[0] == 756.0
+    assert gpu_device.peak_for_name("NVIDIA H200")[0] == 989.0
+    assert gpu_device.peak_for_name("NVIDIA GH200 480GB")[1] == "GH200"
+    assert gpu_device.peak_for_name("NVIDIA L40")[0] == 181.0 and gpu_device.peak_for_name("NVIDIA L4")[0] == 121.0
+    assert gpu_device.peak_for_name("Tesla T4") is None
     import torch
 
     assert gpu.peak_tflops(torch.device("cpu"), None)[0] is None
     assert gpu.peak_tflops(torch.device("cpu"), 100.0) == (100.0, "--peak-tflops")
-    ok = gpu.compare_losses([5.0, 4.0, 3.0], [5.0, 4.0 + 1e-5, 3.0])
+    ok = gpu_losses.compare_losses([5.0, 4.0, 3.0], [5.0, 4.0 + 1e-5, 3.0])
     assert ok["comparison"] == "ok" and ok["worst_step"] == 2
-    bad = gpu.compare_losses([5.0, 4.0, 3.0], [5.0, 4.0, 3.01])
+    bad = gpu_losses.compare_losses([5.0, 4.0, 3.0], [5.0, 4.0, 3.01])
     assert bad["comparison"] == "mismatch" and bad["worst_step"] == 3
