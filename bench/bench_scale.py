@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import earlyfusion.model.decoder as decoder_module
 from earlyfusion.model.decode_plan import decode_plan
 from earlyfusion.model.decoder import Decoder, DecoderConfig
+from earlyfusion.model.masks import document_chunks
 from earlyfusion.core.runtime import autocast
 from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
 from earlyfusion.training.data.config import IGNORE
@@ -115,11 +116,14 @@ def counting_masks() -> Iterator[list[int]]:
         decoder_module.causal_mask = original
 
 
-def mask_builds_per_forward(model: Decoder, rows: dict[str, torch.Tensor]) -> int:
-    """How many times one forward over packed ``rows`` builds the block-diagonal causal mask."""
+def packed_attention(model: Decoder, rows: dict[str, torch.Tensor]) -> dict:
+    """How one forward over packed ``rows`` attends: ``chunks``, the number of chunks it attends document by
+    document (``model.masks.document_chunks``; 0 where it keeps the dense mask), and ``mask_builds``, how many
+    times it builds the dense block-diagonal mask."""
     with torch.no_grad(), counting_masks() as count:
         model(rows["tokens"], positions=rows["positions"], doc_ids=rows["doc_ids"])
-    return count[0]
+    chunks = document_chunks(rows["doc_ids"])
+    return {"chunks": 0 if chunks is None else sum(len(row) for row in chunks.rows), "mask_builds": count[0]}
 
 
 def packed_parity(ours: Decoder, peer: torch.nn.Module, rows: dict[str, torch.Tensor]) -> float:
@@ -179,7 +183,7 @@ def bench_packed_train(preset: str, *, seq_len: int, batch: int, grid: tuple[int
            "docs_per_row": float((rows["doc_ids"].amax(dim=1) + 1).double().mean()),
            "fill": float((rows["doc_ids"] >= 0).double().mean()), "attention_len": doc_len,
            "flops_per_token": flops_per_token(cfg, doc_len), "flops_per_token_dense": flops_per_token(cfg, seq_len),
-           "mask_builds_per_forward": mask_builds_per_forward(ours, rows), "n_layers": cfg.n_layers}
+           "attention": packed_attention(ours, rows), "n_layers": cfg.n_layers}
     x, y, pos, docs = rows["tokens"], rows["targets"], rows["positions"], rows["doc_ids"]
     fns = {"ours": _train_step(ours, lambda: ours(x, positions=pos, doc_ids=docs), y, precision)}
     if hf is not None:

@@ -56,7 +56,7 @@ from bench_machine import (CopyCeiling, MatmulCeiling, alternate, busy_processes
 from bench_models import layout_for, text_prompts  # noqa: E402
 from bench_scale import bench_image_scale, bench_packed_train  # noqa: E402
 from bench_train import bench_train  # noqa: E402
-from bench_report import INTERFACE_KEYS, _fmt_load, interface, render  # noqa: E402,F401 - INTERFACE_KEYS: the keys callers read
+from bench_report import INTERFACE_KEYS, _fmt_load, attended, interface, render  # noqa: E402,F401 - INTERFACE_KEYS: the keys callers read
 
 # ---------------------------------------------------------------- profile
 
@@ -192,7 +192,7 @@ def image_scale(results: dict, quick: bool, ceiling: MatmulCeiling) -> None:
         results["train_packed"][f"small_{seq_len}"] = r
         log(f"  ours {r['ours_tokens_per_s']:.0f} tok/s, peer {r['peer_tokens_per_s']:.0f} tok/s ({r['speedup']:.2f}×), "
             f"{r['ours_gflops']:.1f} GFLOP/s counting documents = {r['ours_ceiling_fraction_alongside']:.2f} of the "
-            f"matmul alongside; mask built {r['mask_builds_per_forward']}× per forward")
+            f"matmul alongside; attention {attended(r)}")
     log("image generation at 64 and 256 codes per image, 8 images with CFG ...")
     results["image_scale"] = bench_image_scale("small", grids=((8, 8), (16, 16)), num_samples=8, warmup=1,
                                                iters=1 if quick else 3)

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from earlyfusion.core.runtime import autocast
-from earlyfusion.model.decoder import Decoder, ScaledDotProduct, causal_mask
+from earlyfusion.model.decoder import Decoder, ScaledDotProduct
+from earlyfusion.model.masks import causal_mask
 from earlyfusion.model.kernels import BlockedAttention, blocked_attention
 from earlyfusion.model.swap import swap_modules
 

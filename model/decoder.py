@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from earlyfusion.core.errors import build_config
+from earlyfusion.model.masks import DocumentChunks, Mask, causal_mask, document_chunks
 
 # Chameleon's QK LayerNorm uses a fixed eps, independent of the RMSNorm eps.
 QK_NORM_EPS = 1e-5
@@ -234,24 +235,6 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), sin)
 
 
-def causal_mask(B: int, T: int, start: int, device: torch.device, *, doc_ids: Tensor | None = None,
-                keys: Tensor | None = None) -> Tensor:
-    """(B, 1, T, start+T) bool: query ``start + i`` may see key j <= start + i, of its own document when
-    ``doc_ids`` (B, T) is given (start 0), and only keys allowed by ``keys`` (B, 1, start+T). Every query
-    may see itself, so padding queries never have an all-masked row (which would give NaN)."""
-    S = start + T
-    q_pos = torch.arange(start, S, device=device)
-    k_pos = torch.arange(S, device=device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-    allowed = allowed.expand(B, T, S)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    if keys is not None:
-        allowed = allowed & keys
-    allowed = allowed | (k_pos[None, :] == q_pos[:, None])
-    return allowed[:, None]  # (B, 1, T, S)
-
-
 class KVCache:
     """Keys and values for incremental decoding, allocated once.
 
@@ -321,7 +304,9 @@ class ScaledDotProduct(nn.Module):
     """``library_attention`` as a module, so that another kernel of the same arithmetic can take its place
     (``model/attention_plan.py`` swaps in the blocked kernel where that trains faster)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, is_causal: bool) -> Tensor:
+        if isinstance(mask, DocumentChunks):
+            return mask.attend(q, k, v, library_attention)
         return library_attention(q, k, v, mask, is_causal)
 
 
@@ -336,7 +321,7 @@ class Attention(nn.Module):
         self.qk_norm = HeadNorm(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
         self.attend = ScaledDotProduct()  # forward passes without a KV cache (training, evaluation)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Mask, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -385,7 +370,7 @@ class Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Mask, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
         if self.swin_norm:
             h = x + self._drop(self.attn_norm(self.attn(x, rope, mask, is_causal, kv, start)))
@@ -436,8 +421,9 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _mask(B: int, T: int, doc_ids: Tensor | None, valid: Tensor | None,
-              device: torch.device) -> tuple[Tensor | None, bool]:
-        """(attention mask (B, 1, T, T) bool or None, is_causal) for a forward pass without a cache."""
+              device: torch.device) -> tuple[Mask, bool]:
+        """(attention mask (B, 1, T, T) bool, packed rows' ``DocumentChunks`` or None, is_causal) for a forward pass
+        without a cache."""
         # shortcuts to plain causal attention; they read tensor values, which torch.compile cannot trace
         # without a graph break, so compiled training always builds the mask (the same attention)
         eager = not torch.compiler.is_compiling()
@@ -447,6 +433,8 @@ class Decoder(nn.Module):
             doc_ids = None  # one document per row: plain causal
         if doc_ids is None and valid is None:
             return None, True
+        if eager and valid is None and (chunks := document_chunks(doc_ids)) is not None:
+            return chunks, False
         keys = valid[:, None, :] if valid is not None else None  # (B, 1, T)
         return causal_mask(B, T, 0, device, doc_ids=doc_ids, keys=keys), False
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from earlyfusion.model.masks import DocumentChunks, Mask
+
 # Queries per block of ``blocked_attention``: a block sees only the keys up to its last query, so smaller blocks
 # skip more of the causal triangle but make more, smaller products.
 QUERY_BLOCK = 128
@@ -160,5 +162,7 @@ class BlockedAttention(nn.Module):
     """``blocked_attention`` in the place of the decoder's ``ScaledDotProduct`` (causal self-attention only: the
     decoder calls it for forward passes without a KV cache)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, is_causal: bool) -> Tensor:
+        if isinstance(mask, DocumentChunks):
+            return mask.attend(q, k, v, lambda q, k, v, m, _causal: blocked_attention(q, k, v, m))
         return blocked_attention(q, k, v, mask)

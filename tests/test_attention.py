@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from earlyfusion.model import attention_plan as plan_mod
 from earlyfusion.model.attention_plan import PIN_ENV, attention_kernel, attention_plan, use_attention
-from earlyfusion.model.decoder import Decoder, DecoderConfig, causal_mask
+from earlyfusion.model.decoder import Decoder, DecoderConfig
+from earlyfusion.model.masks import causal_mask
 from earlyfusion.model.kernels import blocked_attention
 from earlyfusion.core.runtime import keep_freed_memory
 

@@ -122,7 +122,7 @@ def test_bf16_rows_and_pinned_modes_run(bench):
 
 
 def test_image_scale_tiny(bench):
-    """Packed training (several documents per row, the mask built once per forward, the peer on the same packed
+    """Packed training (several documents per row, the dense mask built once per forward, the peer on the same packed
     rows giving the same logits) and batched image generation with CFG, ours and the peer, at toy sizes."""
     r = bench.bench_packed_train("tiny", seq_len=64, batch=2, grid=(3, 3), codebook_size=32, warmup=0, iters=1,
                                  ceiling=bench.MatmulCeiling(64))
@@ -131,8 +131,11 @@ def test_image_scale_tiny(bench):
         assert positive(r[k]), (k, r[k])
     assert r["docs_per_row"] > 1 and 0 < r["fill"] <= 1
     assert r["attention_len"] < r["seq_len"] and r["ours_gflops"] < r["ours_dense_gflops"]
-    assert r["mask_builds_per_forward"] == 1 < r["n_layers"]
+    assert r["attention"] == {"chunks": 0, "mask_builds": 1} and r["n_layers"] > 1  # short rows: one dense mask
     assert r["parity_max_abs_logit_diff"] < 1e-3  # the peer masks the same documents
+    long = bench.bench_packed_train("tiny", seq_len=1024, batch=2, grid=(16, 16), codebook_size=32, warmup=0, iters=1)
+    assert long["attention"]["chunks"] > 2 and long["attention"]["mask_builds"] == 0  # image-sized documents: cut
+    assert long["parity_max_abs_logit_diff"] < 1e-3 and long["speedup"] > 0
     g = bench.bench_image_scale("tiny", grids=((2, 2), (3, 3)), num_samples=2, prompt_len=3, codebook_size=32,
                                 warmup=0, iters=1)
     assert set(g["grids"]) == {"2x2", "3x3"}
