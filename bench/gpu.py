@@ -21,7 +21,7 @@ is skipped and said to be, and a run out of device memory is repeated at half th
 2. ``tokenizer_train``: image tokenizer training images/s at 256 px (the ``photo256`` preset), steps as
    ``earlyfusion tokenizer train`` takes them (``training.vq_train``: its loss, AdamW settings, clipping, the
    codebook snapshot and the per-step code statistics; precision as ``--mixed-precision auto`` picks it).
-3. ``encode``: images/s of ``earlyfusion encode``'s per-batch path (``_Pipeline._flush``: stack the decoded
+3. ``encode``: images/s of ``earlyfusion encode``'s per-batch path (``EncodePipeline.encode_pixels``: stack the decoded
    pixels, copy them to the device, encode, copy the codes back) at its default batch, on preprocessed 256 px
    pixels (decoding image files, done by its worker processes, is not timed); where that path is not available,
    ``vq.encode`` on device batches, and the JSON says which.
@@ -237,7 +237,7 @@ def encode_batch_fn(ctx: Context, vq_dir: Path, pixels: list, batch: int) -> tup
     """A call encoding one batch of ``pixels`` (float32 (3, S, S) arrays, as its decode workers hand them over)
     the way ``earlyfusion encode`` does, and the name of the path; ``vq.encode`` where the command's is missing."""
     try:
-        from earlyfusion.training.data.encode import EncodeConfig, _Pipeline
+        from earlyfusion.training.data.encode import EncodeConfig, EncodePipeline
 
         class Bar:  # the progress bar it updates
             def update(self, n: int) -> None:
@@ -245,14 +245,13 @@ def encode_batch_fn(ctx: Context, vq_dir: Path, pixels: list, batch: int) -> tup
 
         cfg = EncodeConfig(data=str(vq_dir), image_tokenizer=str(vq_dir), out=str(ctx.work / "codes"),
                            batch_size=batch, workers=0)
-        pipe = _Pipeline(cfg, ctx.work / "codes", {}, ctx.device, Bar(), contextlib.ExitStack())
-        done = {0: {"codes": [None] * len(pixels)}}
+        pipe = EncodePipeline(cfg, ctx.work / "codes", {}, ctx.device, Bar(), contextlib.ExitStack())
 
         def encode() -> None:
-            pipe._flush([(0, i, p) for i, p in enumerate(pixels)], done)
+            pipe.encode_pixels(pixels)
 
         encode()  # a path that changed shape fails here, before any timing
-        return encode, "earlyfusion encode (_Pipeline._flush)"
+        return encode, "earlyfusion encode (EncodePipeline.encode_pixels)"
     except (ImportError, AttributeError, TypeError) as e:
         import numpy as np
 

@@ -237,3 +237,20 @@ def test_train_streams_code_shards_and_resumes_exactly(codes, tmp_path, capsys):
                                   make_vocab(tmp_path / "v2", other, ["a b"] * 5), "--out", tmp_path / "x", "--preset",
                                   "tiny", "--steps", 2])
     assert_one_line_error(rc, err)
+
+
+def test_a_code_shard_run_validates_on_its_held_out_split(codes, tmp_path, capsys):
+    """CODES/val (encoded like the corpus) is the run's held-out split; a --val-split that is not there is one line."""
+    root, vq, _ = codes
+    shutil.copytree(root / "codes", tmp_path / "codes")
+    corpus_bench.random_code_shards(tmp_path / "codes" / "val", images=12, per_shard=12, fingerprint=vq_fingerprint(vq),
+                                    codebook_size=32, grid=(4, 4), seed=7)
+    argv = ["train", "--data", tmp_path / "codes", "--image-tokenizer", vq, "--vocab", root / "vocab", "--preset", "tiny",
+            "--steps", 4, "--batch-size", 4, "--warmup-steps", 1, "--eval-every", 2]
+    run_cli(*argv, "--out", tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss_image" in r] == [2, 4]
+    assert (tmp_path / "run" / "checkpoints" / "best").is_dir()
+    rc, err = cli_status(capsys, [*argv, "--out", tmp_path / "run2", "--val-split", "dev"])
+    assert_one_line_error(rc, err)
+    assert "no held-out split 'dev'" in err and "encode" in err

@@ -72,10 +72,11 @@ from earlyfusion.training.data import (
     ContextTooShort,
     DataConfig,
     PackedBatches,
+    check_heldout_split,
     heldout_pairs,
+    is_code_dir,
     noisy_image_codes,
     parse_source,
-    split_root,
     training_batches,
     validation_split,
 )
@@ -180,7 +181,7 @@ def validation_split_of(cfg: TrainConfig) -> str | None:
         for spec in cfg.data.sources:
             path = Path(parse_source(spec)[0]).expanduser()
             if path.is_dir():
-                split_root(path, cfg.val_split)  # a split that is not there is an error, never no validation
+                check_heldout_split(path, cfg.val_split)  # a split that is not there is an error, never no validation
         if cfg.val_split == cfg.data.split:
             log.warning("--val-split %s is the training split: the best model is chosen on training data", cfg.val_split)
         return cfg.val_split
@@ -264,7 +265,10 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
     heldout = heldout_pairs(cfg.data.sources, vocab=vocab, image_tokenizer=inputs.vq_dir, cache_dir=cfg.data.cache_dir,
                             split=val_split)
     if not heldout:
-        log.info("no held-out pairs: validation skipped")
+        log.info("no held-out pairs: validation skipped (a code-shard directory CODES validates on its CODES/val or "
+                 "CODES/test, made by `earlyfusion encode --split val --out CODES/val`)"
+                 if any(is_code_dir(Path(parse_source(s)[0]).expanduser()) for s in cfg.data.sources) else
+                 "no held-out pairs: validation skipped")
     elif main:
         log.info("validation: %d held-out pairs (%s)", len(heldout),
                  ", ".join(sorted({str(Path(p.path).parent) for p in heldout}))[:200])

@@ -39,7 +39,7 @@ from .codes import PAD_CODE, ImageTable, default_cache_dir, encode_images, local
 from .config import IGNORE, IMAGE, MAX_AUGMENT_VIEWS, NO_TARGET, PIPELINE_VERSION, TEXT, DataConfig
 from .documents import (DRAW, READ, UNCOND, ContextTooShort, Part, PreparedData, pair_document, pair_overhead, prepare,
                         span_words)
-from .heldout import HeldoutPair, heldout_pairs
+from .heldout import HeldoutPair, check_heldout_split, heldout_pairs
 from .packing import PackedBatches, ShardedBatches, noisy_image_codes, training_batches
 from .records import METADATA_NAMES, SkipReport, split_root, validation_split
 from .sources import PartSpec, iter_dataset, iter_image_text, iter_texts, parse_source, resolve_sources
@@ -56,5 +56,5 @@ __all__ = [
     "READ", "DRAW", "UNCOND",
     "PackedBatches", "ShardedBatches", "training_batches", "noisy_image_codes", "StreamedBatches",
     "CodeSet", "is_code_dir", "expand_braces", "is_tar_source", "tar_records",
-    "HeldoutPair", "heldout_pairs", "validation_split", "split_root",
+    "HeldoutPair", "heldout_pairs", "check_heldout_split", "validation_split", "split_root",
 ]

@@ -6,12 +6,20 @@
       shard-000000.json         the shard's own record (written after it; lets a killed encode skip it)
       .lock                     held by the encode writing the directory
 
-A shard is one safetensors file of four 1-d/2-d arrays: ``codes`` (every record's codes in raster order, one after
-another; uint16 when the codebook has at most 65,536 codes, else int32, named by the manifest's "codes_dtype"),
-``grids`` (N, 2) int32 (each record's code grid: rows, columns), ``text`` (uint8, the captions' UTF-8 bytes one
-after another) and ``text_offsets`` (N + 1) int64 (caption i is text[off[i]:off[i+1]]; a record without caption has
-an empty one). The codes are the image tokenizer's raw codes, not vocabulary ids, and captions are text: any
-vocabulary built for the same image tokenizer reads the same shards.
+A shard is one safetensors file of 1-d/2-d arrays: ``codes`` (every image's codes in raster order, one after another;
+uint16 when the codebook has at most 65,536 codes, else int32, named by the manifest's "codes_dtype"), ``grids``
+(I, 2) int32 (each image's code grid: rows, columns), ``text`` (uint8, the text pieces' UTF-8 bytes one after
+another) and ``text_offsets`` (P + 1) int64 (piece p is text[off[p]:off[p+1]]). What a record is depends on the
+manifest's "kind":
+
+* "pairs" (image-caption pairs): record i is image i and piece i, its caption (empty when it has none);
+* "text" and "interleaved" (documents): a fifth array ``image_offsets`` (N + 1) int64 gives record i the images
+  [image_offsets[i], image_offsets[i+1]) and, one more than its images, the pieces from image_offsets[i] + i: the
+  text before its first image, between each two, and after its last (each possibly empty). A text document is a
+  record of no image and one piece.
+
+The codes are the image tokenizer's raw codes, not vocabulary ids, and the text is text: any vocabulary built for
+the same image tokenizer reads the same shards.
 
 Checksums, at two grains. Each shard's own record (``shard-*.json``) holds the sha256 of the whole file ("sha256"),
 of its index ("index_sha256": the safetensors header, ``grids`` and ``text_offsets``) and of each block of
@@ -20,12 +28,13 @@ opens a shard and each block when it reads it: every byte read is checked, nothi
 first training step costs what its own blocks cost, whatever the size of the corpus. The manifest holds the sha256 of
 each shard's record ("record_sha256"), so that a record cannot change either.
 
-manifest.json: "format" ``FORMAT``, "version", "image_tokenizer" (its ``vq_fingerprint``), "codebook_size", "grid"
+manifest.json: "format" ``FORMAT``, "version", "kind" (``KINDS``; "pairs" when absent), "image_tokenizer" (its ``vq_fingerprint``), "codebook_size", "grid"
 (the largest code grid), "grid_tokens" (images kept their aspect ratio, for a vocabulary with grid tokens),
 "codes_dtype", "block_records", "source", "records" and "skipped" ({reason: count}) in all, "grids" (the distinct code
 grids), and per shard "name", "input", "records", "skipped", "bytes", "sha256", "record_sha256", "caption_bytes" and
 "longest_caption" (its caption of the most bytes, so that training can check its context holds the longest ones
-without reading every shard).
+without reading every shard; documents: "most_image_tokens", the most tokens the image spans of one of its
+records take, so that training can check its context holds every document's images).
 
 ``CodeSet.open`` reads a directory: the manifest's fields must be there, and every shard must exist with the size the
 manifest gives (a stat each, no reading); a shard that changed since is an error when it is read (``ShardReader``).
@@ -54,6 +63,7 @@ VERSION = 1
 SHARD_SUFFIX = ".safetensors"
 BLOCK_RECORDS = 512
 """Records of a checksummed block; training reads a block at a time (its shuffle window, ``stream``)."""
+KINDS = ("pairs", "text", "interleaved")
 _FIELDS = ("image_tokenizer", "codebook_size", "grid", "grid_tokens", "codes_dtype", "block_records", "shards")
 _SHARD_FIELDS = ("name", "records", "bytes", "sha256", "record_sha256")
 
@@ -67,30 +77,38 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX}"
 
 
-def shard_bytes(codes: list[np.ndarray], captions: list[str | None], dtype: np.dtype) -> bytes:
-    """One shard's file: ``codes`` the (h, w) code grids, ``captions`` their captions (None: none)."""
+def shard_bytes(codes: list[np.ndarray], captions: list[str | None], dtype: np.dtype,
+                images_per_record: list[int] | None = None) -> bytes:
+    """One shard's file: ``codes`` the (h, w) code grids, ``captions`` the text pieces (None: empty);
+    ``images_per_record`` None for pairs, else each document's number of images (the module docstring's layout)."""
     flat = np.concatenate([c.reshape(-1) for c in codes]).astype(dtype) if codes else np.zeros(0, dtype)
     grids = np.asarray([c.shape for c in codes], np.int32).reshape(-1, 2)
     texts = [(t or "").encode("utf-8") for t in captions]
     offsets = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(t) for t in texts], out=offsets[1:])
     text = np.frombuffer(b"".join(texts), np.uint8) if offsets[-1] else np.zeros(0, np.uint8)
+    arrays = {"codes": flat, "grids": grids, "text": text, "text_offsets": offsets}
+    if images_per_record is not None:
+        arrays["image_offsets"] = np.zeros(len(images_per_record) + 1, np.int64)
+        np.cumsum(images_per_record, out=arrays["image_offsets"][1:])
     # no header metadata: safetensors writes it in no fixed order, and the same records must give the same bytes
-    return save({"codes": flat, "grids": grids, "text": text, "text_offsets": offsets})
+    return save(arrays)
 
 
 def write_code_shard(out: Path, name: str, codes: list[np.ndarray], captions: list[str | None], record: dict,
-                     block_records: int = BLOCK_RECORDS) -> dict:
+                     block_records: int = BLOCK_RECORDS, images_per_record: list[int] | None = None) -> dict:
     """Write shard ``name`` (atomically) and then its own record ``name.json``: ``record`` (what made it; its
-    "codes_dtype" the dtype) with the shard's counts, size and checksums. Returns the record written."""
+    "codes_dtype" the dtype) with the shard's counts, size and checksums. Returns the record written.
+    ``images_per_record``: documents (see ``shard_bytes``); None: pairs."""
     path = out / name
-    data = shard_bytes(codes, captions, np.dtype(record["codes_dtype"]))
-    index, blocks = ShardReader(data, np.dtype(record["codes_dtype"])).checksums(block_records)
+    data = shard_bytes(codes, captions, np.dtype(record["codes_dtype"]), images_per_record)
+    reader = ShardReader(data, np.dtype(record["codes_dtype"]))
+    index, blocks = reader.checksums(block_records)
     with atomic_file(path) as f:
         f.write(data)
     texts = [(t or "").encode("utf-8") for t in captions]
     longest = max(range(len(texts)), key=lambda i: len(texts[i]), default=None)
-    record = {**record, "name": name, "records": len(codes), "bytes": len(data),
+    record = {**record, "name": name, "records": len(reader), "bytes": len(data),
               "sha256": hashlib.sha256(data).hexdigest(), "index_sha256": index, "block_records": block_records,
               "block_sha256": blocks, "caption_bytes": sum(map(len, texts)),
               "longest_caption": (captions[longest] or "") if texts else "",
@@ -109,7 +127,8 @@ def write_manifest(out: Path, names: list[str], header: dict, skipped: dict | No
         counts.update(rec.get("skipped") or {})
         grids.update(tuple(g) for g in rec["grids"])
         shards.append({**{k: rec.get(k) for k in ("name", "input", "records", "skipped", "bytes", "sha256",
-                                                  "caption_bytes", "longest_caption")},
+                                                  "caption_bytes", "longest_caption", "most_image_tokens")
+                          if k in rec},
                        "record_sha256": sha256_file((out / name).with_suffix(".json"))})
     manifest = {**header, "format": FORMAT, "version": VERSION, "records": sum(s["records"] for s in shards),
                 "skipped": dict(sorted(counts.items())), "grids": [list(g) for g in sorted(grids)], "shards": shards}
@@ -145,6 +164,7 @@ class ShardReader:
         self._fd, self._data = None, None if isinstance(source, Path) else memoryview(source)
         self._last: tuple = (-1, -1, None, None)  # the blocks read last: (first record, end, codes, text)
         want = {**_LAYOUT, "codes": {"uint16": "U16", "int32": "I32"}[dtype.name]}
+        documents = False
         try:
             if self._data is None:
                 self._fd = os.open(source, os.O_RDONLY)
@@ -154,6 +174,9 @@ class ShardReader:
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
             head = self._pread(n, 8)
             header = json.loads(head)
+            documents = "image_offsets" in header
+            if documents:
+                want["image_offsets"] = "I64"
             self._where = {}
             for name, st in want.items():
                 info = header[name]
@@ -162,23 +185,33 @@ class ShardReader:
                 if info["dtype"] != st or end - start != count * np.dtype(_ST_DTYPES[st]).itemsize or 8 + n + end > size:
                     raise ValueError(f"{name}: {info['dtype']} {info['shape']} at {start}..{end}, expected {st}")
                 self._where[name] = (8 + n + start, np.dtype(_ST_DTYPES[st]), count)
-            grids_raw, offsets_raw = self._raw("grids", 0, self._where["grids"][2]), \
-                self._raw("text_offsets", 0, self._where["text_offsets"][2])
+            index_raw = [self._raw(k, 0, self._where[k][2]) for k in ("grids", "text_offsets", "image_offsets")
+                         if k in self._where]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             self.close()
             raise CheckpointError(f"{self.path}: not a readable code shard ({' '.join(str(e).split())}); it is "
                                   "truncated or corrupted: encode the corpus again") from None
-        self.index_sha256 = hashlib.sha256(self._pread(8, 0) + head + grids_raw + offsets_raw).hexdigest()
+        self.index_sha256 = hashlib.sha256(self._pread(8, 0) + head + b"".join(index_raw)).hexdigest()
         self.checks = checks
         if checks is not None and checks.get("index_sha256") != self.index_sha256:
             self._changed("its index")
-        self.grids = np.frombuffer(grids_raw, np.int32).reshape(-1, 2).astype(np.int64)
-        self.text_offsets = np.frombuffer(offsets_raw, np.int64)
-        self.code_offsets = np.zeros(len(self.grids) + 1, np.int64)
-        np.cumsum(self.grids[:, 0] * self.grids[:, 1], out=self.code_offsets[1:])
-        if self.code_offsets[-1] != self._where["codes"][2] or len(self.text_offsets) != len(self.grids) + 1:
+        self.documents = documents
+        self.grids = np.frombuffer(index_raw[0], np.int32).reshape(-1, 2).astype(np.int64)  # one per image
+        self.piece_offsets = np.frombuffer(index_raw[1], np.int64)  # one per text piece, and the end
+        image_codes = np.zeros(len(self.grids) + 1, np.int64)
+        np.cumsum(self.grids[:, 0] * self.grids[:, 1], out=image_codes[1:])
+        # per record: its first image and its first text piece (see the module docstring), then the end
+        self.first_image = np.frombuffer(index_raw[2], np.int64) if documents else np.arange(len(self.grids) + 1)
+        self.first_piece = self.first_image + np.arange(len(self.first_image)) if documents else self.first_image
+        ok = (len(self.first_image) >= 1 and self.first_image[0] == 0 and self.first_image[-1] == len(self.grids)
+              and bool((np.diff(self.first_image) >= 0).all()) and image_codes[-1] == self._where["codes"][2]
+              and len(self.piece_offsets) == self.first_piece[-1] + 1)
+        if not ok:
             self.close()
             raise CheckpointError(f"{self.path}: its arrays do not agree with each other; encode the corpus again")
+        # per record: where its codes (elements) and its text (bytes) begin, then the ends
+        self.code_offsets = image_codes[self.first_image]
+        self.text_offsets = self.piece_offsets[self.first_piece]
 
     def _changed(self, what: str):
         self.close()
@@ -205,7 +238,7 @@ class ShardReader:
         self.close()
 
     def __len__(self) -> int:
-        return len(self.grids)
+        return len(self.first_image) - 1
 
     def _span(self, lo: int, hi: int) -> tuple[bytes, bytes]:
         """(codes bytes, text bytes) of records [lo, hi)."""
@@ -229,7 +262,9 @@ class ShardReader:
             if hashlib.sha256(codes + text).hexdigest() != self.checks["block_sha256"][start // size]:
                 self._changed(f"the block of records {start}..{end - 1}")
 
-    def read(self, a: int, b: int) -> tuple[list[np.ndarray], list[str]]:
+    def documents_of(self, a: int, b: int) -> list[tuple[list[np.ndarray], list[str]]]:
+        """(code grids, text pieces) of each record in [a, b): a pair's image and caption, a document's images and the
+        text before, between and after them."""
         lo, hi, codes_raw, text_raw = self._last
         if not lo <= a <= b <= hi:
             size = self.checks["block_records"] if self.checks is not None else None
@@ -242,14 +277,25 @@ class ShardReader:
                 self._check_blocks(lo, hi, size, codes_raw, text_raw)
             self._last = (lo, hi, codes_raw, text_raw)
         flat = np.frombuffer(codes_raw, self._where["codes"][1])
-        out_codes, captions = [], []
+        c0, t0 = int(self.code_offsets[lo]), int(self.piece_offsets[self.first_piece[lo]])
+        out = []
         for i in range(a, b):
-            h, w = (int(x) for x in self.grids[i])
-            o = int(self.code_offsets[i] - self.code_offsets[lo])
-            out_codes.append(flat[o:o + h * w].reshape(h, w))
-            s, e = (int(self.text_offsets[j] - self.text_offsets[lo]) for j in (i, i + 1))
-            captions.append(text_raw[s:e].decode("utf-8", errors="replace"))
-        return out_codes, captions
+            images, o = [], int(self.code_offsets[i]) - c0
+            for g in range(int(self.first_image[i]), int(self.first_image[i + 1])):
+                h, w = (int(x) for x in self.grids[g])
+                images.append(flat[o:o + h * w].reshape(h, w))
+                o += h * w
+            texts = [text_raw[int(self.piece_offsets[j]) - t0:int(self.piece_offsets[j + 1]) - t0].decode(
+                "utf-8", errors="replace") for j in range(int(self.first_piece[i]), int(self.first_piece[i + 1]))]
+            out.append((images, texts))
+        return out
+
+    def read(self, a: int, b: int) -> tuple[list[np.ndarray], list[str]]:
+        """(code grids, captions) of the pairs [a, b) of a shard of pairs."""
+        if self.documents:
+            raise CheckpointError(f"{self.path}: holds documents, not image-caption pairs")
+        docs = self.documents_of(a, b)
+        return [images[0] for images, _ in docs], [texts[0] for _, texts in docs]
 
 
 @dataclass
@@ -281,6 +327,8 @@ class CodeSet:
             raise UserError(f"{e}; encode the corpus again") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise UserError(f"{where}: not a code-shard manifest (written by `earlyfusion encode`)")
+        if m.get("kind", "pairs") not in KINDS:
+            raise UserError(f"{where}: unknown kind of records {m.get('kind')!r} (expected one of {', '.join(KINDS)})")
         if m.get("version") != VERSION:
             raise UserError(f"{where}: version {m.get('version')} of the code-shard format; this earlyfusion reads "
                             f"version {VERSION}: encode the corpus again")
@@ -312,6 +360,11 @@ class CodeSet:
     @property
     def records(self) -> int:
         return sum(s.records for s in self.shards)
+
+    @property
+    def kind(self) -> str:
+        """What a record is: "pairs", "text" or "interleaved" (the module docstring)."""
+        return str(self.manifest.get("kind", "pairs"))
 
     @property
     def fingerprint(self) -> str:

@@ -172,7 +172,7 @@ def pair_document(vocab, codes: np.ndarray, caption: np.ndarray, variant: int) -
     return np.concatenate([np.asarray(s, np.int64) for s in seq])
 
 
-class _Builder:
+class DocumentBuilder:
     """Turns records into id arrays with the truncation rules of the module docstring."""
 
     def __init__(self, vocab, context_len: int, strict: bool):
@@ -250,7 +250,7 @@ def _check_fit(longest: tuple[int, str, int], context_len: int, vocab) -> None:
         raise ContextTooShort(need, context_len, where, caption, span_words(vocab))
 
 
-def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, vocab, builder: _Builder,
+def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, vocab, builder: DocumentBuilder,
                 report: SkipReport, augment: Augment = NO_AUGMENT) -> Part:
     """recs (where, image source, caption) with their caption ids -> the pairs whose image is good; with mirrored
     views whose captions change (``augment.swap``), each pair's mirrored caption too."""
@@ -278,7 +278,7 @@ def _pairs_part(spec: PartSpec, recs, ids: list[list[int]], table: ImageTable, v
     return part
 
 
-def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _Builder, report: SkipReport) -> Part:
+def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: DocumentBuilder, report: SkipReport) -> Part:
     good = []
     for where, segs in recs:
         bad = next(((k, table.reasons[table.index[x]]) for k, (kind, x) in enumerate(segs)
@@ -301,7 +301,7 @@ def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: _
 
 
 def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,
-              builder: _Builder, report: SkipReport, augment: Augment, fit: bool) -> tuple[Part, int, int, int]:
+              builder: DocumentBuilder, report: SkipReport, augment: Augment, fit: bool) -> tuple[Part, int, int, int]:
     """A hub data set: pairs if it has the image column, else text documents from the text column.
     (part, images encoded, images from the cache, longest pair document)."""
 
@@ -361,7 +361,7 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
         raise UserError(f"--context-len {context_len} cannot hold one image document "
                         f"(<s> {span_words(vocab)} </s> = {pair_overhead(vocab)} tokens)")
     cache_root = resolve_cache_dir(cfg.cache_dir, cfg.sources)
-    builder = _Builder(vocab, context_len, cfg.strict)
+    builder = DocumentBuilder(vocab, context_len, cfg.strict)
     parts: list[Part] = []
     cached = encoded = 0
     longest = (0, "", 0)  # the longest pair document: (tokens, record, caption tokens)

@@ -1,8 +1,11 @@
 """``earlyfusion encode``: a corpus pre-tokenized by its image tokenizer into code shards (format: ``code_shards``).
 
 Input units: each tar shard of a WebDataset source is one unit, an imagefolder is cut into units of ``--shard-size``
-records (in the order ``records.pair_records`` lists them); unit i becomes ``shard-<i>.safetensors`` with its own
-record ``shard-<i>.json``. Several processes (``accelerate launch``, ``torchrun``) take the units i with
+records (in the order ``records.pair_records`` lists them), an interleaved or text ``.jsonl`` (or a ``.txt``) into
+units of ``--shard-size`` lines (``records.line_ranges``: a scan for newlines, so that each process reads only its
+own units); unit i becomes ``shard-<i>.safetensors`` with its own record ``shard-<i>.json``. Image-caption pairs make
+shards of pairs, the files shards of documents (``code_shards``: an interleaved document keeps its images and the
+text around them in order and is kept whole or skipped whole; a text document holds no image). Several processes (``accelerate launch``, ``torchrun``) take the units i with
 i mod WORLD_SIZE = RANK: disjoint inputs, disjoint outputs. A unit whose shard and record are already there (a killed
 encode run again) is skipped, once its record shows it came from the same input and image tokenizer; anything else
 in the directory (another tokenizer's codes, other data) is an error. Rank 0 holds ``CODES/.lock`` for the whole
@@ -32,13 +35,23 @@ from earlyfusion.core.checkpoint import CheckpointError, load_json
 from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log, progress
 from earlyfusion.core.rundir import run_lock
+from earlyfusion.tokenizer.image_span import SpanGrammar
 from earlyfusion.tokenizer.preprocess import ImageError, preprocess_for_codes
 from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
 from earlyfusion.tokenizer.vq_config import VQConfig
 
 from .code_shards import BLOCK_RECORDS, FORMAT, MANIFEST_FILE, VERSION, codes_dtype, shard_name, write_code_shard, write_manifest
 from .distributed import gather_objects, join
-from .records import SkipReport, pair_records, split_root
+from .records import (
+    LineRange,
+    SkipReport,
+    interleaved_records,
+    jsonl_kind,
+    line_ranges,
+    pair_records,
+    split_root,
+    text_records,
+)
 from .files import remove_temporaries
 from .tar_shards import is_tar_source, read_tar, tar_paths
 
@@ -47,7 +60,9 @@ from .tar_shards import is_tar_source, read_tar, tar_paths
 class EncodeConfig:
     data: str
     """Corpus to encode: tar shards (a brace pattern such as shards/{00000..00099}.tar, one .tar, or a directory of
-    .tar files) or an imagefolder directory (image files + metadata.jsonl)."""
+    .tar files) or an imagefolder directory (image files + metadata.jsonl) of image-caption pairs; an interleaved
+    .jsonl ({"texts": [...], "images": [...]} per line) or a text .jsonl / .txt of documents. Held-out pairs for the
+    run's validation: encode that split into CODES/val (--split val --out CODES/val)."""
     image_tokenizer: str
     """Image tokenizer run directory (`earlyfusion tokenizer train`, or `import chameleon`'s image_tokenizer)."""
     out: str
@@ -56,7 +71,8 @@ class EncodeConfig:
     """Keep each image's aspect ratio (its own code grid), for a vocabulary built with --grid-tokens; off, images are
     centre-cropped to the tokenizer's square."""
     shard_size: int = 10_000
-    """Records per code shard when --data is an imagefolder (tar shards keep one code shard per tar)."""
+    """Records per code shard when --data is an imagefolder, lines per code shard for a .jsonl or .txt (tar shards
+    keep one code shard per tar)."""
     batch_size: int = 256
     """Images per image-tokenizer forward pass."""
     workers: int | None = None
@@ -68,6 +84,9 @@ class EncodeConfig:
     """Caption field of imagefolder metadata and of .json members of tar shards."""
     strict: bool = False
     """Fail on the first bad record instead of skipping and counting it."""
+    allow_outside_paths: bool = False
+    """Let an interleaved .jsonl name images outside its own folder (absolute paths, '..', links out of it); off, such
+    records are skipped and counted as outside_data_dir."""
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1 or (self.workers is not None and self.workers < 0):
@@ -95,31 +114,72 @@ def _stat_digest(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def source_kind(data: str) -> str:
+    """What ``--data`` holds: "pairs" (tar shards, an imagefolder), "interleaved" or "text" (a .jsonl, a .txt)."""
+    path = Path(data).expanduser()
+    if not is_tar_source(data) and path.is_file():
+        if path.suffix == ".txt":
+            return "text"
+        if path.suffix == ".jsonl":
+            return jsonl_kind(path)
+        raise UserError(f"--data {data}: unsupported file type (give tar shards, an imagefolder, a .jsonl or a .txt)")
+    return "pairs"
+
+
+def _pairs(records):
+    """(where, [image source], [caption]) of each (where, image source, caption)."""
+    return ((where, [src], [caption]) for where, src, caption in records)
+
+
+def _documents(path: Path, kind: str, part: LineRange, allow_outside: bool):
+    """(where, image paths, text pieces: before, between and after the images) of each record of a file's ``part``."""
+    def records(report: SkipReport):
+        if kind == "text":
+            yield from ((where, [], [text]) for where, text in text_records(path, report, part))
+            return
+        for where, segs in interleaved_records(path, report, allow_outside, part):
+            images, texts = [], [""]
+            for k, x in segs:
+                if k == "i":
+                    images.append(x)
+                    texts.append("")
+                else:
+                    texts[-1] = x
+            yield where, images, texts
+    return records
+
+
 def input_units(cfg: EncodeConfig, listing: SkipReport) -> list[Unit]:
     """The input units of ``cfg.data`` (see the module docstring); an imagefolder's listing counts its bad rows in
     ``listing``."""
     if is_tar_source(cfg.data):
-        return [Unit(i, str(p), _stat_digest(p), lambda report, p=p: read_tar(p, cfg.text_column, report))
+        return [Unit(i, str(p), _stat_digest(p), lambda report, p=p: _pairs(read_tar(p, cfg.text_column, report)))
                 for i, p in enumerate(tar_paths(cfg.data))]
     path = Path(cfg.data).expanduser()
+    if path.is_file():
+        kind = source_kind(cfg.data)
+        return [Unit(i, f"{path} lines {r.first_line}..{r.first_line + cfg.shard_size - 1}", _stat_digest(path),
+                     _documents(path, kind, r, cfg.allow_outside_paths))
+                for i, r in enumerate(line_ranges(path, cfg.shard_size))]
     if not path.is_dir():
-        raise UserError(f"--data {cfg.data}: neither tar shards nor an imagefolder directory")
+        raise UserError(f"--data {cfg.data}: neither tar shards, an imagefolder directory nor a .jsonl/.txt file")
     root = split_root(path, cfg.split)
     recs = list(pair_records(root, cfg.text_column, listing))
     units = []
     for i, a in enumerate(range(0, len(recs), cfg.shard_size)):
         part = recs[a:a + cfg.shard_size]
         digest = hashlib.sha256("\n".join(w for w, _, _ in part).encode()).hexdigest()
-        units.append(Unit(i, f"{root} records {a}..{a + len(part) - 1}", digest, lambda report, part=part: iter(part),
-                          len(part)))
+        units.append(Unit(i, f"{root} records {a}..{a + len(part) - 1}", digest,
+                          lambda report, part=part: _pairs(part), len(part)))
     if not units:
         raise UserError(f"--data {cfg.data}: no records ({listing.summary()})")
     return units
 
 
 def _own_record(cfg: EncodeConfig, fingerprint: str, dtype: np.dtype) -> dict:
-    return {"format": FORMAT, "version": VERSION, "image_tokenizer": fingerprint, "grid_tokens": cfg.grid_tokens,
-            "codes_dtype": dtype.name}
+    kind = source_kind(cfg.data)
+    return {"format": FORMAT, "version": VERSION, **({"kind": kind} if kind != "pairs" else {}),
+            "image_tokenizer": fingerprint, "grid_tokens": cfg.grid_tokens, "codes_dtype": dtype.name}
 
 
 def finished(out: Path, unit: Unit, own: dict) -> bool:
@@ -172,7 +232,7 @@ class _Done:
         return self.value
 
 
-class _Pipeline:
+class EncodePipeline:
     """Decode ahead in processes, encode batches here, write each unit when its last record is encoded.
 
     Processes, not threads: decoding a small image is mostly interpreter work, which threads would take in turns. The
@@ -192,11 +252,22 @@ class _Pipeline:
             raise UserError(f"--image-tokenizer {cfg.image_tokenizer} takes only {vc.image_size}x{vc.image_size} "
                             "images, so its images cannot keep their aspect ratio; leave out --grid-tokens")
         self.shape = (vc.image_size, vc.downsample, tuple(vc.grid_size) if cfg.grid_tokens else None)
+        # the span lengths of any vocabulary of this tokenizer in this grid mode (the ids do not matter here)
+        self.grammar = SpanGrammar(0, 1, 2, vc.codebook_size, tuple(vc.grid_size), cfg.grid_tokens)
         self.images = 0
         self.seconds = 0.0  # from the first image read to the last shard written
 
+    def encode_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Codes (n, h, w) int64 of decoded images of one shape: stacked, copied to the device, encoded, copied back."""
+        x = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            return self.vq.encode(x).to("cpu", torch.int64).numpy()
+
     def _submit(self, records: list):
-        args = ([src for _, src, _ in records], [w for w, _, _ in records], *self.shape)
+        args = ([src for _, srcs, _ in records for src in srcs], [w for w, srcs, _ in records for _ in srcs],
+                *self.shape)
+        if not args[0]:  # text documents: nothing to decode
+            return _Done([])
         return self.pool.apply_async(decode_chunk, args) if self.pool is not None else _Done(decode_chunk(*args))
 
     def _flush(self, batch: list, done: dict) -> None:
@@ -204,11 +275,9 @@ class _Pipeline:
         for unit, slot, pixels in batch:
             by_shape.setdefault(tuple(pixels.shape), []).append((unit, slot, pixels))
         for items in by_shape.values():
-            x = torch.from_numpy(np.stack([p for _, _, p in items])).to(self.device, non_blocking=True)
-            with torch.inference_mode():
-                codes = self.vq.encode(x).to("cpu", torch.int64).numpy()
-            for (unit, slot, _), c in zip(items, codes):
-                done[unit]["codes"][slot] = c
+            codes = self.encode_pixels([p for _, _, p in items])
+            for (unit, (doc, k), _), c in zip(items, codes):
+                done[unit]["codes"][doc][k] = c
         self.images += len(batch)
         self.bar.update(len(batch))
         batch.clear()
@@ -247,22 +316,33 @@ class _Pipeline:
                 self._flush(batch, acc)
                 self._write(acc.pop(unit))
                 continue
-            for (where, _, caption), (pixels, error) in zip(records, result.get()):
-                if error is not None:
-                    a["report"].add(error[0], where, error[1])
+            decoded = iter(result.get())
+            for where, srcs, texts in records:
+                images = [next(decoded) for _ in srcs]
+                error = next((e for _, e in images if e is not None), None)
+                if error is not None:  # a document is kept whole or not at all
+                    k = next(i for i, (_, e) in enumerate(images) if e is not None)
+                    a["report"].add(error[0], where if len(srcs) == 1 else f"{where} (image {k}: {srcs[k]})", error[1])
                     continue
                 a["report"].ok()
-                a["codes"].append(None)
-                a["captions"].append(caption)
-                batch.append((unit, len(a["codes"]) - 1, pixels))
+                a["codes"].append([None] * len(srcs))
+                a["captions"].append(texts)
+                batch += [(unit, (len(a["codes"]) - 1, k), pixels) for k, (pixels, _) in enumerate(images)]
             if len(batch) >= self.cfg.batch_size:
                 self._flush(batch, acc)
 
     def _write(self, a: dict) -> None:
         unit, report = a["unit"], a["report"]
-        write_code_shard(self.out, unit.name, a["codes"], a["captions"], {
-            **self.own, "input": unit.input, "input_digest": unit.digest, "skipped": dict(sorted(report.counts.items())),
-            "examples": report.as_dict()["examples"]})
+        record = {**self.own, "input": unit.input, "input_digest": unit.digest,
+                  "skipped": dict(sorted(report.counts.items())), "examples": report.as_dict()["examples"]}
+        codes = [c for doc in a["codes"] for c in doc]
+        texts = [t for doc in a["captions"] for t in doc]
+        per_record = None
+        if "kind" in self.own:  # documents: their layout, and the most tokens one document's images take
+            per_record = [len(doc) for doc in a["codes"]]
+            record["most_image_tokens"] = max((sum(self.grammar.span_length(c.shape) for c in doc)
+                                               for doc in a["codes"]), default=0)
+        write_code_shard(self.out, unit.name, codes, texts, record, images_per_record=per_record)
 
 
 def encode_cmd(cfg: EncodeConfig) -> int:
@@ -329,7 +409,7 @@ def _encode_own(cfg: EncodeConfig, out: Path, rank: int, world: int, mine: list)
         sizes = [u.size for u in todo]
         total = sum(sizes) if None not in sizes else None
         with progress(total=total, desc="encode", unit="img") as bar, contextlib.ExitStack() as stack:
-            pipe = _Pipeline(cfg, out, own, device, bar, stack)
+            pipe = EncodePipeline(cfg, out, own, device, bar, stack)
             pipe.run(todo)
         return pipe.images, pipe.seconds
     except UserError as e:

@@ -15,6 +15,7 @@ from earlyfusion.tokenizer.preprocess import preprocess_for_codes, to_pil
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 from earlyfusion.tokenizer.vq_checkpoint import read_vq_config
 
+from .code_shards import CodeSet, is_code_dir
 from .codes import local_image_table, resolve_cache_dir
 from .records import SkipReport, has_images_or_metadata, pair_records, split_root, validation_split
 from .sources import parse_source
@@ -25,8 +26,9 @@ class HeldoutPair:
     caption: str
     codes: torch.Tensor
     """LongTensor (h, w): the image's own grid (any grid up to the vocabulary's with grid tokens)."""
-    pixels: torch.Tensor
-    """(3, h·downsample, w·downsample) float in [-1, 1], the image as the image tokenizer saw it."""
+    pixels: torch.Tensor | None
+    """(3, h·downsample, w·downsample) float in [-1, 1], the image as the image tokenizer saw it (None for pairs read
+    from code shards, which keep only the codes)."""
     path: str
     where: str
 
@@ -36,6 +38,37 @@ class HeldoutPair:
         return to_pil(self.pixels)
 
 
+def check_heldout_split(path: Path, split: str) -> None:
+    """UserError unless the data directory ``path`` has the held-out split ``split``: a split folder of an
+    imagefolder (or the folder itself when it has no split folders), a code-shard directory ``path/split`` of a
+    code-shard directory."""
+    if not is_code_dir(path):
+        split_root(path, split)
+    elif not is_code_dir(path / split):
+        raise UserError(f"{path}: no held-out split '{split}' (a code-shard directory {path / split}); encode one with "
+                        f"`earlyfusion encode --data SRC --split {split} --image-tokenizer VQ --out {path / split}`")
+
+
+def code_pairs(root: Path, vocab, image_tokenizer: str | Path, limit: int = 0) -> list[HeldoutPair]:
+    """The captioned pairs of the code-shard directory ``root`` (a corpus's held-out split, ``earlyfusion encode
+    --split val --out CODES/val``), at most ``limit`` (0: all). Their pixels are not kept in code shards (None)."""
+    codes = CodeSet.open(root)
+    if codes.kind != "pairs":
+        raise UserError(f"{root}: holds {codes.kind} documents; held-out pairs must be image-caption pairs")
+    codes.check_tokenizer(check_vocab_matches(vocab, image_tokenizer, "held-out pairs"), vocab.grid_tokens,
+                          "this run")
+    out = []
+    for i, shard in enumerate(codes.shards):
+        reader = codes.reader(i)
+        grids, captions = reader.read(0, len(reader))
+        out += [HeldoutPair(caption=c, codes=torch.from_numpy(g.astype(np.int64)), pixels=None,
+                            path=str(root / shard.name), where=f"{root / shard.name}[{k}]")
+                for k, (g, c) in enumerate(zip(grids, captions)) if c.strip()]
+        if limit and len(out) >= limit:
+            return out[:limit]
+    return out
+
+
 def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path, cache_dir: str | None = None,
                   split: str | None = "test", text_column: str = "text", limit: int = 0, strict: bool = False
                   ) -> list[HeldoutPair]:
@@ -43,7 +76,7 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
 
     ``DIR/split`` when present (``split=None``: each directory's ``validation_split``, as training validates); a
     plain imagefolder without split folders is used as is (then the pairs are not held out from training, a
-    warning says so). Files, hub names and directories that have other splits but not the split contribute nothing.
+    warning says so). For a directory of code shards, ``DIR/split`` must itself be one (``code_pairs``). Files, hub names and directories that have other splits but not the split contribute nothing.
     """
     report = SkipReport(strict=strict)
     out: list[HeldoutPair] = []
@@ -53,6 +86,12 @@ def heldout_pairs(sources: Sequence[str], *, vocab, image_tokenizer: str | Path,
         if not path.is_dir():
             continue
         name = split or validation_split(path)
+        if is_code_dir(path):
+            if is_code_dir(path / name):
+                out += code_pairs(path / name, vocab, image_tokenizer, limit - len(out) if limit else 0)
+            if limit and len(out) >= limit:
+                break
+            continue
         try:
             root = split_root(path, name)
         except UserError:

@@ -38,6 +38,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from earlyfusion.core.errors import UserError
@@ -128,21 +129,58 @@ def read_file(path: Path) -> bytes:
         raise UserError(f"{path}: cannot be read ({e})") from None
 
 
-def file_lines(path: Path, limit: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
-    """Each line of ``path`` without its end (split like ``bytes.splitlines``, a leading UTF-8 BOM dropped), or
-    None for a line over ``limit`` bytes. The file is read a block at a time and an over-long line is passed over
-    without being kept, so a file of one endless line costs a block of memory, not its size."""
+@dataclass(frozen=True)
+class LineRange:
+    """Bytes [start, end) of a file, beginning at a line's start, and the number of that line (from 1)."""
+    start: int
+    end: int
+    first_line: int
+
+
+WHOLE = LineRange(0, -1, 1)  # a whole file (end -1: to its end)
+
+
+def line_ranges(path: Path, lines: int) -> list[LineRange]:
+    """``path`` cut after every ``lines``-th newline: ranges that ``file_lines`` reads one at a time, so that parts
+    of a large file can be read apart (by several processes, or again after a kill) without reading what is before
+    them. A scan for newlines only: nothing is parsed or kept."""
+    out, start, count, pos, line = [], 0, 0, 0, 1
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_BLOCK):
+                at = -1
+                while (at := block.find(b"\n", at + 1)) >= 0:
+                    count += 1
+                    if count == lines:
+                        out.append(LineRange(start, pos + at + 1, line))
+                        start, line, count = pos + at + 1, line + lines, 0
+                pos += len(block)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    if pos > start:
+        out.append(LineRange(start, pos, line))
+    return out
+
+
+def file_lines(path: Path, limit: int = MAX_LINE_BYTES, part: LineRange = WHOLE) -> Iterator[bytes | None]:
+    """Each line of ``path`` (of its bytes ``part``) without its end (split like ``bytes.splitlines``, a leading
+    UTF-8 BOM dropped), or None for a line over ``limit`` bytes. The file is read a block at a time and an over-long
+    line is passed over without being kept, so a file of one endless line costs a block of memory, not its size."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e})") from None
     with f:
-        buf, over, first = b"", False, True
+        buf, over, first = b"", False, part.start == 0
+        left = None if part.end < 0 else part.end - part.start
+        f.seek(part.start)
         while True:
             try:
-                block = f.read(_BLOCK)
+                block = f.read(_BLOCK if left is None else min(_BLOCK, left))
             except OSError as e:
                 raise UserError(f"{path}: cannot be read ({e})") from None
+            if left is not None:
+                left -= len(block)
             eof = not block
             buf += block
             if first:
@@ -168,10 +206,10 @@ def file_lines(path: Path, limit: int = MAX_LINE_BYTES) -> Iterator[bytes | None
                 over, buf = True, b"\r" if buf.endswith(b"\r") else b""
 
 
-def text_lines(path: Path, report: SkipReport) -> Iterator[tuple[str, str]]:
-    """(where = "path:line", text) per non-blank line; over-long lines and invalid UTF-8 are counted, a leading
-    BOM dropped."""
-    for lineno, line in enumerate(file_lines(path), 1):
+def text_lines(path: Path, report: SkipReport, part: LineRange = WHOLE) -> Iterator[tuple[str, str]]:
+    """(where = "path:line", text) per non-blank line (of ``part``); over-long lines and invalid UTF-8 are counted,
+    a leading BOM dropped."""
+    for lineno, line in enumerate(file_lines(path, part=part), part.first_line):
         where = f"{path}:{lineno}"
         if line is None:
             report.add("too_long", where, f"a line over {MAX_LINE_BYTES} bytes")
@@ -195,9 +233,9 @@ def parse_json(line: str | bytes):
         raise ValueError("nested too deeply") from None
 
 
-def jsonl_records(path: Path, report: SkipReport) -> Iterator[tuple[str, object]]:
-    """(where, parsed object) per line; over-long lines, bad UTF-8 and bad JSON are counted."""
-    for where, line in text_lines(path, report):
+def jsonl_records(path: Path, report: SkipReport, part: LineRange = WHOLE) -> Iterator[tuple[str, object]]:
+    """(where, parsed object) per line (of ``part``); over-long lines, bad UTF-8 and bad JSON are counted."""
+    for where, line in text_lines(path, report, part):
         try:
             obj = parse_json(line)
         except ValueError as e:
@@ -278,13 +316,13 @@ def outside_detail(path: Path, root: Path) -> str:
         return f"{path} cannot be resolved ({e})"
 
 
-def interleaved_records(path: Path, report: SkipReport, allow_outside: bool = False
+def interleaved_records(path: Path, report: SkipReport, allow_outside: bool = False, part: LineRange = WHOLE
                         ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-    """(where, [("t", text) | ("i", absolute image path), ...]) per usable record. Image paths must stay inside
-    the file's folder (no absolute paths, '..' or symbolic links out of it) unless ``allow_outside``."""
+    """(where, [("t", text) | ("i", absolute image path), ...]) per usable record (of ``part``). Image paths must
+    stay inside the file's folder (no absolute paths, '..' or symbolic links out of it) unless ``allow_outside``."""
     base = path.parent
     inside = Inside(base)
-    for where, obj in jsonl_records(path, report):
+    for where, obj in jsonl_records(path, report, part):
         texts = obj.get("texts") if isinstance(obj, dict) else None
         images = obj.get("images") if isinstance(obj, dict) else None
         if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
@@ -322,12 +360,12 @@ def interleaved_records(path: Path, report: SkipReport, allow_outside: bool = Fa
             yield where, segs
 
 
-def text_records(path: Path, report: SkipReport) -> Iterator[tuple[str, str]]:
-    """(where, text) per document: a non-blank line of a .txt, a ``{"text": ...}`` line of a .jsonl."""
+def text_records(path: Path, report: SkipReport, part: LineRange = WHOLE) -> Iterator[tuple[str, str]]:
+    """(where, text) per document (of ``part``): a non-blank line of a .txt, a ``{"text": ...}`` line of a .jsonl."""
     if path.suffix == ".txt":
-        yield from text_lines(path, report)
+        yield from text_lines(path, report, part)
         return
-    for where, obj in jsonl_records(path, report):
+    for where, obj in jsonl_records(path, report, part):
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
             report.add("bad_record", where, "needs a 'text' string")

@@ -96,7 +96,7 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
         w = 1.0 if weight is None else weight
         path = Path(name).expanduser()
         if path.is_dir() and is_code_dir(path):
-            parts.append(PartSpec("pairs", str(path), w, spec, stream="codes"))
+            parts.append(PartSpec(CodeSet.open(path).kind, str(path), w, spec, stream="codes"))
         elif is_tar_source(name):
             tar_paths(name)  # every shard must be there
             parts.append(PartSpec("pairs", name, w, spec, stream="tar"))
@@ -160,7 +160,7 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
         elif part.stream == "tar":
             recs = ((w, [t]) for w, _, t in tar_records(part.location, text_column, report) if t)
         elif part.stream == "codes":
-            recs = ((w, [t]) for w, t in code_captions(Path(part.location)) if t)
+            recs = ((w, texts) for w, texts in code_texts(Path(part.location)) if texts)
         elif part.kind == "pairs":
             recs = [(w, [t]) for w, _, t in pair_records(Path(part.location), text_column, report) if t]
         elif part.kind == "interleaved":
@@ -208,13 +208,14 @@ def _iter_tar(spec: str, text_column: str, report: SkipReport, shrink_to: int | 
             yield img, text
 
 
-def code_captions(root: Path) -> Iterator[tuple[str, str]]:
-    """(where, caption) of every record of a code-shard directory, a shard at a time."""
+def code_texts(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """(where, its non-empty texts) of every record of a code-shard directory (a pair's caption, a document's text
+    pieces), a shard at a time."""
     codes = CodeSet.open(root)
     for i, shard in enumerate(codes.shards):
         reader = codes.reader(i)
-        for k, caption in enumerate(reader.read(0, len(reader))[1]):
-            yield f"{root / shard.name}[{k}]", caption
+        for k, (_, texts) in enumerate(reader.documents_of(0, len(reader))):
+            yield f"{root / shard.name}[{k}]", [t for t in texts if t]
 
 
 def iter_dataset(ds, image_column: str, text_column: str | None, report: SkipReport, name: str = "dataset",

@@ -41,7 +41,7 @@ from earlyfusion.core.logs import log
 from .code_shards import CodeSet, ShardReader
 from .config import PIPELINE_VERSION
 from .distributed import gather_objects, gather_rows, rank_world
-from .documents import READ, ContextTooShort, pair_document, pair_overhead, span_words
+from .documents import READ, ContextTooShort, DocumentBuilder, pair_document, pair_overhead, span_words
 from .records import SkipReport
 from .rows import batch_of, first_fit_row, mixture_part, pair_variant, row_arrays
 
@@ -69,13 +69,14 @@ def _perm(n: int, seed: int) -> list[int]:
 
 class StreamPart:
     """One code-shard directory in the mixture; what the trainer's sizing reads of a part (kind, name, weight,
-    ``len``, ``tokens``, ``n_views``) and the chunks lanes read."""
+    ``len``, ``tokens``, ``n_views``) and the chunks lanes read. ``kind``: the manifest's, "pairs" (drawn as
+    reading, drawing or unconditioned documents) or "text" / "interleaved" (documents as they are)."""
 
-    kind = "pairs"
     n_views = 1
 
     def __init__(self, codes: CodeSet, weight: float):
         self.codes, self.name, self.weight = codes, str(codes.root), weight
+        self.kind = codes.kind
         size = codes.block_records  # a chunk is a block: what one lane holds and shuffles at a time
         self.chunks = [(i, a, min(a + size, s.records)) for i, s in enumerate(codes.shards)
                        for a in range(0, s.records, size)]
@@ -99,10 +100,11 @@ class StreamPart:
     def tokens(self, vocab) -> float:
         """Tokens of one pass over the part, estimated from its first chunk (for the trainer's epoch count)."""
         if self._tokens is None:
-            codes, captions = self.codes.reader(0).read(0, min(self.codes.block_records, self.codes.shards[0].records))
-            ids = vocab.encode_texts([c if c.strip() else "" for c in captions])
-            mean = sum(len(t) + pair_overhead(vocab, c.shape) for t, c in zip(ids, codes)) / max(len(codes), 1)
-            self._tokens = mean * len(self)
+            docs = self.codes.reader(0).documents_of(0, min(self.codes.block_records, self.codes.shards[0].records))
+            ids = vocab.encode_texts([t if t.strip() else "" for _, texts in docs for t in texts])
+            n = sum(map(len, ids)) + sum(vocab.span_length(c.shape) for images, _ in docs for c in images)
+            n += 2 * len(docs)  # <s> and </s>
+            self._tokens = n / max(len(docs), 1) * len(self)
         return self._tokens
 
 
@@ -129,6 +131,12 @@ class _Spec:
     reading_image_loss: bool
     cumulative: list[float]
     readers: OrderedDict = field(default_factory=OrderedDict)
+    builder: DocumentBuilder | None = None
+    """Cuts text and interleaved documents to the context as ``documents`` does (never to skip one: every document's
+    images fit, ``check_documents_fit``)."""
+
+    def __post_init__(self):
+        self.builder = DocumentBuilder(self.vocab, self.T, strict=False)
 
     def reader(self, p: int, shard: int) -> ShardReader:
         key = (p, shard)
@@ -146,29 +154,48 @@ class _Spec:
         texts = [c if c.strip() else "" for c in captions]  # a blank caption is none: the pair is drawn unconditioned
         return [np.asarray(ids[:cap], np.int64) for ids in self.vocab.encode_texts(texts)]
 
+    def documents(self, docs: list[tuple[list[np.ndarray], list[str]]], where: str) -> list[np.ndarray]:
+        """The ids (int64) of text or interleaved documents: (images, text pieces before, between and after them)."""
+        ids = iter(self.vocab.encode_texts([t for _, texts in docs for t in texts]))
+        out = []
+        for images, texts in docs:
+            pieces = [("t", next(ids))]
+            for image in images:
+                pieces += [("i", image), ("t", next(ids))]
+            pieces = [(k, x) for k, x in pieces if k == "i" or len(x)]
+            out.append(self.builder.document(pieces, where, "documents", SkipReport()).astype(np.int64))
+        return out
+
 
 class _Chunk:
-    """A lane's current chunk: its records in the lane's order, captions tokenised as they are reached."""
+    """A lane's current chunk: its records in the lane's order, captions (documents) tokenised as they are reached."""
 
     def __init__(self, spec: _Spec, p: int, slot: int):
-        self.slot = slot
+        self.slot, self.pairs = slot, spec.parts[p].kind == "pairs"
         shard, a, b = spec.parts[p].chunk_of(spec.seed, p, slot)
         self.start = spec.parts[p].codes.shards[shard].start + a
-        self.codes, self.captions = spec.reader(p, shard).read(a, b)
+        self.where = f"{spec.parts[p].name}/{spec.parts[p].codes.shards[shard].name}"
+        if self.pairs:
+            self.codes, self.captions = spec.reader(p, shard).read(a, b)
+        else:
+            self.docs = spec.reader(p, shard).documents_of(a, b)
         self.order = _perm(b - a, _seed_for(spec.seed, "window", p, slot))
         self.ids: list[np.ndarray | None] = [None] * (b - a)
 
     def __len__(self) -> int:
         return len(self.order)
 
-    def take(self, spec: _Spec, offset: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(record index in the part, code grid, caption ids) of the record at ``offset`` of the lane's order."""
+    def take(self, spec: _Spec, offset: int) -> tuple[int, np.ndarray | None, np.ndarray]:
+        """(record index in the part, code grid, caption ids) of the pair at ``offset`` of the lane's order; a
+        document's (record index, None, its ids)."""
         i = self.order[offset]
         if self.ids[i] is None:
             ahead = [j for j in self.order[offset:offset + TOKENIZE_AHEAD] if self.ids[j] is None]
-            for j, ids in zip(ahead, spec.caption_ids([self.captions[j] for j in ahead])):
+            made = spec.caption_ids([self.captions[j] for j in ahead]) if self.pairs else \
+                spec.documents([self.docs[j] for j in ahead], self.where)
+            for j, ids in zip(ahead, made):
                 self.ids[j] = ids
-        return self.start + i, self.codes[i], self.ids[i]
+        return self.start + i, self.codes[i] if self.pairs else None, self.ids[i]
 
 
 class _Lane:
@@ -190,15 +217,22 @@ class _Lane:
         return {"draws": self.draws, "cursor": [list(c) for c in self.cursor],
                 "pending": [list(desc) for desc, _, _ in self.pending]}
 
-    def _document(self, desc: tuple[int, int, int], codes: np.ndarray, ids: np.ndarray):
+    def _document(self, desc: tuple[int, int, int], codes: np.ndarray | None, ids: np.ndarray):
         spec = self.spec
+        if codes is None:  # a text or interleaved document: as it is, every token trained
+            return desc, ids, 0
         untrained = spec.vocab.span_length(codes.shape) if desc[2] == READ and not spec.reading_image_loss else 0
         return desc, pair_document(spec.vocab, codes, ids, desc[2]), untrained
 
     def _redraw(self, p: int, record: int, variant: int):
         """A look-ahead entry of a saved state, its record read again from its shard."""
-        shard, row = self.spec.parts[p].codes.locate(record)
-        codes, captions = self.spec.reader(p, shard).read(row, row + 1)
+        part = self.spec.parts[p]
+        shard, row = part.codes.locate(record)
+        reader = self.spec.reader(p, shard)
+        if part.kind != "pairs":
+            ids = self.spec.documents(reader.documents_of(row, row + 1), f"{part.name}/{part.codes.shards[shard].name}")
+            return self._document((p, record, variant), None, ids[0])
+        codes, captions = reader.read(row, row + 1)
         return self._document((p, record, variant), codes[0], self.spec.caption_ids(captions)[0])
 
     def _take(self, p: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -220,7 +254,7 @@ class _Lane:
         self.draws += 1
         p = mixture_part(spec.cumulative, r0)
         record, codes, ids = self._take(p)
-        variant = pair_variant(len(ids) > 0, r1, r2, spec.reading_ratio, spec.cond_dropout)
+        variant = pair_variant(len(ids) > 0, r1, r2, spec.reading_ratio, spec.cond_dropout) if codes is not None else 0
         return self._document((p, record, variant), codes, ids)
 
     def row(self) -> list[tuple[np.ndarray, int]]:
@@ -362,6 +396,8 @@ def check_captions_fit(parts: list[StreamPart], vocab, context_len: int) -> None
     tokens than that one is cut to fit when it is met, as ``documents`` cuts captions."""
     room = context_len - pair_overhead(vocab)
     for part in parts:
+        if part.kind != "pairs":
+            continue
         entries = part.codes.manifest["shards"]
         texts = [str(s.get("longest_caption") or "") for s in entries]
         if max((len(t.encode("utf-8")) for t in texts), default=0) <= room:
@@ -370,6 +406,18 @@ def check_captions_fit(parts: list[StreamPart], vocab, context_len: int) -> None
             if len(ids) > room:
                 raise ContextTooShort(len(ids) + pair_overhead(vocab), context_len, f"{part.name}/{s['name']}", len(ids),
                                       span_words(vocab))
+
+
+def check_documents_fit(parts: list[StreamPart], context_len: int) -> None:
+    """UserError unless the images of every text or interleaved document fit the context with its ``<s>`` (from each
+    shard's "most_image_tokens"): the text of a longer document is cut to fit when it is met, its images never are."""
+    for part in parts:
+        for s in part.codes.manifest["shards"] if part.kind != "pairs" else ():
+            need = 1 + int(s.get("most_image_tokens") or 0)
+            if need > context_len:
+                raise UserError(f"{part.name}/{s['name']}: a document's images take {need} tokens with its <s>, more "
+                                f"than --context-len {context_len}; raise --context-len (up to the decoder's "
+                                "max_seq_len) or leave such documents out of the corpus")
 
 
 def streamed_batches(cfg, specs, *, vocab, image_tokenizer_fingerprint: str, context_len: int, batch_size: int,
@@ -390,7 +438,8 @@ def streamed_batches(cfg, specs, *, vocab, image_tokenizer_fingerprint: str, con
     parts = []
     for s in specs:
         codes = CodeSet.open(s.location)
-        codes.check_tokenizer(image_tokenizer_fingerprint, vocab.grid_tokens, "this run")
+        if codes.kind != "text":  # text documents hold no codes: any run reads them
+            codes.check_tokenizer(image_tokenizer_fingerprint, vocab.grid_tokens, "this run")
         for g in codes.grids:
             vocab.check_grid(g)
         report.records += int(codes.manifest.get("records", 0))
@@ -400,6 +449,7 @@ def streamed_batches(cfg, specs, *, vocab, image_tokenizer_fingerprint: str, con
         parts.append(StreamPart(codes, s.weight))
     if fit_captions:
         check_captions_fit(parts, vocab, context_len)
+    check_documents_fit(parts, context_len)
     return StreamedBatches(parts, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
                            cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed,
                            workers=cfg.loader_workers, report=report)
