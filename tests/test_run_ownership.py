@@ -115,3 +115,18 @@ def test_split_names_must_exist_and_training_data_is_not_the_validation_data(tin
     # named on purpose: allowed, with a warning
     run_cli(*tiny_train_argv(tiny_pipeline, tmp_path / "asked", 2, "--split", "val", "--val-split", "val"))
     assert "chosen on training data" in capsys.readouterr().err
+
+
+def test_a_directory_made_for_the_lock_goes_when_nothing_was_written(tmp_path):
+    """A command that fails before writing anything leaves no empty run directory behind; one that existed stays."""
+    with pytest.raises(RuntimeError):
+        with run_lock(tmp_path / "new", "failing"):
+            raise RuntimeError("failed")
+    assert not (tmp_path / "new").exists()
+    with run_lock(tmp_path / "written", "writing"):
+        (tmp_path / "written" / "result.json").write_text("{}")
+    assert (tmp_path / "written" / "result.json").is_file()
+    (tmp_path / "kept").mkdir()
+    with run_lock(tmp_path / "kept", "nothing"):
+        pass
+    assert (tmp_path / "kept").is_dir()

@@ -129,8 +129,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def run_lock(out: str | Path, what: str) -> Iterator[None]:
     """Hold ``out/.lock`` for the whole command: a second writer into the same run directory is refused with one line
     naming the holder. The lock is the kernel's (flock), so a holder that died — killed, crashed — leaves nothing
-    to clean up: the next command takes the lock over."""
+    to clean up: the next command takes the lock over. A directory made here for the lock that holds nothing else
+    when the command ends (it failed before writing anything) is removed again."""
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -144,6 +146,12 @@ def run_lock(out: str | Path, what: str) -> Iterator[None]:
         os.pwrite(fd, f"process {os.getpid()} ({what}: {' '.join(sys.argv[1:])[:300]})\n".encode(), 0)
         yield
     finally:
+        try:
+            if made and [p.name for p in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()  # while still held: no other command can have taken it
+                out.rmdir()
+        except OSError:
+            pass  # removed or changed under us: nothing of ours to tidy
         os.close(fd)  # closing releases the flock
 
 

@@ -377,7 +377,8 @@ def encode_cmd(cfg: EncodeConfig) -> int:
             images = sum(n for n, _ in results)
             busy = max(t for _, t in results)
             skipped = sum(manifest["skipped"].values())
-            print(f"encoded {images} image(s) in {time.perf_counter() - t0:.1f}s ({images / max(busy, 1e-9):.1f} "
+            rate = images / max(busy, 1e-9)
+            print(f"encoded {images} image(s) in {time.perf_counter() - t0:.1f}s ({rate:.{1 if rate >= 10 else 3}f} "
                   f"images/s from first read to last write, {world} process(es)); {out}: {manifest['records']} records "
                   f"in {len(manifest['shards'])} shard(s)"
                   + (f", skipped {skipped}: " + ", ".join(f"{n} {k}" for k, n in manifest["skipped"].items())
