@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, cli_status
+from earlyfusion.cli import main
 from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.training import data as D
@@ -260,3 +261,19 @@ def test_report_counts_every_reason_once(tmp_path):
     report.ok(len(got))
     assert Counter(report.counts) == Counter({"outside_data_dir": 2, "bad_json": 1, "too_long": 1})
     assert report.good == 5 and report.records == 9
+
+
+def test_tokenizer_and_vocabulary_commands_take_linked_files_only_when_allowed(tmp_path, capsys):
+    """A hub download folder's files link into a shared cache: `tokenizer train`, `tokenizer eval` and `vocab build`
+    leave them out by default and read them with --allow-outside-paths."""
+    root = linked_folder(tmp_path)
+    (root / "passwd.png").unlink()  # a link to a file that is not an image: not what this test is about
+    report = R.SkipReport()
+    assert len(list(S.iter_image_text(str(root), report=report))) == 5 and report.counts["outside_data_dir"] == 1
+    assert len(list(S.iter_image_text(str(root), report=R.SkipReport(), allow_outside=True))) == 6
+    texts = list(S.iter_texts([str(root)], R.SkipReport()))
+    assert "escape" not in texts and "escape" in list(S.iter_texts([str(root)], R.SkipReport(), allow_outside=True))
+    for command in (("tokenizer", "train"), ("tokenizer", "eval"), ("vocab", "build")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert "--allow-outside-paths" in capsys.readouterr().out

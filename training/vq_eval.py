@@ -48,6 +48,10 @@ class VQEvalConfig:
     """Evaluate at most this many images (0 = all)."""
     json: bool = False
     """Also print the figures as one JSON object on the last line of stdout."""
+    allow_outside_paths: bool = False
+    """Read image files that lie outside the data directory (listed by absolute path or '..', or reached through a
+    symbolic link out of it, as in a hub download folder whose files link into a shared cache); off, such records are
+    skipped and counted as outside_data_dir."""
 
     def __post_init__(self):
         if Path(self.checkpoint).is_file():
@@ -60,7 +64,8 @@ class VQEvalConfig:
 
 
 def load_images(data: str, size: int, *, split: str = "train", image_column: str = "image",
-                strict: bool = False, limit: int = 0, max_grid: tuple[int, int] | None = None, downsample: int = 1):
+                strict: bool = False, limit: int = 0, max_grid: tuple[int, int] | None = None, downsample: int = 1,
+                allow_outside: bool = False):
     """All images of a split as uint8 (N, 3, size, size), plus the SkipReport of records that were skipped. With
     ``max_grid`` each image is instead resized whole to the largest grid of ``downsample``-pixel codes that keeps
     its shape (as a vocabulary with grid tokens encodes it), and the images come as a list of (3, h, w)."""
@@ -68,7 +73,8 @@ def load_images(data: str, size: int, *, split: str = "train", image_column: str
     report = SkipReport(strict=strict)
     rows: list[torch.Tensor] = []
     for i, (img, _text) in enumerate(iter_image_text(data, image_column=image_column,
-                                                     split=split, report=report, strict=strict, shrink_to=size)):
+                                                     split=split, report=report, strict=strict, shrink_to=size,
+                                                     allow_outside=allow_outside)):
         try:
             t = preprocess_for_codes(img, size, downsample, max_grid)  # (3, size, size) or (3, h, w) in [-1, 1]
         except ImageError as e:
@@ -255,7 +261,7 @@ def eval_cmd(cfg: VQEvalConfig) -> int:
     use_all_cores()
     model = load_vqvae(cfg.checkpoint)
     images, report = load_images(cfg.data, model.cfg.image_size, split=cfg.split, image_column=cfg.image_column,
-                                 limit=cfg.limit)
+                                 limit=cfg.limit, allow_outside=cfg.allow_outside_paths)
     if report.total:
         log.info("skipped %d unreadable image(s): %s", report.total, report.summary())
     fig = evaluate_tokenizer(model, images, batch_size=cfg.batch_size)

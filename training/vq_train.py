@@ -150,6 +150,10 @@ class VQTrainConfig:
     """Seed for initialisation, data order and codebook initialisation."""
     strict: bool = False
     """Fail on the first unreadable image instead of skipping and counting it."""
+    allow_outside_paths: bool = False
+    """Read image files that lie outside the data directory (listed by absolute path or '..', or reached through a symbolic
+    link out of it, as in a hub download folder whose files link into a shared cache); off, such records are skipped
+    and counted as outside_data_dir."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row (each one is skipped)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
@@ -280,7 +284,7 @@ def train(cfg: VQTrainConfig) -> Path:
 def _read_images(cfg: VQTrainConfig, vq_cfg: VQConfig, world: int):
     """(images, skip report, global batch size): the batch is lowered to what a small image set can fill."""
     images, report = load_images(cfg.data, vq_cfg.image_size, split=cfg.split, image_column=cfg.image_column,
-                                 strict=cfg.strict, downsample=vq_cfg.downsample,
+                                 strict=cfg.strict, downsample=vq_cfg.downsample, allow_outside=cfg.allow_outside_paths,
                                  max_grid=vq_cfg.grid_size if cfg.keep_aspect else None)
     n, batch_size = len(images), cfg.batch_size
     if n < batch_size:

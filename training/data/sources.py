@@ -146,7 +146,7 @@ def load_hub(data: str, split: str):
 
 
 def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: str = "train",
-               text_column: str = "text") -> Iterator[str]:
+               text_column: str = "text", allow_outside: bool = False) -> Iterator[str]:
     """Every text of the training parts (captions, interleaved texts, text documents), for the BPE. A record with
     a text over ``MAX_TEXT_CHARS`` is skipped and counted as "too_long": the BPE trainer's work grows with the
     square of a text's longest run without spaces, so one such text could hold up the whole vocabulary."""
@@ -162,10 +162,10 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
         elif part.stream == "codes":
             recs = ((w, texts) for w, texts in code_texts(Path(part.location)) if texts)
         elif part.kind == "pairs":
-            recs = [(w, [t]) for w, _, t in pair_records(Path(part.location), text_column, report) if t]
+            recs = [(w, [t]) for w, _, t in pair_records(Path(part.location), text_column, report, allow_outside) if t]
         elif part.kind == "interleaved":
             recs = [(w, [x for k, x in segs if k == "t"])
-                    for w, segs in interleaved_records(Path(part.location), report)]
+                    for w, segs in interleaved_records(Path(part.location), report, allow_outside)]
         else:
             recs = [(w, [t]) for w, t in text_records(Path(part.location), report)]
         for where, texts in recs:  # one record at a time: a streamed corpus is never held whole
@@ -191,8 +191,8 @@ def _load_counted(src, where: str, report: SkipReport, shrink_to: int | None) ->
     return img
 
 
-def _iter_local(root: Path, text_column: str, report: SkipReport, shrink_to: int | None):
-    for where, path, text in pair_records(root, text_column, report):
+def _iter_local(root: Path, text_column: str, report: SkipReport, shrink_to: int | None, allow_outside: bool = False):
+    for where, path, text in pair_records(root, text_column, report, allow_outside):
         if not path.exists():
             report.add("missing", where, "the image file listed in the metadata does not exist")
             continue
@@ -251,14 +251,15 @@ def iter_dataset(ds, image_column: str, text_column: str | None, report: SkipRep
 
 
 def iter_image_text(data: str, image_column: str = "image", text_column: str = "text", split: str = "train",
-                    report: SkipReport | None = None, strict: bool = False, *,
-                    shrink_to: int | None = None) -> Iterator[tuple[Image.Image, str | None]]:
+                    report: SkipReport | None = None, strict: bool = False, *, shrink_to: int | None = None,
+                    allow_outside: bool = False) -> Iterator[tuple[Image.Image, str | None]]:
     """Yield ``(RGB PIL image, text | None)`` for every good record of ``data``; count the bad ones.
 
     ``data``: an imagefolder directory (``DIR/<split>`` if it has split folders), tar shards or a hub data set name.
     ``report``: where skipped records are counted (a fresh one if None; its summary is logged at the
     end if anything was skipped). ``strict``: raise UserError on the first bad record.
     ``shrink_to``: the consumer's image size; big images are decoded at reduced scale (faster).
+    ``allow_outside``: read images of an imagefolder that lie outside it (``records.pair_records``).
     Raises UserError when the source has no usable record at all.
     """
     own = report is None
@@ -281,7 +282,7 @@ def iter_image_text(data: str, image_column: str = "image", text_column: str = "
             raise UserError(f"{root}: no images and no metadata.jsonl found; give an imagefolder directory "
                             "(image files + metadata.jsonl with file_name and text)")
         else:
-            it = _iter_local(root, text_column, report, shrink_to)
+            it = _iter_local(root, text_column, report, shrink_to, allow_outside)
     elif path.exists():
         raise UserError(f"{data}: is a file; give an imagefolder directory or a hub data set name")
     elif data.startswith((".", "/", "~")) or data.count("/") > 1 or "\\" in data:

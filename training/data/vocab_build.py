@@ -43,6 +43,10 @@ class VocabBuildConfig:
     """Train the BPE on at most this many texts (0 = all)."""
     strict: bool = False
     """Fail on the first bad data record instead of skipping and counting it."""
+    allow_outside_paths: bool = False
+    """Read files that lie outside the data directory (listed by absolute path or '..', or reached through a symbolic
+    link out of it, as in a hub download folder whose files link into a shared cache); off, such records are skipped
+    and counted as outside_data_dir."""
     grid_tokens: bool = False
     """Let images keep their aspect ratio: add tokens for an image's rows and columns and a row-end token, so that
     every image is resized whole to its own code grid (up to the image tokenizer's) and its span states that grid
@@ -76,7 +80,7 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
     report = SkipReport(strict=cfg.strict)
     texts: list[str] = []
     try:
-        for t in iter_texts(cfg.data, report=report):
+        for t in iter_texts(cfg.data, report=report, allow_outside=cfg.allow_outside_paths):
             texts.append(t)
             if cfg.max_texts and len(texts) >= cfg.max_texts:
                 break
