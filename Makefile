@@ -26,9 +26,9 @@ demo: install
 bench: install
 	$(BIN)/python bench/run.py
 
-# One prepared GPU check (under 8 minutes on an H100): figures to runs/bench-gpu/ (bench/gpu.py says what).
+# One prepared GPU check (under 8 minutes on an H100): figures to runs/bench-gpu/ and a section of bench/RESULTS.md.
 bench-gpu: install
-	$(BIN)/python bench/gpu.py
+	$(BIN)/python bench/gpu.py --results bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -68,7 +68,7 @@ from bench_machine import log, median, timed  # noqa: E402
 from bench_models import build_pair, flop_params, flops_per_token, layout_for, peer_cfg_generate, text_prompts  # noqa: E402
 from gpu_device import Context, device_info, free_device, peak_tflops, rounds, with_smaller_batches
 from gpu_losses import part_losses  # noqa: E402
-from gpu_report import render  # noqa: E402
+from gpu_report import device_sections, render, with_device_sections  # noqa: E402
 
 # A ~1B-parameter decoder (1.08B): Chameleon's vocabulary size, 2048 wide, 16 blocks of 16 heads of 128.
 SHAPE_1B = dict(vocab_size=65536, dim=2048, n_layers=16, n_heads=16, max_seq_len=2048)
@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "generation against transformers, CPU/GPU loss agreement.")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-gpu"), help=f"directory for {JSON_NAME} and {SECTION_NAME}")
     p.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps per part (a code check, not figures)")
+    p.add_argument("--results", default=None,
+                   help="also put the section into this RESULTS.md (bench/RESULTS.md for `make bench-gpu`), replacing "
+                        "an earlier section of the same device; never with --quick")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -484,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - t0
     write(out, results)
     log(f"wrote {out / JSON_NAME} and {out / SECTION_NAME} in {results['elapsed_s']:.0f} s")
+    if args.results and not args.quick:
+        path = Path(args.results)
+        old = path.read_text() if path.is_file() else ""
+        section = render(results)
+        path.write_text(with_device_sections(old, {**device_sections(old), **device_sections(section)}))
+        log(f"put the {results['device']['name']} section into {path}")
     print(render(results))
     return 0
 

@@ -29,10 +29,31 @@ def _pct(x) -> str:
     return "—" if x is None else f"{x:.1%}"
 
 
+MARK = "<!-- a device section of bench/gpu.py: make bench keeps it -->"
+
+
+def device_sections(text: str) -> dict[str, str]:
+    """The device sections (``## <device>`` headings followed by ``MARK``) of a RESULTS.md text, by heading."""
+    out: dict[str, str] = {}
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        if body.startswith(MARK):
+            out[heading] = f"## {heading}\n{body.rstrip()}\n"
+    return out
+
+
+def with_device_sections(text: str, sections: dict[str, str]) -> str:
+    """``text`` without any device section of its own, then ``sections`` (one per device: a newer one replaces an
+    older one of the same heading)."""
+    kept = [chunk for chunk in ("\n" + text).split("\n## ") if not chunk.partition("\n")[2].startswith(MARK)]
+    base = kept[0].lstrip("\n") + "".join(f"\n## {chunk}" for chunk in kept[1:])
+    return base.rstrip() + "\n" + "".join(f"\n{s}" for s in sections.values())
+
+
 def render(results: dict) -> str:
     dev, parts = results["device"], results["parts"]
     peak = results["peak_tflops"]
-    lines = [f"## {dev['name']}", "",
+    lines = [f"## {dev['name']}", MARK, "",
              f"`make bench-gpu` (`bench/gpu.py{' ' + results['argv'] if results['argv'] else ''}`) at commit "
              f"`{dev['commit']}`, {dev['date']}: torch {dev['torch']}"
              + (f", CUDA {dev['cuda']}, compute capability {dev['capability']}, {dev['memory_gb']:.0f} GiB"

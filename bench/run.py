@@ -57,6 +57,7 @@ from bench_models import layout_for, text_prompts  # noqa: E402
 from bench_scale import bench_image_scale, bench_packed_train  # noqa: E402
 from bench_train import bench_train  # noqa: E402
 from bench_report import INTERFACE_KEYS, _fmt_load, attended, interface, render  # noqa: E402,F401 - INTERFACE_KEYS: the keys callers read
+from gpu_report import device_sections, with_device_sections  # noqa: E402
 
 # ---------------------------------------------------------------- profile
 
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS.md").write_text(text + "\n")
+    old = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
+    (out / "RESULTS.md").write_text(with_device_sections(text, device_sections(old)))  # GPU figures stay
     payload = {**results["interface"], "machine": results["machine"], "ceilings": results["ceilings"],
                "train": results["train"], "train_bf16": results.get("train_bf16"), "decode": results["decode"],
                "image_generation": results.get("image_generation"), "image_tokenizer": results.get("image_tokenizer"),

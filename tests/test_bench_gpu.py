@@ -107,3 +107,21 @@ def test_shapes_peaks_and_loss_comparison(gpu):
     assert ok["comparison"] == "ok" and ok["worst_step"] == 2
     bad = gpu_losses.compare_losses([5.0, 4.0, 3.0], [5.0, 4.0, 3.01])
     assert bad["comparison"] == "mismatch" and bad["worst_step"] == 3
+
+
+def test_device_sections_survive_the_cpu_bench_and_replace_their_own_device(gpu):
+    """RESULTS.md keeps a section per device: the CPU bench's rewrite keeps them, a newer run of one device replaces
+    that device's section only."""
+    report = gpu.gpu_report if hasattr(gpu, "gpu_report") else __import__("gpu_report")
+    h100 = f"## NVIDIA H100\n{report.MARK}\n\nMFU 40 %\n"
+    h200 = f"## NVIDIA H200\n{report.MARK}\n\nMFU 50 %\n"
+    cpu_bench = "# Benchmark results\n\n## Machine\n\nfigures\n"
+    text = report.with_device_sections(cpu_bench, {"NVIDIA H100": h100, "NVIDIA H200": h200})
+    assert text.startswith(cpu_bench.rstrip()) and h100 in text and h200 in text
+    rewritten = report.with_device_sections("# Benchmark results\n\n## Machine\n\nnew figures\n",
+                                            report.device_sections(text))
+    assert "new figures" in rewritten and "\nfigures" not in rewritten.replace("new figures", "")
+    assert report.device_sections(rewritten) == {"NVIDIA H100": h100, "NVIDIA H200": h200}
+    newer = f"## NVIDIA H100\n{report.MARK}\n\nMFU 47 %\n"
+    again = report.with_device_sections(rewritten, {**report.device_sections(rewritten), "NVIDIA H100": newer})
+    assert "MFU 47 %" in again and "MFU 40 %" not in again and "MFU 50 %" in again
