@@ -32,7 +32,7 @@ from earlyfusion.core.logs import setup_logging
 
 COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
     (("data", "shapes"), "generate the built-in shapes data set (image-caption pairs, interleaved docs, text; --sizes for non-square pictures)",
-     "earlyfusion.training.shapes:ShapesConfig", "earlyfusion.training.shapes:generate_cmd"),
+     "earlyfusion.training.shapes_data:ShapesConfig", "earlyfusion.training.shapes_data:generate_cmd"),
     (("data", "photos"), "crop the photographs that ship with scikit-image into an imagefolder (test: other photographs; val: new crops of the training ones)",
      "earlyfusion.training.photos:PhotosConfig", "earlyfusion.training.photos:generate_cmd"),
     (("data", "shard"), "write an imagefolder as WebDataset tar shards (KEY.jpg|png|webp + KEY.txt, --shard-size records each)",
@@ -42,7 +42,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
      "earlyfusion.training.vq_eval:VQEvalConfig", "earlyfusion.training.vq_eval:eval_cmd"),
     (("vocab", "build"), "build the merged text+image vocabulary (tokenizer.json + layout)",
      "earlyfusion.training.data.vocab_build:VocabBuildConfig", "earlyfusion.training.data.vocab_build:build_cmd"),
-    (("encode",), "pre-tokenize a corpus (imagefolder or tar shards) into code shards that train --data streams",
+    (("encode",), "pre-tokenize a corpus (imagefolder or tar shards of image-caption pairs, an interleaved or text .jsonl) into code shards that train --data streams",
      "earlyfusion.training.data.encode:EncodeConfig", "earlyfusion.training.data.encode:encode_cmd"),
     (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_config:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
     (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),

@@ -21,7 +21,7 @@ from earlyfusion.tokenizer.vqvae import VQVAE
 from earlyfusion.tokenizer.vq_checkpoint import save_vqvae, vq_fingerprint
 from earlyfusion.training import data as D
 from earlyfusion.training.data import documents as D_documents
-from earlyfusion.training.shapes import ShapesConfig, generate
+from earlyfusion.training.shapes_data import ShapesConfig, generate
 
 
 def make_vq(directory: Path, seed: int = 0) -> Path:

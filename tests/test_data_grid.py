@@ -21,7 +21,8 @@ from earlyfusion.tokenizer.preprocess import aspect_grid, preprocess, preprocess
 from earlyfusion.tokenizer.vocab import Vocabulary
 from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, read_vq_config, vq_fingerprint
 from earlyfusion.training import data as D
-from earlyfusion.training.shapes import TALL, WIDE, ShapesConfig, generate, parse_picture
+from earlyfusion.training.shapes import TALL, WIDE, parse_picture
+from earlyfusion.training.shapes_data import ShapesConfig, generate
 from test_data import documents, make_vq
 
 SIZES = "32x32,48x32"  # the tiny tokenizer's 4x4 codes: 32x32 -> 4x4, 48x32 -> 3x4

@@ -23,14 +23,11 @@ from earlyfusion.training.shapes import (
     SQUARE,
     TALL,
     WIDE,
-    ShapesConfig,
     ShapeSpec,
     _placements,
     caption,
-    generate_cmd,
     parse_caption,
     parse_picture,
-    parse_sizes,
     picture_of,
     random_scene,
     render,
@@ -38,6 +35,7 @@ from earlyfusion.training.shapes import (
     shape_mask,
     shape_sizes,
 )
+from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd, parse_sizes
 from earlyfusion.training.shapes_judge import recognise
 
 ALL_SINGLE = [frozenset([ShapeSpec(sh, c, sz, p)]) for sh in SHAPES for c in COLOURS for sz in SIZES for p in POSITIONS]

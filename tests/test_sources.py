@@ -113,7 +113,8 @@ def test_splits_and_folder_without_metadata(tmp_path):
 
 
 def test_shapes_output_reads_back(tmp_path):
-    from earlyfusion.training.shapes import ShapesConfig, generate_cmd, parse_caption
+    from earlyfusion.training.shapes import parse_caption
+    from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
     from earlyfusion.training.shapes_judge import recognise
 
     generate_cmd(ShapesConfig(out=str(tmp_path / "s"), num_images=15, num_interleaved=1, num_text=1))

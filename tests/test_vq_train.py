@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A small built-in data set at 16 px (the tiny preset's size)."""
-    from earlyfusion.training.shapes import ShapesConfig, generate_cmd
+    from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
     d = tmp_path_factory.mktemp("vqdata") / "shapes"
     generate_cmd(ShapesConfig(out=str(d), num_images=72, image_size=16, seed=3, num_interleaved=0, num_text=0))
@@ -383,7 +383,7 @@ def test_keep_aspect_trains_on_each_images_own_shape(tmp_path):
     training lowers the loss, the sheet shows each image at its shape, and the run's identity records the option."""
     from PIL import Image
 
-    from earlyfusion.training.shapes import ShapesConfig, generate_cmd
+    from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
     d = tmp_path / "shapes2"
     generate_cmd(ShapesConfig(out=str(d), num_images=64, sizes="16x16,24x16", seed=4,
