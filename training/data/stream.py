@@ -163,7 +163,11 @@ class _Spec:
             for image in images:
                 pieces += [("i", image), ("t", next(ids))]
             pieces = [(k, x) for k, x in pieces if k == "i" or len(x)]
-            out.append(self.builder.document(pieces, where, "documents", SkipReport()).astype(np.int64))
+            doc = self.builder.document(pieces, where, "documents", SkipReport())
+            if doc is None:  # its images alone overflow the context: refused at start from the manifest
+                raise UserError(f"{where}: a document's images do not fit --context-len {self.T}; its manifest is "
+                                "out of date: encode the corpus again")
+            out.append(doc.astype(np.int64))
         return out
 
 
