@@ -40,6 +40,7 @@ from earlyfusion.tokenizer.vocab import check_vocab_matches
 from earlyfusion.training.data import SkipReport, local_image_table, resolve_sources
 from earlyfusion.training.data.augment import NO_AUGMENT
 from earlyfusion.training.data.codes import PAD_CODE, resolve_cache_dir
+from earlyfusion.training.data.conversations import conversation_records
 from earlyfusion.training.data.records import interleaved_records, pair_records
 from earlyfusion.training.trainer import source_key
 from earlyfusion.training.shapes import parse_picture
@@ -211,6 +212,11 @@ def training_grids(sources: Sequence[str], *, vocab, image_tokenizer: str | Path
                     captions.append(text)
                     if augment.mirrors_captions:
                         captions.append(augment.mirror_caption(text))  # what training showed with mirrored views
+        elif spec.kind == "conversations":
+            for where, _, turns in conversation_records(Path(spec.location), report, allow_outside_paths):
+                for x in (x for t in turns for kind, x in t.segments if kind == "i"):
+                    paths.append(x)
+                    wheres.append(where)
         else:
             for where, segs in interleaved_records(Path(spec.location), report, allow_outside_paths):
                 for kind, x in segs:

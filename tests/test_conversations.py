@@ -37,7 +37,7 @@ def test_good_and_bad_conversations(tmp_path):
     assert is_conversation_file(path)
     report = SkipReport()
     got = list(conversation_records(path, report))
-    assert report.good == 2 and dict(report.counts) == {
+    assert len(got) == 2 and dict(report.counts) == {
         "image_count": 2, "outside_data_dir": 1, "empty_answer": 1, "turn_order": 2, "bad_record": 2}
     (_, _, turns), (_, _, edit) = got
     assert [t.role for t in turns] == [ASK, ANSWER, ASK, ANSWER]
@@ -63,3 +63,74 @@ def test_the_built_in_conversations_read_whole(tmp_path):
         for _, record, turns in got:
             assert all(t.kind for t in turns if t.role == ANSWER)
             assert all((tmp_path / "s" / x).is_file() for k, x in (s for t in turns for s in t.segments) if k == "i")
+
+
+def _chat_data(tmp_path):
+    from earlyfusion.cli import main
+    from test_shards import make_vq
+
+    generate_cmd(ShapesConfig(out=str(tmp_path / "s"), num_images=40, image_size=16, num_interleaved=0, num_text=0,
+                              num_conversations=80))
+    vq = make_vq(tmp_path / "vq")
+    assert main(["vocab", "build", "--data", str(tmp_path / "s"), "--image-tokenizer", str(vq), "--out",
+                 str(tmp_path / "vocab")]) == 0
+    return tmp_path / "s", vq, tmp_path / "vocab"
+
+
+def test_only_the_assistant_turns_are_trained(tmp_path):
+    """Packed rows of conversations: a target has loss exactly where the token is part of an answer (its text,
+    pictures and <eot>) or the closing </s>; questions, the pictures asked about and the markers never."""
+    import torch
+
+    from earlyfusion.tokenizer.vocab import Vocabulary
+    from earlyfusion.training.data import DataConfig, training_batches
+    from earlyfusion.training.data.config import IGNORE
+
+    data, vq, vocab_dir = _chat_data(tmp_path)
+    vocab = Vocabulary.load(vocab_dir)
+    assert vocab.chat
+    user, assistant, eot = (vocab.chat_id(r) for r in ("user", "assistant", "eot"))
+    batches = training_batches(DataConfig(sources=[str(data / "conversations.json")]), vocab=vocab,
+                               image_tokenizer=vq, context_len=128, batch_size=4, seed=0)
+    checked = 0
+    for _ in range(3):
+        b = next(batches)
+        for r in range(4):
+            tokens, targets, docs = b["tokens"][r].tolist(), b["targets"][r].tolist(), b["doc_ids"][r].tolist()
+            answering = False
+            for i in range(len(tokens) - 1):
+                if docs[i] < 0 or docs[i + 1] != docs[i]:
+                    answering = False
+                    continue
+                nxt = tokens[i + 1]
+                if tokens[i] in (assistant, eot):  # an answer starts after its marker and ends with its <eot>
+                    answering = tokens[i] == assistant
+                want = answering or nxt == vocab.eos
+                assert (targets[i] != IGNORE) == want, (r, i)
+                assert targets[i] in (IGNORE, nxt)
+                checked += targets[i] != IGNORE
+    assert checked > 50 and user in b["tokens"]
+
+
+def test_training_on_conversations_lowers_the_loss(tmp_path):
+    from conftest import run_cli
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab", vocab, "--out",
+            tmp_path / "run", "--preset", "tiny", "--steps", 40, "--batch-size", 8, "--context-len", 128,
+            "--warmup-steps", 2, "--eval-every", 0, "--lr", 3e-3)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_conversations_need_a_vocabulary_with_the_markers(tmp_path, capsys):
+    from conftest import assert_one_line_error, cli_status
+    from earlyfusion.cli import main
+
+    data, vq, _ = _chat_data(tmp_path)
+    assert main(["vocab", "build", "--data", str(data / "train"), "--image-tokenizer", str(vq), "--out",
+                 str(tmp_path / "plain")]) == 0
+    rc, err = cli_status(capsys, ["train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab",
+                                  tmp_path / "plain", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2])
+    assert_one_line_error(rc, err)
+    assert "conversation markers" in err

@@ -50,6 +50,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from earlyfusion.core.checkpoint import CheckpointError, atomic_dir, load_json
+from earlyfusion.core.errors import UserError
 from earlyfusion.core.rundir import verify_manifest
 from earlyfusion.tokenizer.image_span import SpanError, SpanGrammar
 from earlyfusion.tokenizer.vocab_layout import (
@@ -58,6 +59,7 @@ from earlyfusion.tokenizer.vocab_layout import (
     IMAGE_TOKEN_PREFIX,
     LAYOUT_FILE,
     MIN_IMAGE_TOKEN_DIGITS,
+    CHAT_TOKENS,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
     VocabLayout,
@@ -150,6 +152,18 @@ class Vocabulary:
     @property
     def special_ids(self) -> dict[str, int]:
         return dict(self.layout.special_ids)
+
+    @property
+    def chat(self) -> bool:
+        """Whether the vocabulary has the conversation markers ``<user>``, ``<assistant>`` and ``<eot>``."""
+        return self.layout.chat
+
+    def chat_id(self, role: str) -> int:
+        """The id of a conversation marker ("user", "assistant", "eot"); UserError for a vocabulary without them."""
+        if not self.chat:
+            raise UserError("this vocabulary has no conversation markers; build one for conversation data with "
+                            "`earlyfusion vocab build` (it adds them when --data holds conversations)")
+        return self.layout.special_ids[role]
 
     def __repr__(self) -> str:
         L = self.layout
@@ -372,19 +386,22 @@ class Vocabulary:
 
     @classmethod
     def build(cls, texts: Iterable[str], *, codebook_size: int, grid: tuple[int, int], image_tokenizer_fingerprint: str,
-              text_vocab_size: int = 1024, min_frequency: int = 2, grid_tokens: bool = False) -> Vocabulary:
+              text_vocab_size: int = 1024, min_frequency: int = 2, grid_tokens: bool = False,
+              chat: bool = False) -> Vocabulary:
         """Train a byte-level BPE on ``texts`` and merge it with the special and image tokens.
 
         ``text_vocab_size`` is an upper bound on the text ids (the 256 byte tokens included); a small
         corpus stops with fewer merges, and the layout records the actual number. ``grid_tokens``: add the
         rows, columns and row-end tokens so that images of any grid up to ``grid`` keep their aspect ratio.
+        ``chat``: add the conversation markers (``CHAT_TOKENS``) after the special tokens.
         """
 
         if text_vocab_size < BYTE_ALPHABET:
             raise ValueError(f"text_vocab_size must be at least {BYTE_ALPHABET} (the byte alphabet), got {text_vocab_size}")
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
-        specials = list(SPECIAL_TOKENS.values())
+        roles = {**SPECIAL_TOKENS, **(CHAT_TOKENS if chat else {})}
+        specials = list(roles.values())
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
@@ -394,12 +411,12 @@ class Vocabulary:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(_valid_texts(texts), trainer=trainer)
-        special_ids = {role: tok.token_to_id(text) for role, text in SPECIAL_TOKENS.items()}
+        special_ids = {role: tok.token_to_id(text) for role, text in roles.items()}
         n_model = tok.get_vocab_size(with_added_tokens=False)  # specials + text
         digits = max(MIN_IMAGE_TOKEN_DIGITS, len(str(codebook_size - 1)))
         tok.add_special_tokens([AddedToken(image_token(c, digits), special=True, normalized=False) for c in range(codebook_size)])
         layout = VocabLayout(
-            special_tokens=dict(SPECIAL_TOKENS), special_ids=special_ids, text_start=len(specials),
+            special_tokens=roles, special_ids=special_ids, text_start=len(specials),
             text_vocab_size=n_model - len(specials), image_start=n_model, codebook_size=codebook_size,
             grid=tuple(grid), image_tokenizer_fingerprint=image_tokenizer_fingerprint, image_token_digits=digits,
             grid_tokens=bool(grid_tokens),

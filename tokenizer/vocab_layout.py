@@ -26,6 +26,8 @@ VERSION = 1
 
 # role -> token text; the order here is the order of their ids at the start of the vocabulary
 SPECIAL_TOKENS: dict[str, str] = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "boi": "<boi>", "eoi": "<eoi>"}
+# a vocabulary for conversations has these after them: who speaks next, and where a turn ends
+CHAT_TOKENS: dict[str, str] = {"user": "<user>", "assistant": "<assistant>", "eot": "<eot>"}
 IMAGE_TOKEN_PREFIX = "<img_"
 MIN_IMAGE_TOKEN_DIGITS = 5
 BYTE_ALPHABET = 256  # byte-level BPE always holds every byte as a token
@@ -86,6 +88,11 @@ class VocabLayout:
     # the special roles' ids by name, as a Vocabulary has them (the sampler reads a layout like a vocabulary)
     bos, eos, pad, boi, eoi = (_special_id(role) for role in SPECIAL_TOKENS)
 
+    @property
+    def chat(self) -> bool:
+        """Whether the vocabulary has the conversation markers (``CHAT_TOKENS``)."""
+        return set(CHAT_TOKENS) <= set(self.special_ids)
+
     # derived ranges
     @property
     def text_end(self) -> int:
@@ -119,8 +126,9 @@ class VocabLayout:
     def problems(self) -> list[str]:
         """Every way the layout is inconsistent (empty list if it is fine)."""
         out = []
-        if set(self.special_tokens) != set(SPECIAL_TOKENS) or set(self.special_ids) != set(SPECIAL_TOKENS):
-            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}")
+        allowed = (set(SPECIAL_TOKENS), set(SPECIAL_TOKENS) | set(CHAT_TOKENS))
+        if set(self.special_tokens) not in allowed or set(self.special_ids) != set(self.special_tokens):
+            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}, or those and {sorted(CHAT_TOKENS)}")
             return out
         ids = sorted(self.special_ids.values())
         if ids != list(range(len(ids))):

@@ -104,7 +104,6 @@ def conversation_records(path: Path, report: SkipReport, allow_outside: bool = F
             report.add("outside_data_dir", where, outside_detail(outside, base))
             continue
         it = iter(str(p) for p in paths)
-        report.ok()
         yield where, obj, [Turn(r, _segments(t["value"], it), t.get("kind") if isinstance(t.get("kind"), str) else None)
                            for r, t in zip(roles, turns)]
 

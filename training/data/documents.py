@@ -50,7 +50,9 @@ from .codes import (
     resolve_cache_dir,
     table_from,
 )
+from .chat_template import conversation_document
 from .config import DataConfig
+from .conversations import conversation_records
 from .records import SkipReport, interleaved_records, pair_records, text_records
 from .sources import Kind, PartSpec, load_hub, resolve_sources
 
@@ -91,12 +93,13 @@ class Part:
     weight: float
     codes: np.ndarray | None = None  # pairs: (N, L) int32, the images as they are (``ImageTable.codes`` rows)
     captions: list[np.ndarray] = field(default_factory=list)  # pairs: caption text ids (may be empty)
-    docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text: document ids (int32)
+    docs: list[np.ndarray] = field(default_factory=list)  # interleaved/text/conversations: document ids (int32)
+    trained: list[np.ndarray] | None = None  # conversations: per document, which tokens are targets with loss
     views: np.ndarray | None = None  # pairs with augmentation: (N, K-1, L) int32, the augmented views
     mirror_captions: list[np.ndarray] | None = None  # pairs with mirrored views whose captions change: their captions
     mirrored: tuple[bool, ...] = ()  # with mirror_captions: whether each view (0..K-1) is mirrored
-    grids: np.ndarray | None = None  # (rows, columns) int32: pairs (N, 2), each image's; interleaved (M, 2), every
-    # image's in the documents
+    grids: np.ndarray | None = None  # (rows, columns) int32: pairs (N, 2), each image's; interleaved and
+    # conversations (M, 2), every image's in the documents
 
     def __len__(self) -> int:
         return len(self.codes) if self.kind == "pairs" else len(self.docs)
@@ -300,6 +303,31 @@ def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: D
     return Part("interleaved", spec.location, spec.weight, docs=docs, grids=np.asarray(grids, np.int32).reshape(-1, 2))
 
 
+def _conversations_part(spec: PartSpec, recs, table: ImageTable, vocab, context_len: int, report: SkipReport) -> Part:
+    """The conversations whose images are good and which fit the context whole (a cut answer would teach cut
+    answers): ``chat_template`` documents, loss on the assistant's turns."""
+    docs, trained, grids = [], [], []
+    texts = iter(vocab.encode_texts([x for _, _, turns in recs for t in turns for k, x in t.segments if k == "t"]))
+    for where, _, turns in recs:
+        paths = [x for t in turns for k, x in t.segments if k == "i"]
+        bad = next((p for p in paths if table.reasons[table.index[p]]), None)
+        pieces = [(t.role, [("t", next(texts)) if k == "t" else ("i", x) for k, x in t.segments]) for t in turns]
+        if bad is not None:
+            report.add(table.reasons[table.index[bad]], f"{where} ({bad})")
+            continue
+        pieces = [(role, [(k, x if k == "t" else table.image(table.index[x])) for k, x in segs]) for role, segs in pieces]
+        ids, mask = conversation_document(vocab, pieces)
+        if len(ids) > context_len:
+            report.add("too_long", where, f"a conversation of {len(ids)} tokens > --context-len {context_len}")
+            continue
+        docs.append(ids)
+        trained.append(mask)
+        grids += [x.shape for _, segs in pieces for k, x in segs if k == "i"]
+    report.ok(len(docs))
+    return Part("conversations", spec.location, spec.weight, docs=docs, trained=trained,
+                grids=np.asarray(grids, np.int32).reshape(-1, 2))
+
+
 def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,
               builder: DocumentBuilder, report: SkipReport, augment: Augment, fit: bool) -> tuple[Part, int, int, int]:
     """A hub data set: pairs if it has the image column, else text documents from the text column.
@@ -355,7 +383,9 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
     augment = cfg.augment(seed)
     report = SkipReport(strict=cfg.strict)
     specs = resolve_sources(cfg.sources, cfg.split)
-    has_images = any(s.kind in ("pairs", "interleaved") for s in specs)
+    has_images = any(s.kind in ("pairs", "interleaved", "conversations") for s in specs)
+    if any(s.kind == "conversations" for s in specs):
+        vocab.chat_id("eot")  # a vocabulary without the conversation markers: one line, before anything is read
     vq_fp = check_vocab_matches(vocab, image_tokenizer, "--data images") if has_images else ""
     if has_images and context_len < pair_overhead(vocab):
         raise UserError(f"--context-len {context_len} cannot hold one image document "
@@ -390,6 +420,13 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
                     if k == "i":
                         paths.append(x)
                         wheres.append(where)
+        elif spec.kind == "conversations":
+            recs = list(conversation_records(Path(spec.location), report, cfg.allow_outside_paths))
+            paths, wheres = images_by_source.setdefault(spec.source, ([], []))
+            for where, _, turns in recs:
+                for t in turns:
+                    paths += [x for k, x in t.segments if k == "i"]
+                    wheres += [where for k, _ in t.segments if k == "i"]
         else:
             recs = list(text_records(Path(spec.location), report))
         records.append((spec, recs))
@@ -417,6 +454,8 @@ def prepare(cfg: DataConfig, vocab, image_tokenizer: str | Path, *, context_len:
             part = _pairs_part(spec, *recs, tables[spec.source], vocab, builder, report, augment)
         elif spec.kind == "interleaved":
             part = _interleaved_part(spec, recs, tables[spec.source], vocab, builder, report)
+        elif spec.kind == "conversations":
+            part = _conversations_part(spec, recs, tables[spec.source], vocab, context_len, report)
         else:
             part = Part("text", spec.location, spec.weight, docs=builder.texts(recs, "text", report))
             report.ok(len(part.docs))

@@ -128,11 +128,14 @@ class PackedBatches:
         desc = (p, item, variant, self._view(p, item))
         return desc, self._document(*desc)
 
-    def _untrained_prefix(self, desc: tuple[int, int, int, int]) -> int:
+    def _untrained_prefix(self, desc: tuple[int, int, int, int]) -> int | np.ndarray:
         """How many leading targets of the document get no loss: the image span of a reading example without
-        ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none."""
+        ``reading_image_loss`` (<s> predicts <boi>, ..., the last code predicts <eoi>), else none; for a
+        conversation, which of its tokens are trained (``rows.row_arrays``)."""
         p, item, variant, _ = desc
         part = self.data.parts[p]
+        if part.trained is not None:
+            return part.trained[item]
         if variant == READ and not self.reading_image_loss and part.kind == "pairs":
             return self.vocab.span_length(part.grid(item))
         return 0

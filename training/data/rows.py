@@ -49,9 +49,9 @@ def first_fit_row(pending: list, draw: Callable[[], tuple], context_len: int) ->
     return row
 
 
-def row_arrays(rows: list[list[tuple[np.ndarray, int]]], pad: int, context_len: int) -> np.ndarray:
+def row_arrays(rows: list[list[tuple[np.ndarray, int | np.ndarray]]], pad: int, context_len: int) -> np.ndarray:
     """(len(rows), 4, T) int32 — tokens, targets, positions, doc ids — of rows of (document ids, how many of its
-    leading targets get no loss)."""
+    leading targets get no loss, or a bool per token: whether it is a target with loss)."""
     T = context_len
     out = np.empty((len(rows), 4, T), np.int32)
     out[:, 0] = pad
@@ -64,7 +64,10 @@ def row_arrays(rows: list[list[tuple[np.ndarray, int]]], pad: int, context_len: 
             n = len(doc)
             tokens[o:o + n] = doc
             targets[o:o + n - 1] = doc[1:]  # its last token has no target (the next one starts another document)
-            targets[o:o + untrained] = IGNORE
+            if isinstance(untrained, np.ndarray):
+                targets[o:o + n - 1][~untrained[1:]] = IGNORE
+            else:
+                targets[o:o + untrained] = IGNORE
             positions[o:o + n] = np.arange(n)
             doc_ids[o:o + n] = k
             o += n

@@ -36,6 +36,7 @@ from earlyfusion.core.logs import log
 from earlyfusion.tokenizer.preprocess import ImageError, is_image_file, load_image
 
 from .code_shards import CodeSet, is_code_dir
+from .conversations import conversation_records, is_conversation_file
 from .records import (
     MAX_TEXT_CHARS,
     METADATA_NAMES,
@@ -49,12 +50,13 @@ from .records import (
 )
 from .tar_shards import is_tar_source, tar_paths, tar_records
 
-DEFAULT_PART_WEIGHTS = {"pairs": 0.8, "interleaved": 0.1, "text": 0.1}
+DEFAULT_PART_WEIGHTS = {"pairs": 0.8, "interleaved": 0.1, "text": 0.1, "conversations": 0.8}
 INTERLEAVED_FILE = "interleaved.jsonl"
+CONVERSATIONS_FILE = "conversations.json"  # the held-out ones beside it: conversations_test.json
 TEXT_FILES = ("text.jsonl", "text.txt")
 _DATA_FILE_EXTS = (".parquet", ".arrow")
 
-Kind = Literal["pairs", "interleaved", "text"]
+Kind = Literal["pairs", "interleaved", "text", "conversations"]
 
 
 @dataclass
@@ -68,6 +70,11 @@ class PartSpec:
     hub: bool = False
     stream: Literal["tar", "codes"] | None = None
     """Pairs read as a stream: tar shards ("tar"), or code shards ("codes"); None for data read whole."""
+
+
+def has_conversations(sources: Sequence[str], split: str = "train") -> bool:
+    """Whether any of the ``--data`` entries holds conversations."""
+    return any(p.kind == "conversations" for p in resolve_sources(sources, split))
 
 
 def parse_source(spec: str) -> tuple[str, float | None]:
@@ -110,6 +117,8 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
             text_file = next((path / t for t in TEXT_FILES if (path / t).is_file()), None)
             if text_file is not None:
                 found.append(("text", str(text_file)))
+            if (path / CONVERSATIONS_FILE).is_file():
+                found.append(("conversations", str(path / CONVERSATIONS_FILE)))
             if not found:
                 raise UserError(f"--data {name}: no training data found (expected a '{split}' imagefolder or images + "
                                 f"metadata.jsonl, {INTERLEAVED_FILE} or {TEXT_FILES[0]})")
@@ -118,10 +127,13 @@ def resolve_sources(sources: Sequence[str], split: str = "train") -> list[PartSp
         elif path.is_file():
             if path.suffix == ".txt":
                 parts.append(PartSpec("text", str(path), w, spec))
+            elif is_conversation_file(path):
+                parts.append(PartSpec("conversations", str(path), w, spec))
             elif path.suffix == ".jsonl":
                 parts.append(PartSpec(jsonl_kind(path), str(path), w, spec))
             else:
-                raise UserError(f"--data {name}: unsupported file type (give a directory, a .jsonl or a .txt file)")
+                raise UserError(f"--data {name}: unsupported file type (give a directory, a .jsonl or a .txt file, or "
+                                "a .json of conversations)")
         elif _looks_like_path(name):
             raise UserError(f"--data {name}: no such file or directory")
         else:
@@ -166,6 +178,9 @@ def iter_texts(sources: Sequence[str], report: SkipReport | None = None, split: 
         elif part.kind == "interleaved":
             recs = [(w, [x for k, x in segs if k == "t"])
                     for w, segs in interleaved_records(Path(part.location), report, allow_outside)]
+        elif part.kind == "conversations":
+            recs = [(w, [x for t in turns for k, x in t.segments if k == "t"])
+                    for w, _, turns in conversation_records(Path(part.location), report, allow_outside)]
         else:
             recs = [(w, [t]) for w, t in text_records(Path(part.location), report)]
         for where, texts in recs:  # one record at a time: a streamed corpus is never held whole

@@ -21,7 +21,7 @@ from earlyfusion.tokenizer.vq_checkpoint import read_vq_config, vq_fingerprint
 from earlyfusion.tokenizer.vq_config import VQConfig
 
 from .records import SkipReport
-from .sources import iter_texts
+from .sources import has_conversations, iter_texts
 
 MAX_TEXT_VOCAB = 262_144  # well above any published text vocabulary; the BPE trainer allocates per id
 _OS_ERROR = re.compile(r"\(os error \d+\)")  # how `tokenizers` reports a failed write: a plain Exception
@@ -53,6 +53,11 @@ class VocabBuildConfig:
     (<boi> <rows_h> <cols_w>, h rows of w codes each ended by <row_end>, <eoi>). The decoder then learns each image's
     shape and can draw any of the grids it was trained on. Use it for data whose images are not square; off, every
     image is centre-cropped to a square and spans are the fixed grid (fewer tokens per image)."""
+
+    chat: bool | None = None
+    """Add the conversation markers <user>, <assistant> and <eot> (what a conversation's turns are written with);
+    unset = added when --data holds conversations (a conversations.json in a data directory, or a conversations
+    file). A vocabulary without them cannot train on conversations."""
 
     def __post_init__(self):
         if not BYTE_ALPHABET <= self.text_vocab_size <= MAX_TEXT_VOCAB:
@@ -93,7 +98,8 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
                         f"text lines); {report.summary()}")
     vocab = Vocabulary.build(texts, codebook_size=vq_cfg.codebook_size, grid=vq_cfg.grid_size,
                              image_tokenizer_fingerprint=fingerprint, text_vocab_size=cfg.text_vocab_size,
-                             min_frequency=cfg.min_frequency, grid_tokens=cfg.grid_tokens)
+                             min_frequency=cfg.min_frequency, grid_tokens=cfg.grid_tokens,
+                             chat=cfg.chat if cfg.chat is not None else has_conversations(cfg.data))
     try:
         vocab.save(out)
     except OSError as e:
@@ -109,7 +115,7 @@ def build_cmd(cfg: VocabBuildConfig) -> int:
     print(f"vocabulary: {len(L.special_ids)} special [0, {L.text_start}) + {L.text_vocab_size} text BPE "
           f"[{L.text_start}, {L.text_end}) + {L.codebook_size} image codes [{L.image_start}, {L.image_end})"
           + (f" + {L.grid_token_count} grid tokens [{L.image_end}, {L.vocab_size})" if L.grid_tokens else "")
-          + f" = {L.vocab_size} ids")
+          + f" = {L.vocab_size} ids" + (" (with the conversation markers <user> <assistant> <eot>)" if vocab.chat else ""))
     if L.grid_tokens:
         print(f"image: any grid from 1x1 to {L.grid[0]}x{L.grid[1]} codes (rows x columns), the aspect ratio kept; "
               f"the largest image is {vocab.max_span} tokens (<boi> <rows> <cols>, a <row_end> after each row, <eoi>), "
