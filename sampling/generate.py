@@ -142,7 +142,8 @@ class Sample:
     images: list = field(default_factory=list)
     """Decoded images (PIL), one per code grid, when a VQ decoder was given."""
     stop: str = "length"
-    """Why it stopped: "eos", "image" (image mode: its image is complete) or "length"."""
+    """Why it stopped: "eos", "image" (image mode: its image is complete), "stop" (one of the ``stop`` ids) or
+    "length"."""
 
     @property
     def text(self) -> str:
@@ -236,7 +237,8 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
                   generator: torch.Generator | None = None, guidance: float = 1.0,
                   uncond: Sequence[Sequence[int]] | None = None,
                   on_token: Callable[[int, int], None] | None = None,
-                  compile: bool = False, grids: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], list[str]]:
+                  compile: bool = False, grids: Sequence[tuple[int, int]] | None = None,
+                  stop: Sequence[int] = ()) -> tuple[list[list[int]], list[str]]:
     """Sample continuations of token-id prompts; returns (generated ids per prompt, stop reason per prompt).
 
     ``uncond`` (one prompt per row of ``prompts``) turns on classifier-free guidance with scale ``guidance``:
@@ -244,7 +246,8 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     called for every token appended to a conditional row. How the per-token steps run (threads; with
     ``compile``, compiled or not, row-wise reductions or library products) is ``model.decode_plan``'s choice,
     timed once per model and batch size; the prefill stays eager on every thread. ``grids``: the (rows,
-    columns) an image may take where the vocabulary has grid tokens (default: any it holds).
+    columns) an image may take where the vocabulary has grid tokens (default: any it holds). ``stop``: ids that
+    end a row besides ``</s>`` (reason "stop"; a conversation's ``<eot>``).
     """
     N = len(prompts)
     if N == 0:
@@ -267,7 +270,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
     lengths = [len(r) for r in rows]  # real tokens per row: the position of the next one
     grammar = SpanGrammar.of(layout)
     state = RowState.from_prompts(prompts, grammar, max_new_tokens, context)
-    stop_ids = {layout.eos} | ({layout.eoi} if modality == "image" else set())
+    stop_ids = {layout.eos} | ({layout.eoi} if modality == "image" else set()) | set(stop)
 
     logits = decoder(tokens, positions=positions, valid=valid, cache=cache)[:, -1].float()  # (R, V)
     rules = Rules(rules_for(modality, layout, grids), logits.shape[-1], device)
@@ -295,7 +298,7 @@ def sample_tokens(decoder, layout: IdLayout, prompts: Sequence[Sequence[int]], *
                 if on_token is not None:
                     on_token(i, t)
                 if t in stop_ids:
-                    reasons[i] = "eos" if t == layout.eos else "image"
+                    reasons[i] = "eos" if t == layout.eos else "image" if t == layout.eoi else "stop"
                     state.finished[i] = True
                 elif state.remaining(i) <= 0:
                     state.finished[i] = True
@@ -320,7 +323,15 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
     drawn image may take where the vocabulary has grid tokens (one grid: every image has it; default: any
     grid the vocabulary holds).
     """
-    ids = [encode_prompt(vocab, p) for p in prompts]
+    return generate_ids(decoder, vocab, [encode_prompt(vocab, p) for p in prompts], config, vq=vq, stream=stream,
+                        grids=grids)
+
+
+def generate_ids(decoder, vocab, ids: Sequence[Sequence[int]], config: SamplingConfig, *, vq=None,
+                 stream: Stream | None = None, grids: Sequence[tuple[int, int]] | None = None,
+                 stop: Sequence[int] = ()) -> list[Sample]:
+    """``generate`` from prompts already in ids (a conversation's, ``sampling.chat``); ``stop``: ids besides ``</s>``
+    that end a sample (kept in its ids, left out of its segments)."""
     rows = [p for p in ids for _ in range(config.num_samples)]
     context = _context(decoder)
     grammar = SpanGrammar.of(vocab)
@@ -349,11 +360,12 @@ def generate(decoder, vocab, prompts: Sequence[Prompt], config: SamplingConfig, 
             text=config.text_params(), image=config.image_params(vocab.codebook_size),
             generator=generator, guidance=guidance, uncond=uncond,
             on_token=streamer.push if streamer is not None else None, compile=config.compile,
-            grids=grids if grammar.grid_tokens else None,
+            grids=grids if grammar.grid_tokens else None, stop=stop,
         )
     if streamer is not None:
         streamer.flush()
-    samples = [Sample(prompt=i // config.num_samples, ids=o, segments=vocab.decode_document(o, strict=False), stop=r)
+    samples = [Sample(prompt=i // config.num_samples, ids=o, stop=r,
+                      segments=vocab.decode_document(o[:-1] if r == "stop" else o, strict=False))
                for i, (o, r) in enumerate(zip(out, reasons))]
     if vq is not None:
         decode_images(vq, samples)

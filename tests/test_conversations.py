@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from earlyfusion.training.data.conversations import ANSWER, ASK, conversation_records, is_conversation_file
+from earlyfusion.training.shapes_chat import EDIT_KINDS, QUESTION_KINDS, TWO_IMAGE_KINDS
 from earlyfusion.training.data.records import SkipReport
 from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
@@ -134,3 +135,44 @@ def test_conversations_need_a_vocabulary_with_the_markers(tmp_path, capsys):
                                   tmp_path / "plain", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2])
     assert_one_line_error(rc, err)
     assert "conversation markers" in err
+
+
+def test_a_chat_prompt_is_the_training_template_up_to_the_answer(tmp_path):
+    """The prompt an answer is sampled from is token for token the training document's start, up to the answer."""
+    import numpy as np
+
+    from earlyfusion.sampling.chat import chat_prompt
+    from earlyfusion.tokenizer.vocab import Vocabulary
+    from earlyfusion.training.data.chat_template import conversation_document
+
+    data, vq, vocab_dir = _chat_data(tmp_path)
+    vocab = Vocabulary.load(vocab_dir)
+    grid = np.arange(16).reshape(4, 4) % vocab.codebook_size
+    turns = [(ASK, [("i", grid), ("t", "what colour is the circle?")]), (ANSWER, [("t", "red")]),
+             (ASK, [("t", "and the square?")])]
+    encoded = [(r, [("t", np.asarray(vocab.encode_text(x))) if k == "t" else (k, x) for k, x in p]) for r, p in turns]
+    full, trained = conversation_document(vocab, encoded + [(ANSWER, [("t", np.asarray(vocab.encode_text("blue")))])])
+    prompt = chat_prompt(vocab, turns)
+    assert full[:len(prompt)].tolist() == prompt and prompt[-1] == vocab.chat_id("assistant")
+    assert not trained[:len(prompt)][-3:].any() and trained[len(prompt):].all()
+
+
+def test_held_out_conversations_are_scored(tmp_path):
+    """`chat_eval` on a briefly trained tiny model: every held-out answer is asked for and scored by kind."""
+    from conftest import run_cli
+    from earlyfusion.chat_eval import conversation_figures
+    from earlyfusion.training.data.runs import load_run
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab", vocab, "--out",
+            tmp_path / "run", "--preset", "tiny", "--steps", 4, "--batch-size", 4, "--context-len", 128,
+            "--warmup-steps", 1, "--eval-every", 0)
+    run = load_run(tmp_path / "run")
+    figures = conversation_figures(run.decoder.eval(), run.vocab, run.vq, data / "conversations_test.json",
+                                   out=tmp_path / "drawn")
+    answers = sum(t["from"] == "gpt" for r in json.loads((data / "conversations_test.json").read_text())
+                  for t in r["conversations"])
+    assert figures["conversations"] == 8 and figures["answers"] == answers
+    for key in ("answer_exact_match", "vqa_exact_match", "multi_image_accuracy", "edit_accuracy"):
+        assert figures[key] is None or 0.0 <= figures[key] <= 1.0, key
+    assert set(figures["answer_accuracy_by_kind"]) <= {*QUESTION_KINDS, *TWO_IMAGE_KINDS, *EDIT_KINDS}

@@ -1,0 +1,48 @@
+"""Talking with a model trained on conversations: the next answer to the turns so far.
+
+The prompt is the conversation written with the training template (``training.data.chat_template``) up to the
+``<assistant>`` marker of the answer to come; the answer is sampled until its ``<eot>``. It may hold text and
+pictures (``modality="auto"``: the model opens an image span where it answers with a picture, as it learnt to for
+edits), or be held to one of them. Used by ``sample --chat`` and by evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from earlyfusion.sampling.generate import Sample, SamplingConfig, generate_ids
+from earlyfusion.training.data.chat_template import conversation_document
+from earlyfusion.training.data.conversations import ANSWER, ASK
+
+Turn = tuple[str, Sequence[tuple[str, object]]]
+"""(``ASK`` or ``ANSWER``, pieces in order: ("t", text) or ("i", an (h, w) code grid))."""
+
+
+def chat_prompt(vocab, turns: Sequence[Turn]) -> list[int]:
+    """The ids of ``turns`` (ending with a question) as training writes them, then ``<assistant>``."""
+    if not turns or turns[-1][0] != ASK:
+        raise ValueError("a conversation prompt ends with a question")
+    texts = vocab.encode_texts([x for _, pieces in turns for k, x in pieces if k == "t"])
+    it = iter(texts)
+    encoded = [(role, [("t", np.asarray(next(it), np.int64)) if k == "t" else ("i", np.asarray(x))
+                       for k, x in pieces]) for role, pieces in turns]
+    ids, _ = conversation_document(vocab, encoded)
+    return [int(i) for i in ids[:-1]] + [vocab.chat_id("assistant")]  # without the closing </s>
+
+
+def answer(decoder, vocab, conversations: Sequence[Sequence[Turn]], *, vq=None, modality: str = "auto",
+           max_new_tokens: int | None = None, image_temperature: float = 0.0, seed: int = 0) -> list[Sample]:
+    """The next answer of each conversation: greedy text, images drawn at ``image_temperature`` (0: greedy) without
+    guidance, until ``<eot>``; decoded to PIL with ``vq`` when given."""
+    config = SamplingConfig(modality=modality, temperature=0.0, cfg=None if modality == "text" else 1.0, seed=seed,
+                            image_temperature=image_temperature, max_new_tokens=max_new_tokens)
+    prompts = [chat_prompt(vocab, turns) for turns in conversations]
+    return generate_ids(decoder, vocab, prompts, config, vq=vq, stop=[vocab.chat_id("eot")])
+
+
+def reply_turn(sample: Sample) -> Turn:
+    """An answer as a turn of the conversation, to ask the next question after it."""
+    pieces = [("t", s) if isinstance(s, str) else ("i", s) for s in sample.segments]
+    return ANSWER, [(k, x) for k, x in pieces if k == "i" or str(x).strip()]
