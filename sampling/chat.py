@@ -46,3 +46,58 @@ def reply_turn(sample: Sample) -> Turn:
     """An answer as a turn of the conversation, to ask the next question after it."""
     pieces = [("t", s) if isinstance(s, str) else ("i", s) for s in sample.segments]
     return ANSWER, [(k, x) for k, x in pieces if k == "i" or str(x).strip()]
+
+
+CHAT_HELP = ("a conversation: type a question and press Enter; '/image PATH' attaches a picture to your next "
+             "question, '/reset' starts over, an empty line or Ctrl-D ends")
+
+
+def chat_session(run, encode_image, out, *, read=input, write=print, image_temperature: float = 0.0,
+                 seed: int = 0, max_new_tokens: int | None = None) -> int:
+    """``sample --chat``: questions read line by line (``read``), answers written (``write``) as text, pictures
+    saved to ``out`` as PNGs; ``encode_image(path)`` -> code grid (a bad file is one line and the session goes on).
+    Returns the number of answers."""
+    vocab = run.vocab
+    vocab.chat_id("eot")  # a run whose vocabulary has no conversation markers: one line before anything else
+    write(CHAT_HELP)
+    turns: list[Turn] = []
+    attached: list = []
+    answers = pictures = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            turns, attached = [], []
+            write("(a new conversation)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                attached.append(encode_image(path))
+            except Exception as e:  # noqa: BLE001 - any unreadable file is one line; the conversation goes on
+                write(f"cannot use {path or 'the picture'}: {' '.join(str(e).split()) or type(e).__name__}")
+                continue
+            write(f"(picture {len(attached)} attached to your next question)")
+            continue
+        turns.append((ASK, [("i", g) for g in attached] + [("t", line)]))
+        attached = []
+        sample = answer(run.decoder, vocab, [turns], vq=run.vq, image_temperature=image_temperature, seed=seed,
+                        max_new_tokens=max_new_tokens)[0]
+        answers += 1
+        parts = []
+        for k, segment in enumerate(sample.segments):
+            if isinstance(segment, str):
+                parts.append(segment.strip())
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"answer-{answers:03d}-{k}.png"
+            sample.images[sum(not isinstance(s, str) for s in sample.segments[:k])].save(path)
+            pictures += 1
+            parts.append(f"[picture: {path}]")
+        write("model> " + " ".join(p for p in parts if p))
+        turns.append(reply_turn(sample))
+    return answers

@@ -5,6 +5,8 @@
 * image from text:   ``--prompt TEXT --modality image --num-samples N --out DIR`` (PNGs + grid.png)
 * interleaved:       ``--prompt TEXT --modality auto --out DIR`` (text with [image k] placeholders,
   PNGs and an index.html showing them in order)
+* conversations:     ``--chat`` (a session in the terminal), or with a run trained on conversations
+  ``--image PATH --prompt QUESTION`` (one question; ``--modality image --out DIR`` for an edit)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import html
 import math
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +25,9 @@ from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.core.options import MAX_SEED, check_not_file, check_number
 from earlyfusion.core.runtime import mixed_precision, use_all_cores
-from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate
+from earlyfusion.sampling.chat import chat_prompt, chat_session
+from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate, generate_ids
+from earlyfusion.training.data.conversations import ASK
 from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid, image_grid, preprocess_for_codes
 from earlyfusion.training.data.runs import load_run, trained_grids
 
@@ -46,6 +50,11 @@ class SampleConfig(SamplingConfig):
     """Image file(s) to condition on, in order (repeatable)."""
     prompt_first: bool = False
     """Put --prompt before the images instead of after them."""
+    chat: bool = False
+    """A conversation in the terminal with a run trained on conversations: type a question per line ('/image PATH'
+    attaches a picture to the next one, '/reset' starts over, an empty line ends); answers print as text and
+    pictures are written to --out (default: ./chat) as PNGs. With such a run, --image and --prompt without --chat
+    ask one question (an edit, with --modality image)."""
     size: str = ""
     """Draw images of this shape, WxH in pixels (e.g. 48x32): the code grid that keeps that aspect ratio within the
     image tokenizer's largest grid (the same rule that fitted the training images), so the images come out at
@@ -74,8 +83,11 @@ class SampleConfig(SamplingConfig):
             self.prompt.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as surrogate escapes
             raise ValueError("--prompt is not valid UTF-8 text; pass it in a UTF-8 locale or fix its encoding") from None
-        if self.modality in ("image", "auto") and not self.out:
+        if self.modality in ("image", "auto") and not self.out and not self.chat:
             raise ValueError(f"--modality {self.modality} writes image files: give --out DIR")
+        if self.chat and (self.prompt or self.image):
+            raise ValueError("--chat reads its questions from the terminal ('/image PATH' attaches a picture): "
+                             "leave out --prompt and --image")
         check_not_file("out", self.out)
         if self.prompt_first and not self.image:
             raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
@@ -241,9 +253,22 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sampling = cfg.resolved(run.config.get("sampling_defaults") or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{run.path / 'config.json'}: invalid sampling_defaults ({e}); fix or remove them") from None
+    if cfg.chat:
+        answers = chat_session(run, lambda p: _encode_images(run, [p])[0], Path(cfg.out or "chat"),
+                               image_temperature=sampling.image_temperature, seed=cfg.seed,
+                               max_new_tokens=cfg.max_new_tokens)
+        log.info(f"{answers} answer(s)")
+        return 0
     grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
     segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
     out = _out_dir(cfg.out) if cfg.out else None
+    stop: list[int] = []
+    if run.vocab.chat and cfg.image and cfg.prompt:  # a question (or an edit) to a run trained on conversations
+        prompt_ids = [chat_prompt(run.vocab, [(ASK, [("i", s) if isinstance(s, torch.Tensor) else ("t", s)
+                                                      for s in segments])])]
+        stop = [run.vocab.chat_id("eot")]
+        if cfg.cfg is None and sampling.modality != "text":
+            sampling = replace(sampling, cfg=1.0)  # no unconditional prompt of a conversation to guide against
 
     live = cfg.modality != "image" and cfg.num_samples == 1
 
@@ -252,8 +277,12 @@ def sample_cmd(cfg: SampleConfig) -> int:
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None,
-                       grids=grids)
+    if stop:
+        samples = generate_ids(run.decoder, run.vocab, prompt_ids, sampling, vq=run.vq,
+                               stream=stream if live else None, grids=grids, stop=stop)
+    else:
+        samples = generate(run.decoder, run.vocab, [segments], sampling, vq=run.vq, stream=stream if live else None,
+                           grids=grids)
     dt = time.perf_counter() - t0
     n_tokens = sum(len(s.ids) for s in samples)
     n_images = sum(len(s.images) for s in samples)

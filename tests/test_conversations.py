@@ -176,3 +176,30 @@ def test_held_out_conversations_are_scored(tmp_path):
     for key in ("answer_exact_match", "vqa_exact_match", "multi_image_accuracy", "edit_accuracy"):
         assert figures[key] is None or 0.0 <= figures[key] <= 1.0, key
     assert set(figures["answer_accuracy_by_kind"]) <= {*QUESTION_KINDS, *TWO_IMAGE_KINDS, *EDIT_KINDS}
+
+
+def test_sample_chat_is_a_session_in_the_terminal(tmp_path, capsys, monkeypatch):
+    """`sample --chat`: questions from stdin, a missing picture is one line and the session goes on, answers print;
+    with --image and --prompt the run answers one question; a run without conversation markers is one line."""
+    import io
+
+    from conftest import assert_one_line_error, cli_status, run_cli
+    from earlyfusion.cli import main
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab", vocab, "--out",
+            tmp_path / "run", "--preset", "tiny", "--steps", 2, "--batch-size", 4, "--context-len", 128,
+            "--warmup-steps", 1, "--eval-every", 0)
+    picture = next((data / "chat_test").glob("*.png"))
+    script = f"/image {tmp_path / 'missing.png'}\n/image {picture}\nwhat colour is the circle?\nand the square?\n\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--chat", "--out", str(tmp_path / "chat"),
+                 "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot use" in out and "missing.png" in out and "picture 1 attached" in out
+    assert out.count("model> ") == 2
+    run_cli("sample", "--checkpoint", tmp_path / "run", "--image", picture, "--prompt", "make the circle blue",
+            "--modality", "image", "--out", tmp_path / "edit")
+    assert (tmp_path / "edit" / "sample-00.png").is_file()
+    rc, err = cli_status(capsys, ["sample", "--checkpoint", tmp_path / "run", "--chat", "--prompt", "hi"])
+    assert_one_line_error(rc, err)
