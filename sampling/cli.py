@@ -54,7 +54,7 @@ class SampleConfig(SamplingConfig):
     """A conversation in the terminal with a run trained on conversations: type a question per line ('/image PATH'
     attaches a picture to the next one, '/reset' starts over, an empty line ends); answers print as text and
     pictures are written to --out (default: ./chat) as PNGs. Outside a session, such a run takes the images and the
-    prompt given as one question (an edit, with --modality image)."""
+    prompt given as one question (an edit where the modality is image)."""
     size: str = ""
     """Draw images of this shape, WxH in pixels (e.g. 48x32): the code grid that keeps that aspect ratio within the
     image tokenizer's largest grid (the same rule that fitted the training images), so the images come out at
