@@ -163,17 +163,21 @@ def first_step(args) -> dict:
             "context_len": args.context_len, "batch_size": args.batch_size}
 
 
+ENCODE_PRESETS = {32: "default", 256: "photo256"}  # --size: the image tokenizer preset encoded with (random weights)
+
+
 def encode(args) -> dict:
-    """Encode images/s at 32 px against its two stages alone, each as encode runs it: decode + resize in the same pool
-    of processes (--workers, default one per core) handing pixels back to this process, and the image tokenizer's
-    forward on ready pixels in batches of 256 on this process's torch threads. Repeated --repeat times, interleaved
-    (the machine's load falls on all three alike); medians."""
+    """Encode images/s at --size px (32: the ``default`` tokenizer, 4x4 codes; 256: ``photo256``, 16x16 codes) against
+    its two stages alone, each as encode runs it: decode + resize in the same pool of processes (--workers, default
+    one per core) handing pixels back to this process, and the image tokenizer's forward on ready pixels in batches
+    of encode's --batch-size on this process's torch threads. Repeated --repeat times, interleaved (the machine's load
+    falls on all three alike); medians."""
     import multiprocessing
 
     import torch
 
     from earlyfusion.tokenizer.vq_checkpoint import load_vqvae, save_vqvae
-    from earlyfusion.tokenizer.vq_config import VQConfig
+    from earlyfusion.tokenizer.vq_presets import VQ_PRESETS
     from earlyfusion.tokenizer.vqvae import VQVAE
     from earlyfusion.training.data.encode import DECODE_CHUNK, decode_chunk, one_thread
     from earlyfusion.training.data.records import SkipReport, pair_records
@@ -182,19 +186,20 @@ def encode(args) -> dict:
     data = root / "data"
     if not data.is_dir():
         subprocess.run([sys.executable, "-m", "earlyfusion.cli", "data", "shapes", "--out", str(data), "--num-images",
-                        str(args.images), "--image-size", "32", "--num-interleaved", "0", "--num-text", "0"], check=True,
-                       stdout=subprocess.DEVNULL)
+                        str(args.images), "--image-size", str(args.size), "--num-interleaved", "0", "--num-text", "0"],
+                       check=True, stdout=subprocess.DEVNULL)
         torch.manual_seed(0)
-        vq = VQVAE(VQConfig())  # the default preset: 32 px -> 4x4 codes
+        vq = VQVAE(VQ_PRESETS[ENCODE_PRESETS[args.size]])
         for name, buf in vq.named_buffers():
             if name.endswith("initted"):
                 buf.fill_(True)
         save_vqvae(vq, root / "vq")
     paths = [str(p) for _, p, _ in pair_records(data / "train", "text", SkipReport())]
     workers = args.workers or os.cpu_count() or 1
-    chunks = [(paths[a:a + DECODE_CHUNK], paths[a:a + DECODE_CHUNK], 32, 8, None)
-              for a in range(0, len(paths), DECODE_CHUNK)]
     vq = load_vqvae(root / "vq").eval()
+    batch = args.batch_size
+    chunks = [(paths[a:a + DECODE_CHUNK], paths[a:a + DECODE_CHUNK], vq.cfg.image_size, vq.cfg.downsample, None)
+              for a in range(0, len(paths), DECODE_CHUNK)]
     rates: dict[str, list[float]] = {"decode": [], "forward": [], "encode": []}
     for _ in range(args.repeat):
         with multiprocessing.get_context("fork").Pool(workers, one_thread) as pool:
@@ -203,21 +208,23 @@ def encode(args) -> dict:
             rates["decode"].append(len(paths) / (time.perf_counter() - t))
         x = torch.from_numpy(np.stack(pixels))
         with torch.inference_mode():
-            vq.encode(x[:256])
+            vq.encode(x[:batch])
             t = time.perf_counter()
-            for a in range(0, len(x), 256):
-                vq.encode(x[a:a + 256])
+            for a in range(0, len(x), batch):
+                vq.encode(x[a:a + batch])
         rates["forward"].append(len(x) / (time.perf_counter() - t))
         out = root / f"codes-{time.time_ns()}"
         res = subprocess.run([sys.executable, "-m", "earlyfusion.cli", "encode", "--data", str(data), "--image-tokenizer",
-                              str(root / "vq"), "--out", str(out), "--shard-size", "1000000", "--workers", str(workers)],
+                              str(root / "vq"), "--out", str(out), "--shard-size", "1000000", "--workers", str(workers),
+                              "--batch-size", str(batch)],
                              check=True, capture_output=True, text=True)
         rates["encode"].append(float(re.search(r"\(([\d.]+) images/s", res.stdout).group(1)))
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    return {"images": len(paths), "workers": workers, "torch_threads": torch.get_num_threads(),
+    return {"size": args.size, "preset": ENCODE_PRESETS[args.size], "images": len(paths), "batch_size": batch,
+            "workers": workers, "torch_threads": torch.get_num_threads(),
             **{f"{k}_per_s": v for k, v in med.items()}, "encode_vs_slowest": med["encode"] / min(med["decode"],
                                                                                                    med["forward"]),
-            "runs": {k: [round(r) for r in v] for k, v in rates.items()}, "load": os.getloadavg()[0]}
+            "runs": {k: [float(f"{r:.3g}") for r in v] for k, v in rates.items()}, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -241,6 +248,9 @@ def main() -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--repeat", type=int, default=3)
+    e.add_argument("--size", type=int, default=32, choices=sorted(ENCODE_PRESETS),
+                   help="image side in pixels: 32 (default tokenizer) or 256 (photo256)")
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass, as encode --batch-size")
     args = p.parse_args()
     fn = {"make": make, "loader": loader, "first-step": first_step, "encode": encode}[args.what]
     print(json.dumps({"what": args.what, **fn(args)}))
