@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from earlyfusion.core.checkpoint import CheckpointError, write_manifest
-from earlyfusion.tokenizer.vocab_layout import LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, VocabLayout
+from earlyfusion.core.errors import UserError
+from earlyfusion.tokenizer.vocab_layout import CHAT_TOKENS, LAYOUT_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, VocabLayout
 from earlyfusion.tokenizer.vocab import Vocabulary
 
 CORPUS = [
@@ -383,3 +384,20 @@ def test_build_command_reads_every_part_of_the_data(tmp_path, capsys):
     assert main(["vocab", "build", "--image-tokenizer", str(tmp_path / "novq"), "--data", str(data), "--out", str(out)]) == 2
     assert main(["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(out),
                  "--text-vocab-size", "100"]) == 2
+
+
+def test_a_chat_vocabulary_has_the_conversation_markers_after_the_special_tokens(vocab, tmp_path):
+    """The markers follow the five special tokens, survive save and load (its manifest checked), and no text spells
+    them; a vocabulary without them says so in one line when asked for one."""
+    chat = Vocabulary.build(CORPUS, codebook_size=32, grid=(4, 4), image_tokenizer_fingerprint=FP,
+                            text_vocab_size=300, chat=True)
+    L = chat.layout
+    assert chat.chat and not vocab.chat
+    assert [L.special_ids[r] for r in (*SPECIAL_TOKENS, *CHAT_TOKENS)] == list(range(8)) and L.text_start == 8
+    chat.save(tmp_path / "chat")
+    again = Vocabulary.load(tmp_path / "chat")
+    assert again.layout == L and again.chat_id("eot") == L.special_ids["eot"]
+    for text in CHAT_TOKENS.values():
+        assert not set(again.encode_text(f"a {text} b")) & set(L.special_ids.values())
+    with pytest.raises(UserError, match="no conversation markers"):
+        vocab.chat_id("user")
