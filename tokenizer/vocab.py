@@ -359,7 +359,8 @@ class Vocabulary:
             (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
             hf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
                   **{f"{role}_token": self.layout.special_tokens[role] for role in ("bos", "eos", "pad")},
-                  "additional_special_tokens": [self.layout.special_tokens["boi"], self.layout.special_tokens["eoi"]]}
+                  "additional_special_tokens": [self.layout.special_tokens[r] for r in ("boi", "eoi", *CHAT_TOKENS)
+                                                if r in self.layout.special_tokens]}
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
