@@ -29,6 +29,7 @@ from earlyfusion.training.shapes_judge import recognise
 from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
 BATCH = 16  # answers generated together
+CONVERSATIONS_TEST = "conversations_test.json"  # held-out conversations beside a data directory's splits
 
 
 def _norm(text: str) -> str:

@@ -35,6 +35,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
      "earlyfusion.training.shapes_data:ShapesConfig", "earlyfusion.training.shapes_data:generate_cmd"),
     (("data", "photos"), "crop the photographs that ship with scikit-image into an imagefolder (test: other photographs; val: new crops of the training ones)",
      "earlyfusion.training.photos:PhotosConfig", "earlyfusion.training.photos:generate_cmd"),
+    (("data", "digits"), "write scikit-learn's 1,797 handwritten digits as a captioned imagefolder (train/val/test, one caption per digit; needs scikit-learn)",
+     "earlyfusion.training.digits:DigitsConfig", "earlyfusion.training.digits:generate_cmd"),
     (("data", "shard"), "write an imagefolder as WebDataset tar shards (KEY.jpg|png|webp + KEY.txt, --shard-size records each)",
      "earlyfusion.training.data.shard_cmd:ShardConfig", "earlyfusion.training.data.shard_cmd:shard_cmd"),
     (("tokenizer", "train"), "train the VQ-VAE image tokenizer", "earlyfusion.training.vq_train:VQTrainConfig", "earlyfusion.training.vq_train:train_cmd"),

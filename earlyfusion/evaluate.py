@@ -26,6 +26,15 @@ crops of the training photographs, so that reading and drawing can be scored by 
 captioned photograph), beside that classifier's accuracy on the real crops (``photo_judge_real_accuracy``, the
 ceiling) and on the image tokenizer's reconstructions of them (``photo_judge_recon_accuracy``, the ceiling for
 anything drawn in its codes). They are None for other data, and for photographs the training split lacks.
+
+Where the held-out captions form a closed set of the training split's captions (``earlyfusion.class_judge``: a few
+distinct captions, each a class, as ``data digits`` and ``data photos`` write), reading and drawing are also scored
+by class, beside a linear classifier on the raw training pixels (``class_linear_accuracy``, what the split allows the
+simplest reader): ``class_caption_accuracy``, ``class_drawn_accuracy`` and the judge's ceilings; None otherwise.
+
+With a run trained on conversations and held-out conversations beside the data (``conversations_test.json``, as
+``data shapes --num-conversations`` writes), the test split's eval also scores them (``earlyfusion.chat_eval``:
+``vqa_exact_match``, ``multi_image_accuracy``, ``edit_accuracy``, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from earlyfusion.chat_eval import CONVERSATIONS_TEST, conversation_figures
+from earlyfusion.class_judge import class_figures
 from earlyfusion.copies import (
     CodeRecorder,
     TrainingGrids,
@@ -436,9 +447,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         which, judged = _photo_figures(data, photos, run, pairs, reads, drawn, cfg.batch_size)
         figures.update(which)
         per_image = [a | b for a, b in zip(per_image, judged)]
+        which, judged = class_figures(data / "train", captions, reads, torch.stack(images) if images and same else None,
+                                      drawn, lambda: _reconstructions(run.vq, pairs, cfg.batch_size))
+        figures.update(which)
+        per_image = [a | b for a, b in zip(per_image, judged)]
         about = {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(data), "cfg": cfg.cfg,
                  "seed": cfg.seed, "image_temperature": temperature}
         write_drawn(images_out, drawn, captions, per_image, about)
+        conversations = data / CONVERSATIONS_TEST
+        if split == "test" and conversations.is_file() and run.vocab.chat:  # held-out conversations beside the split
+            figures.update(conversation_figures(run.decoder, run.vocab, run.vq, conversations, limit=cfg.limit,
+                                                out=images_out / "answers"))
         figures["images_out"] = str(images_out)
         figures["drawn_images"] = len(drawn)
         save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])

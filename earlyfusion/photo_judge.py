@@ -180,7 +180,7 @@ def features(images: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def _blurred(images: torch.Tensor, seed: int) -> torch.Tensor:
+def blurred(images: torch.Tensor, seed: int) -> torch.Tensor:
     """Each image shrunk by 2 or 4 (chosen per image from ``seed``) and enlarged back: a soft copy."""
     g = torch.Generator().manual_seed(seed)
     factor = torch.randint(0, 2, (images.shape[0],), generator=g)
@@ -232,7 +232,7 @@ def train_judge(images: torch.Tensor, labels: Sequence[str], seed: int = 0, step
         raise UserError(f"the photo judge needs crops of at least two photographs, got {len(names)}; "
                         "write the data set with more training photographs")
     y = torch.tensor([names.index(t) for t in labels])
-    feats = torch.cat([features(images), features(_blurred(images, seed))])
+    feats = torch.cat([features(images), features(blurred(images, seed))])
     y = torch.cat([y, y])
     mean, scale = _standardise(feats)
     z = (feats - mean) / scale

@@ -25,7 +25,7 @@ LAYERS = [
     ("application", ("earlyfusion",)),
 ]
 RANK = {"core": 0, "model": 1, "tokenizer": 1, "data": 2, "sampling": 3, "training": 4, "application": 5}
-OPTIONAL = ("transformers", "peft", "torch.utils.tensorboard")
+OPTIONAL = ("transformers", "peft", "torch.utils.tensorboard", "sklearn")
 
 
 def layer_of(module: str) -> str:

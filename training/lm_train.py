@@ -115,6 +115,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 def data_identity(data: DataConfig) -> dict:
     """What of the data options shapes the batch stream (sources with their paths made absolute)."""
     ident = {k: v for k, v in asdict(data).items() if k not in ("strict", "cache_dir", "loader_workers")}
+    ident["reading_ratio"] = data.reading  # the share in force (a run from before it could be sized recorded it so)
     ident["sources"] = [source_key(s) for s in data.sources]
     return ident
 
@@ -158,7 +159,7 @@ def open_batches(cfg: TrainConfig, inputs: Inputs, ckpt: Path | None) -> tuple[P
             raise too_short(cfg, inputs, e.need, f"one image with the longest caption ({e.where}: {e.caption_tokens} "
                                                  f"tokens; <s> {e.image} caption </s>)") from None
 
-    sizing = cfg.data.augment_views is None or cfg.image_token_noise is None
+    sizing = cfg.data.augment_views is None or cfg.image_token_noise is None or cfg.data.reading_ratio is None
     if not sizing:
         check_resume()
     batches = stream()  # unset --augment-views: no augmentation while the passes are counted

@@ -10,12 +10,15 @@ that would show its image-caption pairs more often than that.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+from earlyfusion.core.errors import UserError
 from earlyfusion.core.logs import log
 from earlyfusion.model.decoder import DECODER_PRESETS, DecoderConfig
-from earlyfusion.training.data import parse_source
-from earlyfusion.training.data.config import MANY_PASSES
+from earlyfusion.training.data import SkipReport, parse_source, split_root
+from earlyfusion.training.data.config import DEFAULT_READING_RATIO, MANY_PASSES, SIZED_CROP_SCALE
+from earlyfusion.training.data.records import pair_records
 from earlyfusion.training.shapes import MARKER as SHAPES_MARKER
 
 
@@ -93,18 +96,61 @@ def mirror_safe(sources: list[str]) -> bool:
     return bool(dirs) and all((d / SHAPES_MARKER).is_file() for d in dirs)
 
 
+MAX_CLASSES = 100
+"""The most distinct captions that still name a class each (``class_captions``); more is open captioning."""
+MIN_PER_CLASS = 5  # images per distinct caption, on average, for captions to name classes rather than pictures
+
+
+def caption_counts(sources: list[str], split: str = "train", text_column: str = "text") -> Counter | None:
+    """How many images of the ``split`` of the local imagefolders ``sources`` carry each caption (lower-cased words);
+    None when a source is not such a folder (a file, a hub data set, code shards): its captions are not read here."""
+    counts: Counter = Counter()
+    for spec in sources:
+        path = Path(parse_source(spec)[0]).expanduser()
+        if not path.is_dir():
+            return None
+        try:
+            root = split_root(path, split)
+        except UserError:
+            return None
+        for _, _, text in pair_records(root, text_column, SkipReport()):
+            if text and text.strip():
+                counts[" ".join(text.lower().split())] += 1
+    return counts
+
+
+def class_captions(counts: Counter | None) -> bool:
+    """Whether captions (``caption_counts``) name classes: a few distinct ones (2 to MAX_CLASSES), each shared by
+    MIN_PER_CLASS images or more on average. Such a caption says what the picture shows, not where or how large,
+    so a crop that keeps nearly all of the picture keeps it true."""
+    return (counts is not None and 2 <= len(counts) <= MAX_CLASSES
+            and sum(counts.values()) >= MIN_PER_CLASS * len(counts))
+
+
 def sized_options(data, noise: float | None, passes: float, seed: int):
     """(data options, image-token noise) of a run whose unset options are sized to how often it shows its
     image-caption pairs (``passes``): when they repeat too often (``repeats_too_often``) an unset --augment-views
-    adds mirrored views and an unset --image-token-noise is SIZED_IMAGE_TOKEN_NOISE. Says in one line what was added
+    adds mirrored views (the built-in shapes data) or large crops (data whose captions name classes) and an unset
+    --image-token-noise is SIZED_IMAGE_TOKEN_NOISE. Says in one line what was added
     and the option that turns each off."""
     repeats, added = repeats_too_often(passes), {}  # the option that turns it off -> what was added
+    mirror = mirror_safe(data.sources)
+    classes = repeats and not mirror and (data.augment_views is None or data.reading_ratio is None) and \
+        class_captions(caption_counts(data.sources, data.split, data.text_column))
+    if data.reading_ratio is None:
+        data = data.sized_reading(repeats, classes)
+        if data.reading_ratio is not None:
+            added[f"--reading-ratio {DEFAULT_READING_RATIO}"] = f"{data.reading_ratio:.0%} of the pairs are reading examples"
     if data.augment_views is None:
-        data = data.sized(repeats, mirror_safe(data.sources))
-        if data.augment_views > 1:
+        crops = classes
+        data = data.sized(repeats, mirror, crops)
+        if data.augment_views > 1 and data.augment_flip:
             swap = ", ".join(f"{a}/{b}" for a, b in data.augment(seed).swap)
             words = f"captions with {swap} exchanged where they occur" if swap else "captions unchanged"
             added["--augment-views 1"] = f"each image is shown as itself and as its mirror image, {words}"
+        elif data.augment_views > 1:
+            added["--augment-views 1"] = (f"each image is shown as itself and as {data.augment_views - 1} crops of at "
+                                          f"least {SIZED_CROP_SCALE:.0%} of its side (its captions name classes)")
     if noise is None:
         noise = SIZED_IMAGE_TOKEN_NOISE if repeats else 0.0
         if repeats:

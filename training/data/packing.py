@@ -40,7 +40,7 @@ import torch
 from earlyfusion.core.errors import UserError
 from earlyfusion.tokenizer.vocab import check_vocab_matches
 
-from .config import IGNORE, PIPELINE_VERSION, DataConfig
+from .config import DEFAULT_READING_RATIO, IGNORE, PIPELINE_VERSION, DataConfig
 from .documents import READ, PreparedData, pair_document, pair_overhead, prepare
 from .records import SkipReport
 from .sources import resolve_sources
@@ -62,7 +62,7 @@ class PackedBatches:
     """Infinite iterator of packed global batches (see the module docstring); exact resume via state_dict."""
 
     def __init__(self, data: PreparedData, vocab, *, context_len: int, batch_size: int,
-                 reading_ratio: float = DataConfig.reading_ratio, cond_dropout: float = DataConfig.cond_dropout,
+                 reading_ratio: float = DEFAULT_READING_RATIO, cond_dropout: float = DataConfig.cond_dropout,
                  reading_image_loss: bool = DataConfig.reading_image_loss, seed: int = 0):
         _check_shape(context_len, batch_size)
         self.data = data
@@ -227,7 +227,7 @@ def training_batches(cfg: DataConfig, *, vocab, image_tokenizer: str | Path, con
                                 image_tokenizer_fingerprint=check_vocab_matches(vocab, image_tokenizer, "training data"),
                                 fit_captions=fit_captions)
     data = prepare(cfg, vocab, image_tokenizer, context_len=context_len, seed=seed, fit_captions=fit_captions)
-    return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
+    return PackedBatches(data, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading,
                          cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed)
 
 

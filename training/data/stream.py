@@ -454,6 +454,6 @@ def streamed_batches(cfg, specs, *, vocab, image_tokenizer_fingerprint: str, con
     if fit_captions:
         check_captions_fit(parts, vocab, context_len)
     check_documents_fit(parts, context_len)
-    return StreamedBatches(parts, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading_ratio,
+    return StreamedBatches(parts, vocab, context_len=context_len, batch_size=batch_size, reading_ratio=cfg.reading,
                            cond_dropout=cfg.cond_dropout, reading_image_loss=cfg.reading_image_loss, seed=seed,
                            workers=cfg.loader_workers, report=report)
