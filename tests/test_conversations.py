@@ -203,3 +203,17 @@ def test_sample_chat_is_a_session_in_the_terminal(tmp_path, capsys, monkeypatch)
     assert (tmp_path / "edit" / "sample-00.png").is_file()
     rc, err = cli_status(capsys, ["sample", "--checkpoint", tmp_path / "run", "--chat", "--prompt", "hi"])
     assert_one_line_error(rc, err)
+
+
+def test_eval_scores_the_held_out_conversations_beside_the_test_split(tmp_path, capsys):
+    from conftest import run_cli
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data, "--image-tokenizer", vq, "--vocab", vocab, "--out", tmp_path / "run", "--preset",
+            "tiny", "--steps", 2, "--batch-size", 4, "--context-len", 128, "--warmup-steps", 1, "--eval-every", 0)
+    capsys.readouterr()
+    run_cli("eval", "--checkpoint", tmp_path / "run", "--data", data, "--json", "--limit", 3, "--out", tmp_path / "ev")
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["conversations"] == 3 and figures["answers"] >= 3
+    for key in ("vqa_exact_match", "multi_image_accuracy", "edit_accuracy", "answer_exact_match"):
+        assert key in figures

@@ -296,7 +296,8 @@ class Vocabulary:
     def decode_document(self, ids: Iterable[int], strict: bool = True) -> list:
         """Ids -> segments: str (adjacent text joined) and LongTensor (h, w) per image.
 
-        Rules: ``<s>`` and ``<pad>`` are dropped wherever they are; decoding stops at the first ``</s>``.
+        Rules: ``<s>`` and ``<pad>`` are dropped wherever they are; decoding stops at the first ``</s>`` (or a
+        conversation's ``<eot>``, where ``<user>`` and ``<assistant>`` are dropped).
         A well-formed image span is ``<boi>``, exactly h*w image ids, ``<eoi>`` (with grid tokens:
         ``<boi> <rows_h> <cols_w>``, h rows of w image ids each ended by ``<row_end>``, ``<eoi>``), as
         ``grammar.read`` reads it. Anything else is malformed: a span cut short (by ``</s>``, a non-image id or the
@@ -306,6 +307,7 @@ class Vocabulary:
         """
         seq = [int(i) for i in _as_list(ids)]
         L, grammar = self.layout, self.grammar
+        markers = {L.special_ids[r] for r in CHAT_TOKENS if r in L.special_ids}  # a turn's start or end
         out: list = []
         text: list[int] = []
 
@@ -328,8 +330,10 @@ class Vocabulary:
             t = seq[i]
             if t in (self.bos, self.pad):
                 i += 1
-            elif t == self.eos:
+            elif t == self.eos or (t in markers and t == L.special_ids["eot"]):
                 break
+            elif t in markers:
+                i += 1
             elif t == self.boi:
                 try:
                     span = grammar.read(seq, i)
