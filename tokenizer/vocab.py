@@ -307,7 +307,8 @@ class Vocabulary:
         """
         seq = [int(i) for i in _as_list(ids)]
         L, grammar = self.layout, self.grammar
-        markers = {L.special_ids[r] for r in CHAT_TOKENS if r in L.special_ids}  # a turn's start or end
+        specials = getattr(L, "special_ids", {})  # a layout-like stand-in may hold only the ranges
+        markers = {specials[r] for r in CHAT_TOKENS if r in specials}  # a turn's start or end
         out: list = []
         text: list[int] = []
 
@@ -330,7 +331,7 @@ class Vocabulary:
             t = seq[i]
             if t in (self.bos, self.pad):
                 i += 1
-            elif t == self.eos or (t in markers and t == L.special_ids["eot"]):
+            elif t == self.eos or (t in markers and t == specials["eot"]):
                 break
             elif t in markers:
                 i += 1
