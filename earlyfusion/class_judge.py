@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyfusion.core.logs import log
-from earlyfusion.photo_judge import blurred, load_split, pil_batch
+from earlyfusion.photo_judge import blurred, fit_logistic, load_split, pil_batch
 from earlyfusion.scores import tokenize
 from earlyfusion.training.data.records import SkipReport, pair_records
 from earlyfusion.training.sizing import MAX_CLASSES
@@ -98,19 +98,8 @@ def fit_linear(images: torch.Tensor, labels: Sequence, with_blurred: bool = Fals
     if with_blurred:
         x, y = torch.cat([x, _pixels(blurred(images, SEED))]), torch.cat([y, y])
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-2)  # a pixel that never changes gets no weight to speak of
-    z = (x - mean) / scale
-    weight = torch.zeros(z.shape[1], len(names), requires_grad=True)
-    bias = torch.zeros(len(names), requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ weight + bias, y) + WEIGHT_DECAY * weight.pow(2).sum() / len(names)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return LinearClassifier(names, mean, scale, weight.detach(), bias.detach())
+    weight, bias = fit_logistic((x - mean) / scale, y, len(names), WEIGHT_DECAY / len(names), steps)
+    return LinearClassifier(names, mean, scale, weight, bias)
 
 
 def class_figures(train_root: Path, captions: Sequence[str], reads: Sequence[str], real: torch.Tensor | None,

@@ -235,16 +235,24 @@ def train_judge(images: torch.Tensor, labels: Sequence[str], seed: int = 0, step
     feats = torch.cat([features(images), features(blurred(images, seed))])
     y = torch.cat([y, y])
     mean, scale = _standardise(feats)
-    z = (feats - mean) / scale
-    weight = torch.zeros(z.shape[1], len(names), requires_grad=True)
-    bias = torch.zeros(len(names), requires_grad=True)
+    weight, bias = fit_logistic((feats - mean) / scale, y, len(names), WEIGHT_DECAY, steps)
+    return PhotoJudge(names, mean, scale, weight, bias)
+
+
+def fit_logistic(z: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, steps: int = STEPS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (D, classes), bias) of multinomial logistic regression on standardised inputs ``z`` (N, D) and labels
+    ``y``: cross-entropy plus ``weight_decay`` times the squared weights, full-batch L-BFGS from zero weights (the
+    same inputs give the same classifier)."""
+    weight = torch.zeros(z.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z @ weight + bias, y) + WEIGHT_DECAY * weight.pow(2).sum()
+        loss = F.cross_entropy(z @ weight + bias, y) + weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return PhotoJudge(names, mean, scale, weight.detach(), bias.detach())
+    return weight.detach(), bias.detach()
