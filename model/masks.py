@@ -6,9 +6,9 @@ documents of about 260 tokens (a 16×16-code image and its caption) four fifths 
 ``document_chunks`` cuts such rows at document boundaries into chunks of at least ``MIN_CHUNK`` tokens and
 ``DocumentChunks.attend`` runs the attention kernel on each chunk alone (plain causal attention where a chunk is
 one document), which gives the same result without the masked work. Each chunk is one kernel call, whose fixed
-cost outweighs the saving for short rows and short chunks, so the dense mask is kept unless the chunks leave at
-most ``CHUNKED_SHARE`` of the dense work (timed on CPUs with 4-12 heads of 64: chunks of 256 tokens and more won
-from contexts of 1024 on; at 512 the two were even; at 256 and below the dense mask was faster).
+cost outweighs the saving for short rows and short chunks, so rows shorter than two chunks keep the dense mask, and
+longer ones too unless the chunks leave at most ``CHUNKED_SHARE`` of the dense work (docs/several-gpus.md has the
+timings behind both numbers).
 """
 
 from __future__ import annotations

@@ -36,9 +36,8 @@ class DataConfig:
     reading_ratio: float | None = None
     """Fraction of image-caption pairs shown image->caption (reading); the rest caption->image (drawing, the slower
     to learn, hence the larger share). Unset = {DEFAULT_READING_RATIO}, or {SIZED_READING_RATIO} for data whose captions
-    name a class when the run would show its pairs more than {MANY_PASSES} times (reading such data generalised
-    within a few points of a linear classifier only with the larger share). Raise it when captioning matters more
-    than drawing."""
+    name a class when the run would show its pairs more than {MANY_PASSES} times (docs/small-data.md). Raise it when
+    captioning matters more than drawing."""
     cond_dropout: float = 0.1
     """Fraction of drawing examples whose caption is dropped: the unconditional case that classifier-free guidance
     needs. 0 disables guidance at sampling time."""
