@@ -16,17 +16,15 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from earlyfusion.core.logs import log, progress
 from earlyfusion.sampling.chat import answer
+from earlyfusion.sampling.cli import encode_image_files
 from earlyfusion.scores import corpus_bleu, cider_d
 from earlyfusion.training.data.conversations import ANSWER, conversation_records
 from earlyfusion.training.data.records import SkipReport
 from earlyfusion.training.shapes import parse_caption
 from earlyfusion.training.shapes_chat import EDIT_KINDS, QUESTION_KINDS, TWO_IMAGE_KINDS
 from earlyfusion.training.shapes_judge import recognise
-from earlyfusion.tokenizer.preprocess import preprocess_for_codes
 
 BATCH = 16  # answers generated together
 CONVERSATIONS_TEST = "conversations_test.json"  # held-out conversations beside a data directory's splits
@@ -47,14 +45,11 @@ def conversation_figures(decoder, vocab, vq, path: Path, *, limit: int = 0, out:
     records = list(conversation_records(path, report))[:limit or None]
     if report.total:
         log.warning("%s: %s", path, report.summary())
-    vc = vq.cfg
     codes: dict[str, object] = {}
 
     def grid(p: str):
         if p not in codes:
-            pixels = preprocess_for_codes(p, vc.image_size, vc.downsample, vocab.grid if vocab.grid_tokens else None)
-            with torch.inference_mode():
-                codes[p] = vq.encode(pixels[None])[0].cpu()
+            codes[p] = encode_image_files(vq, vocab, [p])[0]
         return codes[p]
 
     asks = []  # (conversation prefix, expected turn, kind, expected scene or None)

@@ -158,11 +158,9 @@ def drawing_grids(run, size: str) -> list[tuple[int, int]] | None:
     return [grid]
 
 
-def _encode_images(run, paths: list[str]) -> list[torch.Tensor]:
-    """Each image file → its (h, w) code grid with the run's image tokenizer (keeping its aspect ratio where the
-    vocabulary has grid tokens)."""
-
-    vq, vocab = run.vq, run.vocab
+def encode_image_files(vq, vocab, paths: list[str]) -> list[torch.Tensor]:
+    """Each image file → its (h, w) code grid with the image tokenizer ``vq`` (keeping its aspect ratio where the
+    vocabulary has grid tokens); UserError naming a file that is missing or that the vocabulary cannot hold."""
     device = next(vq.parameters()).device
     grids = []
     for p in paths:
@@ -254,13 +252,13 @@ def sample_cmd(cfg: SampleConfig) -> int:
     except (TypeError, ValueError) as e:
         raise UserError(f"{run.path / 'config.json'}: invalid sampling_defaults ({e}); fix or remove them") from None
     if cfg.chat:
-        answers = chat_session(run, lambda p: _encode_images(run, [p])[0], Path(cfg.out or "chat"),
+        answers = chat_session(run, lambda p: encode_image_files(run.vq, run.vocab, [p])[0], Path(cfg.out or "chat"),
                                image_temperature=sampling.image_temperature, seed=cfg.seed,
                                max_new_tokens=cfg.max_new_tokens)
         log.info(f"{answers} answer(s)")
         return 0
     grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
-    segments = _prompt_segments(cfg, _encode_images(run, cfg.image))
+    segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image))
     out = _out_dir(cfg.out) if cfg.out else None
     stop: list[int] = []
     if run.vocab.chat and cfg.image and cfg.prompt:  # a question (or an edit) to a run trained on conversations
