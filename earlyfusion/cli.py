@@ -48,7 +48,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str, str]] = [
      "earlyfusion.training.data.encode:EncodeConfig", "earlyfusion.training.data.encode:encode_cmd"),
     (("train",), "train the unified decoder on interleaved text/image data", "earlyfusion.training.lm_config:TrainConfig", "earlyfusion.training.lm_train:train_cmd"),
     (("sample",), "sample text, images or interleaved output from a trained decoder", "earlyfusion.sampling.cli:SampleConfig", "earlyfusion.sampling.cli:sample_cmd"),
-    (("eval",), "evaluate a trained decoder: losses, reading (captions) and drawing (text-to-image)",
+    (("eval",), "evaluate a trained decoder: losses, reading (captions), drawing (text-to-image) and conversations",
      "earlyfusion.evaluate:EvalConfig", "earlyfusion.evaluate:eval_cmd"),
     (("import", "chameleon"), "import a Chameleon / Anole checkpoint (transformers' format + Meta's VQGAN) as a run directory",
      "earlyfusion.convert:ImportChameleonConfig", "earlyfusion.convert:import_cmd"),

@@ -1,7 +1,9 @@
 """``make demo``: the whole pipeline on the built-in data, through the real CLI, timed.
 
-data shapes -> tokenizer train -> tokenizer eval -> vocab build -> train (small) -> sample (a caption
-for a test image, an image for a test caption) -> eval. The last stdout line is eval's JSON object.
+data shapes -> tokenizer train -> vocab build -> train (small) -> sample (a caption for a test image, an image
+for a test caption; with conversations also an edit of a held-out picture) -> eval. The last stdout line is eval's
+JSON object. ``--conversations N`` adds the built-in conversations (questions about one or two pictures, edits) to
+the data, so that one model both captions, draws and converses (docs/conversations.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the image tokenizer's and the decoder's training (the built-in data stays the same); "
                         "run several to see how much the figures vary")
+    p.add_argument("--conversations", type=int, default=0,
+                   help="also write and train on this many built-in conversations (questions about one or two "
+                        "pictures, edits), and score the held-out ones; 0 = captions only")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
     p.add_argument("--no-compile", action="store_true",
                    help="train the decoder eagerly (default: train --compile when a C++ compiler is found)")
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     data, vq, vocab, lm = out / "data", out / "image_tokenizer", out / "vocab", out / "lm"
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)], timings)
+    _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)]
+           # with conversations, pairs and conversations only: the demo's interleaved and text documents teach
+           # neither, and would take an eighth of the steps
+           + (["--num-conversations", str(args.conversations), "--num-interleaved", "0", "--num-text", "0"]
+              if args.conversations else []), timings)
     seed = ["--seed", str(args.seed)]
     _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)] + seed
            + (["--steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []), timings)
@@ -77,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                               "--temperature", "0"], timings)
     _stage("sample image", ["sample", "--checkpoint", str(lm), "--prompt", caption, "--modality", "image",
                             "--num-samples", "4", "--out", str(out / "samples")], timings)
+    edit = next((r for r in json.loads((data / "conversations_test.json").read_text())
+                 if r["conversations"][-1]["value"] == "<image>"), None) if args.conversations else None
+    if edit is not None:  # the first held-out edit: its picture and instruction
+        _stage("sample edit", ["sample", "--checkpoint", str(lm), "--image", str(data / edit["images"][0]),
+                               "--prompt", edit["conversations"][0]["value"].split("\n", 1)[1], "--modality", "image",
+                               "--out", str(out / "edit")], timings)
     eval_argv = ["eval", "--checkpoint", str(lm), "--data", str(data), "--json"]
     if args.eval_limit:
         eval_argv += ["--limit", str(args.eval_limit)]

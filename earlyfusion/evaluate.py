@@ -34,7 +34,9 @@ simplest reader): ``class_caption_accuracy``, ``class_drawn_accuracy`` and the j
 
 With a run trained on conversations and held-out conversations beside the data (``conversations_test.json``, as
 ``data shapes --num-conversations`` writes), the test split's eval also scores them (``earlyfusion.chat_eval``:
-``vqa_exact_match``, ``multi_image_accuracy``, ``edit_accuracy``, ...).
+``vqa_exact_match``, ``multi_image_accuracy``, ``edit_accuracy``, ...). ``--data`` may also be a file of
+conversations alone (any LLaVA ``.json`` / ``.jsonl``): then only its answers are scored (exact match, BLEU-4,
+CIDEr-D; the built-in kinds' figures where its answers carry kinds) and every drawn answer is written out.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from earlyfusion.training import data as data_mod
 from earlyfusion.training import shapes
 from earlyfusion.training.data import DataConfig, SkipReport
 from earlyfusion.training.data.augment import NO_AUGMENT
+from earlyfusion.training.data.conversations import conversation_records, is_conversation_file
 from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
 from earlyfusion.training.data.runs import load_run, trained_grids
 from earlyfusion.training.monitor import caption_sheet, draw_images, read_captions, validation_losses
@@ -89,7 +92,8 @@ class EvalConfig:
     checkpoint: str
     """Run directory of `earlyfusion train` (or one of its checkpoints/step-… directories)."""
     data: str
-    """Data directory: the built-in data (its test split is used) or an imagefolder directory with captions."""
+    """Data directory: the built-in data (its test split is used) or an imagefolder directory with captions; or a
+    file of conversations (LLaVA .json / .jsonl), scored alone."""
     split: str = "auto"
     """Split folder of --data to evaluate: auto = `val` for a `data photos` set that has one (new crops of the
     training photographs, which the which-photograph figures need), else `test`. Name another (test, val, ...)
@@ -385,12 +389,37 @@ def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str]
 # ---------------------------------------------------------------- the command
 
 
+def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
+    """A file of conversations scored alone: its answers, and every drawn answer written to ``--images-out``."""
+    report = SkipReport()
+    if not any(True for _ in conversation_records(path, report)):
+        raise UserError(f"{cfg.data}: no conversation in it can be read ({report.summary() if report.records else 'it is empty'}); "
+                        "see docs/conversations.md for the format")
+    run = load_run(cfg.checkpoint)
+    run.vocab.chat_id("eot")  # a vocabulary without the conversation markers: one line
+    out = Path(cfg.out) if cfg.out else run.path.parent.parent / "eval"
+    images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
+    _check_images_out(images_out)
+    with run_lock(out, "eval"):
+        t0 = time.perf_counter()
+        figures: dict = {"step": run.config.get("step"), "data": str(path)}
+        figures.update(conversation_figures(run.decoder, run.vocab, run.vq, path, limit=cfg.limit,
+                                            out=images_out / "answers"))
+        figures["images_out"] = str(images_out / "answers")
+        figures["eval_seconds"] = time.perf_counter() - t0
+        save_json(out / "figures.json", figures)
+        return figures
+
+
 def evaluate(cfg: EvalConfig) -> dict:
 
     data = Path(cfg.data).expanduser()
+    if data.is_file() and is_conversation_file(data):
+        return _conversations_only(cfg, data)
     if not data.is_dir():
         what = "is a file, not a directory" if data.exists() else "no such directory"
-        raise UserError(f"{cfg.data}: {what}; pass a local data directory (the built-in data or an imagefolder with captions)")
+        raise UserError(f"{cfg.data}: {what}; pass a local data directory (the built-in data or an imagefolder with "
+                        "captions) or a file of conversations (LLaVA .json / .jsonl)")
     run = load_run(cfg.checkpoint)
     root = run.path.parent.parent
     out = Path(cfg.out) if cfg.out else root / "eval"

@@ -217,3 +217,32 @@ def test_eval_scores_the_held_out_conversations_beside_the_test_split(tmp_path, 
     assert figures["conversations"] == 3 and figures["answers"] >= 3
     for key in ("vqa_exact_match", "multi_image_accuracy", "edit_accuracy", "answer_exact_match"):
         assert key in figures
+
+
+def test_eval_scores_a_file_of_conversations_alone(tmp_path, capsys):
+    """--data a file of conversations: its answers scored (the kinds' figures where answers carry kinds), every drawn
+    answer written out; a file with no readable conversation is one line."""
+    from conftest import assert_one_line_error, cli_status, run_cli
+
+    data, vq, vocab = _chat_data(tmp_path)
+    assert cli_status(capsys, ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab),
+                               "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "2", "--batch-size", "4",
+                               "--context-len", "128", "--warmup-steps", "1", "--eval-every", "0"])[0] == 0
+    records = json.loads((data / "conversations.json").read_text())
+    edits = [r for r in records if r["conversations"][-1]["value"] == "<image>"][:2]
+    questions = [r for r in records if r["conversations"][-1]["value"] != "<image>"][:3]
+    assert len(edits) == 2 and len(questions) == 3
+    mine = data / "mine.jsonl"  # another file beside the pictures, one record per line, one broken
+    mine.write_text("".join(json.dumps(r) + "\n" for r in edits + questions) + "{not json\n")
+    capsys.readouterr()
+    run_cli("eval", "--checkpoint", tmp_path / "run", "--data", mine, "--json", "--out", tmp_path / "ev")
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["conversations"] == 5 and figures["answers"] >= 5
+    assert figures["edit_accuracy"] is not None and figures["answer_bleu4"] is not None
+    assert "pairs" not in figures and "caption_exact_match" not in figures
+    assert json.loads((tmp_path / "ev" / "figures.json").read_text())["answers"] == figures["answers"]
+    broken = data / "broken.jsonl"
+    broken.write_text('{"id": 1, "conversations": [{"from": "gpt", "value": "hi"}]}\n')
+    rc, err = cli_status(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(broken),
+                                  "--out", str(tmp_path / "ev2")])
+    assert_one_line_error(rc, err)

@@ -57,6 +57,20 @@ def test_held_out_conversations_show_no_two_shape_scene_of_training(data):
     assert held and not [s for s in held if len(s) == 2 and s in trained]
 
 
+def test_training_conversations_avoid_the_held_out_pairs_scenes(tmp_path):
+    """Scenes passed as held out (the test and val pairs' new scenes) appear in no training conversation: the same
+    seed without them would show every one of them."""
+    from earlyfusion.training.shapes_chat import write_conversations
+
+    def two_shape_scenes(dest):
+        return {s for r in _records(dest, "conversations.json") for c in r["captions"] if len(s := parse_caption(c)) == 2}
+
+    write_conversations(tmp_path / "a", 60, 6, 3, (16, 16), set())
+    before = two_shape_scenes(tmp_path / "a")
+    write_conversations(tmp_path / "b", 60, 6, 3, (16, 16), set(), held_out_scenes=before)
+    assert before and not two_shape_scenes(tmp_path / "b") & before
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_answers_are_right_for_their_scenes(seed):
     """Each question's answer read back from the scene; each edit changes exactly what its instruction says."""

@@ -185,11 +185,13 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
 
 
 def write_conversations(dest: Path, n_train: int, n_test: int, seed: int, canvas: tuple[int, int],
-                        train_scenes: set[Scene]) -> dict[str, int]:
+                        train_scenes: set[Scene], held_out_scenes: set[Scene] = frozenset()) -> dict[str, int]:
     """``dest/conversations.json`` (pictures in ``dest/chat``) and the held-out ``dest/conversations_test.json``
     (pictures in ``dest/chat_test``). Every two-shape scene of a held-out conversation is absent from
     ``train_scenes`` (the training pairs' scenes) and from every training conversation (one-shape scenes are too few
-    to hold any out: an added shape's edit starts from one)."""
+    to hold any out: an added shape's edit starts from one); no training conversation shows a two-shape scene of
+    ``held_out_scenes`` (the held-out pairs' scenes that training pairs do not show), so that conversations do not
+    teach what the held-out captions and drawings are scored on."""
     rng = np.random.default_rng([seed, 5])
     seen = set(train_scenes)
 
@@ -213,6 +215,8 @@ def write_conversations(dest: Path, n_train: int, n_test: int, seed: int, canvas
                 record, scenes = made
                 if scene_of is held_out and any(len(x) == 2 and x in seen for x in scenes):
                     continue  # an edit that led to a scene training shows
+                if scene_of is scene_with and any(len(x) == 2 and x in held_out_scenes for x in scenes):
+                    continue  # a held-out pair's scene
                 if scene_of is scene_with:
                     seen.update(scenes)
                 images = [writer.picture(x) for x in scenes]

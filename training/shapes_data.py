@@ -215,10 +215,12 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     train = _write_split(dest / "train", scenes[:n_train], canvases[:n_train])
     _write_split(dest / "test", scenes[n_train:], canvases[n_train:])
     n_val = round(cfg.num_images * cfg.val_fraction)
+    val_scenes = []
     if n_val:  # streams of their own, after the others: train and test do not depend on the val split
         val_rng = np.random.default_rng([cfg.seed, 4])
         val_canvases = [sizes[int(k)] for k in val_rng.integers(len(sizes), size=n_val)]
-        _write_split(dest / "val", [random_scene(val_rng) for _ in range(n_val)], val_canvases)
+        val_scenes = [random_scene(val_rng) for _ in range(n_val)]
+        _write_split(dest / "val", val_scenes, val_canvases)
     doc_rng = np.random.default_rng([cfg.seed, 1])
     with open(dest / "interleaved.jsonl", "w", encoding="utf-8") as f:
         for doc in _interleaved_docs(doc_rng, train, cfg.num_interleaved):
@@ -230,7 +232,8 @@ def generate(cfg: ShapesConfig, dest: Path) -> dict:
     counts = {"train": n_train, "test": n_test, "interleaved": cfg.num_interleaved, "text": cfg.num_text}
     if cfg.num_conversations:
         written = write_conversations(dest, cfg.num_conversations, max(1, round(cfg.num_conversations * cfg.test_fraction)),
-                                      cfg.seed, sizes[0], set(scenes[:n_train]))
+                                      cfg.seed, sizes[0], set(scenes[:n_train]),
+                                      set(scenes[n_train:] + val_scenes) - set(scenes[:n_train]))
         counts["conversations"], counts["conversations_test"] = written["conversations.json"], \
             written["conversations_test.json"]
     if n_val:
