@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench bench-gpu install clean
+.PHONY: demo demo-chat test bench bench-gpu install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 demo: install
 	$(BIN)/python -m earlyfusion.demo --out $(DEMO_DIR)
+
+# The demo with built-in conversations as well: one model that captions, draws, answers questions and edits.
+demo-chat: install
+	$(BIN)/python -m earlyfusion.demo --out runs/demo-chat --conversations 40000
 
 bench: install
 	$(BIN)/python bench/run.py

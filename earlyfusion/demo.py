@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     edit = next((r for r in json.loads((data / "conversations_test.json").read_text())
                  if r["conversations"][-1]["value"] == "<image>"), None) if args.conversations else None
     if edit is not None:  # the first held-out edit: its picture and instruction
+        instruction = " ".join(edit["conversations"][0]["value"].replace("<image>", " ").split())
         _stage("sample edit", ["sample", "--checkpoint", str(lm), "--image", str(data / edit["images"][0]),
-                               "--prompt", edit["conversations"][0]["value"].split("\n", 1)[1], "--modality", "image",
-                               "--out", str(out / "edit")], timings)
+                               "--prompt", instruction, "--modality", "image", "--out", str(out / "edit")], timings)
     eval_argv = ["eval", "--checkpoint", str(lm), "--data", str(data), "--json"]
     if args.eval_limit:
         eval_argv += ["--limit", str(args.eval_limit)]

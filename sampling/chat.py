@@ -29,7 +29,8 @@ def chat_prompt(vocab, turns: Sequence[Turn]) -> list[int]:
     encoded = [(role, [("t", np.asarray(next(it), np.int64)) if k == "t" else ("i", np.asarray(x))
                        for k, x in pieces]) for role, pieces in turns]
     ids, _ = conversation_document(vocab, encoded)
-    return [int(i) for i in ids[:-1]] + [vocab.chat_id("assistant")]  # without the closing </s>
+    assistant = vocab.chat_id("assistant")  # None: a template without role markers (an imported Chameleon's)
+    return [int(i) for i in ids[:-1]] + ([] if assistant is None else [assistant])  # without the closing </s>
 
 
 def answer(decoder, vocab, conversations: Sequence[Sequence[Turn]], *, vq=None, modality: str = "auto",

@@ -55,11 +55,11 @@ def _their_tokenizer(codebook: int, seed: int = 0) -> dict:
     images = [image_code_name(c) for c in codes]
     k, h = len(text) // 3, codebook // 2
     order = (["<s>", "<pad>", "</s>", "<unk>"] + text[:k] + images[:h] + ["<eoss>", "<racm3:break>"] + text[k:2 * k]
-             + ["<reserved08707>"] + images[h:] + text[2 * k:])
+             + ["<reserved08706>", "<reserved08707>"] + images[h:] + text[2 * k:])
     d["model"]["vocab"] = {t: i for i, t in enumerate(order)}
     d["model"]["merges"] = [list(m) for m in d["model"]["merges"]] + [list(m) for m in IMG_MERGES]
     d["model"]["unk_token"] = "<unk>"
-    special = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<reserved08707>"]
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<reserved08706>", "<reserved08707>"]
     d["added_tokens"] = [{"id": order.index(t), "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for t in special]
     d["post_processor"] = json.loads(processors.TemplateProcessing(
@@ -228,6 +228,44 @@ def test_sample_image_and_text_and_train(source, tmp_path, capsys):
                       "--steps", 2, "--batch-size", 2, "--warmup-steps", 1, "--eval-every", 0, "--checkpoint-every", 2)
         assert rc == 0, err
         assert load_run(tmp_path / "ft").decoder.config == run.decoder.config
+
+
+def test_an_imported_run_converses_with_chameleons_template(source, tmp_path, capsys, monkeypatch):
+    """Chameleon's end of turn becomes the vocabulary's eot: a conversation is their ids of
+    <s> question <reserved08706> answer <reserved08706> </s> (no role markers), trained on the answer, its end of turn
+    and </s>; a question is asked up to its end of turn, and sample --chat answers."""
+    import io
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from earlyfusion.sampling.chat import answer, chat_prompt
+    from earlyfusion.training.data.chat_template import conversation_document
+    from earlyfusion.training.data.conversations import ANSWER, ASK
+
+    root, _ = source
+    theirs = Tokenizer.from_file(str(root / "model" / "tokenizer.json"))
+    v = theirs.get_vocab(with_added_tokens=True)
+    perm = json.loads((root / "run" / IMPORTED_DIR / PERMUTATION).read_text())["ours_to_theirs"]
+    run = load_run(root / "run")
+    vocab = run.vocab
+    assert vocab.chat and perm[vocab.chat_id("eot")] == v["<reserved08706>"]
+    assert vocab.chat_id("user") is None and vocab.chat_id("assistant") is None
+    grid = np.arange(64).reshape(8, 8) % VQ.n_embed
+    q, a = (np.asarray(vocab.encode_text(t), np.int32) for t in ("what colour is it?", "red"))
+    ids, trained = conversation_document(vocab, [(ASK, [("i", grid), ("t", q)]), (ANSWER, [("t", a)])])
+    enc = [theirs.encode(t, add_special_tokens=False).ids for t in ("what colour is it?", "red")]
+    image = [v["<racm3:break>"], *(v[image_code_name(int(c))] for c in grid.ravel()), v["<eoss>"]]
+    eot = v["<reserved08706>"]
+    assert [perm[i] for i in ids] == [v["<s>"], *image, *enc[0], eot, *enc[1], eot, v["</s>"]]
+    assert trained.tolist() == [False] * (len(ids) - len(enc[1]) - 2) + [True] * (len(enc[1]) + 2)
+    prompt = chat_prompt(vocab, [(ASK, [("i", grid), ("t", "what colour is it?")])])
+    assert [perm[i] for i in prompt] == [v["<s>"], *image, *enc[0], eot]
+    [s] = answer(run.decoder, vocab, [[(ASK, [("t", "hello")])]], max_new_tokens=4)
+    assert 1 <= len(s.ids) <= 4 and vocab.chat_id("eot") not in s.ids[:-1]  # it stops at their end of turn
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
+    rc, err = cli(capsys, "sample", "--checkpoint", root / "run", "--chat", "--max-new-tokens", 4, "--out", tmp_path)
+    assert rc == 0, err
 
 
 def _has_init_from() -> bool:

@@ -42,6 +42,9 @@ IMAGE_NAME_PREFIX = "IMGIMG"
 # role -> Chameleon's token text (the roles and their order are ours: SPECIAL_TOKENS)
 CHAMELEON_SPECIALS: dict[str, str] = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "boi": "<racm3:break>", "eoi": "<eoss>"}
 assert list(CHAMELEON_SPECIALS) == list(SPECIAL_TOKENS)
+# their end of a turn (Meta's tokenizer calls it eot; Anole's code stops at it): our "eot" role where the file has it,
+# so that an imported run writes conversations with their template (``training.data.chat_template``)
+CHAMELEON_EOT = "<reserved08706>"
 _DIGIT_LETTERS = "ABCDEFGHIJ"
 _IMAGE_NAME_RE = re.compile(IMAGE_NAME_PREFIX + r"([A-J]+).", re.DOTALL)
 
@@ -74,7 +77,10 @@ class ChameleonVocab:
     codebook_size: int
     """Number of IMGIMG tokens (= image codes)."""
     text_vocab_size: int
-    """Ids between the five specials and the image codes."""
+    """Ids between the specials and the image codes."""
+    specials: dict[str, str] | None = None
+    """Role -> their token text of our first ids, in order: ``CHAMELEON_SPECIALS`` and, where their file has it,
+    "eot" (``CHAMELEON_EOT``); None: ``CHAMELEON_SPECIALS``."""
 
     @property
     def vocab_size(self) -> int:
@@ -86,9 +92,10 @@ class ChameleonVocab:
     def vocabulary(self, grid: tuple[int, int], image_tokenizer_fingerprint: str) -> Vocabulary:
         """Our ``Vocabulary`` for an image tokenizer with code grid ``grid``."""
 
-        n = len(CHAMELEON_SPECIALS)
+        specials = self.specials or dict(CHAMELEON_SPECIALS)
+        n = len(specials)
         layout = VocabLayout(
-            special_tokens=dict(CHAMELEON_SPECIALS), special_ids={role: i for i, role in enumerate(CHAMELEON_SPECIALS)},
+            special_tokens=dict(specials), special_ids={role: i for i, role in enumerate(specials)},
             text_start=n, text_vocab_size=self.text_vocab_size, image_start=n + self.text_vocab_size,
             codebook_size=self.codebook_size, grid=tuple(grid), image_tokenizer_fingerprint=image_tokenizer_fingerprint,
             image_token_digits=_digits(self.codebook_size),
@@ -137,6 +144,9 @@ def read_chameleon_vocab(model_dir: str | Path) -> ChameleonVocab:
         if i is None:
             raise UserError(f"{path}: no {text!r} token ({role}); is this a Chameleon or Anole tokenizer.json?")
         specials[role] = i
+    roles = dict(CHAMELEON_SPECIALS)
+    if tok.token_to_id(CHAMELEON_EOT) is not None:
+        specials["eot"], roles["eot"] = tok.token_to_id(CHAMELEON_EOT), CHAMELEON_EOT
     where = {}
     codes: dict[int, int] = {}  # their id -> code
     for i, t in token_of.items():
@@ -157,9 +167,10 @@ def read_chameleon_vocab(model_dir: str | Path) -> ChameleonVocab:
 
     special_ids = set(specials.values())
     text_ids = [i for i in range(n) if i not in special_ids and i not in codes]
-    ours_to_theirs = [specials[r] for r in CHAMELEON_SPECIALS] + text_ids + [where[c] for c in range(size)]
+    ours_to_theirs = [specials[r] for r in roles] + text_ids + [where[c] for c in range(size)]
     out = _rewrite(d, token_of, ours_to_theirs, codes, size)
-    return ChameleonVocab(tokenizer_json=out, ours_to_theirs=ours_to_theirs, codebook_size=size, text_vocab_size=len(text_ids))
+    return ChameleonVocab(tokenizer_json=out, ours_to_theirs=ours_to_theirs, codebook_size=size,
+                          text_vocab_size=len(text_ids), specials=roles)
 
 
 def _rewrite(d: dict, token_of: dict[int, str], ours_to_theirs: list[int], codes: dict[int, int], size: int) -> dict:

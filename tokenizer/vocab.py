@@ -155,15 +155,17 @@ class Vocabulary:
 
     @property
     def chat(self) -> bool:
-        """Whether the vocabulary has the conversation markers ``<user>``, ``<assistant>`` and ``<eot>``."""
+        """Whether the vocabulary can write conversations: ours with ``<user>``, ``<assistant>`` and ``<eot>``, or an
+        imported Chameleon's with its end-of-turn token only."""
         return self.layout.chat
 
-    def chat_id(self, role: str) -> int:
-        """The id of a conversation marker ("user", "assistant", "eot"); UserError for a vocabulary without them."""
+    def chat_id(self, role: str) -> int | None:
+        """The id of a conversation marker ("user", "assistant", "eot"): None for a role marker the vocabulary's
+        template does without (an imported Chameleon's); UserError for a vocabulary that cannot write conversations."""
         if not self.chat:
             raise UserError("this vocabulary has no conversation markers; build one for conversation data with "
                             "`earlyfusion vocab build` (it adds them when --data holds conversations)")
-        return self.layout.special_ids[role]
+        return self.layout.special_ids.get(role)
 
     def __repr__(self) -> str:
         L = self.layout

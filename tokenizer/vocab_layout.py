@@ -90,8 +90,9 @@ class VocabLayout:
 
     @property
     def chat(self) -> bool:
-        """Whether the vocabulary has the conversation markers (``CHAT_TOKENS``)."""
-        return set(CHAT_TOKENS) <= set(self.special_ids)
+        """Whether conversations can be written: the vocabulary has an end-of-turn token, ours (``CHAT_TOKENS``, with
+        the role markers) or an imported Chameleon's (``<reserved08706>``, no role markers)."""
+        return "eot" in self.special_ids
 
     # derived ranges
     @property
@@ -126,9 +127,10 @@ class VocabLayout:
     def problems(self) -> list[str]:
         """Every way the layout is inconsistent (empty list if it is fine)."""
         out = []
-        allowed = (set(SPECIAL_TOKENS), set(SPECIAL_TOKENS) | set(CHAT_TOKENS))
+        allowed = (set(SPECIAL_TOKENS), set(SPECIAL_TOKENS) | set(CHAT_TOKENS), set(SPECIAL_TOKENS) | {"eot"})
         if set(self.special_tokens) not in allowed or set(self.special_ids) != set(self.special_tokens):
-            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}, or those and {sorted(CHAT_TOKENS)}")
+            out.append(f"special tokens must be exactly {sorted(SPECIAL_TOKENS)}, or those and {sorted(CHAT_TOKENS)}, "
+                       "or those and eot")
             return out
         ids = sorted(self.special_ids.values())
         if ids != list(range(len(ids))):

@@ -4,7 +4,12 @@
 
 A turn is its role's marker, its text and image spans in order (an image span as the vocabulary writes it), and
 ``<eot>``. The markers are the vocabulary's own special tokens (``vocab build`` adds them for data with conversations),
-so no text can spell one. Only the assistant's turns are trained, by default for conversations: the loss falls on
+so no text can spell one. A vocabulary imported from Chameleon or Anole keeps their own template, which has no role
+markers and ends each turn with their end-of-turn token (as their inference code does):
+
+    <s> question… <reserved08706> answer… <reserved08706> … </s>
+
+Only the assistant's turns are trained, by default for conversations: the loss falls on
 each answer's tokens and its ``<eot>`` (the model learns to stop), and on the final ``</s>``; the questions, the
 pictures asked about and the markers before an answer only condition it.
 """
@@ -25,9 +30,10 @@ def conversation_document(vocab, turns: list[tuple[str, list[tuple[str, np.ndarr
     trained: list[np.ndarray] = [np.zeros(1, bool)]
     for role, pieces in turns:
         body = [np.asarray(x, np.int32) if k == "t" else np.asarray(vocab.image_span(x), np.int32) for k, x in pieces]
-        turn = np.concatenate([np.asarray([marker[role]], np.int32), *body, np.asarray([eot], np.int32)])
+        start = [] if marker[role] is None else [marker[role]]
+        turn = np.concatenate([np.asarray(start, np.int32), *body, np.asarray([eot], np.int32)])
         mask = np.full(len(turn), role == ANSWER)
-        mask[0] = False  # the marker itself is given: who speaks is not the model's to guess
+        mask[:len(start)] = False  # the marker itself is given: who speaks is not the model's to guess
         ids.append(turn)
         trained.append(mask)
     ids.append(np.asarray([vocab.eos], np.int32))
