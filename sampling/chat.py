@@ -54,10 +54,10 @@ CHAT_HELP = ("a conversation: type a question and press Enter; '/image PATH' att
 
 
 def chat_session(run, encode_image, out, *, read=input, write=print, image_temperature: float = 0.0,
-                 seed: int = 0, max_new_tokens: int | None = None) -> int:
+                 seed: int = 0, max_new_tokens: int | None = None, pictures_first: bool = False) -> int:
     """``sample --chat``: questions read line by line (``read``), answers written (``write``) as text, pictures
     saved to ``out`` as PNGs; ``encode_image(path)`` -> code grid (a bad file is one line and the session goes on).
-    Returns the number of answers."""
+    A question's attached pictures follow its text (``pictures_first``: precede it). Returns the number of answers."""
     vocab = run.vocab
     vocab.chat_id("eot")  # a run whose vocabulary has no conversation markers: one line before anything else
     write(CHAT_HELP)
@@ -84,7 +84,8 @@ def chat_session(run, encode_image, out, *, read=input, write=print, image_tempe
                 continue
             write(f"(picture {len(attached)} attached to your next question)")
             continue
-        turns.append((ASK, [("i", g) for g in attached] + [("t", line)]))
+        pictures = [("i", g) for g in attached]
+        turns.append((ASK, pictures + [("t", line)] if pictures_first else [("t", line)] + pictures))
         attached = []
         sample = answer(run.decoder, vocab, [turns], vq=run.vq, image_temperature=image_temperature, seed=seed,
                         max_new_tokens=max_new_tokens)[0]

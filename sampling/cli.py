@@ -48,8 +48,10 @@ class SampleConfig(SamplingConfig):
     """Text prompt (a question or instruction when --image is given)."""
     image: list[str] = field(default_factory=list)
     """Image file(s) to condition on, in order (repeatable)."""
-    prompt_first: bool = False
-    """Put --prompt before the images instead of after them."""
+    prompt_first: bool | None = None
+    """Put --prompt before the images (--no-prompt-first: after them). Unset: after them, except in a question to a
+    run trained on conversations (and in --chat), whose pictures follow its text as the built-in conversations and
+    Chameleon's prompts write them; pass --no-prompt-first for a run trained on records that put <image> first."""
     chat: bool = False
     """A conversation in the terminal with a run trained on conversations: type a question per line ('/image PATH'
     attaches a picture to the next one, '/reset' starts over, an empty line ends); answers print as text and
@@ -89,8 +91,9 @@ class SampleConfig(SamplingConfig):
             raise ValueError("--chat reads its questions from the terminal ('/image PATH' attaches a picture): "
                              "leave out --prompt and --image")
         check_not_file("out", self.out)
-        if self.prompt_first and not self.image:
-            raise ValueError("--prompt-first orders the prompt before --image files, but no --image was given")
+        if self.prompt_first is not None and not self.image and not self.chat:
+            raise ValueError("--prompt-first / --no-prompt-first order the prompt and --image files, but no --image "
+                             "was given")
         if self.size:
             if self.modality == "text":
                 raise ValueError("--size sets the shape of drawn images; it cannot be used with --modality text")
@@ -179,9 +182,11 @@ def encode_image_files(vq, vocab, paths: list[str]) -> list[torch.Tensor]:
     return grids
 
 
-def _prompt_segments(cfg: SampleConfig, grids: list[torch.Tensor]) -> list:
+def _prompt_segments(cfg: SampleConfig, grids: list[torch.Tensor], question: bool = False) -> list:
+    """The prompt's pieces in order; ``question``: a question to a run trained on conversations."""
     text = [cfg.prompt] if cfg.prompt else []
-    return text + grids if cfg.prompt_first else grids + text
+    first = question if cfg.prompt_first is None else cfg.prompt_first
+    return text + grids if first else grids + text
 
 
 def _save_png(img, path: Path, written: list[Path]) -> None:
@@ -254,14 +259,15 @@ def sample_cmd(cfg: SampleConfig) -> int:
     if cfg.chat:
         answers = chat_session(run, lambda p: encode_image_files(run.vq, run.vocab, [p])[0], Path(cfg.out or "chat"),
                                image_temperature=sampling.image_temperature, seed=cfg.seed,
-                               max_new_tokens=cfg.max_new_tokens)
+                               max_new_tokens=cfg.max_new_tokens, pictures_first=cfg.prompt_first is False)
         log.info(f"{answers} answer(s)")
         return 0
     grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
-    segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image))
+    question = bool(run.vocab.chat and cfg.image and cfg.prompt)  # a question (or an edit) to a run trained on conversations
+    segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image), question)
     out = _out_dir(cfg.out) if cfg.out else None
     stop: list[int] = []
-    if run.vocab.chat and cfg.image and cfg.prompt:  # a question (or an edit) to a run trained on conversations
+    if question:
         prompt_ids = [chat_prompt(run.vocab, [(ASK, [("i", s) if isinstance(s, torch.Tensor) else ("t", s)
                                                       for s in segments])])]
         stop = [run.vocab.chat_id("eot")]

@@ -246,3 +246,19 @@ def test_eval_scores_a_file_of_conversations_alone(tmp_path, capsys):
     rc, err = cli_status(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(broken),
                                   "--out", str(tmp_path / "ev2")])
     assert_one_line_error(rc, err)
+
+
+def test_a_question_puts_its_pictures_after_its_text_unless_told_otherwise():
+    """As the built-in conversations write a question (and Chameleon's prompts): text, then its pictures; a run trained
+    on records that put <image> first is asked with --no-prompt-first; outside conversations, pictures come first."""
+    import torch
+
+    from earlyfusion.sampling.cli import SampleConfig, _prompt_segments
+
+    grid = torch.zeros(2, 2, dtype=torch.long)
+    unset = SampleConfig(checkpoint="run", prompt="make the circle blue", image=["a.png"], modality="image", out="o")
+    assert _prompt_segments(unset, [grid], question=True)[0] == "make the circle blue"
+    assert _prompt_segments(unset, [grid], question=False)[0] is grid
+    told = SampleConfig(checkpoint="run", prompt="make the circle blue", image=["a.png"], modality="image", out="o",
+                        prompt_first=False)
+    assert _prompt_segments(told, [grid], question=True)[0] is grid

@@ -148,7 +148,7 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
         scenes = [scene]
         for k, kind in enumerate(rng.choice(QUESTION_KINDS, size=1 + int(rng.integers(3)), replace=False)):
             q, a = question(rng, scene, str(kind))
-            turns += [{"from": "human", "value": f"{IMAGE}\n{q}" if k == 0 else q},
+            turns += [{"from": "human", "value": f"{q}\n{IMAGE}" if k == 0 else q},
                       {"from": "gpt", "value": a, "kind": str(kind)}]
     elif family == "two_images":
         kind = _pick(rng, TWO_IMAGE_KINDS)
@@ -169,7 +169,7 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
             (shape, colour), answer = _pick(rng, options)
             q = f"which picture has a {colour} {shape}, the first or the second?"
         scenes = [first, second]
-        turns += [{"from": "human", "value": f"{IMAGE}\n{IMAGE}\n{q}"}, {"from": "gpt", "value": answer, "kind": kind}]
+        turns += [{"from": "human", "value": f"{q}\n{IMAGE}\n{IMAGE}"}, {"from": "gpt", "value": answer, "kind": kind}]
     elif family == "edit":
         kind = _pick(rng, EDIT_KINDS)
         scene = scene_of(rng, {"add": 1, "remove": 2}.get(kind))
@@ -178,7 +178,7 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
             return None
         instruction, target, _ = made
         scenes = [scene, target]
-        turns += [{"from": "human", "value": f"{IMAGE}\n{instruction}"}, {"from": "gpt", "value": IMAGE, "kind": kind}]
+        turns += [{"from": "human", "value": f"{instruction}\n{IMAGE}"}, {"from": "gpt", "value": IMAGE, "kind": kind}]
     else:
         raise ValueError(f"unknown conversation family {family!r}")
     return {"conversations": turns, "captions": [caption(s) for s in scenes]}, scenes
