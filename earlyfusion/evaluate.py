@@ -390,21 +390,29 @@ def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str]
 
 
 def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
-    """A file of conversations scored alone: its answers, and every drawn answer written to ``--images-out``."""
+    """A file of conversations scored alone: its answers, and every drawn answer written to
+    ``<images-out>/answers`` (the folder replaced as a whole, as eval's drawings are)."""
     report = SkipReport()
     if not any(True for _ in conversation_records(path, report)):
-        raise UserError(f"{cfg.data}: no conversation in it can be read ({report.summary() if report.records else 'it is empty'}); "
-                        "see docs/conversations.md for the format")
+        raise UserError(f"{cfg.data}: no conversation in it can be read "
+                        f"({report.summary() if report.records else 'it is empty'}); see docs/conversations.md for the format")
+    unused = [flag for flag, given in (("--split", cfg.split != "auto"), ("--cfg", cfg.cfg != DEFAULT_CFG),
+                                       ("--image-temperature", cfg.image_temperature is not None),
+                                       ("--train-data", bool(cfg.train_data))) if given]
+    if unused:
+        log.warning("%s: a file of conversations is scored alone (greedy answers); %s not used", cfg.data,
+                    ", ".join(unused))
     run = load_run(cfg.checkpoint)
     run.vocab.chat_id("eot")  # a vocabulary without the conversation markers: one line
     out = Path(cfg.out) if cfg.out else run.path.parent.parent / "eval"
     images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
     _check_images_out(images_out)
-    with run_lock(out, "eval"):
+    with run_lock(out, "eval"), atomic_dir(images_out) as tmp:
         t0 = time.perf_counter()
         figures: dict = {"step": run.config.get("step"), "data": str(path)}
-        figures.update(conversation_figures(run.decoder, run.vocab, run.vq, path, limit=cfg.limit,
-                                            out=images_out / "answers"))
+        figures.update(conversation_figures(run.decoder, run.vocab, run.vq, path, limit=cfg.limit, out=tmp / "answers"))
+        save_json(tmp / DRAWN_MARKER, {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(path),
+                                       "answers": figures["answers"]})
         figures["images_out"] = str(images_out / "answers")
         figures["eval_seconds"] = time.perf_counter() - t0
         save_json(out / "figures.json", figures)

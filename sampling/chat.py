@@ -21,7 +21,8 @@ Turn = tuple[str, Sequence[tuple[str, object]]]
 
 
 def chat_prompt(vocab, turns: Sequence[Turn]) -> list[int]:
-    """The ids of ``turns`` (ending with a question) as training writes them, then ``<assistant>``."""
+    """The ids of ``turns`` (ending with a question) as training writes them, then ``<assistant>`` (an imported
+    Chameleon's template has no role markers: the question's end of turn is the prompt's last id)."""
     if not turns or turns[-1][0] != ASK:
         raise ValueError("a conversation prompt ends with a question")
     texts = vocab.encode_texts([x for _, pieces in turns for k, x in pieces if k == "t"])

@@ -263,7 +263,9 @@ def sample_cmd(cfg: SampleConfig) -> int:
         log.info(f"{answers} answer(s)")
         return 0
     grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
-    question = bool(run.vocab.chat and cfg.image and cfg.prompt)  # a question (or an edit) to a run trained on conversations
+    # a question (or an edit) to a run trained on conversations with our template; an imported Chameleon's run keeps
+    # its raw interleaved prompts (and their guidance) here, and converses with its own template in --chat
+    question = bool(run.vocab.chat and run.vocab.chat_id("assistant") is not None and cfg.image and cfg.prompt)
     segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image), question)
     out = _out_dir(cfg.out) if cfg.out else None
     stop: list[int] = []

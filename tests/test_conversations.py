@@ -241,6 +241,8 @@ def test_eval_scores_a_file_of_conversations_alone(tmp_path, capsys):
     assert figures["edit_accuracy"] is not None and figures["answer_bleu4"] is not None
     assert "pairs" not in figures and "caption_exact_match" not in figures
     assert json.loads((tmp_path / "ev" / "figures.json").read_text())["answers"] == figures["answers"]
+    run_cli("eval", "--checkpoint", tmp_path / "run", "--data", mine, "--limit", 2, "--out", tmp_path / "ev")  # again
+    assert json.loads((tmp_path / "ev" / "figures.json").read_text())["conversations"] == 2
     broken = data / "broken.jsonl"
     broken.write_text('{"id": 1, "conversations": [{"from": "gpt", "value": "hi"}]}\n')
     rc, err = cli_status(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(broken),

@@ -32,7 +32,7 @@ SAMPLE_TEXTS = ["a red circle", "hello world!", "Chameleon speaking 123", "unsee
 IMG_MERGES = [("I", "M"), ("G", "A"), ("GA", "Z"), ("IM", "G"), ("IMG", "IM"), ("IMGIM", "GAZ")]
 
 
-def _their_tokenizer(codebook: int, seed: int = 0) -> dict:
+def _their_tokenizer(codebook: int, seed: int = 0, eot: bool = True) -> dict:
     """A byte-level BPE tokenizer.json in Chameleon's style: <s> <pad> </s> <unk> first, IMGIMG tokens in two runs in
     shuffled code order, <eoss> and <racm3:break> between them, a reserved token, text before, between and after."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -55,11 +55,11 @@ def _their_tokenizer(codebook: int, seed: int = 0) -> dict:
     images = [image_code_name(c) for c in codes]
     k, h = len(text) // 3, codebook // 2
     order = (["<s>", "<pad>", "</s>", "<unk>"] + text[:k] + images[:h] + ["<eoss>", "<racm3:break>"] + text[k:2 * k]
-             + ["<reserved08706>", "<reserved08707>"] + images[h:] + text[2 * k:])
+             + ["<reserved08706>"] * eot + ["<reserved08707>"] + images[h:] + text[2 * k:])
     d["model"]["vocab"] = {t: i for i, t in enumerate(order)}
     d["model"]["merges"] = [list(m) for m in d["model"]["merges"]] + [list(m) for m in IMG_MERGES]
     d["model"]["unk_token"] = "<unk>"
-    special = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<reserved08706>", "<reserved08707>"]
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>"] + ["<reserved08706>"] * eot + ["<reserved08707>"]
     d["added_tokens"] = [{"id": order.index(t), "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for t in special]
     d["post_processor"] = json.loads(processors.TemplateProcessing(
@@ -406,6 +406,14 @@ def test_vocab_errors_name_the_problem(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
     with pytest.raises(UserError, match="image code 3 has none"):
         read_chameleon_vocab(tmp_path)
+    # without their end-of-turn token: the five specials, no conversations, and a one-line reason where one is asked
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_their_tokenizer(16, eot=False)))
+    vocab = read_chameleon_vocab(tmp_path).vocabulary((4, 4), "f" * 12)
+    assert not vocab.chat and len(vocab.special_ids) == 5
+    with pytest.raises(UserError, match="import the checkpoint again"):
+        vocab.chat_id("eot")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_their_tokenizer(16)))
+    assert read_chameleon_vocab(tmp_path).vocabulary((4, 4), "f" * 12).chat
 
 
 def test_imported_run_samples_with_chameleons_defaults_unless_told_otherwise(source, tmp_path, capsys, monkeypatch,

@@ -162,7 +162,12 @@ class Vocabulary:
     def chat_id(self, role: str) -> int | None:
         """The id of a conversation marker ("user", "assistant", "eot"): None for a role marker the vocabulary's
         template does without (an imported Chameleon's); UserError for a vocabulary that cannot write conversations."""
+        if role not in CHAT_TOKENS:
+            raise KeyError(f"no conversation marker {role!r} (one of {', '.join(CHAT_TOKENS)})")
         if not self.chat:
+            if self.layout.special_tokens.get("boi") == "<racm3:break>":
+                raise UserError("this vocabulary, imported from Chameleon before conversations were supported, has no "
+                                "end-of-turn token; import the checkpoint again with `earlyfusion import chameleon`")
             raise UserError("this vocabulary has no conversation markers; build one for conversation data with "
                             "`earlyfusion vocab build` (it adds them when --data holds conversations)")
         return self.layout.special_ids.get(role)
