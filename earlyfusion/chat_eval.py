@@ -71,14 +71,15 @@ def conversation_figures(decoder, vocab, vq, path: Path, *, limit: int = 0, out:
         for a in range(0, len(asks), BATCH):
             chunk = asks[a:a + BATCH]
             samples = answer(decoder, vocab, [prefix for prefix, *_ in chunk], vq=vq)
-            for (_, turn, kind, scene), s in zip(chunk, samples):
+            for j, ((_, turn, kind, scene), s) in enumerate(zip(chunk, samples)):
                 want_images = [x for k, x in turn.segments if k == "i"]
+                if out is not None and s.images:  # every drawn answer, expected or not; named by the ask's index
+                    out.mkdir(parents=True, exist_ok=True)
+                    for k, image in enumerate(s.images):
+                        image.save(out / f"answer-{a + j:05d}{f'-{k}' if k else ''}.png")
                 if want_images:
                     ok = len(s.images) == 1 and not _text_of(s) and \
                         (scene is None or recognise(s.images[0]) == scene)
-                    if out is not None and s.images:
-                        out.mkdir(parents=True, exist_ok=True)
-                        s.images[0].save(out / f"answer-{a + len(hyps):05d}.png")
                 else:
                     want = " ".join(x for k, x in turn.segments if k == "t")
                     ok = not s.images and _norm(_text_of(s)) == _norm(want)

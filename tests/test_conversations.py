@@ -178,6 +178,32 @@ def test_held_out_conversations_are_scored(tmp_path):
     assert set(figures["answer_accuracy_by_kind"]) <= {*QUESTION_KINDS, *TWO_IMAGE_KINDS, *EDIT_KINDS}
 
 
+def test_every_drawn_answer_is_written_to_a_file_of_its_own(tmp_path, monkeypatch):
+    """A model that answers everything with a picture: as many PNGs as answers (none overwrites another)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    import earlyfusion.chat_eval as chat_eval
+    from earlyfusion.training.data.runs import load_run
+    from conftest import run_cli
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab", vocab, "--out",
+            tmp_path / "run", "--preset", "tiny", "--steps", 1, "--batch-size", 2, "--context-len", 128,
+            "--warmup-steps", 1, "--eval-every", 0)
+    run = load_run(tmp_path / "run")
+
+    def pictures(decoder, vocab, conversations, **kw):
+        return [SimpleNamespace(images=[Image.new("RGB", (16, 16))], segments=[None]) for _ in conversations]
+
+    monkeypatch.setattr(chat_eval, "answer", pictures)
+    figures = chat_eval.conversation_figures(run.decoder, run.vocab, run.vq, data / "conversations.json",
+                                             out=tmp_path / "drawn")
+    assert figures["answers"] > chat_eval.BATCH
+    assert len(list((tmp_path / "drawn").glob("answer-*.png"))) == figures["answers"]
+
+
 def test_sample_chat_is_a_session_in_the_terminal(tmp_path, capsys, monkeypatch):
     """`sample --chat`: questions from stdin, a missing picture is one line and the session goes on, answers print;
     with --image and --prompt the run answers one question; a run without conversation markers is one line."""
