@@ -357,6 +357,9 @@ def export(cfg: ExportConfig) -> Path:
         for name in SOURCE_FILES if tok_dir == imported else (TOKENIZER_FILE, HF_CONFIG_FILE):
             if name != "config.json" and (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
+        if tok_dir != imported and "eot" in ids:  # a run trained on conversations: generate() stops at a turn's end
+            save_json(tmp / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": [ids["eos"], ids["eot"]],
+                                                       "pad_token_id": ids["pad"]})
     log.info(f"wrote {out} (transformers' ChameleonForConditionalGeneration, {dcfg.vocab_size} ids in "
              f"{'the source checkpoint' if order is not None else 'this run'}'s order)")
     return out

@@ -290,3 +290,19 @@ def test_a_question_puts_its_pictures_after_its_text_unless_told_otherwise():
     told = SampleConfig(checkpoint="run", prompt="make the circle blue", image=["a.png"], modality="image", out="o",
                         prompt_first=False)
     assert _prompt_segments(told, [grid], question=True)[0] is grid
+
+
+def test_an_exported_conversation_run_stops_at_the_end_of_a_turn(tmp_path, capsys):
+    """export of a run whose vocabulary has the markers: transformers' generate() stops at </s> or <eot>."""
+    from transformers import GenerationConfig
+
+    from conftest import run_cli
+    from earlyfusion.tokenizer.vocab import Vocabulary
+
+    data, vq, vocab = _chat_data(tmp_path)
+    run_cli("train", "--data", data / "conversations.json", "--image-tokenizer", vq, "--vocab", vocab, "--out",
+            tmp_path / "run", "--preset", "tiny", "--steps", 1, "--batch-size", 2, "--context-len", 128,
+            "--warmup-steps", 1, "--eval-every", 0)
+    run_cli("export", "--checkpoint", tmp_path / "run", "--out", tmp_path / "hf")
+    v = Vocabulary.load(vocab)
+    assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == [v.eos, v.chat_id("eot")]
