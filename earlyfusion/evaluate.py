@@ -389,6 +389,14 @@ def _photo_figures(data: Path, photos: dict | None, run, pairs, reads: list[str]
 # ---------------------------------------------------------------- the command
 
 
+def _outputs(cfg: EvalConfig, run) -> tuple[Path, Path]:
+    """(--out, --images-out) with their defaults; a drawings folder eval did not write is refused before any work."""
+    out = Path(cfg.out) if cfg.out else run.path.parent.parent / "eval"
+    images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
+    _check_images_out(images_out)
+    return out, images_out
+
+
 def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
     """A file of conversations scored alone: its answers, and every drawn answer written to
     ``<images-out>/answers`` (the folder replaced as a whole, as eval's drawings are)."""
@@ -404,9 +412,7 @@ def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
                     ", ".join(unused))
     run = load_run(cfg.checkpoint)
     run.vocab.chat_id("eot")  # a vocabulary without the conversation markers: one line
-    out = Path(cfg.out) if cfg.out else run.path.parent.parent / "eval"
-    images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
-    _check_images_out(images_out)
+    out, images_out = _outputs(cfg, run)
     with run_lock(out, "eval"), atomic_dir(images_out) as tmp:
         t0 = time.perf_counter()
         figures: dict = {"step": run.config.get("step"), "data": str(path)}
@@ -430,9 +436,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                         "captions) or a file of conversations (LLaVA .json / .jsonl)")
     run = load_run(cfg.checkpoint)
     root = run.path.parent.parent
-    out = Path(cfg.out) if cfg.out else root / "eval"
-    images_out = Path(cfg.images_out) if cfg.images_out else out / "drawn"
-    _check_images_out(images_out)
+    out, images_out = _outputs(cfg, run)
     # one eval at a time writes into an output directory: two would interleave their files (the drawings, the
     # sheet and figures.json of different runs side by side)
     with run_lock(out, "eval"):
