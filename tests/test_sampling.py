@@ -308,7 +308,8 @@ class FakeVocab(SimpleNamespace):
 
     def __init__(self):
         layout = SimpleNamespace(**vars(L), vocab_size=V, text_start=5, text_end=L.image_start,
-                                 image_end=L.image_start + L.codebook_size, grid_tokens=False)
+                                 image_end=L.image_start + L.codebook_size, grid_tokens=False,
+                                 special_ids={"bos": L.bos, "eos": L.eos, "pad": L.pad, "boi": L.boi, "eoi": L.eoi})
         super().__init__(**vars(L), vocab_size=V, layout=layout, grammar=SpanGrammar.of(L))
 
     def encode_document(self, segments, bos=True, eos=True):

@@ -78,9 +78,9 @@ class ChameleonVocab:
     """Number of IMGIMG tokens (= image codes)."""
     text_vocab_size: int
     """Ids between the specials and the image codes."""
-    specials: dict[str, str] | None = None
+    specials: dict[str, str]
     """Role -> their token text of our first ids, in order: ``CHAMELEON_SPECIALS`` and, where their file has it,
-    "eot" (``CHAMELEON_EOT``); None: ``CHAMELEON_SPECIALS``."""
+    "eot" (``CHAMELEON_EOT``)."""
 
     @property
     def vocab_size(self) -> int:
@@ -92,10 +92,9 @@ class ChameleonVocab:
     def vocabulary(self, grid: tuple[int, int], image_tokenizer_fingerprint: str) -> Vocabulary:
         """Our ``Vocabulary`` for an image tokenizer with code grid ``grid``."""
 
-        specials = self.specials or dict(CHAMELEON_SPECIALS)
-        n = len(specials)
+        n = len(self.specials)
         layout = VocabLayout(
-            special_tokens=dict(specials), special_ids={role: i for i, role in enumerate(specials)},
+            special_tokens=dict(self.specials), special_ids={role: i for i, role in enumerate(self.specials)},
             text_start=n, text_vocab_size=self.text_vocab_size, image_start=n + self.text_vocab_size,
             codebook_size=self.codebook_size, grid=tuple(grid), image_tokenizer_fingerprint=image_tokenizer_fingerprint,
             image_token_digits=_digits(self.codebook_size),

@@ -314,7 +314,7 @@ class Vocabulary:
         """
         seq = [int(i) for i in _as_list(ids)]
         L, grammar = self.layout, self.grammar
-        specials = getattr(L, "special_ids", {})  # a layout-like stand-in may hold only the ranges
+        specials = L.special_ids
         markers = {specials[r] for r in CHAT_TOKENS if r in specials}  # a turn's start or end
         out: list = []
         text: list[int] = []
