@@ -29,7 +29,7 @@ from earlyfusion.sampling.chat import chat_prompt, chat_session
 from earlyfusion.sampling.generate import IMAGE_PLACEHOLDER, Sample, SamplingConfig, generate, generate_ids
 from earlyfusion.training.data.conversations import ASK
 from earlyfusion.tokenizer.preprocess import ImageError, aspect_grid, image_grid, preprocess_for_codes
-from earlyfusion.training.data.runs import load_run, trained_grids
+from earlyfusion.training.data.runs import load_run, question_first, trained_grids
 
 SHEET_TILE = 128
 """Grid sheets are scaled up (nearest neighbour) so each image is at least this many pixels wide."""
@@ -50,8 +50,8 @@ class SampleConfig(SamplingConfig):
     """Image file(s) to condition on, in order (repeatable)."""
     prompt_first: bool | None = None
     """Put --prompt before the images (--no-prompt-first: after them). Unset: after them, except in a question to a
-    run trained on conversations (and in --chat), whose pictures follow its text as the built-in conversations and
-    Chameleon's prompts write them; pass --no-prompt-first for a run trained on records that put <image> first."""
+    run trained on conversations (and in --chat), which is written in the order of the conversations it was trained
+    on (text first where the run does not say, as Chameleon's prompts). Set it only to try the other order."""
     chat: bool = False
     """A conversation in the terminal with a run trained on conversations: type a question per line ('/image PATH'
     attaches a picture to the next one, '/reset' starts over, an empty line ends); answers print as text and
@@ -182,10 +182,10 @@ def encode_image_files(vq, vocab, paths: list[str]) -> list[torch.Tensor]:
     return grids
 
 
-def _prompt_segments(cfg: SampleConfig, grids: list[torch.Tensor], question: bool = False) -> list:
-    """The prompt's pieces in order; ``question``: a question to a run trained on conversations."""
+def _prompt_segments(cfg: SampleConfig, grids: list[torch.Tensor], question_first: bool = False) -> list:
+    """The prompt's pieces in order; ``question_first``: the order unless the user chose one."""
     text = [cfg.prompt] if cfg.prompt else []
-    first = question if cfg.prompt_first is None else cfg.prompt_first
+    first = question_first if cfg.prompt_first is None else cfg.prompt_first
     return text + grids if first else grids + text
 
 
@@ -259,14 +259,15 @@ def sample_cmd(cfg: SampleConfig) -> int:
     if cfg.chat:
         answers = chat_session(run, lambda p: encode_image_files(run.vq, run.vocab, [p])[0], Path(cfg.out or "chat"),
                                image_temperature=sampling.image_temperature, seed=cfg.seed,
-                               max_new_tokens=cfg.max_new_tokens, pictures_first=cfg.prompt_first is False)
+                               max_new_tokens=cfg.max_new_tokens,
+                               pictures_first=not (question_first(run) if cfg.prompt_first is None else cfg.prompt_first))
         log.info(f"{answers} answer(s)")
         return 0
     grids = drawing_grids(run, cfg.size) if cfg.modality != "text" else None
     # a question (or an edit) to a run trained on conversations with our template; an imported Chameleon's run keeps
     # its raw interleaved prompts (and their guidance) here, and converses with its own template in --chat
     question = bool(run.vocab.chat and run.vocab.chat_id("assistant") is not None and cfg.image and cfg.prompt)
-    segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image), question)
+    segments = _prompt_segments(cfg, encode_image_files(run.vq, run.vocab, cfg.image), question and question_first(run))
     out = _out_dir(cfg.out) if cfg.out else None
     stop: list[int] = []
     if question:

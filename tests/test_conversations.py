@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from earlyfusion.training.data.conversations import ANSWER, ASK, conversation_records, is_conversation_file
+from earlyfusion.core.rundir import QUESTION_FIRST
+from earlyfusion.training.data.conversations import ANSWER, ASK, IMAGE_MARKER, conversation_records, is_conversation_file
 from earlyfusion.training.shapes_chat import EDIT_KINDS, QUESTION_KINDS, TWO_IMAGE_KINDS
 from earlyfusion.training.data.records import SkipReport
 from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
@@ -277,19 +278,43 @@ def test_eval_scores_a_file_of_conversations_alone(tmp_path, capsys):
 
 
 def test_a_question_puts_its_pictures_after_its_text_unless_told_otherwise():
-    """As the built-in conversations write a question (and Chameleon's prompts): text, then its pictures; a run trained
-    on records that put <image> first is asked with --no-prompt-first; outside conversations, pictures come first."""
+    """A question is written in the order its run records (text first by default); --prompt-first /
+    --no-prompt-first override it; outside conversations, pictures come first."""
     import torch
 
     from earlyfusion.sampling.cli import SampleConfig, _prompt_segments
 
     grid = torch.zeros(2, 2, dtype=torch.long)
     unset = SampleConfig(checkpoint="run", prompt="make the circle blue", image=["a.png"], modality="image", out="o")
-    assert _prompt_segments(unset, [grid], question=True)[0] == "make the circle blue"
-    assert _prompt_segments(unset, [grid], question=False)[0] is grid
+    assert _prompt_segments(unset, [grid], question_first=True)[0] == "make the circle blue"
+    assert _prompt_segments(unset, [grid], question_first=False)[0] is grid
     told = SampleConfig(checkpoint="run", prompt="make the circle blue", image=["a.png"], modality="image", out="o",
                         prompt_first=False)
-    assert _prompt_segments(told, [grid], question=True)[0] is grid
+    assert _prompt_segments(told, [grid], question_first=True)[0] is grid
+
+
+def test_a_run_keeps_the_order_its_conversations_ask_in(tmp_path):
+    """The built-in conversations put a question's text first, a LLaVA file often its pictures: the trained run
+    records which, and a question to it is written that way; a run without conversations asks text first."""
+    from conftest import run_cli
+    from earlyfusion.training.data.runs import load_run, question_first
+
+    data, vq, vocab = _chat_data(tmp_path)
+    records = json.loads((data / "conversations.json").read_text())
+    for r in records:
+        for t in r["conversations"]:
+            if t["from"] == "human" and IMAGE_MARKER in t["value"]:
+                n = t["value"].count(IMAGE_MARKER)
+                t["value"] = IMAGE_MARKER * n + "\n" + t["value"].replace(IMAGE_MARKER, "").strip()
+    (data / "llava.json").write_text(json.dumps(records))
+    expected = {"conversations.json": True, "llava.json": False, "train": True}
+    for name, first in expected.items():
+        run_cli("train", "--data", data / name, "--image-tokenizer", vq, "--vocab", vocab, "--out", tmp_path / name,
+                "--preset", "tiny", "--steps", 1, "--batch-size", 2, "--context-len", 128, "--warmup-steps", 1,
+                "--eval-every", 0)
+        run = load_run(tmp_path / name)
+        assert question_first(run) is first
+        assert (QUESTION_FIRST in run.config) is (name != "train")
 
 
 def test_an_exported_conversation_run_stops_at_the_end_of_a_turn(tmp_path, capsys):

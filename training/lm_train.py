@@ -53,6 +53,7 @@ from earlyfusion.core.rundir import (
     IMAGE_TOKENIZER_DIR,
     LORA,
     LOSS_CURVES,
+    QUESTION_FIRST,
     SAMPLES_DIR,
     VOCAB_DIR,
     WEIGHTS,
@@ -295,7 +296,11 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
     attention = attention_plan(raw_model, micro, inputs.context_len, precision=trainer.mp, packed=True,
                                compile=cfg.compile, kernel=state.get("attention") if state is not None else None)
     writer = tensorboard_writer(out) if main else None
-    grids = {IMAGE_GRIDS: [list(g) for g in batches.data.grids]} if vocab.grid_tokens else {}
+    # what sampling needs to know of the data: the grids it may draw, the order its questions are written in
+    of_data = {IMAGE_GRIDS: [list(g) for g in batches.data.grids]} if vocab.grid_tokens else {}
+    question_first = getattr(batches.data, "question_first", None)  # streamed data holds no conversations
+    if question_first is not None:
+        of_data[QUESTION_FIRST] = question_first
 
     lora = cfg.lora()
     adapts = {} if lora is None else {LORA: {**lora.to_dict(), "base": str(inputs.init.resolve()),
@@ -303,7 +308,7 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
 
     def run_config(step: int, **extra) -> dict:
         return {"decoder": inputs.decoder.to_dict(), "train": asdict(cfg), "step": step,
-                "context_len": inputs.context_len, "identity": identity, **grids, **adapts, **extra}
+                "context_len": inputs.context_len, "identity": identity, **of_data, **adapts, **extra}
 
     def write_weights(tmp: Path, weights, config: dict) -> None:
         """A LoRA run writes its adapters alone (its config names the base); any other run its whole weights."""

@@ -19,7 +19,8 @@ markers than images), ``outside_data_dir``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,17 @@ class Turn:
     """("t", text) and ("i", absolute image path) in order; text around a marker keeps no surrounding blanks."""
     kind: str | None = None
     """The record's own label of an answer (the built-in data's question kinds), if any."""
+
+
+def picture_order(turns: Iterable[Turn]) -> Counter:
+    """How the questions among ``turns`` that hold both text and pictures order them: counts of "question first"
+    (text before the first picture) and "pictures first"."""
+    order = Counter()
+    for t in turns:
+        kinds = [k for k, _ in t.segments]
+        if t.role == ASK and "t" in kinds and "i" in kinds:
+            order["question first" if kinds.index("t") < kinds.index("i") else "pictures first"] += 1
+    return order
 
 
 def _records(path: Path, report: SkipReport) -> Iterator[tuple[str, object]]:

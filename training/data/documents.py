@@ -52,7 +52,7 @@ from .codes import (
 )
 from .chat_template import conversation_document
 from .config import DataConfig
-from .conversations import conversation_records
+from .conversations import conversation_records, picture_order
 from .records import SkipReport, interleaved_records, pair_records, text_records
 from .sources import Kind, PartSpec, load_hub, resolve_sources
 
@@ -100,6 +100,7 @@ class Part:
     mirrored: tuple[bool, ...] = ()  # with mirror_captions: whether each view (0..K-1) is mirrored
     grids: np.ndarray | None = None  # (rows, columns) int32: pairs (N, 2), each image's; interleaved and
     # conversations (M, 2), every image's in the documents
+    order: Counter = field(default_factory=Counter)  # conversations: ``picture_order`` of the questions kept
 
     def __len__(self) -> int:
         return len(self.codes) if self.kind == "pairs" else len(self.docs)
@@ -145,6 +146,15 @@ class PreparedData:
     """Tokens of the longest pair document before any cut (its caption in full, the largest image); 0 without pairs."""
     grids: list[tuple[int, int]] = field(default_factory=list)
     """The distinct code grids (rows, columns) of the images in the parts, sorted."""
+
+    @property
+    def question_first(self) -> bool | None:
+        """Whether the conversations mostly put a question's pictures after its text (None: no question holds both),
+        the order a question to the trained model is then written in."""
+        order = sum((p.order for p in self.parts), Counter())
+        if not order:
+            return None
+        return order["question first"] >= order["pictures first"]
 
     def summary(self) -> str:
         parts = ", ".join(f"{len(p)} {p.kind} ({p.weight:.2f})" for p in self.parts)
@@ -306,7 +316,7 @@ def _interleaved_part(spec: PartSpec, recs, table: ImageTable, vocab, builder: D
 def _conversations_part(spec: PartSpec, recs, table: ImageTable, vocab, context_len: int, report: SkipReport) -> Part:
     """The conversations whose images are good and which fit the context whole (a cut answer would teach cut
     answers): ``chat_template`` documents, loss on the assistant's turns."""
-    docs, trained, grids = [], [], []
+    docs, trained, grids, order = [], [], [], Counter()
     texts = iter(vocab.encode_texts([x for _, _, turns in recs for t in turns for k, x in t.segments if k == "t"]))
     for where, _, turns in recs:
         paths = [x for t in turns for k, x in t.segments if k == "i"]
@@ -323,9 +333,10 @@ def _conversations_part(spec: PartSpec, recs, table: ImageTable, vocab, context_
         docs.append(ids)
         trained.append(mask)
         grids += [x.shape for _, segs in pieces for k, x in segs if k == "i"]
+        order += picture_order(turns)
     report.ok(len(docs))
     return Part("conversations", spec.location, spec.weight, docs=docs, trained=trained,
-                grids=np.asarray(grids, np.int32).reshape(-1, 2))
+                grids=np.asarray(grids, np.int32).reshape(-1, 2), order=order)
 
 
 def _hub_part(spec: PartSpec, cfg: DataConfig, vocab, image_tokenizer, vq_fp: str, cache_root: Path,

@@ -24,6 +24,7 @@ from earlyfusion.core.rundir import (
     IMAGE_GRIDS,
     IMAGE_TOKENIZER_DIR,
     LORA,
+    QUESTION_FIRST,
     VOCAB_DIR,
     WEIGHTS,
     resolve_checkpoint,
@@ -152,6 +153,16 @@ def trained_grids(run: Run) -> list[tuple[int, int]]:
         raise CheckpointError(f"{run.path / CONFIG}: {IMAGE_GRIDS} {raw!r} is not a list of code grids of its "
                               f"vocabulary ({e}); the file was altered, train the run again") from None
     return grids
+
+
+def question_first(run: Run) -> bool:
+    """Whether a question to the run puts its pictures after its text: the order of the conversations it was trained
+    on (``QUESTION_FIRST``), else question first, as Chameleon's prompts and the built-in conversations write it."""
+    raw = run.config.get(QUESTION_FIRST, True)
+    if not isinstance(raw, bool):
+        raise CheckpointError(f"{run.path / CONFIG}: {QUESTION_FIRST} {raw!r} is not true or false; the file was altered, "
+                              "train the run again")
+    return raw
 
 
 def _build_in_file_dtype(dcfg: DecoderConfig, weights: Path) -> Decoder:
