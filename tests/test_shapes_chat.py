@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from earlyfusion.training.shapes import parse_caption, render_array
-from earlyfusion.training.shapes_chat import (EDIT_KINDS, IMAGE, NUMBERS, QUESTION_KINDS, TWO_IMAGE_KINDS, edit, question,
-                                             scene_with)
+from earlyfusion.training.shapes_chat import (EDIT_KINDS, IMAGE, NUMBERS, QUESTION_KINDS, QUESTIONS, TWO_IMAGE_KINDS,
+                                             WHICH_QUESTIONS, edit, question, scene_with)
 from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
 
@@ -45,7 +45,16 @@ def test_records_are_llava_conversations_whose_pictures_show_their_captions(data
             scene = parse_caption(text)
             assert scene is not None
             assert np.array_equal(np.asarray(Image.open(data / path).convert("RGB")), render_array(scene, 16))
-        kinds.update(t["kind"] for t in turns if t["from"] == "gpt")
+        answered = [t["kind"] for t in turns if t["from"] == "gpt"]
+        kinds.update(answered)
+        asked = [t["value"].replace(IMAGE, "").strip() for t in turns if t["from"] == "human"]
+        assert len(set(asked)) == len(asked)  # never the same question twice
+        if answered[0] in QUESTION_KINDS:
+            assert QUESTIONS[0] <= len(answered) <= QUESTIONS[1] and set(answered) <= set(QUESTION_KINDS)
+        elif answered[0] == "which":
+            assert 1 <= len(answered) <= WHICH_QUESTIONS and set(answered) == {"which"}
+        else:
+            assert len(answered) == 1
     assert set(kinds) == set(QUESTION_KINDS) | set(TWO_IMAGE_KINDS) | set(EDIT_KINDS)
 
 

@@ -5,7 +5,7 @@ Each conversation is one record of LLaVA's JSON format (``{"id", "image" | "imag
 evaluation needs beside it: each answer's ``kind`` and the caption of every picture (``captions``, the scene as
 ``shapes.caption`` writes it, so that ``shapes.parse_caption`` gives it back).
 
-* **one picture** (``QUESTION_KINDS``): one to three questions about it: a shape's colour, shape, size or
+* **one picture** (``QUESTION_KINDS``): two to five questions about it: a shape's colour, shape, size or
   position, how many shapes there are, and whether a given shape is there (yes / no). A shape is named by what
   sets it apart in its scene (its kind when the other is of another kind, else its colour);
 * **two pictures** (``TWO_IMAGE_KINDS``): which one holds a given shape ("the first" / "the second"), and what
@@ -45,6 +45,12 @@ FAMILIES = ("question", "two_images", "edit")
 FAMILY_SHARES = (0.5, 0.25, 0.25)  # of the conversations: one picture / two pictures / edits
 IMAGE = "<image>"
 NUMBERS = ("no", "one", "two")
+QUESTIONS = (2, 5)
+"""Questions asked about one picture (fewest, most): an answer takes a few tokens and the picture many, so several
+questions about it make the most of what a step reads; the same attribute asked of both shapes teaches which shape a
+name points at."""
+WHICH_QUESTIONS = 2  # "which picture has ..." questions about the same two pictures, at most
+MAX_DRAWS = 40  # question draws for one picture: a one-shape scene allows few distinct questions
 
 Scene = frozenset[ShapeSpec]
 
@@ -143,13 +149,20 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
     markers; ``scene_of(rng, shapes)`` draws each first scene (``shapes``: the number the edit needs, None: any).
     None where the scenes drawn allow no question or edit of the kind drawn (the caller draws again)."""
     turns: list[dict] = []
+    n_questions = QUESTIONS[0] + int(rng.integers(QUESTIONS[1] - QUESTIONS[0] + 1))
     if family == "question":
         scene = scene_of(rng, None)
         scenes = [scene]
-        for k, kind in enumerate(rng.choice(QUESTION_KINDS, size=1 + int(rng.integers(3)), replace=False)):
-            q, a = question(rng, scene, str(kind))
-            turns += [{"from": "human", "value": f"{q}\n{IMAGE}" if k == 0 else q},
-                      {"from": "gpt", "value": a, "kind": str(kind)}]
+        asked: set[str] = set()
+        for _ in range(MAX_DRAWS):
+            if len(asked) == n_questions:
+                break
+            kind = _pick(rng, QUESTION_KINDS)
+            q, a = question(rng, scene, kind)
+            if q not in asked:
+                asked.add(q)
+                turns += [{"from": "human", "value": f"{q}\n{IMAGE}" if len(asked) == 1 else q},
+                          {"from": "gpt", "value": a, "kind": kind}]
     elif family == "two_images":
         kind = _pick(rng, TWO_IMAGE_KINDS)
         first = scene_of(rng, None)
@@ -166,10 +179,14 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
                 [(p, "the second") for p in sorted(pairs[1] - pairs[0])]
             if not options:
                 return None
-            (shape, colour), answer = _pick(rng, options)
-            q = f"which picture has a {colour} {shape}, the first or the second?"
+            for k in rng.permutation(len(options))[:min(n_questions, WHICH_QUESTIONS)]:
+                (shape, colour), answer = options[k]
+                q = f"which picture has a {colour} {shape}, the first or the second?"
+                turns += [{"from": "human", "value": f"{q}\n{IMAGE}\n{IMAGE}" if not turns else q},
+                          {"from": "gpt", "value": answer, "kind": kind}]
         scenes = [first, second]
-        turns += [{"from": "human", "value": f"{q}\n{IMAGE}\n{IMAGE}"}, {"from": "gpt", "value": answer, "kind": kind}]
+        if kind == "changed":
+            turns += [{"from": "human", "value": f"{q}\n{IMAGE}\n{IMAGE}"}, {"from": "gpt", "value": answer, "kind": kind}]
     elif family == "edit":
         kind = _pick(rng, EDIT_KINDS)
         scene = scene_of(rng, {"add": 1, "remove": 2}.get(kind))
