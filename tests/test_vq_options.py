@@ -286,11 +286,10 @@ def test_discriminator_step_separates_real_from_fake():
     adv = Adversarial(16, lr=2e-3)
     real = torch.rand(8, 3, 16, 16) * 0.2 + 0.6
     fake = torch.rand(8, 3, 16, 16) * 0.2 - 0.8
-    first = adv.discriminator_step(real, fake, 2e-3, lambda loss: loss.backward(),
-                                   lambda p: torch.nn.utils.clip_grad_norm_(p, 1.0))
+    hooks = (lambda loss: loss.backward(), lambda p: torch.nn.utils.clip_grad_norm_(p, 1.0), lambda v: v)
+    first = adv.discriminator_step(real, fake, 2e-3, *hooks)
     for _ in range(20):
-        last = adv.discriminator_step(real, fake, 2e-3, lambda loss: loss.backward(),
-                                      lambda p: torch.nn.utils.clip_grad_norm_(p, 1.0))
+        last = adv.discriminator_step(real, fake, 2e-3, *hooks)
     assert last < first and math.isfinite(last)
     # the generator's term pushes reconstructions towards what D calls real, and leaves D's weights alone
     recon = fake.clone().requires_grad_(True)

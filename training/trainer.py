@@ -398,6 +398,9 @@ class Trainer:
             self.bar.close()
         if self.main and self.skipped:
             log.info("skipped %d non-finite step(s)", self.skipped)
+        # every process arrives before any tears the process group down: one still writing while another destroys
+        # the group can leave the launcher waiting forever
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         if self.bad_in_row:
             raise UserError(f"the last {self.bad_in_row} step(s) of the run were not finite (skipped), so it did not "

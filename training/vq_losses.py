@@ -159,26 +159,30 @@ class Adversarial:
 
     def __init__(self, image_size: int, lr: float):
         self.disc = PatchDiscriminator(image_size)
+        # the module itself, which the generator's loss runs; ``disc`` may become its DDP wrapper, whose forward
+        # would arm a gradient reduction that the generator's backward (no gradient for the discriminator) never runs
+        self.plain = self.disc
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
 
     def generator_loss(self, recon: torch.Tensor, rec_loss: torch.Tensor, last_layer: torch.Tensor,
                        gan_weight: float) -> tuple[torch.Tensor, dict]:
         """(gan_weight * adaptive weight * -mean(D(recon)), {"gan": ..., "gan_weight": ...} detached)."""
-        self.disc.requires_grad_(False)
+        self.plain.requires_grad_(False)
         try:
-            g = -self.disc(recon).float().mean()
+            g = -self.plain(recon).float().mean()
         finally:
-            self.disc.requires_grad_(True)
+            self.plain.requires_grad_(True)
         w = adaptive_weight(rec_loss, g, last_layer)
         return gan_weight * w * g, {"gan": g.detach(), "gan_weight": w}
 
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, lr: float, backward, clip) -> float:
-        """One update of the discriminator on real vs (detached) reconstructed images; returns its loss (a
-        non-finite loss is not applied). ``backward``/``clip`` are the accelerator's."""
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, lr: float, backward, clip, mean) -> float:
+        """One update of the discriminator on real vs (detached) reconstructed images; returns its loss averaged
+        over the processes (a non-finite one is not applied, by every process alike). ``backward``/``clip``/``mean``
+        are the trainer's."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         loss = hinge_d_loss(self.disc(real).float(), self.disc(fake.detach()).float())
-        value = float(loss.detach())
+        value = mean(float(loss.detach()))  # one process alone skipping the backward would leave the others waiting
         if math.isfinite(value):
             backward(loss)
             gnorm = float(clip(self.disc.parameters()))

@@ -333,6 +333,7 @@ def _train(cfg: VQTrainConfig, trainer: Trainer) -> None:
     raw: VQVAE = trainer.unwrap(model)
     if gan is not None:
         gan.disc, gan.optimizer = trainer.prepare(gan.disc, gan.optimizer)
+        gan.plain = trainer.unwrap(gan.disc)
 
     def save_checkpoint(step: int) -> None:
         note = {"step": step, "preset": cfg.preset, "data": cfg.data, "identity": identity}
@@ -392,7 +393,8 @@ def _train(cfg: VQTrainConfig, trainer: Trainer) -> None:
         else:
             if gan_on:
                 with trainer.autocast():
-                    extra["disc"] = gan.discriminator_step(x, parts["reconstruction"], lr, trainer.backward, trainer.clip)
+                    extra["disc"] = gan.discriminator_step(x, parts["reconstruction"], lr, trainer.backward, trainer.clip,
+                                                         trainer.mean)
             codes = parts["codes"]
             if trainer.world > 1:
                 codes = trainer.accelerator.gather(codes)
