@@ -82,8 +82,6 @@ def _chat_data(tmp_path):
 def test_only_the_assistant_turns_are_trained(tmp_path):
     """Packed rows of conversations: a target has loss exactly where the token is part of an answer (its text,
     pictures and <eot>) or the closing </s>; questions, the pictures asked about and the markers never."""
-    import torch
-
     from earlyfusion.tokenizer.vocab import Vocabulary
     from earlyfusion.training.data import DataConfig, training_batches
     from earlyfusion.training.data.config import IGNORE
