@@ -38,13 +38,19 @@ def _text_of(sample) -> str:
     return "".join(x for x in sample.segments if isinstance(x, str)).strip()
 
 
-def conversation_figures(decoder, vocab, vq, path: Path, *, limit: int = 0, out: Path | None = None) -> dict:
-    """The figures of the module docstring for the conversations file ``path`` (at most ``limit`` conversations;
-    0: all); drawn answers written to ``out`` when given."""
+def read_conversations(path: Path, limit: int = 0) -> tuple[list, SkipReport]:
+    """The readable conversations of the file ``path`` (at most ``limit``; 0: all), read once, and the report of
+    those skipped (logged by reason)."""
     report = SkipReport()
     records = list(conversation_records(path, report))[:limit or None]
     if report.total:
         log.warning("%s: %s", path, report.summary())
+    return records, report
+
+
+def conversation_figures(decoder, vocab, vq, records: list, *, out: Path | None = None) -> dict:
+    """The figures of the module docstring for ``records`` (``read_conversations``'); drawn answers written to
+    ``out`` when given."""
     codes: dict[str, object] = {}
 
     def grid(p: str):

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from earlyfusion.chat_eval import CONVERSATIONS_TEST, conversation_figures
+from earlyfusion.chat_eval import CONVERSATIONS_TEST, conversation_figures, read_conversations
 from earlyfusion.class_judge import class_figures
 from earlyfusion.copies import (
     CodeRecorder,
@@ -78,7 +78,7 @@ from earlyfusion.training import data as data_mod
 from earlyfusion.training import shapes
 from earlyfusion.training.data import DataConfig, SkipReport
 from earlyfusion.training.data.augment import NO_AUGMENT
-from earlyfusion.training.data.conversations import conversation_records, is_conversation_file
+from earlyfusion.training.data.conversations import is_conversation_file
 from earlyfusion.training.data.records import SPLIT_DIRS, has_images_or_metadata, pair_records
 from earlyfusion.training.data.runs import load_run, trained_grids
 from earlyfusion.training.monitor import caption_sheet, draw_images, read_captions, validation_losses
@@ -400,8 +400,8 @@ def _outputs(cfg: EvalConfig, run) -> tuple[Path, Path]:
 def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
     """A file of conversations scored alone: its answers, and every drawn answer written to
     ``<images-out>/answers`` (the folder replaced as a whole, as eval's drawings are)."""
-    report = SkipReport()
-    if not any(True for _ in conversation_records(path, report)):
+    records, report = read_conversations(path, cfg.limit)
+    if not records:
         raise UserError(f"{cfg.data}: no conversation in it can be read "
                         f"({report.summary() if report.records else 'it is empty'}); see docs/conversations.md for the format")
     unused = [flag for flag, given in (("--split", cfg.split != "auto"), ("--cfg", cfg.cfg != DEFAULT_CFG),
@@ -416,7 +416,7 @@ def _conversations_only(cfg: EvalConfig, path: Path) -> dict:
     with run_lock(out, "eval"), atomic_dir(images_out) as tmp:
         t0 = time.perf_counter()
         figures: dict = {"step": run.config.get("step"), "data": str(path)}
-        figures.update(conversation_figures(run.decoder, run.vocab, run.vq, path, limit=cfg.limit, out=tmp / "answers"))
+        figures.update(conversation_figures(run.decoder, run.vocab, run.vq, records, out=tmp / "answers"))
         save_json(tmp / DRAWN_MARKER, {"generator": "earlyfusion eval", "checkpoint": str(run.path), "data": str(path),
                                        "answers": figures["answers"]})
         figures["images_out"] = str(images_out / "answers")
@@ -497,8 +497,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         write_drawn(images_out, drawn, captions, per_image, about)
         conversations = data / CONVERSATIONS_TEST
         if split == "test" and conversations.is_file() and run.vocab.chat:  # held-out conversations beside the split
-            figures.update(conversation_figures(run.decoder, run.vocab, run.vq, conversations, limit=cfg.limit,
-                                                out=images_out / "answers"))
+            records, _ = read_conversations(conversations, cfg.limit)
+            figures.update(conversation_figures(run.decoder, run.vocab, run.vq, records, out=images_out / "answers"))
         figures["images_out"] = str(images_out)
         figures["drawn_images"] = len(drawn)
         save_json(out / "readings.json", [{"image": p.path, "text": p.caption, "read": r} for p, r in zip(pairs, reads)])

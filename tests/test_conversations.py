@@ -159,7 +159,7 @@ def test_a_chat_prompt_is_the_training_template_up_to_the_answer(tmp_path):
 def test_held_out_conversations_are_scored(tmp_path):
     """`chat_eval` on a briefly trained tiny model: every held-out answer is asked for and scored by kind."""
     from conftest import run_cli
-    from earlyfusion.chat_eval import conversation_figures
+    from earlyfusion.chat_eval import conversation_figures, read_conversations
     from earlyfusion.training.data.runs import load_run
 
     data, vq, vocab = _chat_data(tmp_path)
@@ -167,8 +167,8 @@ def test_held_out_conversations_are_scored(tmp_path):
             tmp_path / "run", "--preset", "tiny", "--steps", 4, "--batch-size", 4, "--context-len", 128,
             "--warmup-steps", 1, "--eval-every", 0)
     run = load_run(tmp_path / "run")
-    figures = conversation_figures(run.decoder.eval(), run.vocab, run.vq, data / "conversations_test.json",
-                                   out=tmp_path / "drawn")
+    records, _ = read_conversations(data / "conversations_test.json")
+    figures = conversation_figures(run.decoder.eval(), run.vocab, run.vq, records, out=tmp_path / "drawn")
     answers = sum(t["from"] == "gpt" for r in json.loads((data / "conversations_test.json").read_text())
                   for t in r["conversations"])
     assert figures["conversations"] == 8 and figures["answers"] == answers
@@ -197,8 +197,8 @@ def test_every_drawn_answer_is_written_to_a_file_of_its_own(tmp_path, monkeypatc
         return [SimpleNamespace(images=[Image.new("RGB", (16, 16))], segments=[None]) for _ in conversations]
 
     monkeypatch.setattr(chat_eval, "answer", pictures)
-    figures = chat_eval.conversation_figures(run.decoder, run.vocab, run.vq, data / "conversations.json",
-                                             out=tmp_path / "drawn")
+    records, _ = chat_eval.read_conversations(data / "conversations.json")
+    figures = chat_eval.conversation_figures(run.decoder, run.vocab, run.vq, records, out=tmp_path / "drawn")
     assert figures["answers"] > chat_eval.BATCH
     assert len(list((tmp_path / "drawn").glob("answer-*.png"))) == figures["answers"]
 
