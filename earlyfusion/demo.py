@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from earlyfusion.chat_eval import CONVERSATIONS_TEST, read_conversations
 from earlyfusion.cli import main as cli
+from earlyfusion.training.shapes_chat import EDIT_KINDS
 
 DEMO_STEPS = 2400
 
@@ -86,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                               "--temperature", "0"], timings)
     _stage("sample image", ["sample", "--checkpoint", str(lm), "--prompt", caption, "--modality", "image",
                             "--num-samples", "4", "--out", str(out / "samples")], timings)
-    edit = next((r for r in json.loads((data / "conversations_test.json").read_text())
-                 if r["conversations"][-1]["value"] == "<image>"), None) if args.conversations else None
+    edit = next((turns[0] for _, _, turns in read_conversations(data / CONVERSATIONS_TEST)[0]
+                 if turns[-1].kind in EDIT_KINDS), None) if args.conversations else None
     if edit is not None:  # the first held-out edit: its picture and instruction
-        instruction = " ".join(edit["conversations"][0]["value"].replace("<image>", " ").split())
-        _stage("sample edit", ["sample", "--checkpoint", str(lm), "--image", str(data / edit["images"][0]),
-                               "--prompt", instruction, "--modality", "image", "--out", str(out / "edit")], timings)
+        image = next(x for k, x in edit.segments if k == "i")
+        instruction = " ".join(x for k, x in edit.segments if k == "t")
+        _stage("sample edit", ["sample", "--checkpoint", str(lm), "--image", image, "--prompt", instruction,
+                               "--modality", "image", "--out", str(out / "edit")], timings)
     eval_argv = ["eval", "--checkpoint", str(lm), "--data", str(data), "--json"]
     if args.eval_limit:
         eval_argv += ["--limit", str(args.eval_limit)]
