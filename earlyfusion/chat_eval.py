@@ -40,10 +40,10 @@ def _text_of(sample) -> str:
 
 def read_conversations(path: Path, limit: int = 0) -> tuple[list, SkipReport]:
     """The readable conversations of the file ``path`` (at most ``limit``; 0: all), read once, and the report of
-    those skipped (logged by reason)."""
+    those skipped, logged by reason where some were read (where none was, the caller's error says why)."""
     report = SkipReport()
     records = list(conversation_records(path, report))[:limit or None]
-    if report.total:
+    if report.total and records:
         log.warning("%s: %s", path, report.summary())
     return records, report
 

@@ -497,7 +497,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         write_drawn(images_out, drawn, captions, per_image, about)
         conversations = data / CONVERSATIONS_TEST
         if split == "test" and conversations.is_file() and run.vocab.chat:  # held-out conversations beside the split
-            records, _ = read_conversations(conversations, cfg.limit)
+            records, report = read_conversations(conversations, cfg.limit)
+            if not records:
+                log.warning("%s: no conversation in it can be read (%s); its answers are not scored", conversations,
+                            report.summary() if report.records else "it is empty")
             figures.update(conversation_figures(run.decoder, run.vocab, run.vq, records, out=images_out / "answers"))
         figures["images_out"] = str(images_out)
         figures["drawn_images"] = len(drawn)

@@ -293,7 +293,8 @@ def test_a_question_puts_its_pictures_after_its_text_unless_told_otherwise():
 
 def test_a_run_keeps_the_order_its_conversations_ask_in(tmp_path):
     """The built-in conversations put a question's text first, a LLaVA file often its pictures: the trained run
-    records which, and a question to it is written that way; a run without conversations asks text first."""
+    records which, and a question to it is written that way; a run without conversations asks text first, and a
+    fine-tune on data without conversations keeps its base run's order."""
     from conftest import run_cli
     from earlyfusion.training.data.runs import load_run, question_first
 
@@ -313,6 +314,9 @@ def test_a_run_keeps_the_order_its_conversations_ask_in(tmp_path):
         run = load_run(tmp_path / name)
         assert question_first(run) is first
         assert (QUESTION_FIRST in run.config) is (name != "train")
+    run_cli("train", "--data", data / "train", "--init-from", tmp_path / "llava.json", "--out", tmp_path / "tuned",
+            "--steps", 1, "--batch-size", 2, "--context-len", 128, "--warmup-steps", 1, "--eval-every", 0)
+    assert question_first(load_run(tmp_path / "tuned")) is False
 
 
 def test_an_exported_conversation_run_stops_at_the_end_of_a_turn(tmp_path, capsys):

@@ -299,6 +299,8 @@ def _train(cfg: TrainConfig, inputs: Inputs, trainer: Trainer, micro: int, val_s
     # what sampling needs to know of the data: the grids it may draw, the order its questions are written in
     of_data = {IMAGE_GRIDS: [list(g) for g in batches.data.grids]} if vocab.grid_tokens else {}
     question_first = getattr(batches.data, "question_first", None)  # streamed data holds no conversations
+    if question_first is None and inputs.init is not None:  # data without conversations: the base run's order holds
+        question_first = load_json(inputs.init / CONFIG).get(QUESTION_FIRST)
     if question_first is not None:
         of_data[QUESTION_FIRST] = question_first
 

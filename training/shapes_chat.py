@@ -179,7 +179,7 @@ def conversation(rng: np.random.Generator, family: str, scene_of) -> tuple[dict,
                 [(p, "the second") for p in sorted(pairs[1] - pairs[0])]
             if not options:
                 return None
-            for k in rng.permutation(len(options))[:min(n_questions, WHICH_QUESTIONS)]:
+            for k in rng.permutation(len(options))[:WHICH_QUESTIONS]:
                 (shape, colour), answer = options[k]
                 q = f"which picture has a {colour} {shape}, the first or the second?"
                 turns += [{"from": "human", "value": f"{q}\n{IMAGE}\n{IMAGE}" if not turns else q},

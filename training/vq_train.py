@@ -378,12 +378,11 @@ def _train(cfg: VQTrainConfig, trainer: Trainer) -> None:
                 term, g = gan.generator_loss(parts["reconstruction"], rec, raw.decoder.last_layer, cfg.gan_weight)
                 loss = loss + term
                 extra.update(g)
-        loss_val = float(loss.detach())
+        loss_val = trainer.mean(float(loss.detach()))  # one process alone skipping the backward would leave the others waiting
         gnorm = float("nan")
         if math.isfinite(loss_val):
             trainer.backward(loss)
             gnorm = trainer.clip(model.parameters())
-        loss_val = trainer.mean(loss_val)
         done = step + 1
         skipped = trainer.update(optimizer, step, loss_val, gnorm)
         if skipped:

@@ -66,7 +66,7 @@ SAMPLES_DIR = "samples"
 LOSS_CURVES = "loss_curves.png"
 IMAGE_GRIDS = "image_grids"  # key of a checkpoint's config.json: the code grids [rows, columns] the run trained on
 QUESTION_FIRST = "question_first"  # key of a checkpoint's config.json: whether the conversations trained on put
-# a question's pictures after its text (absent: no conversations, or a run from before the order was kept)
+# a question's pictures after its text (absent: the run records no order, and a question is written text first)
 
 def write_decoder(directory: Path, decoder: torch.nn.Module, config: dict) -> None:
     """Write decoder weights + config (config must hold the decoder shape under "decoder")."""
