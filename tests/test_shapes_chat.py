@@ -12,7 +12,7 @@ from PIL import Image
 
 from earlyfusion.training.shapes import parse_caption, render_array
 from earlyfusion.training.shapes_chat import (EDIT_KINDS, IMAGE, NUMBERS, QUESTION_KINDS, QUESTIONS, TWO_IMAGE_KINDS,
-                                             WHICH_QUESTIONS, edit, question, scene_with)
+                                             TWO_SHAPES, WHICH_QUESTIONS, edit, question, scene_with)
 from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
 
@@ -56,6 +56,19 @@ def test_records_are_llava_conversations_whose_pictures_show_their_captions(data
         else:
             assert len(answered) == 1
     assert set(kinds) == set(QUESTION_KINDS) | set(TWO_IMAGE_KINDS) | set(EDIT_KINDS)
+
+
+def test_training_conversations_mostly_start_from_two_shapes(data):
+    """Questions and edits about a lone shape never ask which shape a name points at: about TWO_SHAPES of the
+    pictures a training conversation starts from hold two shapes (an edit that adds a shape always starts from one),
+    and a few hold one, so that 'how many' still has two answers to tell apart."""
+    firsts = [r["conversations"][-1]["kind"] != "add" and len(parse_caption(r["captions"][0]))
+              for r in _records(data, "conversations.json")]
+    firsts = [n for n in firsts if n]
+    share = firsts.count(2) / len(firsts)
+    assert abs(share - TWO_SHAPES) < 0.1 and firsts.count(1) > 0
+    assert Counter(len(scene_with(np.random.default_rng(k), None)) for k in range(400))[2] / 400 == \
+        pytest.approx(TWO_SHAPES, abs=0.06)
 
 
 def test_held_out_conversations_show_no_two_shape_scene_of_training(data):

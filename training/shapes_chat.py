@@ -50,6 +50,9 @@ QUESTIONS = (2, 5)
 questions about it make the most of what a step reads; the same attribute asked of both shapes teaches which shape a
 name points at."""
 WHICH_QUESTIONS = 2  # "which picture has ..." questions about the same two pictures, at most
+TWO_SHAPES = 0.8
+"""Share of two-shape scenes among the pictures a conversation starts from: a question or an edit about a lone shape
+never asks which shape a name points at, the skill that held-out conversations (all two-shape) need most."""
 MAX_DRAWS = 40  # question draws for one picture: a one-shape scene allows few distinct questions
 
 Scene = frozenset[ShapeSpec]
@@ -123,10 +126,12 @@ def edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, Scene,
 
 
 def scene_with(rng: np.random.Generator, shapes: int | None) -> Scene:
-    """A random scene of ``shapes`` shapes (None: one or two, about half each)."""
-    while shapes is not None and len(scene := random_scene(rng)) != shapes:
+    """A random scene of ``shapes`` shapes (None: two with probability ``TWO_SHAPES``, else one)."""
+    if shapes is None:
+        shapes = 2 if rng.random() < TWO_SHAPES else 1
+    while len(scene := random_scene(rng)) != shapes:
         pass
-    return random_scene(rng) if shapes is None else scene
+    return scene
 
 
 class _Writer:
