@@ -21,6 +21,10 @@ from earlyfusion.cli import main as cli
 from earlyfusion.training.shapes_chat import EDIT_KINDS
 
 DEMO_STEPS = 2400
+CHAT_IMAGE_SIZE, CHAT_DOWNSAMPLE, CHAT_LR = 48, 16, 5e-4
+"""With conversations: 48 px pictures and 16 px codes, so that each of the 3x3 codes covers one cell of the scene's
+grid (one whole shape, or none) and a shape named in a question is one code to find; the decoder learns such codes
+at a lower peak learning rate (at train's default it keeps answering every shape's attributes alike)."""
 
 
 def _stage(name: str, argv: list[str], timings: dict) -> None:
@@ -53,10 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=0,
                    help="also write and train on this many built-in conversations (questions about one or two "
                         "pictures, edits), and score the held-out ones; 0 = captions only")
+    p.add_argument("--image-size", type=int, default=0,
+                   help=f"side of the built-in pictures in pixels (0: data shapes' default, or {CHAT_IMAGE_SIZE} with "
+                        "--conversations, where each image code then covers one cell of the scene grid)")
+    p.add_argument("--downsample", type=int, default=0,
+                   help=f"pixels per image code side (0: the tokenizer's default, or {CHAT_DOWNSAMPLE} with --conversations)")
+    p.add_argument("--lr", type=float, default=0,
+                   help=f"decoder peak learning rate (0: train's default, or {CHAT_LR:g} with --conversations)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
     p.add_argument("--no-compile", action="store_true",
                    help="train the decoder eagerly (default: train --compile when a C++ compiler is found)")
     args = p.parse_args(argv)
+    if args.conversations:
+        args.image_size = args.image_size or CHAT_IMAGE_SIZE
+        args.downsample = args.downsample or CHAT_DOWNSAMPLE
+        args.lr = args.lr or CHAT_LR
+    size = ["--image-size", str(args.image_size)] if args.image_size else []
     compile_train = not args.no_compile and _have_cxx()
     if not compile_train:
         print("demo: training without --compile" + ("" if args.no_compile else " (no C++ compiler found: slower)"), flush=True)
@@ -67,20 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     data, vq, vocab, lm = out / "data", out / "image_tokenizer", out / "vocab", out / "lm"
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)]
+    _stage("data", ["data", "shapes", "--out", str(data), "--num-images", str(args.num_images)] + size
            # with conversations, pairs and conversations only: the demo's interleaved and text documents teach
            # neither, and would take an eighth of the steps
            + (["--num-conversations", str(args.conversations), "--num-interleaved", "0", "--num-text", "0"]
               if args.conversations else []), timings)
     seed = ["--seed", str(args.seed)]
-    _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)] + seed
+    _stage("tokenizer train", ["tokenizer", "train", "--data", str(data), "--out", str(vq)] + seed + size
+           + (["--downsample", str(args.downsample)] if args.downsample else [])
            + (["--steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []), timings)
     _stage("vocab", ["vocab", "build", "--image-tokenizer", str(vq), "--data", str(data), "--out", str(vocab)], timings)
     # the last step's weights: on this data the held-out loss still falls at the end, and choosing among the last
     # checkpoints by 500 val pairs picks by a difference smaller than their noise (README: "What make demo measured")
     _stage("train", ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab), "--out", str(lm),
                      "--preset", args.preset, "--final", "last"] + seed + (["--steps", str(args.steps)] if args.steps else [])
-           + (["--compile"] if compile_train else []), timings)
+           + (["--lr", str(args.lr)] if args.lr else []) + (["--compile"] if compile_train else []), timings)
 
     test_meta = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()[:1]]
     image, caption = data / "test" / test_meta[0]["file_name"], test_meta[0]["text"]

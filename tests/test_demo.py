@@ -4,7 +4,8 @@ import json
 
 
 def test_the_demo_runs_every_stage_and_ends_with_the_figures(tmp_path, capsys):
-    """With conversations: the data holds them, the edit is drawn, and eval's last line scores them beside the
+    """With conversations: the data holds them, the pictures are 48 px with one image code per cell of the scene
+    grid, the decoder trains at the lower peak rate, the edit is drawn, and eval's last line scores them beside the
     captions and drawings."""
     from earlyfusion.demo import main
 
@@ -19,3 +20,7 @@ def test_the_demo_runs_every_stage_and_ends_with_the_figures(tmp_path, capsys):
              if r["conversations"][-1]["value"] == "<image>"]
     assert (out / "edit" / "sample-00.png").is_file() == bool(edits)
     assert len(list((out / "samples").glob("*.png"))) >= 4
+    vq = json.loads((out / "image_tokenizer" / "config.json").read_text())
+    assert (vq["image_size"], vq["grid"]) == (48, [3, 3])
+    trained = json.loads(next((out / "lm" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert '"lr": 0.0005' in json.dumps(trained)
