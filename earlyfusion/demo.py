@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"pixels per image code side (0: the tokenizer's default, or {CHAT_DOWNSAMPLE} with --conversations)")
     p.add_argument("--lr", type=float, default=0,
                    help=f"decoder peak learning rate (0: train's default, or {CHAT_LR:g} with --conversations)")
+    p.add_argument("--image-positions", action="store_true",
+                   help="train the decoder with image place embeddings (train --image-positions)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many test pairs (0 = all)")
     p.add_argument("--no-compile", action="store_true",
                    help="train the decoder eagerly (default: train --compile when a C++ compiler is found)")
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoints by 500 val pairs picks by a difference smaller than their noise (README: "What make demo measured")
     _stage("train", ["train", "--data", str(data), "--image-tokenizer", str(vq), "--vocab", str(vocab), "--out", str(lm),
                      "--preset", args.preset, "--final", "last"] + seed + (["--steps", str(args.steps)] if args.steps else [])
-           + (["--lr", str(args.lr)] if args.lr else []) + (["--compile"] if compile_train else []), timings)
+           + (["--lr", str(args.lr)] if args.lr else []) + (["--image-positions"] if args.image_positions else [])
+           + (["--compile"] if compile_train else []), timings)
 
     test_meta = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()[:1]]
     image, caption = data / "test" / test_meta[0]["file_name"], test_meta[0]["text"]

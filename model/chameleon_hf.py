@@ -85,6 +85,9 @@ def to_hf_config(cfg: DecoderConfig, vq_config: dict[str, Any] | None = None, **
 
     if not cfg.qk_norm:
         raise ValueError("transformers' Chameleon always applies QK-norm: only qk_norm=True decoders can be exported")
+    if cfg.image_positions:
+        raise ValueError("transformers' Chameleon has no image place embeddings (train --image-positions): only "
+                         "decoders trained without them can be exported")
     values = dict(
         **{hf: getattr(cfg, ours) for ours, hf in _CONFIG_NAMES.items()},
         num_key_value_heads=cfg.n_kv_heads,

@@ -90,6 +90,16 @@ class DecoderConfig:
     """Dropout after attention and after the MLP (training only)."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
+    image_positions: int = 0
+    """Places within an image span that get a learned embedding, added to the token embedding: the token at
+    ``<boi>`` is place 1, the next place 2, and so on up to ``<eoi>`` (excluded). 0 = none, as in Chameleon, whose
+    codes know only their distance from other tokens (RoPE). With them, a code carries where in its picture it
+    lies, which questions about places ("where is the circle?", "what is at the top left?") need. Set by ``train
+    --image-positions`` to the longest span of the vocabulary."""
+    boi_id: int | None = None
+    """The vocabulary's begin-image id: where ``image_positions`` start counting (set with them)."""
+    eoi_id: int | None = None
+    """The vocabulary's end-image id: where they stop."""
     weight_layout: str = WEIGHT_LAYOUT
     """How the projection weights are stored: always torch's (out_features, in_features). Written with every
     checkpoint so that older ones, whose config lacks it, are recognised (``model.upgrade.upgrade_state_dict``)."""
@@ -113,6 +123,12 @@ class DecoderConfig:
             raise ValueError(f"decoder dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("decoder rope_theta and norm_eps must be positive")
+        if not isinstance(self.image_positions, int) or self.image_positions < 0:
+            raise ValueError(f"decoder image_positions must be a non-negative integer, got {self.image_positions!r}")
+        if self.image_positions and not all(isinstance(i, int) and 0 <= i < self.vocab_size
+                                            for i in (self.boi_id, self.eoi_id)):
+            raise ValueError(f"decoder image_positions need boi_id and eoi_id in [0, {self.vocab_size}), got "
+                             f"{self.boi_id!r} and {self.eoi_id!r}")
         if self.weight_layout != WEIGHT_LAYOUT:
             raise ValueError(f"decoder weight_layout must be {WEIGHT_LAYOUT!r}, got {self.weight_layout!r} (weights of "
                              "another layout are converted on load by model.upgrade.upgrade_state_dict)")
@@ -158,6 +174,7 @@ class DecoderConfig:
         total = self.n_layers * per_layer + d  # + final norm
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            total += self.image_positions * d  # the image place embeddings
         return total
 
 
@@ -235,6 +252,26 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), sin)
 
 
+def image_places(tokens: Tensor, boi: int, eoi: int, *, before: Tensor | None = None,
+                 starts: Tensor | None = None) -> Tensor:
+    """(B, T) long: each token's place within its image span, 1 at ``<boi>`` and counting up to the token before
+    ``<eoi>``; 0 outside spans. ``before`` (B,): the place of the token just before these (a KV cache's next tokens;
+    0 = outside a span). ``starts`` (B, T) bool: tokens that begin a document, which end any span left open (a
+    packed row's cut document)."""
+    B, T = tokens.shape
+    t = torch.arange(T, device=tokens.device).expand(B, T)
+    never_begun, never_ended = -(1 << 40), -(1 << 40) + 1  # before every index, an unopened span before an end
+    last_boi = torch.where(tokens == boi, t, never_begun).cummax(dim=1).values
+    if before is not None:  # the open span's <boi> lay ``before`` tokens back from the first of these
+        last_boi = torch.maximum(last_boi, torch.where(before > 0, -before, never_begun)[:, None])
+    ends = tokens == eoi
+    if starts is not None:
+        ends = ends | starts
+    last_end = torch.where(ends, t, never_ended).cummax(dim=1).values
+    # ">=": a document that starts with <boi> opens its span there
+    return torch.where(last_boi >= last_end, t - last_boi + 1, 0)
+
+
 class KVCache:
     """Keys and values for incremental decoding, allocated once.
 
@@ -253,6 +290,7 @@ class KVCache:
         self.layers: list[tuple[Tensor, Tensor]] = [(self.k[i], self.v[i]) for i in range(n_layers)]  # views
         self.length = 0
         self.all_valid = True  # no False written to ``valid`` yet: lets forward skip the explicit mask
+        self.place = torch.zeros(batch_size, dtype=torch.long, device=device)  # the last token's image place
 
     @property
     def batch(self) -> int:
@@ -267,6 +305,7 @@ class KVCache:
         self.length = 0
         self.valid.fill_(True)
         self.all_valid = True
+        self.place.zero_()
 
     def attention_mask(self, T: int, valid: Tensor | None) -> tuple[Tensor | None, bool]:
         """(mask, is_causal) for T new queries at positions ``[length:length+T]``, recording their ``valid``
@@ -389,6 +428,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        # row p - 1: image place p (``image_places``)
+        self.image_pos = nn.Embedding(config.image_positions, config.dim) if config.image_positions else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else projection(config.dim, config.vocab_size)
@@ -438,6 +479,18 @@ class Decoder(nn.Module):
         keys = valid[:, None, :] if valid is not None else None  # (B, 1, T)
         return causal_mask(B, T, 0, device, doc_ids=doc_ids, keys=keys), False
 
+    def _image_place_embedding(self, tokens: Tensor, positions: Tensor | None, cache: KVCache | None) -> Tensor:
+        """(B, T, dim): the embedding of each token's place in its image span (zero outside spans, and past the
+        table); a cache carries the last place to the next call."""
+        c = self.config
+        starts = None if positions is None or cache is not None else positions == 0  # packed rows restart at 0
+        places = image_places(tokens, c.boi_id, c.eoi_id, before=None if cache is None else cache.place, starts=starts)
+        if cache is not None:
+            cache.place.copy_(places[:, -1])
+        inside = (places > 0) & (places <= c.image_positions)
+        emb = self.image_pos(torch.where(inside, places - 1, 0))
+        return torch.where(inside[..., None], emb, 0)
+
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, doc_ids: Tensor | None = None,
                 valid: Tensor | None = None, cache: KVCache | None = None,
                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -476,6 +529,8 @@ class Decoder(nn.Module):
             mask, is_causal = cache.attention_mask(T, valid)
 
         x = self.tok_emb(tokens)  # (B, T, dim)
+        if self.image_pos is not None:
+            x = x + self._image_place_embedding(tokens, positions, cache)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, is_causal, None if cache is None else cache.layers[i], start)
         if cache is not None:

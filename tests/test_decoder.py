@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache, image_places
 from earlyfusion.core.errors import UserError
 
 V = 97
@@ -310,7 +310,8 @@ def test_compiled_decode_steps_equal_eager_and_follow_new_weights(mode):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("overrides", [dict(swin_norm=True), dict(tie_embeddings=True), dict(qk_norm=False)])
+@pytest.mark.parametrize("overrides", [dict(swin_norm=True), dict(tie_embeddings=True), dict(qk_norm=False),
+                                       dict(image_positions=5, boi_id=3, eoi_id=4)])
 def test_variants_run_and_cache(overrides):
     m = make(**overrides)
     x = tokens(2, 10)
@@ -323,6 +324,47 @@ def test_variants_run_and_cache(overrides):
     assert ("output.weight" in names) != m.config.tie_embeddings
     assert any("qk_norm" in n for n in names) == m.config.qk_norm
     assert sum(p.numel() for p in m.parameters()) == m.config.num_params()
+
+
+BOI, EOI, BOS = 3, 4, 0
+
+
+def test_image_places_count_from_each_boi_and_stop_at_its_eoi():
+    """Places start at 1 on <boi> and end before <eoi>; text between spans is at 0; a document start (packed rows)
+    closes a span its cut document left open; a cache's carried place continues the count."""
+    x = torch.tensor([[BOS, 50, BOI, 10, 11, 12, EOI, 60, BOI, 10, 11, EOI, BOS]])
+    assert image_places(x, BOI, EOI).tolist() == [[0, 0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 0, 0]]
+    cut = torch.tensor([[BOS, BOI, 10, 11, BOS, 50, 51]])  # the first document ends inside its picture
+    starts = torch.tensor([[True, False, False, False, True, False, False]])
+    assert image_places(cut, BOI, EOI, starts=starts).tolist() == [[0, 1, 2, 3, 0, 0, 0]]
+    assert image_places(cut, BOI, EOI).tolist() == [[0, 1, 2, 3, 4, 5, 6]]  # without the start it would run on
+    for split in range(1, x.shape[1]):  # any split, carrying the last place, gives the same places
+        head = image_places(x[:, :split], BOI, EOI)
+        tail = image_places(x[:, split:], BOI, EOI, before=head[:, -1])
+        assert torch.cat([head, tail], 1).tolist() == image_places(x, BOI, EOI).tolist()
+
+
+@torch.no_grad()
+def test_image_place_embeddings_tell_where_a_code_lies():
+    """With place embeddings, the same code after the same text gets other logits at another place in its picture
+    even where RoPE sees the same distances (the tokens before it differ only inside the span); without them the
+    decoder's input embeddings of the span are the token embeddings alone. Past the table, no place is added."""
+    m = make(image_positions=3, boi_id=BOI, eoi_id=EOI)
+    x = torch.tensor([[BOS, BOI, 10, 20, 20]])
+    assert Decoder._image_place_embedding(m, x, None, None)[0, 0].abs().sum() == 0  # text: nothing added
+    with_places = m(x)
+    m.image_pos.weight.zero_()
+    assert not torch.allclose(with_places, m(x), atol=1e-4)
+    emb = Decoder._image_place_embedding(make(image_positions=2, boi_id=BOI, eoi_id=EOI), x, None, None)
+    assert emb[0, 3:].abs().sum() == 0 and emb[0, 1:3].abs().sum() > 0  # places 3 and 4 are past a table of 2
+
+
+def test_image_place_decoders_cannot_be_exported_to_transformers():
+    pytest.importorskip("transformers")
+    from earlyfusion.model.chameleon_hf import to_hf_config
+
+    with pytest.raises(ValueError, match="image place embeddings"):
+        to_hf_config(make(image_positions=3, boi_id=BOI, eoi_id=EOI).config)
 
 
 def test_dropout_only_in_training():
@@ -379,7 +421,8 @@ def test_chameleon_7b_parameter_count():
 
 
 @pytest.mark.parametrize("bad", [dict(dim=66), dict(n_kv_heads=3), dict(dim=36, n_heads=4), dict(n_layers=0),
-                                 dict(vocab_size=-1), dict(dropout=1.0), dict(max_seq_len=0)])
+                                 dict(vocab_size=-1), dict(dropout=1.0), dict(max_seq_len=0), dict(image_positions=-1),
+                                 dict(image_positions=4), dict(image_positions=4, boi_id=3, eoi_id=V)])
 def test_config_validation(bad):
     kwargs = {**DECODER_PRESETS["tiny"], "vocab_size": V, **bad}
     with pytest.raises(ValueError):

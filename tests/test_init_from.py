@@ -144,6 +144,7 @@ def test_option_errors_are_one_line(tiny_pipeline: TinyPipeline, tmp_path, capsy
         argv[argv.index("--init-from") + 1] = path
         _one_line_error(capsys, argv, str(path))
     _one_line_error(capsys, [*_init_argv(tiny_pipeline, out, 4), "--preset", "small"], "--preset small", "dim")
+    _one_line_error(capsys, [*_init_argv(tiny_pipeline, out, 4), "--image-positions"], "--image-positions", "without")
     other_vocab = tmp_path / "vocab2"  # a vocabulary that is not the run's
     run_cli("vocab", "build", "--image-tokenizer", tiny_pipeline.vq, "--data", tiny_pipeline.data, "--out", other_vocab,
             "--text-vocab-size", 280)

@@ -162,6 +162,26 @@ def test_compiled_training_matches_eager(tiny_pipeline: TinyPipeline, tmp_path):
     assert (comp / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
 
 
+def test_image_positions_train_compiled_as_eager_and_are_saved(tiny_pipeline: TinyPipeline, tmp_path):
+    """train --image-positions: a place embedding for every place of the vocabulary's longest image span, counted
+    from its <boi>; compiled training follows the eager losses, and the run keeps the table and the ids."""
+    from safetensors import safe_open
+
+    from earlyfusion.tokenizer.vocab import Vocabulary
+
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    run_cli(*tiny_train_argv(tiny_pipeline, eager, 6), "--image-positions")
+    run_cli(*tiny_train_argv(tiny_pipeline, comp, 6), "--image-positions", "--compile")
+    for (step_a, a), (step_b, b) in zip(_losses(eager), _losses(comp), strict=True):
+        assert step_a == step_b and abs(a - b) < 1e-4 * max(1.0, abs(a)), (step_a, a, b)
+    vocab = Vocabulary.load(tiny_pipeline.vocab)
+    ckpt = latest_good(comp / "checkpoints")
+    decoder = json.loads((ckpt / "config.json").read_text())["decoder"]
+    assert (decoder["image_positions"], decoder["boi_id"], decoder["eoi_id"]) == (vocab.max_span - 1, vocab.boi, vocab.eoi)
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        assert tuple(f.get_slice("image_pos.weight").get_shape()) == (vocab.max_span - 1, decoder["dim"])
+
+
 def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):
     import torch
 

@@ -76,8 +76,13 @@ def decoder_config(cfg: TrainConfig, vocab: Vocabulary, init: Path | None) -> De
     --dropout overrides either."""
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if init is None:
+        if cfg.image_positions:
+            overrides.update(image_positions=vocab.max_span - 1, boi_id=vocab.boi, eoi_id=vocab.eoi)
         return DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
     saved = DecoderConfig.from_dict(load_json(init / CONFIG)["decoder"])
+    if cfg.image_positions is not None and cfg.image_positions != bool(saved.image_positions):
+        raise UserError(f"--{'' if cfg.image_positions else 'no-'}image-positions: the decoder of --init-from {init} "
+                        f"was trained {'without' if cfg.image_positions else 'with'} them; leave the option out")
     if saved.vocab_size != vocab.vocab_size:
         raise UserError(f"{init / CONFIG}: decoder vocab_size {saved.vocab_size} != {vocab.vocab_size} of its "
                         "vocabulary; the run directory was altered, import or train it again")
