@@ -21,7 +21,7 @@ from earlyfusion.cli import main as cli
 from earlyfusion.training.shapes_chat import EDIT_KINDS
 
 DEMO_STEPS = 2400
-CHAT_IMAGE_SIZE, CHAT_DOWNSAMPLE, CHAT_LR = 48, 16, 5e-4
+CHAT_IMAGE_SIZE, CHAT_DOWNSAMPLE, CHAT_LR = 48, 16, 3e-4
 """With conversations: 48 px pictures and 16 px codes, so that each of the 3x3 codes covers one cell of the scene's
 grid (one whole shape, or none) and a shape named in a question is one code to find; the decoder learns such codes
 at a lower peak learning rate (at train's default it keeps answering every shape's attributes alike)."""

@@ -7,7 +7,7 @@ def test_the_demo_runs_every_stage_and_ends_with_the_figures(tmp_path, capsys):
     """With conversations: the data holds them, the pictures are 48 px with one image code per cell of the scene
     grid, the decoder trains at the lower peak rate, the edit is drawn, and eval's last line scores them beside the
     captions and drawings."""
-    from earlyfusion.demo import main
+    from earlyfusion.demo import CHAT_LR, main
 
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--num-images", "200", "--conversations", "80", "--tokenizer-steps", "10",
@@ -23,4 +23,5 @@ def test_the_demo_runs_every_stage_and_ends_with_the_figures(tmp_path, capsys):
     vq = json.loads((out / "image_tokenizer" / "config.json").read_text())
     assert (vq["image_size"], vq["grid"]) == (48, [3, 3])
     trained = json.loads(next((out / "lm" / "checkpoints").glob("step-*/config.json")).read_text())
-    assert '"lr": 0.0005' in json.dumps(trained)
+    assert trained["train"]["lr"] == CHAT_LR
+    assert trained["decoder"]["image_positions"] == 0  # only with --image-positions

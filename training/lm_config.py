@@ -62,7 +62,8 @@ class TrainConfig:
     lr: float = 2e-3
     """Peak learning rate (AdamW, betas 0.9/0.95 as in Chameleon). The default suits the small decoder on codes that
     each hold part of a picture; where each code stands for a whole object (the built-in pictures at 48 px with 16 px
-    codes), 5e-4: at 2e-3 the decoder then keeps treating every object's code alike."""
+    codes), 3e-4: at 2e-3 the decoder then keeps treating every object's code alike, and at 1e-3 or 5e-4 it learns
+    to tell them apart more slowly."""
     min_lr_ratio: float = 0.05
     """Final LR of the cosine schedule as a fraction of the peak."""
     warmup_steps: int = 60
