@@ -95,7 +95,7 @@ class DecoderConfig:
     ``<boi>`` is place 1, the next place 2, and so on up to ``<eoi>`` (excluded). 0 = none, as in Chameleon, whose
     codes know only their distance from other tokens (RoPE). With them, a code carries where in its picture it
     lies, which questions about places ("where is the circle?", "what is at the top left?") need. Set by ``train
-    --image-positions`` to the longest span of the vocabulary."""
+    --image-positions`` to the places of the vocabulary's longest span (its length less the ``<eoi>``)."""
     boi_id: int | None = None
     """The vocabulary's begin-image id: where ``image_positions`` start counting (set with them)."""
     eoi_id: int | None = None
