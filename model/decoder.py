@@ -96,6 +96,10 @@ class DecoderConfig:
     codes know only their distance from other tokens (RoPE). With them, a code carries where in its picture it
     lies, which questions about places ("where is the circle?", "what is at the top left?") need. Set by ``train
     --image-positions`` to the places of the vocabulary's longest span (its length less the ``<eoi>``)."""
+    image_ordinals: int = 1
+    """How many pictures of a document have place embeddings of their own: the k-th picture's places use table k,
+    and pictures past the last table share it. 1 = every picture alike. With 2 or more, a code also carries which
+    picture it belongs to, which comparing two pictures needs ("which one holds the circle?", "what changed?")."""
     boi_id: int | None = None
     """The vocabulary's begin-image id: where ``image_positions`` start counting (set with them)."""
     eoi_id: int | None = None
@@ -125,6 +129,8 @@ class DecoderConfig:
             raise ValueError("decoder rope_theta and norm_eps must be positive")
         if not isinstance(self.image_positions, int) or self.image_positions < 0:
             raise ValueError(f"decoder image_positions must be a non-negative integer, got {self.image_positions!r}")
+        if not isinstance(self.image_ordinals, int) or isinstance(self.image_ordinals, bool) or self.image_ordinals < 1:
+            raise ValueError(f"decoder image_ordinals must be a positive integer, got {self.image_ordinals!r}")
         if self.image_positions and not all(isinstance(i, int) and 0 <= i < self.vocab_size
                                             for i in (self.boi_id, self.eoi_id)):
             raise ValueError(f"decoder image_positions need boi_id and eoi_id in [0, {self.vocab_size}), got "
@@ -174,7 +180,7 @@ class DecoderConfig:
         total = self.n_layers * per_layer + d  # + final norm
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
-            total += self.image_positions * d  # the image place embeddings
+            total += self.image_positions * self.image_ordinals * d  # the image place embeddings
         return total
 
 
@@ -272,6 +278,20 @@ def image_places(tokens: Tensor, boi: int, eoi: int, *, before: Tensor | None = 
     return torch.where(last_boi >= last_end, t - last_boi + 1, 0)
 
 
+def image_ordinals(tokens: Tensor, boi: int, *, before: Tensor | None = None,
+                   starts: Tensor | None = None) -> Tensor:
+    """(B, T) long: how many ``<boi>`` of its document lie at or before each token, so that the tokens of a
+    document's k-th picture get k (text before its first picture 0). ``before`` (B,): the count of the tokens just
+    before these (a KV cache's). ``starts`` (B, T) bool: tokens that begin a document, where the count restarts."""
+    opened = (tokens == boi).long()
+    count = opened.cumsum(dim=1)
+    if starts is not None:  # less what the row's earlier documents opened
+        count = count - torch.where(starts, count - opened, 0).cummax(dim=1).values
+    if before is not None:
+        count = count + before[:, None]
+    return count
+
+
 class KVCache:
     """Keys and values for incremental decoding, allocated once.
 
@@ -291,6 +311,7 @@ class KVCache:
         self.length = 0
         self.all_valid = True  # no False written to ``valid`` yet: lets forward skip the explicit mask
         self.place = torch.zeros(batch_size, dtype=torch.long, device=device)  # the last token's image place
+        self.pictures = torch.zeros(batch_size, dtype=torch.long, device=device)  # pictures begun so far
 
     @property
     def batch(self) -> int:
@@ -306,6 +327,7 @@ class KVCache:
         self.valid.fill_(True)
         self.all_valid = True
         self.place.zero_()
+        self.pictures.zero_()
 
     def attention_mask(self, T: int, valid: Tensor | None) -> tuple[Tensor | None, bool]:
         """(mask, is_causal) for T new queries at positions ``[length:length+T]``, recording their ``valid``
@@ -428,8 +450,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
-        # row p - 1: image place p (``image_places``)
-        self.image_pos = nn.Embedding(config.image_positions, config.dim) if config.image_positions else None
+        # row (k - 1) * image_positions + p - 1: place p (``image_places``) of picture k (``image_ordinals``)
+        self.image_pos = (nn.Embedding(config.image_positions * config.image_ordinals, config.dim)
+                          if config.image_positions else None)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else projection(config.dim, config.vocab_size)
@@ -480,15 +503,19 @@ class Decoder(nn.Module):
         return causal_mask(B, T, 0, device, doc_ids=doc_ids, keys=keys), False
 
     def _image_place_embedding(self, tokens: Tensor, positions: Tensor | None, cache: KVCache | None) -> Tensor:
-        """(B, T, dim): the embedding of each token's place in its image span (zero outside spans, and past the
-        table); a cache carries the last place to the next call."""
+        """(B, T, dim): the embedding of each token's place in its image span and of which picture of its document
+        that is (zero outside spans, and past the table's places); a cache carries the last place and the pictures
+        begun to the next call."""
         c = self.config
         starts = None if positions is None or cache is not None else positions == 0  # packed rows restart at 0
         places = image_places(tokens, c.boi_id, c.eoi_id, before=None if cache is None else cache.place, starts=starts)
+        ordinals = image_ordinals(tokens, c.boi_id, before=None if cache is None else cache.pictures, starts=starts)
+        row = (ordinals.clamp(1, c.image_ordinals) - 1) * c.image_positions + places - 1
         if cache is not None:
             cache.place.copy_(places[:, -1])
+            cache.pictures.copy_(ordinals[:, -1])
         inside = (places > 0) & (places <= c.image_positions)
-        emb = self.image_pos(torch.where(inside, places - 1, 0))
+        emb = self.image_pos(torch.where(inside, row, 0))
         return torch.where(inside[..., None], emb, 0)
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, doc_ids: Tensor | None = None,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache, image_places
+from earlyfusion.model.decoder import DECODER_PRESETS, Decoder, DecoderConfig, KVCache, image_ordinals, image_places
 from earlyfusion.core.errors import UserError
 
 V = 97
@@ -311,7 +311,8 @@ def test_compiled_decode_steps_equal_eager_and_follow_new_weights(mode):
 
 @torch.no_grad()
 @pytest.mark.parametrize("overrides", [dict(swin_norm=True), dict(tie_embeddings=True), dict(qk_norm=False),
-                                       dict(image_positions=5, boi_id=3, eoi_id=4)])
+                                       dict(image_positions=5, boi_id=3, eoi_id=4),
+                                       dict(image_positions=3, image_ordinals=2, boi_id=3, eoi_id=4)])
 def test_variants_run_and_cache(overrides):
     m = make(**overrides)
     x = tokens(2, 10)
@@ -342,6 +343,34 @@ def test_image_places_count_from_each_boi_and_stop_at_its_eoi():
         head = image_places(x[:, :split], BOI, EOI)
         tail = image_places(x[:, split:], BOI, EOI, before=head[:, -1])
         assert torch.cat([head, tail], 1).tolist() == image_places(x, BOI, EOI).tolist()
+
+
+def test_image_ordinals_count_the_pictures_of_each_document():
+    """The k-th picture of a document is k from its <boi> on; a document start (packed rows) restarts the count; a
+    cache's carried count continues it."""
+    x = torch.tensor([[BOS, 50, BOI, 10, EOI, 60, BOI, 10, 11, EOI, 70, BOI, 12]])
+    assert image_ordinals(x, BOI).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3]]
+    packed = torch.tensor([[BOS, BOI, 10, EOI, BOS, BOI, 11, EOI, BOI, 12]])
+    starts = packed == BOS
+    assert image_ordinals(packed, BOI, starts=starts).tolist() == [[0, 1, 1, 1, 0, 1, 1, 1, 2, 2]]
+    starts_at_boi = torch.tensor([[True, False, False, True, False, False]])  # documents that open with a picture
+    assert image_ordinals(torch.tensor([[BOI, 10, EOI, BOI, 11, EOI]]), BOI, starts=starts_at_boi).tolist() == \
+        [[1, 1, 1, 1, 1, 1]]
+    for split in range(1, x.shape[1]):
+        head = image_ordinals(x[:, :split], BOI)
+        tail = image_ordinals(x[:, split:], BOI, before=head[:, -1])
+        assert torch.cat([head, tail], 1).tolist() == image_ordinals(x, BOI).tolist()
+
+
+@torch.no_grad()
+def test_image_ordinals_tell_the_first_picture_from_the_second():
+    """With two tables, the same code at the same place gets another embedding in a document's second picture than
+    in its first, and the third shares the second's; with one table all pictures are alike."""
+    x = torch.tensor([[BOS, BOI, 10, EOI, BOI, 10, EOI, BOI, 10, EOI]])
+    two = Decoder._image_place_embedding(make(image_positions=2, image_ordinals=2, boi_id=BOI, eoi_id=EOI), x, None, None)
+    assert not torch.allclose(two[0, 2], two[0, 5]) and torch.equal(two[0, 5], two[0, 8])
+    one = Decoder._image_place_embedding(make(image_positions=2, boi_id=BOI, eoi_id=EOI), x, None, None)
+    assert torch.equal(one[0, 2], one[0, 5])
 
 
 @torch.no_grad()
@@ -422,7 +451,7 @@ def test_chameleon_7b_parameter_count():
 
 @pytest.mark.parametrize("bad", [dict(dim=66), dict(n_kv_heads=3), dict(dim=36, n_heads=4), dict(n_layers=0),
                                  dict(vocab_size=-1), dict(dropout=1.0), dict(max_seq_len=0), dict(image_positions=-1),
-                                 dict(image_positions=4), dict(image_positions=4, boi_id=3, eoi_id=V)])
+                                 dict(image_positions=4), dict(image_ordinals=0), dict(image_ordinals=True), dict(image_positions=4, boi_id=3, eoi_id=V)])
 def test_config_validation(bad):
     kwargs = {**DECODER_PRESETS["tiny"], "vocab_size": V, **bad}
     with pytest.raises(ValueError):

@@ -164,7 +164,8 @@ def test_compiled_training_matches_eager(tiny_pipeline: TinyPipeline, tmp_path):
 
 def test_image_positions_train_compiled_as_eager_and_are_saved(tiny_pipeline: TinyPipeline, tmp_path):
     """train --image-positions: a place embedding for every place of the vocabulary's longest image span, counted
-    from its <boi>; compiled training follows the eager losses, and the run keeps the table and the ids."""
+    from its <boi>, for a document's first picture and for its later ones; compiled training follows the eager
+    losses, and the run keeps the tables and the ids."""
     from safetensors import safe_open
 
     from earlyfusion.tokenizer.vocab import Vocabulary
@@ -177,9 +178,10 @@ def test_image_positions_train_compiled_as_eager_and_are_saved(tiny_pipeline: Ti
     vocab = Vocabulary.load(tiny_pipeline.vocab)
     ckpt = latest_good(comp / "checkpoints")
     decoder = json.loads((ckpt / "config.json").read_text())["decoder"]
-    assert (decoder["image_positions"], decoder["boi_id"], decoder["eoi_id"]) == (vocab.max_span - 1, vocab.boi, vocab.eoi)
+    assert (decoder["image_positions"], decoder["image_ordinals"], decoder["boi_id"], decoder["eoi_id"]) == \
+        (vocab.max_span - 1, 2, vocab.boi, vocab.eoi)
     with safe_open(ckpt / "model.safetensors", "pt") as f:
-        assert tuple(f.get_slice("image_pos.weight").get_shape()) == (vocab.max_span - 1, decoder["dim"])
+        assert tuple(f.get_slice("image_pos.weight").get_shape()) == (2 * (vocab.max_span - 1), decoder["dim"])
 
 
 def test_compile_failure_in_training_is_a_clear_error(tiny_pipeline: TinyPipeline, tmp_path, monkeypatch):

@@ -77,11 +77,12 @@ class TrainConfig:
     dropout: float | None = None
     """Dropout after attention and MLP; unset = the preset's value."""
     image_positions: bool | None = None
-    """Give each place within an image span a learned embedding, so that each image code carries where in its
-    picture it lies, not only how far it is from other tokens (RoPE). Try it where questions name places in pictures
-    ("what shape is at the top left?"); on the built-in conversations it helps those and hurts others, such as which
-    of two pictures holds a shape (measured in docs/conversations.md). Off by default, as in Chameleon; such runs
-    cannot be exported to transformers. Unset: off for a new decoder, kept from --init-from."""
+    """Give each place within an image span a learned embedding, one table for a document's first picture and one
+    for its later ones, so that each image code carries where in its picture it lies and which picture that is, not
+    only how far it is from other tokens (RoPE). Try it where questions name places in pictures ("what shape is at
+    the top left?"); on the built-in conversations it helps those and hurts others, such as which of two pictures
+    holds a shape (measured in docs/conversations.md). Off by default, as in Chameleon; such runs cannot be exported
+    to transformers. Unset: off for a new decoder, kept from --init-from."""
     image_token_noise: float | None = None
     """Fraction of the image codes of pictures being drawn (caption first) replaced in the input by a random image
     code; the targets stay the true codes, and pictures being read keep theirs. The model then cannot finish a
