@@ -113,7 +113,8 @@ class DecoderConfig:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = llama_hidden_dim(self.dim)
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
+                     "image_ordinals"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"decoder {name} must be a positive integer, got {value!r}")
@@ -129,8 +130,6 @@ class DecoderConfig:
             raise ValueError("decoder rope_theta and norm_eps must be positive")
         if not isinstance(self.image_positions, int) or self.image_positions < 0:
             raise ValueError(f"decoder image_positions must be a non-negative integer, got {self.image_positions!r}")
-        if not isinstance(self.image_ordinals, int) or isinstance(self.image_ordinals, bool) or self.image_ordinals < 1:
-            raise ValueError(f"decoder image_ordinals must be a positive integer, got {self.image_ordinals!r}")
         if self.image_positions and not all(isinstance(i, int) and 0 <= i < self.vocab_size
                                             for i in (self.boi_id, self.eoi_id)):
             raise ValueError(f"decoder image_positions need boi_id and eoi_id in [0, {self.vocab_size}), got "

@@ -17,7 +17,7 @@ from earlyfusion.training.lm_config import TrainConfig
 from earlyfusion.training.sizing import context_error
 
 
-IMAGE_PICTURES = 2
+IMAGE_ORDINALS = 2
 """Pictures of a document with place embeddings of their own (``--image-positions``): the first, and the later ones
 together, which tells a question's picture from its answer's and the first of two from the second."""
 
@@ -82,7 +82,7 @@ def decoder_config(cfg: TrainConfig, vocab: Vocabulary, init: Path | None) -> De
     overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if init is None:
         if cfg.image_positions:
-            overrides.update(image_positions=vocab.max_span - 1, image_ordinals=IMAGE_PICTURES, boi_id=vocab.boi,
+            overrides.update(image_positions=vocab.max_span - 1, image_ordinals=IMAGE_ORDINALS, boi_id=vocab.boi,
                              eoi_id=vocab.eoi)
         return DecoderConfig.from_preset(cfg.preset, vocab.vocab_size, **overrides)
     saved = DecoderConfig.from_dict(load_json(init / CONFIG)["decoder"])
