@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from earlyfusion.training.shapes import parse_caption, render_array
-from earlyfusion.training.shapes_chat import (EDIT_KINDS, IMAGE, NUMBERS, QUESTION_KINDS, QUESTIONS, TWO_IMAGE_KINDS,
-                                             TWO_SHAPES, WHICH_QUESTIONS, edit, question, scene_with)
+from earlyfusion.training.shapes_chat import (EDIT_KINDS, FAMILY_SHARES, IMAGE, NUMBERS, QUESTION_KINDS, QUESTIONS,
+                                             TWO_IMAGE_KINDS, TWO_SHAPES, WHICH_QUESTIONS, edit, question, scene_with)
 from earlyfusion.training.shapes_data import ShapesConfig, generate_cmd
 
 
@@ -69,6 +69,14 @@ def test_training_conversations_mostly_start_from_two_shapes(data):
     assert abs(share - TWO_SHAPES) < 0.1 and firsts.count(1) > 0
     assert Counter(len(scene_with(np.random.default_rng(k), None)) for k in range(400))[2] / 400 == \
         pytest.approx(TWO_SHAPES, abs=0.06)
+
+
+def test_families_come_in_their_shares(data):
+    """One picture / two pictures / edits in FAMILY_SHARES, told apart by the kind of their last answer."""
+    family = {**{k: 0 for k in QUESTION_KINDS}, **{k: 1 for k in TWO_IMAGE_KINDS}, **{k: 2 for k in EDIT_KINDS}}
+    counts = Counter(family[r["conversations"][-1]["kind"]] for r in _records(data, "conversations.json"))
+    shares = [counts[f] / sum(counts.values()) for f in range(3)]
+    assert all(abs(s - want) < 0.08 for s, want in zip(shares, FAMILY_SHARES)), shares
 
 
 def test_held_out_conversations_show_no_two_shape_scene_of_training(data):
